@@ -1,0 +1,256 @@
+r"""Correlation kernels: batched FFT cross-correlation and peak finding.
+
+Pure functions on device arrays shaped ``(n, H, W)``, written against the
+Python array API: the namespace ``xp`` is derived from the inputs and every
+output stays on the input's device. No file I/O and no host transfer happen
+here (see :mod:`ofstitch.stream` for batching and transfer).
+
+Maths
+-----
+For two tiles :math:`a` and :math:`b` whose top-left corners sit at
+:math:`p_a` and :math:`p_b` in the mosaic, the cross-correlation
+
+.. math:: c(d) = \sum_x a(x)\, b(x + d) = \mathcal{F}^{-1}\big[\overline{A}\, B\big](d)
+
+peaks at :math:`d = p_a - p_b`, so the shift of :math:`b` relative to
+:math:`a` is :math:`s = p_b - p_a = -d`. Tiles are mean-subtracted and
+zero-padded to at least twice their size, so that :math:`c` is a linear, not
+circular, correlation, and both spectra are weighted by the square root of a
+Gaussian high-pass filter :math:`H(f) = 1 - \exp(-2\pi^2\sigma^2|f|^2)`, so
+their product carries :math:`H` once. Each tile is transformed once
+(:func:`tile_spectra`) and reused for all of its pairs; each pair costs one
+inverse transform (:func:`cross_correlate`).
+
+The peak quality is the fraction of correlation values below 90% of the way
+from the minimum to the maximum of the searched region, the scale used by
+OpenFlexure Stitching: a sharp, unique peak gives values close to 1.
+
+All shifts are ``(y, x)`` = ``(row, col)``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+from array_api_compat import array_namespace, is_numpy_namespace
+from array_api_compat import device as device_of
+
+# Correlation values within this many pixels of zero shift are replaced by the
+# mean: fixed-pattern features shared by all tiles (vignetting, dust on the
+# sensor) correlate there, and neighbouring tiles never sit that close.
+ZERO_SHIFT_EXCLUSION_PX = 8
+QUALITY_LEVEL = 0.9
+
+
+class Peaks(NamedTuple):
+    """Per-pair correlation results, on the device of the correlation.
+
+    Attributes
+    ----------
+    shift : array, shape (n, 2), float
+        Sub-pixel shift ``(y, x)`` of tile ``b`` relative to tile ``a``, in
+        correlation pixels.
+    index : array, shape (n, 2), int
+        Integer ``(row, col)`` of the peak in the correlation array.
+    quality : array, shape (n,), float
+        Peak quality in [0, 1] (see module docstring).
+    """
+
+    shift: Any
+    index: Any
+    quality: Any
+
+
+def high_pass_filter(fft_shape: tuple[int, int], sigma: float, *, xp: Any, device: Any = None,
+                     dtype: Any = None) -> Any:
+    """Gaussian high-pass filter for a real-FFT spectrum.
+
+    Parameters
+    ----------
+    fft_shape : (int, int)
+        The real-space FFT size ``(Hp, Wp)``.
+    sigma : float
+        Standard deviation (FFT pixels) of the real-space Gaussian that is removed.
+    xp, device, dtype
+        Namespace, device and float dtype of the result.
+
+    Returns
+    -------
+    array, shape (Hp, Wp // 2 + 1)
+    """
+    dtype = xp.float32 if dtype is None else dtype
+    fy = xp.astype(xp.fft.fftfreq(fft_shape[0], device=device), dtype)
+    fx = xp.astype(xp.fft.rfftfreq(fft_shape[1], device=device), dtype)
+    r2 = fy[:, None] ** 2 + fx[None, :] ** 2
+    return 1 - xp.exp(-2 * math.pi**2 * sigma**2 * r2)
+
+
+def _rfftn(x: Any, fft_shape: tuple[int, int], xp: Any) -> Any:
+    if is_numpy_namespace(xp):  # native fast path: multithreaded pocketfft
+        import scipy.fft
+
+        return scipy.fft.rfftn(x, s=fft_shape, axes=(-2, -1), workers=-1)
+    return xp.fft.rfftn(x, s=fft_shape, axes=(-2, -1))
+
+
+def _irfftn(x: Any, fft_shape: tuple[int, int], xp: Any) -> Any:
+    if is_numpy_namespace(xp):
+        import scipy.fft
+
+        return scipy.fft.irfftn(x, s=fft_shape, axes=(-2, -1), workers=-1)
+    return xp.fft.irfftn(x, s=fft_shape, axes=(-2, -1))
+
+
+def tile_spectra(tiles: Any, *, fft_shape: tuple[int, int], high_pass_sigma: float) -> Any:
+    """Forward transform of a batch of tiles, ready to correlate.
+
+    Parameters
+    ----------
+    tiles : array, shape (n, H, W), float32
+        Grey tiles.
+    fft_shape : (int, int)
+        FFT size ``(Hp, Wp)``; ``>= (2H, 2W)`` for a linear correlation.
+    high_pass_sigma : float
+        See :func:`high_pass_filter`; 0 disables the filter.
+
+    Returns
+    -------
+    array, shape (n, Hp, Wp // 2 + 1), complex64
+    """
+    xp = array_namespace(tiles)
+    centred = tiles - xp.mean(tiles, axis=(-2, -1), keepdims=True)
+    spectra = _rfftn(centred, fft_shape, xp)
+    if high_pass_sigma > 0:
+        filt = high_pass_filter(fft_shape, high_pass_sigma, xp=xp, device=device_of(tiles),
+                                dtype=tiles.dtype)
+        spectra = spectra * xp.sqrt(filt)
+    return spectra
+
+
+def cross_correlate(spec_a: Any, spec_b: Any, *, fft_shape: tuple[int, int]) -> Any:
+    """Correlations of pairs of spectra from :func:`tile_spectra`.
+
+    Returns
+    -------
+    array, shape (n, Hp, Wp), float32
+        ``corr[k, i, j]`` is the correlation at displacement ``(i, j)``
+        (circular indices: ``i >= Hp/2`` means ``i - Hp``).
+    """
+    xp = array_namespace(spec_a, spec_b)
+    return _irfftn(xp.conj(spec_a) * spec_b, fft_shape, xp)
+
+
+def signed_indices(n: int, *, xp: Any, device: Any = None) -> Any:
+    """Displacement of each index of a length-``n`` FFT axis (``i`` or ``i - n``)."""
+    i = xp.arange(n, device=device)
+    return i - n * xp.astype(i >= (n + 1) // 2, i.dtype)
+
+
+def locate_peaks(corr: Any, *, expected_shift: Any = None, mask_radius: float | None = None,
+                 exclude_radius: int = ZERO_SHIFT_EXCLUSION_PX) -> Peaks:
+    """Find the highest peak of each correlation, to sub-pixel precision.
+
+    Parameters
+    ----------
+    corr : array, shape (n, Hp, Wp)
+        Correlations from :func:`cross_correlate`.
+    expected_shift : array, shape (n, 2), optional
+        Stage-predicted shift ``(y, x)`` of each pair, in correlation pixels.
+    mask_radius : float, optional
+        With ``expected_shift``, only search within this radius (correlation
+        pixels) of it.
+    exclude_radius : int
+        Ignore displacements with both components within this radius of zero.
+
+    Returns
+    -------
+    Peaks
+    """
+    xp = array_namespace(corr)
+    dev = device_of(corr)
+    n, hp, wp = corr.shape
+    dy = xp.astype(signed_indices(hp, xp=xp, device=dev), corr.dtype)[None, :, None]
+    dx = xp.astype(signed_indices(wp, xp=xp, device=dev), corr.dtype)[None, None, :]
+
+    if exclude_radius > 0:
+        near_zero = (xp.abs(dy) < exclude_radius) & (xp.abs(dx) < exclude_radius)
+        fill = xp.mean(corr, axis=(-2, -1), keepdims=True)
+        corr = xp.where(near_zero, fill, corr)
+
+    if expected_shift is not None and mask_radius is not None:
+        # The peak sits at d = -shift.
+        ey = xp.astype(expected_shift[:, 0], corr.dtype)[:, None, None]
+        ex = xp.astype(expected_shift[:, 1], corr.dtype)[:, None, None]
+        inside = (dy + ey) ** 2 + (dx + ex) ** 2 <= mask_radius**2
+        has_any = xp.any(inside, axis=(-2, -1), keepdims=True)
+        inside = inside | ~has_any  # an empty mask searches everywhere
+        lowest = xp.min(corr, axis=(-2, -1), keepdims=True)
+        highest = xp.max(xp.where(inside, corr, lowest), axis=(-2, -1), keepdims=True)
+        searched = xp.where(inside, corr, lowest)
+        level = lowest + QUALITY_LEVEL * (highest - lowest)
+        below = xp.sum(xp.astype(inside & (corr < level), corr.dtype), axis=(-2, -1))
+        quality = below / xp.sum(xp.astype(inside, corr.dtype), axis=(-2, -1))
+    else:
+        searched = corr
+        lowest = xp.min(corr, axis=(-2, -1), keepdims=True)
+        highest = xp.max(corr, axis=(-2, -1), keepdims=True)
+        level = lowest + QUALITY_LEVEL * (highest - lowest)
+        quality = xp.mean(xp.astype(corr < level, corr.dtype), axis=(-2, -1))
+
+    flat = xp.reshape(searched, (n, hp * wp))
+    k = xp.argmax(flat, axis=1)
+    py = k // wp
+    px = k % wp
+    flat_all = xp.reshape(searched, (n * hp * wp,))
+    base = xp.arange(n, device=dev) * (hp * wp)
+
+    def value_at(oy: int, ox: int) -> Any:
+        return xp.take(flat_all, base + ((py + oy) % hp) * wp + (px + ox) % wp)
+
+    centre = value_at(0, 0)
+    sub_y = _parabolic_offset(value_at(-1, 0), centre, value_at(1, 0), xp)
+    sub_x = _parabolic_offset(value_at(0, -1), centre, value_at(0, 1), xp)
+    peak_dy = xp.astype(py - hp * xp.astype(py >= (hp + 1) // 2, py.dtype), corr.dtype) + sub_y
+    peak_dx = xp.astype(px - wp * xp.astype(px >= (wp + 1) // 2, px.dtype), corr.dtype) + sub_x
+    shift = -xp.stack([peak_dy, peak_dx], axis=1)
+    index = xp.stack([py, px], axis=1)
+    return Peaks(shift=shift, index=index, quality=quality)
+
+
+def _parabolic_offset(left: Any, centre: Any, right: Any, xp: Any) -> Any:
+    """Vertex of the parabola through three equally spaced samples, in [-0.5, 0.5]."""
+    curvature = left - 2 * centre + right
+    safe = xp.where(curvature < 0, curvature, xp.ones_like(curvature))
+    offset = xp.where(curvature < 0, (left - right) / (2 * safe), xp.zeros_like(curvature))
+    return xp.clip(offset, -0.5, 0.5)
+
+
+def overlap_similarity(tile_a: Any, tile_b: Any, shift_yx: tuple[int, int]) -> float:
+    """Normalised cross-correlation of the region two tiles share at an integer shift.
+
+    ``shift_yx`` is the position of ``tile_b`` relative to ``tile_a``. Returns a
+    Python float in [-1, 1]; 0 when the overlap is empty or flat.
+    """
+    xp = array_namespace(tile_a, tile_b)
+    h, w = tile_a.shape
+    sy, sx = int(shift_yx[0]), int(shift_yx[1])
+    if abs(sy) >= h or abs(sx) >= w:
+        return 0.0
+    a = tile_a[max(sy, 0):h + min(sy, 0), max(sx, 0):w + min(sx, 0)]
+    b = tile_b[max(-sy, 0):h + min(-sy, 0), max(-sx, 0):w + min(-sx, 0)]
+    a = a - xp.mean(a)
+    b = b - xp.mean(b)
+    denom = xp.sqrt(xp.sum(a * a) * xp.sum(b * b))
+    if float(denom) == 0.0:
+        return 0.0
+    return float(xp.sum(a * b) / denom)
+
+
+def unwrap_candidates(index_yx: tuple[int, int], fft_shape: tuple[int, int]
+                      ) -> list[tuple[int, int]]:
+    """The shifts ``(y, x)`` an unpadded (circular) correlation peak can stand for."""
+    (iy, ix), (hp, wp) = index_yx, fft_shape
+    ys = [-iy] if iy == 0 else [-iy, hp - iy]
+    xs = [-ix] if ix == 0 else [-ix, wp - ix]
+    return [(y, x) for y in ys for x in xs]

@@ -1,0 +1,491 @@
+"""Scan loading: find the tile files of a folder and read where each tile is.
+
+A tile's stage position and the camera-to-sample matrix (CSM) come from the
+OpenFlexure EXIF UserComment JSON, in any of the layouts the microscope has
+written:
+
+- v3: ``stage.position`` and ``camera_stage_mapping.image_to_stage_displacement_matrix``
+  (calibration size in ``camera_stage_mapping.image_resolution`` = ``[height, width]``);
+- legacy v3: the same under ``/stage/`` and ``/camera_stage_mapping/``;
+- v2: ``instrument.state.stage.position``,
+  ``instrument.settings.extensions.org.openflexure.camera_stage_mapping.image_to_stage_displacement``
+  and ``instrument.settings.extensions.usafcal.um_per_px``.
+
+Without EXIF the position comes from a Fiji ``TileConfiguration.txt`` beside
+the tiles (positions in pixels), else from a ``name_X_Y[_Z]`` file name.
+
+Stage coordinates become pixel coordinates ``(row, col)`` by
+``stage_xy @ inv(M)``, where ``M = CSM * calibration_width / tile_width`` maps
+an image displacement (pixels, ``(row, col)``) to a stage displacement. With no
+CSM, ``M`` swaps the axes: stage ``x`` is the column and ``y`` the row.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import warnings
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import piexif
+
+from . import tiles
+from .errors import MetadataError, NoImagesError, OfstitchError, OfstitchWarning
+from .settings import StitchSettings
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".gif")
+# Files whose names contain one of these are stitching outputs, not tiles.
+IGNORED_PHRASES = ("stitched", "comparison", "fused", "stage", "stitching", "preview",
+                   "thumbnail")
+DEFAULT_OPENFLEXURE_CSM_WIDTH = 832
+TILE_CONFIG_NAMES = ("TileConfiguration.txt", "tile_config.txt", "OFMTileConfiguration.txt")
+SWAP_AXES = np.array([[0.0, 1.0], [1.0, 0.0]])
+
+_FILENAME_POSITION = re.compile(
+    r"(?:^|[_\s])(-?\d+(?:\.\d+)?)_(-?\d+(?:\.\d+)?)(?:_(-?\d+(?:\.\d+)?))?$")
+
+
+@dataclass(frozen=True)
+class TileMetadata:
+    """What the file itself says about one tile. Missing values are ``None``."""
+
+    stage_xyz: tuple[float, float, float] | None = None
+    csm: tuple[tuple[float, float], tuple[float, float]] | None = None
+    csm_width: int | None = None
+    um_per_px: float | None = None
+    capture_time: float | None = None
+    from_openflexure: bool = False
+    position_source: str = "none"
+    usercomment: dict | None = field(default=None, compare=False, repr=False)
+
+
+@dataclass(frozen=True)
+class TileFile:
+    """A tile file's identity: what the cache checks to know a file is unchanged."""
+
+    name: str
+    size: int
+    mtime_ns: int
+
+    @property
+    def key(self) -> str:
+        return f"{self.name}|{self.size}|{self.mtime_ns}"
+
+
+@dataclass(frozen=True)
+class Scan:
+    """The tiles of a scan and where the stage says they are.
+
+    Tiles are numbered ``0..n-1`` in capture order; file names appear only in
+    ``files``.
+
+    Attributes
+    ----------
+    folder : Path
+    files : tuple of TileFile, length n
+    tile_shape : (int, int)
+        ``(height, width)`` shared by every tile.
+    bands : int
+        Colour bands of the tiles (1 or 3).
+    stage_px : ndarray, shape (n, 2), float64
+        Stage-predicted ``(row, col)`` of each tile's top-left corner, in pixels.
+    stage_xy : ndarray, shape (n, 2), float64
+        Raw stage coordinates ``(x, y)`` (pixels when the source is a file name
+        or tile configuration without a CSM).
+    csm : ndarray, shape (2, 2)
+        The effective matrix ``M`` (see module docstring) after scaling.
+    csm_calibration_width : int or None
+    pixel_size_um : float or None
+    metadata : dict or None
+        The first tile's UserComment JSON (written into output EXIF).
+    bit_depth : int
+        8 or 16.
+    """
+
+    folder: Path
+    files: tuple[TileFile, ...]
+    tile_shape: tuple[int, int]
+    bands: int
+    stage_px: np.ndarray
+    stage_xy: np.ndarray
+    csm: np.ndarray
+    csm_calibration_width: int | None
+    pixel_size_um: float | None
+    metadata: dict | None
+    bit_depth: int = 8
+    position_source: str = "exif"
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def path(self, i: int) -> Path:
+        return self.folder / self.files[i].name
+
+    @property
+    def paths(self) -> list[Path]:
+        return [self.folder / f.name for f in self.files]
+
+
+# ----------------------------------------------------------------------------- discovery
+
+
+def is_tile_name(name: str) -> bool:
+    """Whether a file name looks like a tile: a supported extension, not an output name."""
+    lower = name.lower()
+    if name.startswith(".") or not lower.endswith(IMAGE_EXTENSIONS):
+        return False
+    return not any(phrase in lower for phrase in IGNORED_PHRASES)
+
+
+def find_image_files(folder: Path) -> list[Path]:
+    """The candidate tile files of ``folder`` (not recursive), sorted by name."""
+    folder = Path(folder)
+    if not folder.exists():
+        raise OfstitchError(f"the folder {folder} does not exist: check the path")
+    if not folder.is_dir():
+        raise OfstitchError(f"{folder} is not a folder: give the folder that holds the tiles")
+    try:
+        entries = sorted(os.scandir(folder), key=lambda e: e.name)
+    except PermissionError:
+        raise OfstitchError(f"cannot read the folder {folder}: check its permissions") from None
+    out = []
+    for entry in entries:
+        try:
+            if entry.is_file() and is_tile_name(entry.name):
+                out.append(Path(entry.path))
+        except OSError:  # a dangling link or a symlink loop
+            continue
+    return out
+
+
+# ----------------------------------------------------------------------------- metadata
+
+
+def _nested(obj: Any, *keys: str) -> Any:
+    for key in keys:
+        if not isinstance(obj, dict) or key not in obj:
+            return None
+        obj = obj[key]
+    return obj
+
+
+def parse_usercomment(raw: bytes | str | None) -> dict | None:
+    """Decode an EXIF UserComment holding JSON. Returns ``None`` when it is not JSON."""
+    if raw is None:
+        return None
+    if isinstance(raw, bytes):
+        for prefix in (b"ASCII\x00\x00\x00", b"UNICODE\x00", b"\x00" * 8):
+            if raw.startswith(prefix):
+                raw = raw[8:]
+                break
+        try:
+            raw = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+    raw = raw.strip("\x00 \n\t")
+    if not raw.startswith("{"):
+        return None
+    try:
+        data = json.loads(raw)
+    except (ValueError, RecursionError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _finite_float(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        return None
+    try:
+        out = float(value)
+    except ValueError:
+        return None
+    return out if math.isfinite(out) else None
+
+
+def _matrix(value: Any) -> tuple[tuple[float, float], tuple[float, float]] | None:
+    if not isinstance(value, (list, tuple)) or len(value) != 2:
+        return None
+    rows = []
+    for row in value:
+        if not isinstance(row, (list, tuple)) or len(row) != 2:
+            return None
+        nums = [_finite_float(v) for v in row]
+        if any(v is None for v in nums):
+            return None
+        rows.append((nums[0], nums[1]))
+    return rows[0], rows[1]
+
+
+def metadata_from_usercomment(data: dict) -> TileMetadata:
+    """Read position, CSM, calibration width and pixel size from OpenFlexure JSON."""
+    position = (_nested(data, "stage", "position") or _nested(data, "/stage/", "position")
+                or _nested(data, "instrument", "state", "stage", "position"))
+    stage = None
+    if isinstance(position, dict):
+        x, y = _finite_float(position.get("x")), _finite_float(position.get("y"))
+        z = _finite_float(position.get("z", 0)) or 0.0
+        if x is not None and y is not None:
+            stage = (x, y, z)
+    elif isinstance(position, (list, tuple)) and len(position) >= 2:
+        vals = [_finite_float(v) for v in position[:3]]
+        if vals[0] is not None and vals[1] is not None:
+            stage = (vals[0], vals[1], (vals[2] if len(vals) > 2 and vals[2] is not None else 0.0))
+
+    csm_v3 = (_nested(data, "camera_stage_mapping", "image_to_stage_displacement_matrix")
+              or _nested(data, "/camera_stage_mapping/", "image_to_stage_displacement_matrix"))
+    csm_v2 = _nested(data, "instrument", "settings", "extensions",
+                     "org.openflexure.camera_stage_mapping", "image_to_stage_displacement")
+    csm = _matrix(csm_v3 if csm_v3 is not None else csm_v2)
+    resolution = (_nested(data, "camera_stage_mapping", "image_resolution")
+                  or _nested(data, "/camera_stage_mapping/", "image_resolution"))
+    csm_width = None
+    if isinstance(resolution, (list, tuple)) and len(resolution) == 2:
+        width = _finite_float(resolution[1])
+        if width is not None and width > 0:
+            csm_width = int(round(width))
+    um_per_px = _finite_float(_nested(data, "instrument", "settings", "extensions", "usafcal",
+                                      "um_per_px"))
+    if um_per_px is None:
+        um_per_px = _finite_float(_nested(data, "pixel_size_um"))
+    if um_per_px is not None and um_per_px <= 0:
+        um_per_px = None
+    from_ofm = csm is not None or stage is not None
+    if csm is not None and csm_width is None:
+        csm_width = DEFAULT_OPENFLEXURE_CSM_WIDTH
+    return TileMetadata(stage_xyz=stage, csm=csm, csm_width=csm_width, um_per_px=um_per_px,
+                        from_openflexure=from_ofm,
+                        position_source="exif" if stage is not None else "none",
+                        usercomment=data)
+
+
+def _exif_time(exif: dict) -> float | None:
+    for ifd, tag in (("Exif", piexif.ExifIFD.DateTimeOriginal), ("0th", piexif.ImageIFD.DateTime)):
+        value = exif.get(ifd, {}).get(tag)
+        if isinstance(value, bytes):
+            try:
+                text = value.decode("ascii").strip("\x00 ")
+                return datetime.strptime(text, "%Y:%m:%d %H:%M:%S").timestamp()
+            except (UnicodeDecodeError, ValueError):
+                continue
+    return None
+
+
+def read_metadata(path: Path) -> TileMetadata:
+    """Read a tile file's own metadata (EXIF UserComment JSON and capture time).
+
+    Never raises for bad metadata: what cannot be read is ``None``.
+    """
+    path = Path(path)
+    if path.suffix.lower() not in (".jpg", ".jpeg", ".tif", ".tiff"):
+        return TileMetadata()
+    try:
+        exif = piexif.load(os.fspath(path))
+    except Exception:  # piexif raises many types on malformed files
+        return TileMetadata()
+    data = parse_usercomment(exif.get("Exif", {}).get(piexif.ExifIFD.UserComment))
+    meta = metadata_from_usercomment(data) if data is not None else TileMetadata()
+    capture = _exif_time(exif)
+    if capture is not None:
+        meta = TileMetadata(**{**meta.__dict__, "capture_time": capture})
+    return meta
+
+
+def position_from_filename(name: str) -> tuple[float, float, float] | None:
+    """``(x, y, z)`` from a ``name_X_Y[_Z]`` file name, or ``None``."""
+    match = _FILENAME_POSITION.search(Path(name).stem)
+    if match is None:
+        return None
+    x, y, z = match.groups()
+    return float(x), float(y), float(z) if z is not None else 0.0
+
+
+def read_tile_configuration(path: Path) -> dict[str, tuple[float, float]]:
+    """Positions ``{file name: (x, y)}`` (pixels, top-left) from a Fiji TileConfiguration."""
+    out: dict[str, tuple[float, float]] = {}
+    pattern = re.compile(r"^\s*([^;#]+?)\s*;\s*[^;]*;\s*\(\s*([^,]+?)\s*,\s*([^,)]+?)\s*(?:,[^)]*)?\)")
+    try:
+        text = Path(path).read_text(errors="replace")
+    except OSError:
+        return out
+    for line in text.splitlines():
+        match = pattern.match(line)
+        if match:
+            x, y = _finite_float(match.group(2)), _finite_float(match.group(3))
+            if x is not None and y is not None:
+                out[match.group(1)] = (x, y)
+    return out
+
+
+def parse_csm(text: str) -> tuple[tuple[float, float], tuple[float, float]]:
+    """Parse ``--csm-matrix`` text such as ``[[0, 1], [1, 0]]``."""
+    try:
+        value = json.loads(text.replace("(", "[").replace(")", "]"))
+    except ValueError:
+        value = None
+    matrix = _matrix(value)
+    if matrix is None:
+        raise OfstitchError(
+            f"--csm-matrix must be a 2x2 matrix such as '[[0, 1], [1, 0]]', got {text!r}")
+    return matrix
+
+
+# ----------------------------------------------------------------------------- the scan
+
+
+def _effective_csm(csm: Any, calibration_width: int | None, tile_width: int) -> np.ndarray:
+    m = np.asarray(csm, dtype=np.float64)
+    if calibration_width:
+        m = m * calibration_width / tile_width
+    det = np.linalg.det(m)
+    if not np.isfinite(det) or abs(det) < 1e-12 * max(1.0, float(np.abs(m).max()) ** 2):
+        raise MetadataError(
+            "the camera-to-sample matrix is singular, so stage positions cannot be turned "
+            "into pixels: pass a valid one with --csm-matrix")
+    return m
+
+
+def load_scan(folder: Path, settings: StitchSettings | None = None) -> Scan:
+    """Find the tiles of ``folder`` and their stage-predicted pixel positions.
+
+    Unreadable files, files of another size and files without any position are
+    skipped with an :class:`OfstitchWarning`. A z-stack keeps its sharpest image.
+
+    Raises
+    ------
+    NoImagesError
+        Fewer than one usable tile.
+    MetadataError
+        No position source at all, or a singular CSM.
+    """
+    settings = settings or StitchSettings()
+    folder = Path(folder)
+    paths = find_image_files(folder)
+    if not paths:
+        raise NoImagesError(
+            f"no tile images (jpg, png, tif, bmp, gif) found in {folder}: give the folder "
+            "that holds the scan's tiles")
+
+    tile_config = {}
+    for name in TILE_CONFIG_NAMES:
+        if (folder / name).is_file():
+            tile_config = read_tile_configuration(folder / name)
+            if tile_config:
+                break
+
+    records = []
+    for path in paths:
+        try:
+            stat = path.stat()
+            h, w, bands, fmt = tiles.header(path)
+        except (OSError, tiles.TileReadError) as exc:
+            warnings.warn(f"skipping {path.name}: {exc}", OfstitchWarning, stacklevel=2)
+            continue
+        if stat.st_size == 0:
+            warnings.warn(f"skipping {path.name}: the file is empty", OfstitchWarning,
+                          stacklevel=2)
+            continue
+        meta = read_metadata(path)
+        if meta.stage_xyz is None and path.name in tile_config:
+            x, y = tile_config[path.name]
+            meta = TileMetadata(**{**meta.__dict__, "stage_xyz": (x, y, 0.0),
+                                   "position_source": "tile-configuration"})
+        if meta.stage_xyz is None:
+            pos = position_from_filename(path.name)
+            if pos is not None:
+                meta = TileMetadata(**{**meta.__dict__, "stage_xyz": pos,
+                                       "position_source": "filename"})
+        if meta.stage_xyz is None:
+            warnings.warn(
+                f"skipping {path.name}: no stage position in its metadata or its name "
+                "(expected OpenFlexure EXIF, a TileConfiguration.txt, or name_X_Y.jpg)",
+                OfstitchWarning, stacklevel=2)
+            continue
+        records.append((path, stat, (h, w), bands, fmt, meta))
+
+    if not records:
+        raise NoImagesError(f"none of the {len(paths)} image files in {folder} can be used "
+                            "as a tile (see the warnings above)")
+
+    shape_counts = Counter(r[2] for r in records)
+    tile_shape = shape_counts.most_common(1)[0][0]
+    kept = []
+    for rec in records:
+        if rec[2] != tile_shape:
+            warnings.warn(
+                f"skipping {rec[0].name}: it is {rec[2][1]}x{rec[2][0]} px but most tiles are "
+                f"{tile_shape[1]}x{tile_shape[0]}", OfstitchWarning, stacklevel=2)
+        else:
+            kept.append(rec)
+    records = kept
+
+    records = _keep_sharpest_of_stacks(records)
+
+    # Capture order: EXIF time when every tile has one, else modification time.
+    if all(r[5].capture_time is not None for r in records):
+        records.sort(key=lambda r: (r[5].capture_time, r[1].st_mtime_ns, r[0].name))
+    else:
+        records.sort(key=lambda r: (r[1].st_mtime_ns, r[0].name))
+    if settings.image_count is not None:
+        records = records[: settings.image_count]
+
+    first_meta = records[0][5]
+    tile_h, tile_w = tile_shape
+    if settings.csm_matrix is not None:
+        csm_raw, source_width = settings.csm_matrix, None
+    elif first_meta.csm is not None:
+        csm_raw, source_width = first_meta.csm, first_meta.csm_width
+    else:
+        csm_raw, source_width = SWAP_AXES, None
+    if settings.csm_calibration_width is not None:
+        calibration = settings.csm_calibration_width or None  # 0 means: leave unscaled
+    else:
+        calibration = source_width
+    csm = _effective_csm(csm_raw, calibration, tile_w)
+
+    stage_xy = np.array([r[5].stage_xyz[:2] for r in records], dtype=np.float64)
+    stage_px = stage_xy @ np.linalg.inv(csm)
+    um = next((r[5].um_per_px for r in records if r[5].um_per_px is not None), None)
+    bit_depth = 16 if records[0][4] in ("ushort", "short", "uint", "int", "float") else 8
+    sources = Counter(r[5].position_source for r in records)
+    files = tuple(TileFile(r[0].name, r[1].st_size, r[1].st_mtime_ns) for r in records)
+    log.info("scan %s: %d tiles of %dx%d px, positions from %s", folder, len(files), tile_w,
+             tile_h, dict(sources))
+    return Scan(folder=folder, files=files, tile_shape=tile_shape,
+                bands=max(r[3] for r in records), stage_px=stage_px, stage_xy=stage_xy, csm=csm,
+                csm_calibration_width=calibration, pixel_size_um=um,
+                metadata=first_meta.usercomment, bit_depth=bit_depth,
+                position_source=sources.most_common(1)[0][0])
+
+
+def _keep_sharpest_of_stacks(records: list) -> list:
+    """Of the images sharing an xy stage position (a z-stack), keep the sharpest."""
+    groups: dict[tuple[float, float], list] = {}
+    for rec in records:
+        x, y = rec[5].stage_xyz[:2]
+        groups.setdefault((round(x, 3), round(y, 3)), []).append(rec)
+    out = []
+    for group in groups.values():
+        if len(group) == 1:
+            out.append(group[0])
+            continue
+        scores = []
+        for rec in group:
+            try:
+                scores.append(tiles.focus_measure(rec[0]))
+            except tiles.TileReadError:
+                scores.append(-1.0)
+        best = int(np.argmax(scores))
+        log.info("z-stack of %d images at %s: keeping %s", len(group), rec[5].stage_xyz[:2],
+                 group[best][0].name)
+        out.append(group[best])
+    return out

@@ -1,0 +1,154 @@
+"""Typed settings, one docstring per field, shared by the library and the CLI.
+
+:class:`CorrelationSettings` holds what changes a pair's correlation result; it
+is serialised to key the correlation cache. :class:`StitchSettings` holds the
+rest. The ``help`` metadata of each field is the text the CLI shows.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Literal
+
+from .errors import OfstitchError
+
+StitchingMode = Literal["all", "preview", "stage", "only-correlate"]
+Thresholding = Literal["automatic", "manual"]
+Priority = Literal["time", "memory"]
+
+STITCHING_MODES = ("all", "preview", "stage", "only-correlate")
+
+
+def _help(text: str) -> dict:
+    return {"help": text}
+
+
+@dataclass(frozen=True)
+class CorrelationSettings:
+    """Settings that change the result of correlating a pair; they key the cache."""
+
+    pad: bool = field(default=True, metadata=_help(
+        "Zero-pad tiles to twice their size before correlating, which removes the "
+        "wrap-around ambiguity of FFT correlation. --no-pad uses a quarter of the "
+        "memory and breaks the ambiguity by comparing the candidate overlaps."))
+    resize: float = field(default=1.0, metadata=_help(
+        "Scale factor in (0, 1] applied to tiles before correlating. Smaller is "
+        "faster (JPEG tiles are decoded at reduced size) but less reliable."))
+    high_pass_sigma: float = field(default=10.0, metadata=_help(
+        "Strength of the Gaussian high-pass filter applied in Fourier space: the "
+        "standard deviation, in FFT pixels, of the Gaussian removed. Larger removes "
+        "more of the smooth background (uneven illumination). Try this first if "
+        "tiles are badly placed."))
+    corr_mask_radius: float | None = field(default=None, metadata=_help(
+        "Only look for the correlation peak within this radius (full-resolution "
+        "pixels) of the shift predicted by the stage. Default: no restriction."))
+
+    def __post_init__(self) -> None:
+        if not (0 < self.resize <= 1):
+            raise OfstitchError(f"--resize must be in (0, 1], got {self.resize}")
+        if self.high_pass_sigma < 0:
+            raise OfstitchError(
+                f"--high-pass-sigma must be zero or positive, got {self.high_pass_sigma}")
+        if self.corr_mask_radius is not None and self.corr_mask_radius <= 0:
+            raise OfstitchError(
+                f"--corr-mask-radius must be positive, got {self.corr_mask_radius}")
+
+    def key(self) -> str:
+        """A canonical JSON string of the settings, used as the cache key."""
+        return json.dumps(asdict(self), sort_keys=True)
+
+    def non_default(self) -> dict:
+        """The fields that differ from the defaults (for ``--show-cached-settings``)."""
+        default = CorrelationSettings()
+        return {f.name: getattr(self, f.name) for f in fields(self)
+                if getattr(self, f.name) != getattr(default, f.name)}
+
+    @classmethod
+    def from_key(cls, key: str) -> CorrelationSettings:
+        """Rebuild settings from :meth:`key` output."""
+        data = json.loads(key)
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+@dataclass(frozen=True)
+class StitchSettings:
+    """Every setting of a stitch run. ``correlation`` keys the cache."""
+
+    correlation: CorrelationSettings = field(default_factory=CorrelationSettings)
+    minimum_overlap: float = field(default=0.2, metadata=_help(
+        "Minimum overlap, as a fraction of the tile area predicted from the stage "
+        "positions, for two tiles to be correlated. Lower it if your scan has small "
+        "overlaps and ofstitch reports disconnected tiles."))
+    csm_matrix: tuple[tuple[float, float], tuple[float, float]] | None = field(
+        default=None, metadata=_help(
+            "Camera-to-sample (image-to-stage displacement) matrix, as "
+            "'[[a, b], [c, d]]', overriding the one in the images' metadata. Without "
+            "either, stage coordinates are taken to be pixels."))
+    csm_calibration_width: int | None = field(default=None, metadata=_help(
+        "Width in pixels of the images the CSM was calibrated on; the matrix is "
+        "rescaled to the tiles' width. Default: from the metadata, or 832 for "
+        "OpenFlexure images that do not record it. 0 leaves the matrix unscaled."))
+    image_count: int | None = field(default=None, metadata=_help(
+        "Use only the first N images after sorting by capture time (for trying "
+        "settings on part of a scan)."))
+    thresholding: Thresholding = field(default="automatic", metadata=_help(
+        "How pairs are accepted: 'automatic' searches peak-quality and "
+        "stage-discrepancy thresholds for the smallest RMS error; 'manual' writes "
+        "stitching_correlations.png and asks for the two thresholds."))
+    min_peak_quality: float | None = field(default=None, metadata=_help(
+        "Hard lower limit (0-1) on a pair's peak quality: the fraction of the "
+        "correlation below 90% of its range. Default: chosen automatically."))
+    max_stage_discrepancy: float | None = field(default=None, metadata=_help(
+        "Hard upper limit, in pixels, on the disagreement between a pair's "
+        "correlation shift and its stage-predicted shift. Default: chosen "
+        "automatically."))
+    priority: Priority = field(default="time", metadata=_help(
+        "'time' keeps decoded tiles in memory while they are still needed; "
+        "'memory' uses smaller batches and re-reads tiles instead."))
+    stitching_mode: StitchingMode = field(default="all", metadata=_help(
+        "'all': correlate, place and write the full mosaic and previews; "
+        "'preview': correlate and place, write only the 1000 px preview; "
+        "'stage': write a mosaic from stage positions alone; "
+        "'only-correlate': fill the correlation cache and stop."))
+    stitch_tiff: bool = field(default=False, metadata=_help(
+        "Also write a tiled pyramidal TIFF of the mosaic."))
+    stitch_dzi: bool = field(default=False, metadata=_help(
+        "Also write a Deep Zoom (DZI) pyramid of the mosaic."))
+    tile_size: int | None = field(default=None, metadata=_help(
+        "Tile size, in pixels, of the pyramidal TIFF/DZI outputs (a power of two "
+        "is best). Default: 256 for TIFF and DZI."))
+    device: str = field(default="cpu", metadata=_help(
+        "Where correlation and placement run: 'cpu' (NumPy), 'cuda' (CuPy on an "
+        "NVIDIA GPU) or 'auto' (CUDA when usable, else the CPU)."))
+    batch_pairs: int | None = field(default=None, metadata=_help(
+        "Pairs correlated per batch. Default: sized from a memory budget."))
+    workers: int | None = field(default=None, metadata=_help(
+        "Threads for decoding tiles and for CPU FFTs. Default: the number of CPUs."))
+
+    def __post_init__(self) -> None:
+        if not (0 <= self.minimum_overlap < 1):
+            raise OfstitchError(
+                f"--minimum-overlap must be in [0, 1), got {self.minimum_overlap}")
+        if self.stitching_mode not in STITCHING_MODES:
+            raise OfstitchError(
+                f"--stitching-mode must be one of {', '.join(STITCHING_MODES)}, "
+                f"got {self.stitching_mode!r}")
+        if self.thresholding not in ("automatic", "manual"):
+            raise OfstitchError(
+                f"--thresholding must be 'automatic' or 'manual', got {self.thresholding!r}")
+        if self.image_count is not None and self.image_count < 1:
+            raise OfstitchError(f"--image-count must be at least 1, got {self.image_count}")
+
+    def with_correlation(self, **changes) -> StitchSettings:
+        """A copy with some correlation settings changed."""
+        return replace(self, correlation=replace(self.correlation, **changes))
+
+
+def help_text(cls: type, name: str) -> str:
+    """The CLI help of a settings field."""
+    for f in fields(cls):
+        if f.name == name:
+            return f.metadata.get("help", "")
+    raise KeyError(name)

@@ -1,0 +1,141 @@
+"""Decoding tile files into arrays (pyvips), on the host.
+
+Everything that reads pixels from disk goes through here: grey float32 tiles
+for correlation (decoded straight to reduced size with libjpeg's DCT scaling
+when ``resize < 1``), and 8-bit RGB tiles for rendering.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import pyvips
+
+from .errors import OfstitchError
+
+# A tile claiming more pixels than this is refused (a decompression bomb).
+MAX_TILE_PIXELS = 200_000_000
+
+
+class TileReadError(OfstitchError):
+    """A tile file could not be decoded."""
+
+
+def _open(path: Path, *, shrink: int = 1) -> pyvips.Image:
+    kwargs = {}
+    if shrink > 1 and Path(path).suffix.lower() in (".jpg", ".jpeg"):
+        kwargs["shrink"] = shrink
+    try:
+        image = pyvips.Image.new_from_file(os.fspath(path), access="sequential", fail=True,
+                                           **kwargs)
+    except pyvips.Error as exc:
+        raise TileReadError(f"cannot read {Path(path).name}: {_first_line(exc)}") from None
+    if image.width * image.height > MAX_TILE_PIXELS:
+        raise TileReadError(
+            f"{Path(path).name} claims {image.width}x{image.height} pixels, more than a tile "
+            "can have (a corrupt file or a decompression bomb)")
+    return image
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip().splitlines()
+    return text[-1] if text else type(exc).__name__
+
+
+def header(path: Path) -> tuple[int, int, int, str]:
+    """``(height, width, bands, format)`` of an image file, reading only its header."""
+    try:
+        image = pyvips.Image.new_from_file(os.fspath(path))
+    except pyvips.Error as exc:
+        raise TileReadError(f"cannot read {Path(path).name}: {_first_line(exc)}") from None
+    return image.height, image.width, image.bands, image.format
+
+
+def _colour_bands(image: pyvips.Image) -> pyvips.Image:
+    """Drop an alpha band, if any."""
+    if image.bands in (2, 4):
+        image = image.extract_band(0, n=image.bands - 1)
+    return image
+
+
+def _to_array(image: pyvips.Image, name: str) -> np.ndarray:
+    try:
+        return image.numpy()
+    except pyvips.Error as exc:
+        raise TileReadError(f"cannot decode {name}: {_first_line(exc)}") from None
+
+
+def read_grey(path: Path, resize: float = 1.0, *, shape: tuple[int, int] | None = None
+              ) -> np.ndarray:
+    """Decode a tile as grey float32, optionally scaled by ``resize``.
+
+    Parameters
+    ----------
+    path : Path
+        The tile file.
+    resize : float
+        Scale factor in (0, 1].
+    shape : (int, int), optional
+        The full-resolution ``(height, width)``; with it, the output shape is
+        exactly ``(round(height * resize), round(width * resize))``.
+
+    Returns
+    -------
+    ndarray, shape (h, w), float32
+        Mean of the colour bands, in the file's own units (0-255 or 0-65535).
+    """
+    full_h, full_w = shape if shape is not None else header(path)[:2]
+    out_h, out_w = scaled_shape((full_h, full_w), resize)
+    shrink = 1
+    if resize < 1:
+        shrink = 2 ** int(math.floor(math.log2(1 / resize)))
+        shrink = min(shrink, 8)
+    image = _colour_bands(_open(path, shrink=shrink))
+    if image.bands > 1:
+        image = image.bandmean()
+    image = image.cast("float")
+    if (image.height, image.width) != (out_h, out_w):
+        image = image.resize(out_w / image.width, vscale=out_h / image.height, kernel="linear")
+    arr = _to_array(image, Path(path).name)
+    if arr.ndim == 3:
+        arr = arr[..., 0]
+    if arr.shape != (out_h, out_w):
+        raise TileReadError(
+            f"{Path(path).name} decoded to {arr.shape[1]}x{arr.shape[0]}, expected "
+            f"{out_w}x{out_h}: tiles must all have the same size")
+    return np.ascontiguousarray(arr, dtype=np.float32)
+
+
+def read_rgb8(path: Path, *, value_scale: float = 1.0) -> np.ndarray:
+    """Decode a tile as 8-bit RGB for rendering.
+
+    ``value_scale`` multiplies the values before they are clipped to 0-255 (for
+    16-bit tiles).
+    """
+    image = _colour_bands(_open(path))
+    if image.bands == 1:
+        image = image.bandjoin([image, image])
+    if image.format != "uchar" or value_scale != 1.0:
+        image = (image.cast("float") * value_scale).cast("uchar")
+    return np.ascontiguousarray(_to_array(image, Path(path).name))
+
+
+def scaled_shape(shape: tuple[int, int], resize: float) -> tuple[int, int]:
+    """Tile shape after ``resize``."""
+    return max(1, round(shape[0] * resize)), max(1, round(shape[1] * resize))
+
+
+def focus_measure(path: Path) -> float:
+    """Sharpness of a tile: variance of the Laplacian of its grey image (higher is sharper).
+
+    Computed at up to 1/4 scale for speed; used to pick the sharpest image of a z-stack.
+    """
+    h, w = header(path)[:2]
+    scale = min(1.0, 512 / max(h, w))
+    grey = read_grey(path, scale) if scale < 1 else read_grey(path)
+    lap = (-4 * grey[1:-1, 1:-1] + grey[:-2, 1:-1] + grey[2:, 1:-1]
+           + grey[1:-1, :-2] + grey[1:-1, 2:])
+    return float(np.var(lap))
