@@ -312,7 +312,8 @@ def position_from_filename(name: str) -> tuple[float, float, float] | None:
 def read_tile_configuration(path: Path) -> dict[str, tuple[float, float]]:
     """Positions ``{file name: (x, y)}`` (pixels, top-left) from a Fiji TileConfiguration."""
     out: dict[str, tuple[float, float]] = {}
-    pattern = re.compile(r"^\s*([^;#]+?)\s*;\s*[^;]*;\s*\(\s*([^,]+?)\s*,\s*([^,)]+?)\s*(?:,[^)]*)?\)")
+    pattern = re.compile(
+        r"^\s*([^;#]+?)\s*;\s*[^;]*;\s*\(\s*([^,]+?)\s*,\s*([^,)]+?)\s*(?:,[^)]*)?\)")
     try:
         text = Path(path).read_text(errors="replace")
     except OSError:

@@ -139,3 +139,24 @@ def focus_measure(path: Path) -> float:
     lap = (-4 * grey[1:-1, 1:-1] + grey[:-2, 1:-1] + grey[2:, 1:-1]
            + grey[1:-1, :-2] + grey[1:-1, 2:])
     return float(np.var(lap))
+
+
+def read_rgb8_scaled(path: Path, scale: float, out_shape: tuple[int, int], *,
+                     value_scale: float = 1.0) -> np.ndarray:
+    """Decode a tile as 8-bit RGB resized to exactly ``out_shape`` = ``(h, w)``.
+
+    Uses libjpeg's DCT scaling for JPEG tiles when ``scale <= 1/2``.
+    """
+    shrink = 1
+    if scale < 1:
+        shrink = min(8, 2 ** int(math.floor(math.log2(1 / scale))))
+    image = _colour_bands(_open(path, shrink=shrink))
+    if image.bands == 1:
+        image = image.bandjoin([image, image])
+    out_h, out_w = out_shape
+    if (image.height, image.width) != (out_h, out_w):
+        image = image.resize(out_w / image.width, vscale=out_h / image.height)
+    if image.format != "uchar" or value_scale != 1.0:
+        image = (image.cast("float") * value_scale).cast("uchar")
+    arr = _to_array(image, Path(path).name)
+    return np.ascontiguousarray(arr[:out_h, :out_w])

@@ -16,7 +16,7 @@ from typing import Any
 import array_api_compat
 import numpy as np
 
-from ..errors import DeviceUnavailableError
+from ofstitch.errors import DeviceUnavailableError
 
 DEVICE_CHOICES = ("cpu", "cuda", "auto")
 

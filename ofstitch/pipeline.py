@@ -1,0 +1,361 @@
+"""The pipeline: folder -> scan -> pairs -> correlation (cached) -> placement -> outputs.
+
+:func:`register` returns tile positions without rendering; :func:`stitch`
+also writes the outputs of the chosen stitching mode.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from . import diagnostics, render, tiles
+from .backends import Backend, select_backend
+from .cache import CorrelationCache, cache_path
+from .errors import OfstitchError
+from .graph import OverlapGraph, find_pairs, require_connected
+from .place import Placement, place, stage_placement
+from .scan import Scan, load_scan
+from .settings import StitchSettings
+from .stream import DEFAULT_BUDGET_BYTES, CorrelationPlan, correlate_pairs
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[str, int, int], None]
+CACHE_FLUSH_SECONDS = 15.0
+
+
+@dataclass(frozen=True)
+class Registration:
+    """Where every tile goes, and how that was decided.
+
+    Attributes
+    ----------
+    scan : Scan
+    graph : OverlapGraph
+    shift_px : ndarray, shape (m, 2)
+        Correlation shift of each pair (NaN where it failed or was not computed).
+    quality : ndarray, shape (m,)
+    placement : Placement
+    n_correlated, n_cached : int
+        Pairs correlated in this run and pairs taken from the cache.
+    device : str
+        The backend that ran the kernels.
+    timings_s : dict
+    """
+
+    scan: Scan
+    graph: OverlapGraph
+    shift_px: np.ndarray
+    quality: np.ndarray
+    placement: Placement
+    n_correlated: int
+    n_cached: int
+    device: str
+    timings_s: dict = field(default_factory=dict)
+
+    @property
+    def names(self) -> list[str]:
+        return [f.name for f in self.scan.files]
+
+    @property
+    def positions_px(self) -> np.ndarray:
+        """``(row, col)`` of each tile's top-left corner, smallest at 0."""
+        return self.placement.positions_px
+
+    def positions(self) -> dict[str, tuple[float, float]]:
+        """``{file name: (row, col)}``."""
+        return {n: (float(r), float(c)) for n, (r, c) in
+                zip(self.names, self.positions_px.tolist(), strict=True)}
+
+    def suggested_csm(self) -> np.ndarray:
+        """The improved camera-to-sample matrix, at the scan's calibration width."""
+        m = self.placement.csm
+        width = self.scan.csm_calibration_width
+        return m * self.scan.tile_shape[1] / width if width else m
+
+
+@dataclass(frozen=True)
+class StitchResult:
+    """What :func:`stitch` did: the registration (``None`` in stage mode) and the files."""
+
+    registration: Registration | None
+    outputs: dict[str, Path]
+    positions_px: np.ndarray
+    names: list[str]
+
+
+def _noop(stage: str, done: int, total: int) -> None:
+    pass
+
+
+def _expected_shifts(scan: Scan, pairs: np.ndarray) -> np.ndarray:
+    return scan.stage_px[pairs[:, 1]] - scan.stage_px[pairs[:, 0]]
+
+
+def correlate_scan(scan: Scan, graph: OverlapGraph, settings: StitchSettings,
+                   backend: Backend, *, cache: CorrelationCache | None,
+                   progress: Progress = _noop) -> tuple[np.ndarray, np.ndarray, int, int]:
+    """Correlate the graph's pairs, reusing and filling the cache.
+
+    Returns ``(shift_px, quality, n_correlated, n_cached)``.
+    """
+    pairs = graph.pairs
+    expected = _expected_shifts(scan, pairs)
+    keys = [f.key for f in scan.files]
+    cs = settings.correlation
+    if cache is not None:
+        found, shift, quality = cache.lookup(cs, keys, pairs, expected)
+    else:
+        found = np.zeros(len(pairs), bool)
+        shift, quality = np.full((len(pairs), 2), np.nan), np.full(len(pairs), np.nan)
+    todo = np.flatnonzero(~found)
+    progress("correlate", 0, len(todo))
+    if len(todo):
+        plan = CorrelationPlan.make(scan.tile_shape, cs)
+        budget = DEFAULT_BUDGET_BYTES[settings.priority]
+        done = 0
+        last_flush = time.monotonic()
+        for batch in correlate_pairs(scan.paths, pairs[todo], expected[todo], cs, plan, backend,
+                                     batch_pairs=settings.batch_pairs, budget_bytes=budget,
+                                     workers=settings.workers):
+            ids = todo[batch.pair_ids]
+            shift[ids] = batch.shift_px
+            quality[ids] = batch.quality
+            done += len(ids)
+            progress("correlate", done, len(todo))
+            if cache is not None:
+                cache.add(cs, keys, pairs[ids], batch.shift_px, batch.quality, expected[ids])
+                if time.monotonic() - last_flush > CACHE_FLUSH_SECONDS:
+                    cache.save()
+                    last_flush = time.monotonic()
+        if cache is not None:
+            cache.save()
+    return shift, quality, len(todo), int(found.sum())
+
+
+def register(folder: Path | str, settings: StitchSettings | None = None, *,
+             output_dir: Path | str | None = None, cache_dir: Path | str | None = None,
+             use_cache: bool = True, progress: Progress = _noop,
+             ask_thresholds: Callable[[], tuple[float, float]] | None = None,
+             plots: bool = False, backend: Backend | None = None) -> Registration:
+    """Find the position of every tile of the scan in ``folder``, without rendering.
+
+    Parameters
+    ----------
+    folder : path
+        The folder of tiles.
+    settings : StitchSettings, optional
+    output_dir : path, optional
+        Where diagnostic plots go (with ``plots=True``). Default: ``folder``.
+    cache_dir : path, optional
+        Where the correlation cache lives. Default: ``folder``.
+    use_cache : bool
+        Read and write the correlation cache.
+    progress : callable, optional
+        ``progress(stage, done, total)``.
+    ask_thresholds : callable, optional
+        For ``thresholding="manual"``.
+    backend : Backend, optional
+        Default: from ``settings.device``.
+
+    Raises
+    ------
+    OfstitchError
+        A user error (no images, a disconnected scan, bad settings...).
+    """
+    settings = settings or StitchSettings()
+    folder = Path(folder)
+    timings = {}
+    t0 = time.perf_counter()
+    backend = backend or select_backend(settings.device)
+    scan = load_scan(folder, settings)
+    graph = find_pairs(scan.stage_px, scan.tile_shape, settings.minimum_overlap)
+    require_connected(graph, [f.name for f in scan.files], settings.minimum_overlap)
+    timings["load"] = time.perf_counter() - t0
+    out_dir = Path(output_dir) if output_dir is not None else folder
+    if plots:
+        diagnostics.plot_inputs(out_dir / "stitching_inputs.png", scan.stage_px,
+                                scan.tile_shape, graph.pairs)
+
+    t1 = time.perf_counter()
+    cache = CorrelationCache.load(cache_path(folder, cache_dir)) if use_cache else None
+    shift, quality, n_new, n_cached = correlate_scan(scan, graph, settings, backend,
+                                                     cache=cache, progress=progress)
+    timings["correlate"] = time.perf_counter() - t1
+
+    t2 = time.perf_counter()
+    stage_shift = _expected_shifts(scan, graph.pairs)
+    discrepancy = np.linalg.norm(shift - stage_shift, axis=1)
+    ask = None
+    if settings.thresholding == "manual":
+        if ask_thresholds is None:
+            raise OfstitchError("--thresholding manual needs someone to answer: run it from "
+                                "the command line, or pass ask_thresholds")
+        diagnostics.plot_correlations(out_dir / "stitching_correlations.png", quality,
+                                      discrepancy)
+        ask = ask_thresholds
+    placement = place(graph.pairs, shift, quality, scan.stage_px, scan.csm,
+                      thresholding=settings.thresholding,
+                      min_peak_quality=settings.min_peak_quality,
+                      max_stage_discrepancy=settings.max_stage_discrepancy,
+                      ask_thresholds=ask)
+    timings["place"] = time.perf_counter() - t2
+    if plots and len(graph.pairs):
+        diagnostics.plot_correlations(out_dir / "stitching_correlations.png", quality,
+                                      discrepancy, placement.accepted,
+                                      placement.min_peak_quality,
+                                      placement.max_stage_discrepancy)
+    return Registration(scan, graph, shift, quality, placement, n_new, n_cached,
+                        backend.describe(), timings)
+
+
+def output_prefix(folder: Path) -> str:
+    """The name outputs start with: the scan folder's name (skipping 'images' and 'use')."""
+    for part in reversed(Path(folder).resolve().parts):
+        if part not in ("images", "use", "/", ""):
+            return part
+    return "scan"
+
+
+def check_writable(output_dir: Path) -> None:
+    """Raise a clear error if ``output_dir`` cannot be created or written."""
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".ofstitch-write-test.", dir=output_dir)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise OfstitchError(f"cannot write to the output folder {output_dir} "
+                            f"({exc.strerror}): choose another with -o/--output-dir") from None
+
+
+def value_scale(scan: Scan, sample: int = 8) -> float:
+    """Factor that maps the tiles' values to 0-255 (1 for 8-bit tiles)."""
+    if scan.bit_depth == 8:
+        return 1.0
+    peak = 0.0
+    for i in np.linspace(0, len(scan) - 1, min(sample, len(scan))).astype(int):
+        try:
+            peak = max(peak, float(tiles.read_grey(scan.path(int(i)), 0.25).max()))
+        except tiles.TileReadError:
+            continue
+    return 255.0 / peak if peak > 0 else 1.0
+
+
+def _render_jpeg(scan: Scan, positions: np.ndarray, path: Path, scale: float,
+                 work_dir: Path, progress: Progress, label: str, extra: dict | None = None
+                 ) -> None:
+    image, raw = render.render(scan.paths, positions, scan.tile_shape, work_dir, scale=scale,
+                               value_scale=value_scale(scan),
+                               progress=lambda d, t: progress(label, d, t))
+    try:
+        pixel = scan.pixel_size_um / scale if scan.pixel_size_um else None
+        render.write_jpeg(image, path, metadata=scan.metadata, pixel_size_um=pixel,
+                          n_tiles=len(scan), extra=extra)
+    finally:
+        os.unlink(raw)
+
+
+def stitch(folder: Path | str, settings: StitchSettings | None = None, *,
+           output_dir: Path | str | None = None, cache_dir: Path | str | None = None,
+           progress: Progress = _noop,
+           ask_thresholds: Callable[[], tuple[float, float]] | None = None) -> StitchResult:
+    """Stitch the scan in ``folder`` and write the outputs of ``settings.stitching_mode``.
+
+    Outputs (in ``output_dir``, default the scan folder; inputs are never modified):
+
+    - ``all``: ``<prefix>_stitched.jpg`` (full resolution), ``preview.jpg`` (1000 px
+      wide), ``stitched_thumbnail.jpg``, ``OFMTileConfiguration.txt``,
+      ``stitching_inputs.png``, ``stitching_correlations.png``, and with
+      ``stitch_tiff``/``stitch_dzi`` a pyramidal TIFF / DZI;
+    - ``preview``: the same without the full-resolution outputs;
+    - ``stage``: ``stitched_from_stage.jpg`` (1000 px wide), from stage positions only;
+    - ``only-correlate``: only the correlation cache.
+    """
+    settings = settings or StitchSettings()
+    folder = Path(folder)
+    out = Path(output_dir) if output_dir is not None else folder
+    mode = settings.stitching_mode
+    outputs: dict[str, Path] = {}
+    if mode != "only-correlate":
+        check_writable(out)
+
+    if mode == "stage":
+        scan = load_scan(folder, settings)
+        placement = stage_placement(scan.stage_px, scan.csm)
+        path = out / "stitched_from_stage.jpg"
+        scale = render.scale_for_width(placement.positions_px, scan.tile_shape,
+                                       render.PREVIEW_WIDTH)
+        _render_jpeg(scan, placement.positions_px, path, scale, out, progress, "render")
+        outputs["stage"] = path
+        return StitchResult(None, outputs, placement.positions_px, [f.name for f in scan.files])
+
+    if mode == "only-correlate":
+        settings_backend = select_backend(settings.device)
+        scan = load_scan(folder, settings)
+        graph = find_pairs(scan.stage_px, scan.tile_shape, settings.minimum_overlap)
+        require_connected(graph, [f.name for f in scan.files], settings.minimum_overlap)
+        cache = CorrelationCache.load(cache_path(folder, cache_dir))
+        correlate_scan(scan, graph, settings, settings_backend, cache=cache, progress=progress)
+        outputs["cache"] = cache.path
+        return StitchResult(None, outputs, scan.stage_px - scan.stage_px.min(axis=0),
+                            [f.name for f in scan.files])
+
+    reg = register(folder, settings, output_dir=out, cache_dir=cache_dir, progress=progress,
+                   ask_thresholds=ask_thresholds, plots=True)
+    outputs["inputs_plot"] = out / "stitching_inputs.png"
+    if len(reg.graph.pairs):
+        outputs["correlations_plot"] = out / "stitching_correlations.png"
+    scan, positions = reg.scan, reg.positions_px
+    names = reg.names
+    config = out / "OFMTileConfiguration.txt"
+    render.write_tile_configuration(config, names, positions)
+    outputs["tile_configuration"] = config
+    extra = {"camera_to_sample_matrix_suggested": reg.suggested_csm().round(6).tolist()}
+
+    preview = out / "preview.jpg"
+    scale = render.scale_for_width(positions, scan.tile_shape, render.PREVIEW_WIDTH)
+    _render_jpeg(scan, positions, preview, scale, out, progress, "preview", extra)
+    outputs["preview"] = preview
+    thumb = out / "stitched_thumbnail.jpg"
+    render.write_thumbnail(preview, thumb)
+    outputs["thumbnail"] = thumb
+
+    if mode == "all":
+        prefix = output_prefix(folder)
+        image, raw = render.render(scan.paths, positions, scan.tile_shape, out,
+                                   value_scale=value_scale(scan),
+                                   progress=lambda d, t: progress("render", d, t))
+        try:
+            tile_size = settings.tile_size or 256
+            too_big = max(image.width, image.height) > render.JPEG_MAX_SIDE
+            if too_big and not (settings.stitch_tiff or settings.stitch_dzi):
+                raise OfstitchError(
+                    f"the mosaic is {image.width}x{image.height} px, larger than JPEG allows "
+                    f"({render.JPEG_MAX_SIDE} px per side): add --stitch-tiff or --stitch-dzi")
+            if not too_big:
+                full = out / f"{prefix}_stitched.jpg"
+                render.write_jpeg(image, full, metadata=scan.metadata,
+                                  pixel_size_um=scan.pixel_size_um, n_tiles=len(scan),
+                                  extra=extra)
+                outputs["stitched"] = full
+            if settings.stitch_tiff:
+                tiff = out / f"{prefix}_stitched.tiff"
+                render.write_tiff(image, tiff, pixel_size_um=scan.pixel_size_um,
+                                  tile_size=tile_size)
+                outputs["tiff"] = tiff
+            if settings.stitch_dzi:
+                dzi = out / f"{prefix}_stitched.dzi"
+                render.write_dzi(image, dzi, tile_size=tile_size)
+                outputs["dzi"] = dzi
+        finally:
+            os.unlink(raw)
+    return StitchResult(reg, outputs, positions, names)

@@ -1,0 +1,252 @@
+r"""Placement: decide which pair correlations to trust, then solve tile positions.
+
+Maths
+-----
+Each pair :math:`k = (a, b)` gives a measured shift :math:`d_k` of tile
+:math:`b` relative to tile :math:`a`. Positions :math:`x` minimise the weighted
+least squares
+
+.. math:: \sum_k w_k \,\lVert x_b - x_a - d_k \rVert^2
+
+(:func:`solve_positions`; a zero-mean gauge). Pairs whose correlation is
+trusted use the correlation shift with :math:`w_k = 1`. The others use the
+stage-predicted shift, corrected by the affine map :math:`T` fitted from stage
+to image shifts on the trusted pairs (:func:`fit_affine`), with a low weight
+(:data:`STAGE_WEIGHT`), so that every tile stays placed.
+
+Which pairs are trusted is decided by two thresholds, a minimum peak quality
+and a maximum discrepancy between the correlation and stage shifts. With
+``thresholding="automatic"`` a grid of threshold pairs is searched for the
+smallest fit error :func:`fit_error`: the RMS residual (with the degrees of
+freedom of the positions removed) plus a penalty of twice the median
+discrepancy times the fraction of pairs that fell back to the stage, as
+OpenFlexure Stitching does.
+
+The kernels (:func:`fit_affine`, :func:`solve_positions`, :func:`fit_error`)
+take arrays of any array-API namespace; the sparse solve sits behind
+:func:`ofstitch.backends.solve_laplacian`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from array_api_compat import array_namespace
+
+from .backends import solve_laplacian
+from .errors import OfstitchError
+
+log = logging.getLogger(__name__)
+
+STAGE_WEIGHT = 0.2**2  # a stage-only pair counts as 0.2 of a correlation, squared
+MAX_LEVELS = 24  # threshold values tried per axis in the automatic search
+ONE_D_TOLERANCE_PX = 30.0
+
+
+@dataclass(frozen=True)
+class Placement:
+    """The result of placement.
+
+    Attributes
+    ----------
+    positions_px : ndarray, shape (n, 2)
+        ``(row, col)`` of each tile's top-left corner, with the smallest at 0.
+    accepted : ndarray, shape (m,), bool
+        Pairs placed by their correlation (the rest by the corrected stage).
+    min_peak_quality, max_stage_discrepancy : float
+        The thresholds used.
+    affine : ndarray, shape (2, 2)
+        ``T`` such that ``stage_shift_px @ T`` best matches the correlation
+        shifts (identity when it could not be fitted).
+    csm : ndarray, shape (2, 2)
+        The improved effective camera-to-sample matrix ``inv(T) @ M``.
+    rms_error_px : float
+        RMS residual of the trusted pairs at the final positions.
+    """
+
+    positions_px: np.ndarray
+    accepted: np.ndarray
+    min_peak_quality: float
+    max_stage_discrepancy: float
+    affine: np.ndarray
+    csm: np.ndarray
+    rms_error_px: float
+
+    @property
+    def n_accepted(self) -> int:
+        return int(self.accepted.sum())
+
+
+# ----------------------------------------------------------------------------- kernels
+
+
+def fit_affine(stage_shift: Any, image_shift: Any) -> Any:
+    """Least-squares ``T`` (2x2) with ``stage_shift @ T ≈ image_shift``.
+
+    Parameters
+    ----------
+    stage_shift, image_shift : array, shape (k, 2)
+
+    Returns
+    -------
+    array, shape (2, 2), on the inputs' device
+    """
+    xp = array_namespace(stage_shift, image_shift)
+    s_t = xp.matrix_transpose(stage_shift)
+    return xp.linalg.solve(xp.matmul(s_t, stage_shift), xp.matmul(s_t, image_shift))
+
+
+def solve_positions(pairs: Any, shifts: Any, weights: Any, n_tiles: int) -> Any:
+    """Positions ``(n, 2)`` (zero mean) from weighted pair shifts ``(m, 2)``."""
+    return solve_laplacian(pairs[:, 0], pairs[:, 1], weights, shifts, n_tiles)
+
+
+def fit_error(positions: Any, pairs: Any, shifts: Any, n_stage: int,
+              stage_penalty: float) -> float:
+    """RMS residual (degrees of freedom of the positions removed) plus the stage penalty."""
+    xp = array_namespace(positions, pairs, shifts)
+    residual = (xp.take(positions, pairs[:, 1], axis=0) - xp.take(positions, pairs[:, 0], axis=0)
+                - shifts)
+    m, n = pairs.shape[0], positions.shape[0]
+    dof = max(1, 2 * m - (2 * n - 2))
+    rms = float(xp.sqrt(xp.sum(residual**2) / dof))
+    return rms + stage_penalty * n_stage / max(1, m)
+
+
+# ----------------------------------------------------------------------------- placement
+
+
+def _can_fit_affine(stage_shift: np.ndarray) -> bool:
+    """An affine fit needs pairs along both axes (not all in one row or column)."""
+    if len(stage_shift) < 3:
+        return False
+    return not (np.all(np.abs(stage_shift[:, 0]) < ONE_D_TOLERANCE_PX)
+                or np.all(np.abs(stage_shift[:, 1]) < ONE_D_TOLERANCE_PX))
+
+
+def _solve(pairs: np.ndarray, shift: np.ndarray, stage_shift: np.ndarray, accepted: np.ndarray,
+           n_tiles: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Positions, the affine and the per-pair target shifts for one accepted set."""
+    affine = np.eye(2)
+    if _can_fit_affine(stage_shift[accepted]):
+        fitted = fit_affine(stage_shift[accepted], shift[accepted])
+        if np.all(np.isfinite(fitted)) and abs(np.linalg.det(fitted)) > 1e-6:
+            affine = fitted
+    target = np.where(accepted[:, None], shift, stage_shift @ affine)
+    weights = np.where(accepted, 1.0, STAGE_WEIGHT)
+    positions = solve_positions(pairs, target, weights, n_tiles)
+    return positions, affine, target
+
+
+def _levels(values: np.ndarray, n: int) -> np.ndarray:
+    """Up to ``n`` distinct threshold values spanning ``values`` by quantile."""
+    values = values[np.isfinite(values)]
+    if len(values) == 0:
+        return np.zeros(0)
+    qs = np.quantile(values, np.linspace(0, 1, n))
+    return np.unique(qs)
+
+
+def choose_thresholds(pairs: np.ndarray, shift: np.ndarray, quality: np.ndarray,
+                      stage_shift: np.ndarray, n_tiles: int, *,
+                      min_peak_quality: float | None = None,
+                      max_stage_discrepancy: float | None = None) -> tuple[float, float]:
+    """Search quality and discrepancy thresholds for the smallest :func:`fit_error`."""
+    discrepancy = np.linalg.norm(shift - stage_shift, axis=1)
+    valid = np.isfinite(discrepancy) & np.isfinite(quality)
+    q_levels = _levels(quality[valid], MAX_LEVELS)
+    d_levels = _levels(discrepancy[valid], MAX_LEVELS)[::-1]  # loosest first
+    if min_peak_quality is not None:
+        q_levels = q_levels[q_levels >= min_peak_quality]
+    if max_stage_discrepancy is not None:
+        d_levels = d_levels[d_levels <= max_stage_discrepancy]
+    if len(q_levels) == 0 or len(d_levels) == 0:
+        raise OfstitchError(
+            f"--min-peak-quality {min_peak_quality} and --max-stage-discrepancy "
+            f"{max_stage_discrepancy} reject every pair: loosen them (see "
+            "stitching_correlations.png)")
+    stage_penalty = 2 * float(np.median(discrepancy[valid])) if valid.any() else 0.0
+    best = (np.inf, float(q_levels[0]), float(d_levels[0]))
+    tried: dict[bytes, float] = {}
+    fallback = (-1, float(q_levels[0]), float(d_levels[0]))
+    for q in q_levels:
+        for d in d_levels:
+            accepted = valid & (quality >= q) & (discrepancy <= d)
+            count = int(accepted.sum())
+            if count > fallback[0]:
+                fallback = (count, float(q), float(d))
+            if count < n_tiles - 1 or count == 0:
+                break  # stricter discrepancies only remove more pairs
+            key = np.packbits(accepted).tobytes()
+            if key not in tried:
+                positions, _, target = _solve(pairs, shift, stage_shift, accepted, n_tiles)
+                tried[key] = fit_error(positions, pairs, target, len(pairs) - count,
+                                       stage_penalty)
+            if tried[key] < best[0]:
+                best = (tried[key], float(q), float(d))
+    if not np.isfinite(best[0]):
+        log.info("no threshold pair kept enough correlations; using the loosest")
+        return fallback[1], fallback[2]
+    log.info("thresholds: peak quality >= %.6f, discrepancy <= %.2f px (%d fits)",
+             best[1], best[2], len(tried))
+    return best[1], best[2]
+
+
+def place(pairs: np.ndarray, shift: np.ndarray, quality: np.ndarray, stage_px: np.ndarray,
+          csm: np.ndarray, *, thresholding: str = "automatic",
+          min_peak_quality: float | None = None, max_stage_discrepancy: float | None = None,
+          ask_thresholds: Callable[[], tuple[float, float]] | None = None) -> Placement:
+    """Place every tile from pair correlations and stage positions.
+
+    Parameters
+    ----------
+    pairs : ndarray, shape (m, 2), int
+    shift : ndarray, shape (m, 2)
+        Correlation shift of each pair (NaN where correlation failed).
+    quality : ndarray, shape (m,)
+    stage_px : ndarray, shape (n, 2)
+        Stage-predicted top-left positions.
+    csm : ndarray, shape (2, 2)
+        The effective camera-to-sample matrix the stage positions came from.
+    thresholding : {"automatic", "manual"}
+    ask_thresholds : callable, optional
+        For ``"manual"``: returns ``(min_peak_quality, max_stage_discrepancy)``.
+    """
+    n = len(stage_px)
+    if n == 1 or len(pairs) == 0:
+        return Placement(stage_px - stage_px.min(axis=0), np.zeros(len(pairs), bool), 0.0,
+                         0.0, np.eye(2), csm, 0.0)
+    stage_shift = stage_px[pairs[:, 1]] - stage_px[pairs[:, 0]]
+    discrepancy = np.linalg.norm(shift - stage_shift, axis=1)
+    valid = np.isfinite(discrepancy) & np.isfinite(quality)
+    if thresholding == "manual":
+        if ask_thresholds is None:
+            raise OfstitchError("thresholding='manual' needs thresholds: pass ask_thresholds, "
+                                "or use the CLI, which asks for them")
+        q_thr, d_thr = ask_thresholds()
+    else:
+        q_thr, d_thr = choose_thresholds(pairs, shift, quality, stage_shift, n,
+                                         min_peak_quality=min_peak_quality,
+                                         max_stage_discrepancy=max_stage_discrepancy)
+    if min_peak_quality is not None:
+        q_thr = max(q_thr, min_peak_quality)
+    if max_stage_discrepancy is not None:
+        d_thr = min(d_thr, max_stage_discrepancy)
+    accepted = valid & (quality >= q_thr) & (discrepancy <= d_thr)
+    positions, affine, target = _solve(pairs, np.nan_to_num(shift), stage_shift, accepted, n)
+    residual = positions[pairs[:, 1]] - positions[pairs[:, 0]] - target
+    rms = float(np.sqrt(np.mean(np.sum(residual[accepted] ** 2, axis=1)))) if accepted.any() \
+        else 0.0
+    improved_csm = np.linalg.inv(affine) @ csm
+    return Placement(positions - positions.min(axis=0), accepted, float(q_thr), float(d_thr),
+                     affine, improved_csm, rms)
+
+
+def stage_placement(stage_px: np.ndarray, csm: np.ndarray, n_pairs: int = 0) -> Placement:
+    """Positions from the stage alone (``stitching_mode="stage"``)."""
+    return Placement(stage_px - stage_px.min(axis=0), np.zeros(n_pairs, bool), 0.0, 0.0,
+                     np.eye(2), csm, 0.0)

@@ -1,0 +1,216 @@
+"""Streaming pair correlation: the one place for batching, memory budgets and transfer.
+
+Tiles are decoded on a thread pool (grey float32 at the requested resize) ahead
+of need, uploaded to the device once and transformed once. A tile's spectrum
+stays on the device only while it still has unprocessed pairs. Pairs are taken
+in row-major order of the overlap graph, so the live set stays about one scan
+row wide, and go through the kernels in batches sized from a memory budget.
+Only the per-pair results (shift, quality) come back to the host.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import scipy.fft
+
+from . import correlate, tiles
+from .backends import Backend, to_device, to_host
+from .errors import OfstitchWarning
+from .settings import CorrelationSettings
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BUDGET_BYTES = {"time": 768 * 2**20, "memory": 192 * 2**20}
+# Device bytes per pair in a batch, in units of one real correlation array
+# (product spectrum, correlation, masks and temporaries of the peak search).
+ARRAYS_PER_PAIR = 7
+
+
+@dataclass(frozen=True)
+class CorrelationPlan:
+    """Sizes of the correlation for one scan and settings."""
+
+    tile_shape: tuple[int, int]  # full resolution (h, w)
+    scaled_shape: tuple[int, int]  # after resize
+    fft_shape: tuple[int, int]
+    resize: float
+
+    @classmethod
+    def make(cls, tile_shape: tuple[int, int], settings: CorrelationSettings) -> CorrelationPlan:
+        scaled = tiles.scaled_shape(tile_shape, settings.resize)
+        if settings.pad:
+            fft = (scipy.fft.next_fast_len(2 * scaled[0], real=True),
+                   scipy.fft.next_fast_len(2 * scaled[1], real=True))
+        else:
+            fft = scaled
+        return cls(tile_shape, scaled, fft, settings.resize)
+
+    def batch_pairs(self, budget_bytes: int) -> int:
+        per_pair = ARRAYS_PER_PAIR * 4 * self.fft_shape[0] * self.fft_shape[1]
+        return max(1, min(256, budget_bytes // per_pair))
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    """Results of one batch: ``pair_ids`` index the pairs given to :func:`correlate_pairs`."""
+
+    pair_ids: np.ndarray  # (k,) int
+    shift_px: np.ndarray  # (k, 2) float64, full-resolution (row, col) of b relative to a
+    quality: np.ndarray  # (k,) float64
+
+
+def correlate_pairs(
+    paths: list[Path],
+    pairs: np.ndarray,
+    expected_shift_px: np.ndarray,
+    settings: CorrelationSettings,
+    plan: CorrelationPlan,
+    backend: Backend,
+    *,
+    batch_pairs: int | None = None,
+    budget_bytes: int | None = None,
+    workers: int | None = None,
+    stats: dict | None = None,
+) -> Iterator[BatchResult]:
+    """Correlate ``pairs`` of the tiles in ``paths``, yielding results batch by batch.
+
+    Parameters
+    ----------
+    paths : list of Path
+        Tile files, indexed by tile number.
+    pairs : ndarray, shape (m, 2), int
+        Tile indices ``(a, b)``, in the order to process them.
+    expected_shift_px : ndarray, shape (m, 2)
+        Stage-predicted ``(row, col)`` shift of ``b`` relative to ``a`` (full resolution).
+    settings, plan
+        Correlation settings and sizes.
+    backend : Backend
+        Where the kernels run.
+    stats : dict, optional
+        Filled with ``max_live_spectra`` and ``tiles_transformed`` (for tests).
+
+    Yields
+    ------
+    BatchResult
+        A pair whose tile cannot be decoded gets NaN results (with a warning).
+    """
+    m = len(pairs)
+    if m == 0:
+        return
+    if batch_pairs is None:
+        batch_pairs = plan.batch_pairs(budget_bytes or DEFAULT_BUDGET_BYTES["time"])
+    workers = workers or os.cpu_count() or 1
+    xp = backend.xp
+    resize = plan.resize
+
+    # Last pair index at which each tile is needed: free its spectrum after that.
+    last_use: dict[int, int] = {}
+    first_use: list[int] = []
+    first_pos: dict[int, int] = {}
+    for k, (a, b) in enumerate(pairs.tolist()):
+        for t in (a, b):
+            if t not in last_use:
+                first_pos[t] = len(first_use)
+                first_use.append(t)
+            last_use[t] = k
+    live_spectra: dict[int, object] = {}
+    live_tiles: dict[int, object] = {}  # only without padding (ambiguity breaking)
+    bad_tiles: set[int] = set()
+    stats = stats if stats is not None else {}
+    stats.setdefault("max_live_spectra", 0)
+    stats.setdefault("tiles_transformed", 0)
+
+    def decode(t: int) -> np.ndarray:
+        return tiles.read_grey(paths[t], resize, shape=plan.tile_shape)
+
+    prefetch_depth = max(2 * workers, 8)
+    futures: dict[int, Future] = {}
+    next_prefetch = 0
+
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ofstitch-decode") as pool:
+
+        def prefetch(until: int) -> None:
+            nonlocal next_prefetch
+            while next_prefetch < min(until, len(first_use)):
+                t = first_use[next_prefetch]
+                futures[t] = pool.submit(decode, t)
+                next_prefetch += 1
+
+        for start in range(0, m, batch_pairs):
+            stop = min(m, start + batch_pairs)
+            batch = pairs[start:stop]
+            needed = [t for t in dict.fromkeys(batch.ravel().tolist())
+                      if t not in live_spectra and t not in bad_tiles]
+            prefetch((first_pos[needed[-1]] + 1 if needed else next_prefetch) + prefetch_depth)
+            arrays, ok = [], []
+            for t in needed:
+                try:
+                    arrays.append(futures.pop(t).result())
+                    ok.append(t)
+                except tiles.TileReadError as exc:
+                    warnings.warn(f"{exc}; its pairs are placed from the stage only",
+                                  OfstitchWarning, stacklevel=2)
+                    bad_tiles.add(t)
+            if ok:
+                stack = to_device(np.stack(arrays), backend)
+                spectra = correlate.tile_spectra(stack, fft_shape=plan.fft_shape,
+                                                 high_pass_sigma=settings.high_pass_sigma)
+                for i, t in enumerate(ok):
+                    live_spectra[t] = spectra[i, ...]
+                    if not settings.pad:
+                        live_tiles[t] = stack[i, ...]
+                stats["tiles_transformed"] += len(ok)
+            stats["max_live_spectra"] = max(stats["max_live_spectra"], len(live_spectra))
+
+            good = np.array([a not in bad_tiles and b not in bad_tiles for a, b in batch.tolist()],
+                            dtype=bool)
+            shift = np.full((len(batch), 2), np.nan)
+            quality = np.full(len(batch), np.nan)
+            if good.any():
+                sel = batch[good]
+                spec_a = xp.stack([live_spectra[int(a)] for a in sel[:, 0]])
+                spec_b = xp.stack([live_spectra[int(b)] for b in sel[:, 1]])
+                corr = correlate.cross_correlate(spec_a, spec_b, fft_shape=plan.fft_shape)
+                del spec_a, spec_b
+                expected = None
+                if settings.corr_mask_radius is not None:
+                    expected = to_device(expected_shift_px[start:stop][good] * resize, backend,
+                                         dtype=xp.float32)
+                peaks = correlate.locate_peaks(
+                    corr, expected_shift=expected,
+                    mask_radius=(settings.corr_mask_radius * resize
+                                 if settings.corr_mask_radius is not None else None))
+                del corr
+                sel_shift = to_host(peaks.shift).astype(np.float64)
+                if not settings.pad:
+                    sel_shift = _break_ambiguity(sel, to_host(peaks.index), sel_shift,
+                                                 live_tiles, plan.fft_shape)
+                shift[good] = sel_shift / resize
+                quality[good] = to_host(peaks.quality)
+            # Free spectra whose last pair is done.
+            for t in list(live_spectra):
+                if last_use[t] < stop:
+                    del live_spectra[t]
+                    live_tiles.pop(t, None)
+            yield BatchResult(np.arange(start, stop), shift, quality)
+
+
+def _break_ambiguity(pairs: np.ndarray, index: np.ndarray, shift: np.ndarray,
+                     live_tiles: dict, fft_shape: tuple[int, int]) -> np.ndarray:
+    """Without padding, pick the wrap-around reading whose overlap matches best."""
+    out = shift.copy()
+    for k, (a, b) in enumerate(pairs.tolist()):
+        frac = shift[k] - np.round(shift[k])
+        candidates = correlate.unwrap_candidates(tuple(int(v) for v in index[k]), fft_shape)
+        scores = [correlate.overlap_similarity(live_tiles[a], live_tiles[b], c)
+                  for c in candidates]
+        out[k] = np.asarray(candidates[int(np.argmax(scores))], dtype=np.float64) + frac
+    return out

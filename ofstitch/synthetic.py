@@ -1,0 +1,234 @@
+"""Synthetic scans with exact ground truth, cut from a real image.
+
+Used by ``ofstitch demo``, the tests and the benchmarks. A scan is a grid of
+tiles cut from a source image at known pixel positions. The stage positions
+written into each tile's OpenFlexure EXIF are the commanded grid; the true
+positions differ from them by a rotated and scaled camera-to-stage mapping and
+by random stage error, as on a real microscope. Vignetting, sensor noise and
+JPEG compression can be added.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import piexif
+import pyvips
+
+SAMPLE_NAME = "cmu1-he-small.jpg"
+LAYOUTS = ("v3", "legacy", "v2", "filename", "none")
+
+
+def sample_image_path() -> Path:
+    """The CC0 H&E sample image shipped with the package (see data/ATTRIBUTION.txt)."""
+    return Path(str(resources.files("ofstitch") / "data" / SAMPLE_NAME))
+
+
+@dataclass(frozen=True)
+class SyntheticScan:
+    """A synthetic scan on disk and its ground truth.
+
+    Attributes
+    ----------
+    folder : Path
+    names : list of str
+        Tile file names, in capture order.
+    truth_px : ndarray, shape (n, 2)
+        True ``(row, col)`` of each tile's top-left corner in the source image.
+    stage_xy : ndarray, shape (n, 2)
+        Stage coordinates written into the metadata.
+    csm : ndarray, shape (2, 2)
+        The matrix written into the metadata (image-to-stage displacement, at
+        the calibration width).
+    tile_shape : (int, int)
+    source : ndarray
+        The source image (for texture checks).
+    """
+
+    folder: Path
+    names: list[str]
+    truth_px: np.ndarray
+    stage_xy: np.ndarray
+    csm: np.ndarray
+    tile_shape: tuple[int, int]
+    source: np.ndarray
+
+
+def load_source(path: Path | None = None) -> np.ndarray:
+    """Decode a source image as uint8 (H, W, 3)."""
+    image = pyvips.Image.new_from_file(str(path or sample_image_path()))
+    if image.bands == 1:
+        image = image.bandjoin([image, image])
+    return image.extract_band(0, n=3).cast("uchar").numpy()
+
+
+def _usercomment(layout: str, stage_xyz: tuple[float, float, float], csm: np.ndarray,
+                 calibration_shape: tuple[int, int], um_per_px: float) -> dict:
+    x, y, z = stage_xyz
+    pos = {"x": x, "y": y, "z": z}
+    matrix = csm.tolist()
+    if layout == "v3":
+        return {"stage": {"position": pos},
+                "camera_stage_mapping": {"image_to_stage_displacement_matrix": matrix,
+                                         "image_resolution": list(calibration_shape)},
+                "pixel_size_um": um_per_px}
+    if layout == "legacy":
+        return {"/stage/": {"position": pos},
+                "/camera_stage_mapping/": {"image_to_stage_displacement_matrix": matrix,
+                                           "image_resolution": list(calibration_shape)}}
+    if layout == "v2":
+        return {"instrument": {
+            "state": {"stage": {"position": pos}},
+            "settings": {"extensions": {
+                "org.openflexure.camera_stage_mapping": {"image_to_stage_displacement": matrix},
+                "usafcal": {"um_per_px": um_per_px}}}}}
+    raise ValueError(f"no UserComment for layout {layout!r}")
+
+
+def make_scan(
+    folder: Path,
+    *,
+    source: np.ndarray | Path | None = None,
+    grid: tuple[int, int] = (4, 5),
+    tile_shape: tuple[int, int] = (240, 320),
+    overlap: float = 0.3,
+    stage_error_px: float = 3.0,
+    rotation_deg: float = 0.5,
+    steps_per_px: float = 2.0,
+    calibration_width: int | None = None,
+    vignetting: float = 0.1,
+    noise: float = 2.0,
+    jpeg_quality: int = 90,
+    layout: str = "v3",
+    snake: bool = True,
+    grey: bool = False,
+    um_per_px: float = 0.83,
+    extension: str = ".jpg",
+    seed: int = 0,
+) -> SyntheticScan:
+    """Write a synthetic scan into ``folder`` and return its ground truth.
+
+    Parameters
+    ----------
+    grid : (rows, cols)
+    tile_shape : (height, width)
+    overlap : float
+        Nominal overlap between neighbours, as a fraction of the tile size.
+    stage_error_px : float
+        Standard deviation of the random error of each true position, in pixels.
+    rotation_deg : float
+        Rotation of the camera relative to the stage axes.
+    steps_per_px : float
+        Stage steps per pixel (the scale of the CSM).
+    calibration_width : int, optional
+        Width recorded as the CSM's calibration width (v3 and legacy layouts);
+        the written matrix is scaled accordingly. Default: the tile width.
+    layout : {"v3", "legacy", "v2", "filename", "none"}
+        Where positions are written: an OpenFlexure EXIF layout, the file name
+        (``tile_X_Y.jpg``, stage in pixels, no CSM), or nowhere.
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}")
+    rng = np.random.default_rng(seed)
+    src = load_source(source) if not isinstance(source, np.ndarray) else source
+    rows, cols = grid
+    th, tw = tile_shape
+    step = np.array([th * (1 - overlap), tw * (1 - overlap)])
+
+    # Commanded stage positions on a regular grid, in capture (optionally snake) order.
+    order = []
+    for r in range(rows):
+        cs = range(cols) if not (snake and r % 2) else range(cols - 1, -1, -1)
+        order.extend((r, c) for c in cs)
+    grid_px = np.array([(r * step[0], c * step[1]) for r, c in order], dtype=np.float64)
+
+    theta = math.radians(rotation_deg)
+    rot = np.array([[math.cos(theta), -math.sin(theta)], [math.sin(theta), math.cos(theta)]])
+    swap = np.array([[0.0, 1.0], [1.0, 0.0]])
+    # Pixel (row, col) = stage (x, y) @ P; the true mapping includes the rotation.
+    p_true = swap @ rot.T / steps_per_px
+    m_true = np.linalg.inv(p_true)  # image (row, col) displacement -> stage displacement
+    p_nominal = swap / steps_per_px
+    stage_xy = grid_px @ np.linalg.inv(p_nominal)  # commanded: a regular stage grid
+    truth = stage_xy @ p_true + rng.normal(0, stage_error_px, size=grid_px.shape)
+    truth = np.round(truth - truth.min(axis=0) + 2).astype(np.int64)
+    need = truth.max(axis=0) + np.array(tile_shape) + 2
+    if need[0] > src.shape[0] or need[1] > src.shape[1]:
+        raise ValueError(
+            f"the source image ({src.shape[1]}x{src.shape[0]}) is too small for this scan, "
+            f"which needs {need[1]}x{need[0]} px: use fewer or smaller tiles")
+    # Centre the scan in the source.
+    margin = (np.array(src.shape[:2]) - need) // 2
+    truth = truth + margin
+
+    calib_w = calibration_width or tw
+    csm_written = m_true * tw / calib_w
+    yy, xx = np.mgrid[0:th, 0:tw]
+    r2 = ((yy - th / 2) / (th / 2)) ** 2 + ((xx - tw / 2) / (tw / 2)) ** 2
+    shading = (1 - vignetting * r2 / 2)[..., None]
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    start = datetime(2026, 1, 1, 12, 0, 0)
+    names = []
+    for k, (ty, tx) in enumerate(truth.tolist()):
+        tile = src[ty:ty + th, tx:tx + tw].astype(np.float32) * shading
+        if noise > 0:
+            tile = tile + rng.normal(0, noise, size=tile.shape)
+        tile = np.clip(np.round(tile), 0, 255).astype(np.uint8)
+        if grey:
+            tile = tile.mean(axis=2, keepdims=True).astype(np.uint8)
+        sx, sy = stage_xy[k]
+        if layout == "filename":
+            name = f"tile_{int(round(sx))}_{int(round(sy))}{extension}"
+        else:
+            name = f"tile_{k:04d}{extension}"
+        path = folder / name
+        image = pyvips.Image.new_from_array(tile) if tile.shape[2] > 1 else \
+            pyvips.Image.new_from_array(tile[..., 0])
+        if extension.lower() in (".jpg", ".jpeg"):
+            image.jpegsave(str(path), Q=jpeg_quality, strip=True)
+        else:
+            image.write_to_file(str(path))
+        if layout in ("v3", "legacy", "v2") and extension.lower() in (".jpg", ".jpeg"):
+            comment = _usercomment(layout, (float(sx), float(sy), 0.0), csm_written,
+                                   (round(calib_w * th / tw), calib_w), um_per_px)
+            when = (start + timedelta(seconds=2 * k)).strftime("%Y:%m:%d %H:%M:%S").encode()
+            exif = {"0th": {piexif.ImageIFD.DateTime: when},
+                    "Exif": {piexif.ExifIFD.UserComment: json.dumps(comment).encode(),
+                             piexif.ExifIFD.DateTimeOriginal: when}}
+            piexif.insert(piexif.dump(exif), str(path))
+        names.append(name)
+
+    (folder.parent / f"{folder.name}_truth.json").write_text(json.dumps({
+        "names": names, "truth_px_row_col": truth.tolist(), "tile_shape": list(tile_shape)}))
+    return SyntheticScan(folder=folder, names=names, truth_px=truth.astype(np.float64),
+                         stage_xy=stage_xy, csm=csm_written, tile_shape=tile_shape, source=src)
+
+
+def pair_errors(positions: np.ndarray, truth: np.ndarray, pairs: np.ndarray) -> np.ndarray:
+    """Error (pixels) of each pair's relative placement against the truth."""
+    a, b = pairs[:, 0], pairs[:, 1]
+    got = positions[b] - positions[a]
+    want = truth[b] - truth[a]
+    return np.linalg.norm(got - want, axis=1)
+
+
+def textured_pairs(scan: SyntheticScan, pairs: np.ndarray, min_std: float = 8.0) -> np.ndarray:
+    """Whether the true overlap of each pair has texture (grey std above ``min_std``)."""
+    grey = scan.source.mean(axis=2)
+    th, tw = scan.tile_shape
+    out = np.zeros(len(pairs), dtype=bool)
+    for k, (a, b) in enumerate(pairs.tolist()):
+        (ya, xa), (yb, xb) = scan.truth_px[a].astype(int), scan.truth_px[b].astype(int)
+        y0, y1 = max(ya, yb), min(ya, yb) + th
+        x0, x1 = max(xa, xb), min(xa, xb) + tw
+        if y1 - y0 > 4 and x1 - x0 > 4:
+            out[k] = grey[y0:y1, x0:x1].std() > min_std
+    return out
