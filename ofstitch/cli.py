@@ -1,0 +1,333 @@
+"""The ``ofstitch`` command line (typer).
+
+``ofstitch [OPTIONS] FOLDER`` stitches a folder of tiles; ``ofstitch demo``
+stitches a synthetic scan cut from the bundled sample image; ``ofstitch
+devices`` lists the compute devices. A user error prints one line on stderr
+and exits with code 2 (``--debug`` shows the traceback).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+import time
+import warnings
+from enum import Enum
+from pathlib import Path
+
+import numpy as np
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from . import __version__
+from .backends import list_devices, select_backend
+from .cache import CorrelationCache, cache_path
+from .errors import OfstitchError, OfstitchWarning
+from .pipeline import StitchResult, stitch
+from .scan import find_image_files, load_scan, parse_csm
+from .settings import CorrelationSettings, StitchSettings, help_text
+
+COMMANDS = ("stitch", "demo", "devices")
+err_console = Console(stderr=True, soft_wrap=True)
+out_console = Console(soft_wrap=True)
+
+app = typer.Typer(
+    name="ofstitch",
+    help="Stitch the overlapping tiles of a 2D microscope scan into one image.\n\n"
+         "Usage: ofstitch [OPTIONS] FOLDER (the same as 'ofstitch stitch FOLDER'), "
+         "'ofstitch demo' or 'ofstitch devices'.",
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+class Mode(str, Enum):
+    all = "all"
+    preview = "preview"
+    stage = "stage"
+    only_correlate = "only-correlate"
+
+
+class ThresholdMethod(str, Enum):
+    automatic = "automatic"
+    manual = "manual"
+
+
+class PriorityChoice(str, Enum):
+    time = "time"
+    memory = "memory"
+
+
+class DeviceChoice(str, Enum):
+    cpu = "cpu"
+    cuda = "cuda"
+    auto = "auto"
+
+
+def _s(name: str) -> str:
+    return help_text(StitchSettings, name)
+
+
+def _c(name: str) -> str:
+    return help_text(CorrelationSettings, name)
+
+
+class _Reporter:
+    """Progress bars for the pipeline's stages (silent when not a terminal or --quiet)."""
+
+    LABELS = {"correlate": "Correlating pairs", "preview": "Rendering preview",
+              "render": "Rendering mosaic"}
+
+    def __init__(self, enabled: bool) -> None:
+        self.progress = Progress(TextColumn("{task.description:<20}"), BarColumn(),
+                                 MofNCompleteColumn(), TimeElapsedColumn(),
+                                 console=err_console, disable=not enabled, transient=False)
+        self.tasks: dict[str, int] = {}
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        if stage not in self.tasks:
+            if total == 0:
+                return
+            self.tasks[stage] = self.progress.add_task(self.LABELS.get(stage, stage),
+                                                       total=total)
+        self.progress.update(self.tasks[stage], completed=done, total=total)
+
+
+def _warning_line(message, category, filename, lineno, file=None, line=None) -> None:
+    if issubclass(category, OfstitchWarning):
+        err_console.print(f"[yellow]warning:[/yellow] {message}", highlight=False)
+    else:
+        err_console.print(f"warning: {category.__name__}: {message}", highlight=False)
+
+
+@contextlib.contextmanager
+def _user_errors(debug: bool):
+    """Turn user errors into one line on stderr and exit code 2."""
+    warnings.showwarning = _warning_line
+    try:
+        yield
+    except OfstitchError as exc:
+        if debug:
+            raise
+        err_console.print(f"[red]ofstitch: error:[/red] {exc}", highlight=False)
+        raise typer.Exit(2) from None
+    except KeyboardInterrupt:
+        err_console.print("ofstitch: interrupted; the cache keeps the pairs already done")
+        raise typer.Exit(130) from None
+    except MemoryError:
+        if debug:
+            raise
+        err_console.print("[red]ofstitch: error:[/red] out of memory: try --priority memory, "
+                          "--resize 0.5 or --stitching-mode preview")
+        raise typer.Exit(2) from None
+
+
+def _ask_thresholds() -> tuple[float, float]:
+    err_console.print("Look at stitching_correlations.png, then give the two thresholds.")
+    q = typer.prompt("Minimum peak quality (0-1)", type=float)
+    d = typer.prompt("Maximum stage discrepancy (px)", type=float)
+    return q, d
+
+
+def _show_cached_settings(folder: Path, cache_dir: Path | None) -> None:
+    cache = CorrelationCache.load(cache_path(folder, cache_dir))
+    keys = None
+    with contextlib.suppress(OfstitchError):
+        keys = [f.key for f in load_scan(folder).files]
+    summary = cache.settings_summary(keys)
+    if not summary:
+        out_console.print(f"No cached correlation settings found in '{folder}'")
+        return
+    out_console.print(f"Found {len(summary)} set(s) of cached correlation settings in "
+                      f"'{folder}':")
+    for i, (settings, covered) in enumerate(summary):
+        diffs = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in settings.non_default().items())
+        total = f"/{len(keys)}" if keys is not None else ""
+        incomplete = " - incomplete" if keys is not None and covered < len(keys) else ""
+        out_console.print(f"  [{i}] {diffs or '(no non-default settings)'}  "
+                          f"({covered}{total} images{incomplete})", highlight=False)
+    if len(summary) > 1:
+        out_console.print("--use-cached-settings will fail: there are several sets")
+
+
+def _cached_correlation(folder: Path, cache_dir: Path | None) -> CorrelationSettings:
+    summary = CorrelationCache.load(cache_path(folder, cache_dir)).settings_summary()
+    if not summary:
+        raise OfstitchError(f"no cached correlation settings in '{folder}', so "
+                            "--use-cached-settings cannot be used: drop it")
+    if len(summary) > 1:
+        raise OfstitchError(f"{len(summary)} sets of cached correlation settings in '{folder}',"
+                            " so --use-cached-settings is ambiguous: see "
+                            "--show-cached-settings and give the settings explicitly")
+    return summary[0][0]
+
+
+def _summary(result: StitchResult, seconds: float) -> None:
+    reg = result.registration
+    if reg is not None:
+        p = reg.placement
+        m = len(reg.graph.pairs)
+        out_console.print(
+            f"Placed {len(reg.names)} tiles from {m} pairs ({reg.n_correlated} correlated now, "
+            f"{reg.n_cached} from the cache; {p.n_accepted} trusted, {m - p.n_accepted} "
+            f"from the stage) on {reg.device}.", highlight=False)
+        if m:
+            out_console.print(
+                f"Thresholds: peak quality >= {p.min_peak_quality:.6f}, stage discrepancy <= "
+                f"{p.max_stage_discrepancy:.1f} px; RMS residual {p.rms_error_px:.2f} px.",
+                highlight=False)
+            csm = np.array2string(reg.suggested_csm(), precision=5, separator=", ",
+                                  suppress_small=True).replace("\n", "")
+            out_console.print(f"Suggested --csm-matrix '{csm}'", highlight=False)
+    for kind, path in result.outputs.items():
+        out_console.print(f"  {kind:<20} {path}", highlight=False)
+    out_console.print(f"Done in {seconds:.1f} s.", highlight=False)
+
+
+@app.command("stitch", no_args_is_help=True)
+def stitch_command(
+    folder: Path = typer.Argument(..., help="The folder that holds the scan's tiles."),
+    output_dir: Path | None = typer.Option(
+        None, "-o", "--output-dir", help="Folder for the outputs, created if needed. Default: "
+        "the scan folder. Input files are never modified."),
+    stitching_mode: Mode = typer.Option(Mode.all, "--stitching-mode", help=_s("stitching_mode")),
+    device: DeviceChoice = typer.Option(DeviceChoice.cpu, "--device", help=_s("device")),
+    show_cached_settings: bool = typer.Option(
+        False, "--show-cached-settings", help="List the correlation settings cached for "
+        "FOLDER and how many tiles each covers, then exit."),
+    use_cached_settings: bool = typer.Option(
+        False, "--use-cached-settings", help="Take the correlation settings (--pad, --resize, "
+        "--high-pass-sigma, --corr-mask-radius) from the cache, unless given explicitly. "
+        "Fails if the cache holds several sets."),
+    csm_matrix: str | None = typer.Option(None, "--csm-matrix", help=_s("csm_matrix")),
+    csm_calibration_width: int | None = typer.Option(
+        None, "--csm-calibration-width", help=_s("csm_calibration_width")),
+    image_count: int | None = typer.Option(None, "--image-count", help=_s("image_count")),
+    thresholding: ThresholdMethod = typer.Option(
+        ThresholdMethod.automatic, "--thresholding", "--thresholding-method",
+        help=_s("thresholding")),
+    max_stage_discrepancy: float | None = typer.Option(
+        None, "--max-stage-discrepancy", help=_s("max_stage_discrepancy")),
+    min_peak_quality: float | None = typer.Option(
+        None, "--min-peak-quality", help=_s("min_peak_quality")),
+    pad: bool | None = typer.Option(None, "--pad/--no-pad", show_default=False,
+                                    help=_c("pad") + " [default: --pad]"),
+    high_pass_sigma: float | None = typer.Option(
+        None, "--high-pass-sigma", help=_c("high_pass_sigma") + " [default: 10]"),
+    resize: float | None = typer.Option(None, "--resize", help=_c("resize") + " [default: 1]"),
+    minimum_overlap: float = typer.Option(0.2, "--minimum-overlap", help=_s("minimum_overlap")),
+    priority: PriorityChoice = typer.Option(PriorityChoice.time, "--priority",
+                                            help=_s("priority")),
+    corr_mask_radius: float | None = typer.Option(
+        None, "--corr-mask-radius", help=_c("corr_mask_radius")),
+    stitch_tiff: bool = typer.Option(False, "--stitch-tiff/--no-stitch-tiff",
+                                     help=_s("stitch_tiff")),
+    stitch_dzi: bool = typer.Option(False, "--stitch-dzi/--no-stitch-dzi",
+                                    help=_s("stitch_dzi")),
+    tile_size: int | None = typer.Option(None, "--tile-size", help=_s("tile_size")),
+    cache_dir: Path | None = typer.Option(
+        None, "--cache-dir", help="Keep the correlation cache in this folder instead of the "
+        "scan folder (for read-only scans)."),
+    workers: int | None = typer.Option(None, "--workers", help=_s("workers")),
+    quiet: bool = typer.Option(False, "-q", "--quiet", help="No progress bars or summary."),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks and debug logs."),
+) -> None:
+    """Stitch the tiles in FOLDER into one mosaic (ofstitch FOLDER does the same)."""
+    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    with _user_errors(debug):
+        if show_cached_settings:
+            _show_cached_settings(folder, cache_dir)
+            return
+        base = _cached_correlation(folder, cache_dir) if use_cached_settings else \
+            CorrelationSettings()
+        correlation = CorrelationSettings(
+            pad=base.pad if pad is None else pad,
+            resize=base.resize if resize is None else resize,
+            high_pass_sigma=base.high_pass_sigma if high_pass_sigma is None else high_pass_sigma,
+            corr_mask_radius=base.corr_mask_radius if corr_mask_radius is None
+            else corr_mask_radius)
+        settings = StitchSettings(
+            correlation=correlation, minimum_overlap=minimum_overlap,
+            csm_matrix=parse_csm(csm_matrix) if csm_matrix is not None else None,
+            csm_calibration_width=csm_calibration_width, image_count=image_count,
+            thresholding=thresholding.value, min_peak_quality=min_peak_quality,
+            max_stage_discrepancy=max_stage_discrepancy, priority=priority.value,
+            stitching_mode=stitching_mode.value, stitch_tiff=stitch_tiff,
+            stitch_dzi=stitch_dzi, tile_size=tile_size, device=device.value, workers=workers)
+        if device == DeviceChoice.auto and not quiet:
+            err_console.print(f"Using {select_backend('auto').describe()}", highlight=False)
+        start = time.perf_counter()
+        reporter = _Reporter(enabled=not quiet and err_console.is_terminal)
+        with reporter.progress:
+            result = stitch(folder, settings, output_dir=output_dir, cache_dir=cache_dir,
+                            progress=reporter, ask_thresholds=_ask_thresholds)
+        if not quiet:
+            _summary(result, time.perf_counter() - start)
+
+
+@app.command("demo")
+def demo_command(
+    output: Path = typer.Option(Path("ofstitch-demo"), "-o", "--output",
+                                help="Folder to write the demo scan and its mosaic into."),
+    device: DeviceChoice = typer.Option(DeviceChoice.cpu, "--device", help=_s("device")),
+    quiet: bool = typer.Option(False, "-q", "--quiet", help="No progress bars."),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+) -> None:
+    """Cut a synthetic 28-tile scan from the bundled H&E sample, stitch it, and report accuracy."""
+    from .synthetic import make_scan, pair_errors, textured_pairs
+
+    with _user_errors(debug):
+        scan_dir = output / "demo-scan"
+        if scan_dir.exists() and any(find_image_files(scan_dir)):
+            err_console.print(f"Reusing the demo scan in {scan_dir}")
+        else:
+            err_console.print(f"Writing a synthetic 7x4 scan to {scan_dir} ...")
+        synth = make_scan(scan_dir, grid=(7, 4), tile_shape=(300, 400), overlap=0.3,
+                          stage_error_px=4.0, rotation_deg=0.7, seed=1)
+        settings = StitchSettings(device=device.value)
+        start = time.perf_counter()
+        reporter = _Reporter(enabled=not quiet and err_console.is_terminal)
+        with reporter.progress:
+            result = stitch(scan_dir, settings, output_dir=output, progress=reporter)
+        _summary(result, time.perf_counter() - start)
+        reg = result.registration
+        order = [synth.names.index(n) for n in reg.names]
+        errors = pair_errors(reg.positions_px, synth.truth_px[order], reg.graph.pairs)
+        textured = textured_pairs(synth, np.asarray(order)[reg.graph.pairs])
+        if textured.any():
+            out_console.print(
+                f"Accuracy against the ground truth, {textured.sum()} pairs with texture: "
+                f"max {errors[textured].max():.2f} px, RMS "
+                f"{np.sqrt(np.mean(errors[textured] ** 2)):.2f} px.", highlight=False)
+        out_console.print(f"Open {result.outputs['preview']} to see the mosaic.",
+                          highlight=False)
+
+
+@app.command("devices")
+def devices_command() -> None:
+    """List the compute devices ofstitch can use, with GPU names and free memory."""
+    for line in list_devices():
+        out_console.print(line, highlight=False)
+
+
+@app.command("version", hidden=True)
+def version_command() -> None:
+    """Print the version."""
+    out_console.print(__version__)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: ``ofstitch FOLDER`` means ``ofstitch stitch FOLDER``."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] not in COMMANDS + ("version",) and args[0] not in ("-h", "--help"):
+        args.insert(0, "stitch")
+    app(args=args, prog_name="ofstitch")
+
+
+if __name__ == "__main__":
+    main()
