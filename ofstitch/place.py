@@ -12,7 +12,8 @@ least squares
 trusted use the correlation shift with :math:`w_k = 1`. The others use the
 stage-predicted shift, corrected by the affine map :math:`T` fitted from stage
 to image shifts on the trusted pairs (:func:`fit_affine`), with a low weight
-(:data:`STAGE_WEIGHT`), so that every tile stays placed.
+(:func:`stage_weight`, from the stage's measured repeatability), so that every
+tile stays placed but the stage never pulls a tile its correlations hold.
 
 Which pairs are trusted is decided by two thresholds, a minimum peak quality
 and a maximum discrepancy between the correlation and stage shifts. With
@@ -42,9 +43,14 @@ from .errors import OfstitchError
 
 log = logging.getLogger(__name__)
 
-STAGE_WEIGHT = 0.2**2  # a stage-only pair counts as 0.2 of a correlation, squared
+STAGE_WEIGHT = 0.2**2  # at most, a stage-only pair counts as 0.2 of a correlation, squared
+MIN_STAGE_WEIGHT = 1e-4
+CORRELATION_SIGMA_PX = 0.5  # typical error of a trusted correlation shift
 MAX_LEVELS = 24  # threshold values tried per axis in the automatic search
 ONE_D_TOLERANCE_PX = 30.0
+# Fits within this much of the smallest error are equally good; the one trusting most pairs wins.
+SCORE_TOLERANCE_PX = 0.05
+SCORE_TOLERANCE_FRACTION = 0.1
 
 
 @dataclass(frozen=True)
@@ -106,14 +112,39 @@ def solve_positions(pairs: Any, shifts: Any, weights: Any, n_tiles: int) -> Any:
 
 
 def fit_error(positions: Any, pairs: Any, shifts: Any, n_stage: int,
-              stage_penalty: float) -> float:
-    """RMS residual (degrees of freedom of the positions removed) plus the stage penalty."""
+              stage_penalty: float, weights: Any = None) -> float:
+    """Weighted RMS residual plus the stage penalty: the score of one choice of trusted pairs.
+
+    Parameters
+    ----------
+    positions : array, shape (n, 2)
+    pairs : array of int, shape (m, 2)
+    shifts : array, shape (m, 2)
+        The shift each pair was fitted to.
+    n_stage : int
+        How many pairs fell back to the stage.
+    stage_penalty : float
+        Added, times the fraction of stage pairs, to the RMS.
+    weights : array, shape (m,), optional
+        The weights of the fit (default 1). Weighting the residuals as in the fit
+        keeps a stage pair from rewarding a tile cut loose from its neighbours,
+        and still shows a wrong correlation that drags a tile off its stage position.
+
+    Returns
+    -------
+    float
+        ``sqrt(sum w r^2 / dof) + stage_penalty * n_stage / m``, with
+        ``dof = 2 m - 2 (n - 1)`` (at least 1).
+    """
     xp = array_namespace(positions, pairs, shifts)
     residual = (xp.take(positions, pairs[:, 1], axis=0) - xp.take(positions, pairs[:, 0], axis=0)
                 - shifts)
+    r2 = xp.sum(residual**2, axis=1)
+    if weights is not None:
+        r2 = r2 * weights
     m, n = pairs.shape[0], positions.shape[0]
     dof = max(1, 2 * m - (2 * n - 2))
-    rms = float(xp.sqrt(xp.sum(residual**2) / dof))
+    rms = float(xp.sqrt(xp.sum(r2) / dof))
     return rms + stage_penalty * n_stage / max(1, m)
 
 
@@ -128,27 +159,48 @@ def _can_fit_affine(stage_shift: np.ndarray) -> bool:
                 or np.all(np.abs(stage_shift[:, 1]) < ONE_D_TOLERANCE_PX))
 
 
+def stage_weight(stage_residual: np.ndarray) -> float:
+    """Weight of a stage-only pair relative to a trusted correlation.
+
+    The inverse-variance ratio ``(sigma_corr / sigma_stage)^2``, where
+    ``sigma_stage`` is a robust (median absolute deviation) estimate of how far
+    the affine-corrected stage shifts stray from the trusted correlations, and
+    ``sigma_corr`` is :data:`CORRELATION_SIGMA_PX`. It is at most
+    :data:`STAGE_WEIGHT`, the fixed weight OpenFlexure Stitching uses, so the
+    stage only holds tiles in place where correlations do not.
+    """
+    if len(stage_residual) < 3:
+        return STAGE_WEIGHT
+    mad = np.median(np.abs(stage_residual - np.median(stage_residual, axis=0)))
+    sigma = max(1.4826 * float(mad), CORRELATION_SIGMA_PX)
+    return float(np.clip((CORRELATION_SIGMA_PX / sigma) ** 2, MIN_STAGE_WEIGHT, STAGE_WEIGHT))
+
+
 def _solve(pairs: np.ndarray, shift: np.ndarray, stage_shift: np.ndarray, accepted: np.ndarray,
-           n_tiles: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Positions, the affine and the per-pair target shifts for one accepted set."""
+           n_tiles: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Positions, the affine, the per-pair target shifts and weights for one accepted set."""
     affine = np.eye(2)
     if _can_fit_affine(stage_shift[accepted]):
         fitted = fit_affine(stage_shift[accepted], shift[accepted])
         if np.all(np.isfinite(fitted)) and abs(np.linalg.det(fitted)) > 1e-6:
             affine = fitted
-    target = np.where(accepted[:, None], shift, stage_shift @ affine)
-    weights = np.where(accepted, 1.0, STAGE_WEIGHT)
+    corrected = stage_shift @ affine
+    target = np.where(accepted[:, None], shift, corrected)
+    w_stage = stage_weight(corrected[accepted] - shift[accepted])
+    weights = np.where(accepted, 1.0, w_stage)
     positions = solve_positions(pairs, target, weights, n_tiles)
-    return positions, affine, target
+    return positions, affine, target, weights
 
 
 def _levels(values: np.ndarray, n: int) -> np.ndarray:
-    """Up to ``n`` distinct threshold values spanning ``values`` by quantile."""
-    values = values[np.isfinite(values)]
-    if len(values) == 0:
-        return np.zeros(0)
-    qs = np.quantile(values, np.linspace(0, 1, n))
-    return np.unique(qs)
+    """Up to ``n`` of the distinct ``values``, evenly spaced in rank (always the min and max).
+
+    Thresholds sit exactly on data values, so each one changes the accepted set.
+    """
+    values = np.unique(values[np.isfinite(values)])
+    if len(values) <= n:
+        return values
+    return values[np.unique(np.round(np.linspace(0, len(values) - 1, n)).astype(int))]
 
 
 def choose_thresholds(pairs: np.ndarray, shift: np.ndarray, quality: np.ndarray,
@@ -170,8 +222,8 @@ def choose_thresholds(pairs: np.ndarray, shift: np.ndarray, quality: np.ndarray,
             f"{max_stage_discrepancy} reject every pair: loosen them (see "
             "stitching_correlations.png)")
     stage_penalty = 2 * float(np.median(discrepancy[valid])) if valid.any() else 0.0
-    best = (np.inf, float(q_levels[0]), float(d_levels[0]))
     tried: dict[bytes, float] = {}
+    trials: list[tuple[float, int, float, float]] = []  # (error, accepted count, q, d)
     fallback = (-1, float(q_levels[0]), float(d_levels[0]))
     for q in q_levels:
         for d in d_levels:
@@ -183,17 +235,23 @@ def choose_thresholds(pairs: np.ndarray, shift: np.ndarray, quality: np.ndarray,
                 break  # stricter discrepancies only remove more pairs
             key = np.packbits(accepted).tobytes()
             if key not in tried:
-                positions, _, target = _solve(pairs, shift, stage_shift, accepted, n_tiles)
+                positions, _, target, weights = _solve(pairs, shift, stage_shift, accepted,
+                                                       n_tiles)
                 tried[key] = fit_error(positions, pairs, target, len(pairs) - count,
-                                       stage_penalty)
-            if tried[key] < best[0]:
-                best = (tried[key], float(q), float(d))
-    if not np.isfinite(best[0]):
+                                       stage_penalty, weights)
+            trials.append((tried[key], count, float(q), float(d)))
+    if not trials:
         log.info("no threshold pair kept enough correlations; using the loosest")
         return fallback[1], fallback[2]
-    log.info("thresholds: peak quality >= %.6f, discrepancy <= %.2f px (%d fits)",
-             best[1], best[2], len(tried))
-    return best[1], best[2]
+    # Among the fits whose error is within the tolerance of the best, trust the most pairs:
+    # dropping a good correlation changes the error by noise only, a wrong one by much more.
+    best_error = min(t[0] for t in trials)
+    tolerance = max(SCORE_TOLERANCE_PX, SCORE_TOLERANCE_FRACTION * best_error)
+    error, count, q, d = max((t for t in trials if t[0] <= best_error + tolerance),
+                             key=lambda t: (t[1], -t[0]))
+    log.info("thresholds: peak quality >= %.6f, discrepancy <= %.2f px: %d pairs, error %.3f "
+             "(%d fits)", q, d, count, error, len(tried))
+    return q, d
 
 
 def place(pairs: np.ndarray, shift: np.ndarray, quality: np.ndarray, stage_px: np.ndarray,
@@ -237,7 +295,7 @@ def place(pairs: np.ndarray, shift: np.ndarray, quality: np.ndarray, stage_px: n
     if max_stage_discrepancy is not None:
         d_thr = min(d_thr, max_stage_discrepancy)
     accepted = valid & (quality >= q_thr) & (discrepancy <= d_thr)
-    positions, affine, target = _solve(pairs, np.nan_to_num(shift), stage_shift, accepted, n)
+    positions, affine, target, _ = _solve(pairs, np.nan_to_num(shift), stage_shift, accepted, n)
     residual = positions[pairs[:, 1]] - positions[pairs[:, 0]] - target
     rms = float(np.sqrt(np.mean(np.sum(residual[accepted] ** 2, axis=1)))) if accepted.any() \
         else 0.0

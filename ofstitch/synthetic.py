@@ -185,8 +185,9 @@ def make_scan(
         if grey:
             tile = tile.mean(axis=2, keepdims=True).astype(np.uint8)
         sx, sy = stage_xy[k]
-        if layout == "filename":
-            name = f"tile_{int(round(sx))}_{int(round(sy))}{extension}"
+        if layout == "filename":  # pixels, x = column, y = row (no CSM)
+            row, col = grid_px[k]
+            name = f"tile_{int(round(col))}_{int(round(row))}{extension}"
         else:
             name = f"tile_{k:04d}{extension}"
         path = folder / name
@@ -220,9 +221,24 @@ def pair_errors(positions: np.ndarray, truth: np.ndarray, pairs: np.ndarray) -> 
     return np.linalg.norm(got - want, axis=1)
 
 
-def textured_pairs(scan: SyntheticScan, pairs: np.ndarray, min_std: float = 8.0) -> np.ndarray:
-    """Whether the true overlap of each pair has texture (grey std above ``min_std``)."""
-    grey = scan.source.mean(axis=2)
+def texture_map(source: np.ndarray, window: int = 7, min_std: float = 8.0) -> np.ndarray:
+    """Pixels of ``source`` with local texture: grey std over a window above ``min_std``."""
+    from scipy.ndimage import uniform_filter
+
+    grey = source.mean(axis=2) if source.ndim == 3 else source.astype(np.float64)
+    mean = uniform_filter(grey, window)
+    var = uniform_filter(grey * grey, window) - mean * mean
+    return np.sqrt(np.clip(var, 0, None)) > min_std
+
+
+def textured_pairs(scan: SyntheticScan, pairs: np.ndarray, min_fraction: float = 0.1,
+                   texture: np.ndarray | None = None) -> np.ndarray:
+    """Whether the true overlap of each pair has texture.
+
+    A pair's overlap has texture when at least ``min_fraction`` of it has local
+    texture (:func:`texture_map`): a few specks in a blank background do not count.
+    """
+    texture = texture_map(scan.source) if texture is None else texture
     th, tw = scan.tile_shape
     out = np.zeros(len(pairs), dtype=bool)
     for k, (a, b) in enumerate(pairs.tolist()):
@@ -230,5 +246,5 @@ def textured_pairs(scan: SyntheticScan, pairs: np.ndarray, min_std: float = 8.0)
         y0, y1 = max(ya, yb), min(ya, yb) + th
         x0, x1 = max(xa, xb), min(xa, xb) + tw
         if y1 - y0 > 4 and x1 - x0 > 4:
-            out[k] = grey[y0:y1, x0:x1].std() > min_std
+            out[k] = texture[y0:y1, x0:x1].mean() >= min_fraction
     return out

@@ -1,0 +1,5 @@
+"""``python -m ofstitch`` is the ``ofstitch`` command."""
+
+from .cli import main
+
+main()
