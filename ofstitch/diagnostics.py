@@ -9,38 +9,36 @@ import numpy as np
 from .atomic import atomic_path
 
 
-def _figure(*args, **kwargs):
-    import matplotlib
+def _figure(figsize: tuple[float, float]):
+    """A figure on the Agg canvas, without pyplot (no global state, faster import)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    fig = Figure(figsize=figsize)
+    FigureCanvasAgg(fig)
+    return fig, fig.add_subplot()
 
-    return plt, plt.subplots(*args, **kwargs)
 
-
-def _save(fig, plt, path: Path, **kwargs) -> None:
-    try:
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, **kwargs)
-    finally:
-        plt.close(fig)
+def _save(fig, path: Path, **kwargs) -> None:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, **kwargs)
 
 
 def plot_inputs(path: Path, stage_px: np.ndarray, tile_shape: tuple[int, int],
                 pairs: np.ndarray | None = None) -> None:
     """``stitching_inputs.png``: tile footprints at stage positions, capture path and pairs."""
-    plt, (fig, ax) = _figure(figsize=(10, 8))
+    from matplotlib.collections import LineCollection, PatchCollection
     from matplotlib.patches import Rectangle
 
+    fig, ax = _figure(figsize=(10, 8))
     th, tw = tile_shape
-    for row, col in stage_px:
-        ax.add_patch(Rectangle((col, row), tw, th, facecolor="tab:blue", alpha=0.12,
-                               edgecolor="tab:blue", linewidth=0.8))
+    ax.add_collection(PatchCollection(
+        [Rectangle((col, row), tw, th) for row, col in stage_px], facecolor="tab:blue",
+        alpha=0.12, edgecolor="tab:blue", linewidth=0.8))
     centres = stage_px + np.array([th, tw]) / 2
     if pairs is not None and len(pairs):
-        for a, b in pairs:
-            ax.plot(centres[[a, b], 1], centres[[a, b], 0], color="0.7", linewidth=0.6,
-                    zorder=1)
+        segments = np.stack([centres[pairs[:, 0]][:, ::-1], centres[pairs[:, 1]][:, ::-1]], 1)
+        ax.add_collection(LineCollection(segments, colors="0.7", linewidths=0.6, zorder=1))
     ax.plot(centres[:, 1], centres[:, 0], "-o", color="tab:orange", markersize=2.5,
             linewidth=1, label="capture order", zorder=2)
     ax.plot(centres[:1, 1], centres[:1, 0], "s", color="tab:red", label="first tile", zorder=3)
@@ -51,7 +49,7 @@ def plot_inputs(path: Path, stage_px: np.ndarray, tile_shape: tuple[int, int],
     ax.set_ylabel("row / px (stage prediction)")
     ax.set_title(f"{len(stage_px)} tiles, {0 if pairs is None else len(pairs)} overlapping pairs")
     ax.legend(loc="best", fontsize=8)
-    _save(fig, plt, path, dpi=150, bbox_inches="tight")
+    _save(fig, path, dpi=100, bbox_inches="tight")
 
 
 def plot_correlations(path: Path, quality: np.ndarray, discrepancy: np.ndarray,
@@ -63,7 +61,7 @@ def plot_correlations(path: Path, quality: np.ndarray, discrepancy: np.ndarray,
     The x axis is ``1 - peak quality`` on a log scale (sharper peaks to the left),
     because qualities crowd just below 1.
     """
-    plt, (fig, ax) = _figure(figsize=(9, 6))
+    fig, ax = _figure(figsize=(9, 6))
     ok = np.isfinite(quality) & np.isfinite(discrepancy)
     x = np.clip(1 - quality[ok], 1e-7, 1)
     y = np.clip(discrepancy[ok], 1e-2, None)
@@ -86,4 +84,4 @@ def plot_correlations(path: Path, quality: np.ndarray, discrepancy: np.ndarray,
     ax.set_ylabel("|correlation shift - stage shift| / px (lower agrees with the stage)")
     ax.set_title("Pair correlations")
     ax.legend(loc="best", fontsize=8)
-    _save(fig, plt, path, dpi=120, bbox_inches="tight")
+    _save(fig, path, dpi=100, bbox_inches="tight")

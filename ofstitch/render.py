@@ -124,9 +124,9 @@ def compose_to_raw(paths: list[Path], layout: Layout, raw_path: Path, *,
                 dist = rows[:, None] ** 2 + cols[None, :] ** 2
                 region = best[y0 - r0:y1 - r0, x0:x1]
                 nearer = dist < region
-                region[nearer] = dist[nearer]
-                src = decoded[i][y0 - ty:y1 - ty, x0 - tx:x1 - tx]
-                canvas[y0 - r0:y1 - r0, x0:x1][nearer] = src[nearer]
+                np.copyto(region, dist, where=nearer)
+                np.copyto(canvas[y0 - r0:y1 - r0, x0:x1],
+                          decoded[i][y0 - ty:y1 - ty, x0 - tx:x1 - tx], where=nearer[..., None])
             out.write(canvas.tobytes())
             # Forget tiles that end above the next band.
             for i in list(decoded):
