@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from . import __version__
@@ -99,9 +100,10 @@ class _Reporter:
 
 def _warning_line(message, category, filename, lineno, file=None, line=None) -> None:
     if issubclass(category, OfstitchWarning):
-        err_console.print(f"[yellow]warning:[/yellow] {message}", highlight=False)
+        err_console.print(f"[yellow]warning:[/yellow] {escape(str(message))}", highlight=False)
     else:
-        err_console.print(f"warning: {category.__name__}: {message}", highlight=False)
+        err_console.print(f"warning: {category.__name__}: {escape(str(message))}",
+                          highlight=False)
 
 
 @contextlib.contextmanager
@@ -113,7 +115,7 @@ def _user_errors(debug: bool):
     except OfstitchError as exc:
         if debug:
             raise
-        err_console.print(f"[red]ofstitch: error:[/red] {exc}", highlight=False)
+        err_console.print(f"[red]ofstitch: error:[/red] {escape(str(exc))}", highlight=False)
         raise typer.Exit(2) from None
     except KeyboardInterrupt:
         err_console.print("ofstitch: interrupted; the cache keeps the pairs already done")
@@ -184,7 +186,7 @@ def _summary(result: StitchResult, seconds: float) -> None:
                                   suppress_small=True).replace("\n", "")
             out_console.print(f"Suggested --csm-matrix '{csm}'", highlight=False)
     for kind, path in result.outputs.items():
-        out_console.print(f"  {kind:<20} {path}", highlight=False)
+        out_console.print(f"  {kind:<20} {path}", highlight=False, markup=False)
     out_console.print(f"Done in {seconds:.1f} s.", highlight=False)
 
 
@@ -312,7 +314,7 @@ def demo_command(
 def devices_command() -> None:
     """List the compute devices ofstitch can use, with GPU names and free memory."""
     for line in list_devices():
-        out_console.print(line, highlight=False)
+        out_console.print(line, highlight=False, markup=False)
 
 
 @app.command("version", hidden=True)

@@ -22,7 +22,7 @@ from .cache import CorrelationCache, cache_path
 from .errors import OfstitchError
 from .graph import OverlapGraph, find_pairs, require_connected
 from .place import Placement, place, stage_placement
-from .scan import Scan, load_scan
+from .scan import Scan, load_scan, require_folder
 from .settings import StitchSettings
 from .stream import DEFAULT_BUDGET_BYTES, CorrelationPlan, correlate_pairs
 
@@ -285,6 +285,7 @@ def stitch(folder: Path | str, settings: StitchSettings | None = None, *,
     out = Path(output_dir) if output_dir is not None else folder
     mode = settings.stitching_mode
     outputs: dict[str, Path] = {}
+    require_folder(folder)  # before anything is created
     if mode != "only-correlate":
         check_writable(out)
 

@@ -147,13 +147,19 @@ def is_tile_name(name: str) -> bool:
     return not any(phrase in lower for phrase in IGNORED_PHRASES)
 
 
-def find_image_files(folder: Path) -> list[Path]:
-    """The candidate tile files of ``folder`` (not recursive), sorted by name."""
+def require_folder(folder: Path) -> None:
+    """Raise a clear :class:`OfstitchError` unless ``folder`` is an existing folder."""
     folder = Path(folder)
     if not folder.exists():
         raise OfstitchError(f"the folder {folder} does not exist: check the path")
     if not folder.is_dir():
         raise OfstitchError(f"{folder} is not a folder: give the folder that holds the tiles")
+
+
+def find_image_files(folder: Path) -> list[Path]:
+    """The candidate tile files of ``folder`` (not recursive), sorted by name."""
+    folder = Path(folder)
+    require_folder(folder)
     try:
         entries = sorted(os.scandir(folder), key=lambda e: e.name)
     except PermissionError:
