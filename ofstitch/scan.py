@@ -48,7 +48,8 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".gif")
 IGNORED_PHRASES = ("stitched", "comparison", "fused", "stage", "stitching", "preview",
                    "thumbnail")
 DEFAULT_OPENFLEXURE_CSM_WIDTH = 832
-TILE_CONFIG_NAMES = ("TileConfiguration.txt", "tile_config.txt", "OFMTileConfiguration.txt")
+# Not OFMTileConfiguration.txt: that is an output (optimised positions) and must not feed back.
+TILE_CONFIG_NAMES = ("TileConfiguration.txt", "tile_config.txt")
 SWAP_AXES = np.array([[0.0, 1.0], [1.0, 0.0]])
 
 _FILENAME_POSITION = re.compile(
