@@ -184,7 +184,9 @@ def _summary(result: StitchResult, seconds: float) -> None:
                 highlight=False)
             csm = np.array2string(reg.suggested_csm(), precision=5, separator=", ",
                                   suppress_small=True).replace("\n", "")
-            out_console.print(f"Suggested --csm-matrix '{csm}'", highlight=False)
+            width = reg.scan.csm_calibration_width
+            also = f" --csm-calibration-width {width}" if width else ""
+            out_console.print(f"Suggested --csm-matrix '{csm}'{also}", highlight=False)
     for kind, path in result.outputs.items():
         out_console.print(f"  {kind:<20} {path}", highlight=False, markup=False)
     out_console.print(f"Done in {seconds:.1f} s.", highlight=False)

@@ -172,20 +172,21 @@ def locate_peaks(corr: Any, *, expected_shift: Any = None, mask_radius: float | 
     n, hp, wp = corr.shape
     dy = xp.astype(signed_indices(hp, xp=xp, device=dev), corr.dtype)[None, :, None]
     dx = xp.astype(signed_indices(wp, xp=xp, device=dev), corr.dtype)[None, None, :]
+    raw = corr  # sub-pixel neighbours are read from the unmodified correlation
 
     if exclude_radius > 0:
         near_zero = (xp.abs(dy) < exclude_radius) & (xp.abs(dx) < exclude_radius)
         fill = xp.mean(corr, axis=(-2, -1), keepdims=True)
         corr = xp.where(near_zero, fill, corr)
 
+    highest = xp.max(corr, axis=(-2, -1), keepdims=True)
     if expected_shift is not None and mask_radius is not None:
         # The peak sits at d = -shift.
         ey = xp.astype(expected_shift[:, 0], corr.dtype)[:, None, None]
         ex = xp.astype(expected_shift[:, 1], corr.dtype)[:, None, None]
         inside = (dy + ey) ** 2 + (dx + ex) ** 2 <= mask_radius**2
-        has_any = xp.any(inside, axis=(-2, -1), keepdims=True)
-        inside = inside | ~has_any  # an empty mask searches everywhere
-        lowest = xp.min(corr, axis=(-2, -1), keepdims=True)
+        inside = inside | ~xp.any(inside, axis=(-2, -1), keepdims=True)  # empty: search all
+        lowest = xp.min(xp.where(inside, corr, highest), axis=(-2, -1), keepdims=True)
         highest = xp.max(xp.where(inside, corr, lowest), axis=(-2, -1), keepdims=True)
         searched = xp.where(inside, corr, lowest)
         level = lowest + QUALITY_LEVEL * (highest - lowest)
@@ -194,19 +195,17 @@ def locate_peaks(corr: Any, *, expected_shift: Any = None, mask_radius: float | 
     else:
         searched = corr
         lowest = xp.min(corr, axis=(-2, -1), keepdims=True)
-        highest = xp.max(corr, axis=(-2, -1), keepdims=True)
         level = lowest + QUALITY_LEVEL * (highest - lowest)
         quality = xp.mean(xp.astype(corr < level, corr.dtype), axis=(-2, -1))
 
-    flat = xp.reshape(searched, (n, hp * wp))
-    k = xp.argmax(flat, axis=1)
+    k = xp.argmax(xp.reshape(searched, (n, hp * wp)), axis=1)
     py = k // wp
     px = k % wp
-    flat_all = xp.reshape(searched, (n * hp * wp,))
+    flat_raw = xp.reshape(raw, (n * hp * wp,))
     base = xp.arange(n, device=dev) * (hp * wp)
 
     def value_at(oy: int, ox: int) -> Any:
-        return xp.take(flat_all, base + ((py + oy) % hp) * wp + (px + ox) % wp)
+        return xp.take(flat_raw, base + ((py + oy) % hp) * wp + (px + ox) % wp)
 
     centre = value_at(0, 0)
     sub_y = _parabolic_offset(value_at(-1, 0), centre, value_at(1, 0), xp)

@@ -76,7 +76,11 @@ class Registration:
                 zip(self.names, self.positions_px.tolist(), strict=True)}
 
     def suggested_csm(self) -> np.ndarray:
-        """The improved camera-to-sample matrix, at the scan's calibration width."""
+        """The improved camera-to-sample matrix, at the scan's calibration width.
+
+        Pass it back as ``--csm-matrix`` together with ``--csm-calibration-width``
+        set to :attr:`Scan.csm_calibration_width` (when that is not ``None``).
+        """
         m = self.placement.csm
         width = self.scan.csm_calibration_width
         return m * self.scan.tile_shape[1] / width if width else m

@@ -191,12 +191,15 @@ def parse_usercomment(raw: bytes | str | None) -> dict | None:
     if raw is None:
         return None
     if isinstance(raw, bytes):
-        for prefix in (b"ASCII\x00\x00\x00", b"UNICODE\x00", b"\x00" * 8):
-            if raw.startswith(prefix):
-                raw = raw[8:]
-                break
+        encoding = "utf-8"
+        if raw.startswith(b"UNICODE\x00"):
+            raw = raw[8:]
+            # UCS-2 in either byte order: the zero bytes of ASCII text tell which.
+            encoding = "utf-16-be" if raw[:1] == b"\x00" else "utf-16-le"
+        elif raw.startswith((b"ASCII\x00\x00\x00", b"\x00" * 8)):
+            raw = raw[8:]
         try:
-            raw = raw.decode("utf-8")
+            raw = raw.decode(encoding)
         except UnicodeDecodeError:
             return None
     raw = raw.strip("\x00 \n\t")
@@ -214,7 +217,7 @@ def _finite_float(value: Any) -> float | None:
         return None
     try:
         out = float(value)
-    except ValueError:
+    except (ValueError, OverflowError):
         return None
     return out if math.isfinite(out) else None
 
@@ -371,9 +374,10 @@ def load_scan(folder: Path, settings: StitchSettings | None = None) -> Scan:
     Raises
     ------
     NoImagesError
-        Fewer than one usable tile.
+        No usable tile (unreadable files and files without any position are
+        skipped with a warning first).
     MetadataError
-        No position source at all, or a singular CSM.
+        A singular camera-to-sample matrix.
     """
     settings = settings or StitchSettings()
     folder = Path(folder)

@@ -28,10 +28,11 @@ from .settings import CorrelationSettings
 
 log = logging.getLogger(__name__)
 
-DEFAULT_BUDGET_BYTES = {"time": 768 * 2**20, "memory": 192 * 2**20}
+# Device memory for a batch of pairs. Batches gain little on a CPU, so the budget is small.
+DEFAULT_BUDGET_BYTES = {"time": 192 * 2**20, "memory": 64 * 2**20}
 # Device bytes per pair in a batch, in units of one real correlation array
 # (product spectrum, correlation, masks and temporaries of the peak search).
-ARRAYS_PER_PAIR = 7
+ARRAYS_PER_PAIR = 10
 
 
 @dataclass(frozen=True)
@@ -164,9 +165,11 @@ def correlate_pairs(
                 spectra = correlate.tile_spectra(stack, fft_shape=plan.fft_shape,
                                                  high_pass_sigma=settings.high_pass_sigma)
                 for i, t in enumerate(ok):
-                    live_spectra[t] = spectra[i, ...]
+                    # Copies, so that the batch arrays are freed with their last tile.
+                    live_spectra[t] = xp.asarray(spectra[i, ...], copy=True) if len(ok) > 1 \
+                        else spectra[0, ...]
                     if not settings.pad:
-                        live_tiles[t] = stack[i, ...]
+                        live_tiles[t] = xp.asarray(stack[i, ...], copy=True)
                 stats["tiles_transformed"] += len(ok)
             stats["max_live_spectra"] = max(stats["max_live_spectra"], len(live_spectra))
 

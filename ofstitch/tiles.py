@@ -24,6 +24,21 @@ class TileReadError(OfstitchError):
     """A tile file could not be decoded."""
 
 
+def _pillow_image(path: Path, exc: Exception) -> pyvips.Image:
+    """Fallback decoder for formats the bundled libvips lacks (BMP), through Pillow."""
+    try:
+        from PIL import Image
+
+        Image.MAX_IMAGE_PIXELS = MAX_TILE_PIXELS
+        with Image.open(path) as pil:
+            if pil.mode not in ("L", "RGB", "RGBA", "I;16", "LA"):
+                pil = pil.convert("RGB")
+            arr = np.asarray(pil)
+    except Exception:
+        raise TileReadError(f"cannot read {Path(path).name}: {_first_line(exc)}") from None
+    return pyvips.Image.new_from_array(arr)
+
+
 def _open(path: Path, *, shrink: int = 1) -> pyvips.Image:
     kwargs = {}
     if shrink > 1 and Path(path).suffix.lower() in (".jpg", ".jpeg"):
@@ -32,7 +47,7 @@ def _open(path: Path, *, shrink: int = 1) -> pyvips.Image:
         image = pyvips.Image.new_from_file(os.fspath(path), access="sequential", fail=True,
                                            **kwargs)
     except pyvips.Error as exc:
-        raise TileReadError(f"cannot read {Path(path).name}: {_first_line(exc)}") from None
+        image = _pillow_image(path, exc)
     if image.width * image.height > MAX_TILE_PIXELS:
         raise TileReadError(
             f"{Path(path).name} claims {image.width}x{image.height} pixels, more than a tile "
@@ -46,12 +61,34 @@ def _first_line(exc: Exception) -> str:
 
 
 def header(path: Path) -> tuple[int, int, int, str]:
-    """``(height, width, bands, format)`` of an image file, reading only its header."""
+    """``(height, width, colour bands, format)`` of an image file, reading only its header.
+
+    An alpha band is not counted. Raises :class:`TileReadError` for an
+    unreadable or truncated file.
+    """
     try:
         image = pyvips.Image.new_from_file(os.fspath(path))
     except pyvips.Error as exc:
-        raise TileReadError(f"cannot read {Path(path).name}: {_first_line(exc)}") from None
-    return image.height, image.width, image.bands, image.format
+        image = _pillow_image(path, exc)
+    _require_complete(Path(path))
+    bands = image.bands - 1 if image.bands in (2, 4) else image.bands
+    return image.height, image.width, bands, image.format
+
+
+def _require_complete(path: Path) -> None:
+    """Cheap check that a JPEG or PNG was written to the end (a microscope may crash mid-write)."""
+    suffix = path.suffix.lower()
+    if suffix not in (".jpg", ".jpeg", ".png"):
+        return
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(max(0, path.stat().st_size - 64))
+            tail = fh.read()
+    except OSError as exc:
+        raise TileReadError(f"cannot read {path.name}: {exc.strerror}") from None
+    complete = b"\xff\xd9" in tail if suffix != ".png" else b"IEND" in tail
+    if not complete:
+        raise TileReadError(f"{path.name} is truncated (an incomplete or interrupted write)")
 
 
 def _colour_bands(image: pyvips.Image) -> pyvips.Image:
