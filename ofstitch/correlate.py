@@ -102,7 +102,8 @@ def _irfftn(x: Any, fft_shape: tuple[int, int], xp: Any) -> Any:
     return xp.fft.irfftn(x, s=fft_shape, axes=(-2, -1))
 
 
-def tile_spectra(tiles: Any, *, fft_shape: tuple[int, int], high_pass_sigma: float) -> Any:
+def tile_spectra(tiles: Any, *, fft_shape: tuple[int, int], high_pass_sigma: float,
+                 weight: Any = None) -> Any:
     """Forward transform of a batch of tiles, ready to correlate.
 
     Parameters
@@ -113,6 +114,8 @@ def tile_spectra(tiles: Any, *, fft_shape: tuple[int, int], high_pass_sigma: flo
         FFT size ``(Hp, Wp)``; ``>= (2H, 2W)`` for a linear correlation.
     high_pass_sigma : float
         See :func:`high_pass_filter`; 0 disables the filter.
+    weight : array, shape (Hp, Wp // 2 + 1), optional
+        ``sqrt(high_pass_filter(...))``, precomputed once for many batches.
 
     Returns
     -------
@@ -121,11 +124,10 @@ def tile_spectra(tiles: Any, *, fft_shape: tuple[int, int], high_pass_sigma: flo
     xp = array_namespace(tiles)
     centred = tiles - xp.mean(tiles, axis=(-2, -1), keepdims=True)
     spectra = _rfftn(centred, fft_shape, xp)
-    if high_pass_sigma > 0:
-        filt = high_pass_filter(fft_shape, high_pass_sigma, xp=xp, device=device_of(tiles),
-                                dtype=tiles.dtype)
-        spectra = spectra * xp.sqrt(filt)
-    return spectra
+    if weight is None and high_pass_sigma > 0:
+        weight = xp.sqrt(high_pass_filter(fft_shape, high_pass_sigma, xp=xp,
+                                          device=device_of(tiles), dtype=tiles.dtype))
+    return spectra if weight is None else spectra * weight
 
 
 def cross_correlate(spec_a: Any, spec_b: Any, *, fft_shape: tuple[int, int]) -> Any:

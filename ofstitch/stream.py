@@ -132,6 +132,11 @@ def correlate_pairs(
     def decode(t: int) -> np.ndarray:
         return tiles.read_grey(paths[t], resize, shape=plan.tile_shape)
 
+    weight = None
+    if settings.high_pass_sigma > 0:
+        weight = xp.sqrt(correlate.high_pass_filter(
+            plan.fft_shape, settings.high_pass_sigma, xp=xp, device=backend.device,
+            dtype=xp.float32))
     prefetch_depth = max(2 * workers, 8)
     futures: dict[int, Future] = {}
     next_prefetch = 0
@@ -163,7 +168,8 @@ def correlate_pairs(
             if ok:
                 stack = to_device(np.stack(arrays), backend)
                 spectra = correlate.tile_spectra(stack, fft_shape=plan.fft_shape,
-                                                 high_pass_sigma=settings.high_pass_sigma)
+                                                 high_pass_sigma=settings.high_pass_sigma,
+                                                 weight=weight)
                 for i, t in enumerate(ok):
                     # Copies, so that the batch arrays are freed with their last tile.
                     live_spectra[t] = xp.asarray(spectra[i, ...], copy=True) if len(ok) > 1 \
