@@ -66,13 +66,17 @@ class CorrelationCache:
         found = np.zeros(m, dtype=bool)
         shift = np.full((m, 2), np.nan)
         quality = np.full(m, np.nan)
+        invalid = 0
         for k, (a, b) in enumerate(pairs.tolist()):
             sign = 1.0
             entry = entries.get(pair_key(file_keys[a], file_keys[b]))
             if entry is None:
                 entry = entries.get(pair_key(file_keys[b], file_keys[a]))
                 sign = -1.0
-            if entry is None or len(entry) != 5:
+            if entry is None:
+                continue
+            if not _valid_entry(entry):
+                invalid += 1
                 continue
             if settings.corr_mask_radius is not None:
                 expected = sign * np.asarray(entry[3:5], dtype=float)
@@ -81,6 +85,10 @@ class CorrelationCache:
             found[k] = True
             shift[k] = sign * np.asarray(entry[0:2], dtype=float)
             quality[k] = entry[2]
+        if invalid:
+            warnings.warn(f"ignoring {invalid} malformed entries of the correlation cache "
+                          f"{self.path.name}; correlating those pairs again", OfstitchWarning,
+                          stacklevel=2)
         return found, shift, quality
 
     def add(self, settings: CorrelationSettings, file_keys: list[str], pairs: np.ndarray,
@@ -100,6 +108,7 @@ class CorrelationCache:
         self.sets = merged
         payload = {"format": FORMAT, "version": VERSION, "sets": merged}
         try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
             atomic.write_text(self.path, json.dumps(payload, separators=(",", ":")))
         except OSError as exc:
             warnings.warn(f"cannot write the correlation cache {self.path}: {exc.strerror}; "
@@ -125,9 +134,17 @@ class CorrelationCache:
         return out
 
 
+def _valid_entry(entry: object) -> bool:
+    """An entry is five finite numbers; anything else is ignored (and correlated again)."""
+    if not isinstance(entry, list) or len(entry) != 5:
+        return False
+    return all(isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)
+               for v in entry)
+
+
 def _read_sets(path: Path, quiet: bool = False) -> dict:
     try:
-        text = path.read_text()
+        text = path.read_bytes().decode("utf-8", errors="replace")
     except FileNotFoundError:
         return {}
     except OSError as exc:

@@ -27,7 +27,7 @@ from .backends import list_devices, select_backend
 from .cache import CorrelationCache, cache_path
 from .errors import OfstitchError, OfstitchWarning
 from .pipeline import StitchResult, stitch
-from .scan import find_image_files, load_scan, parse_csm
+from .scan import find_image_files, load_scan, parse_csm, require_folder
 from .settings import CorrelationSettings, StitchSettings, help_text
 
 COMMANDS = ("stitch", "demo", "devices")
@@ -41,6 +41,7 @@ app = typer.Typer(
          "'ofstitch demo' or 'ofstitch devices'.",
     add_completion=False,
     no_args_is_help=True,
+    rich_markup_mode=None,
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
@@ -136,22 +137,24 @@ def _ask_thresholds() -> tuple[float, float]:
 
 
 def _show_cached_settings(folder: Path, cache_dir: Path | None) -> None:
+    require_folder(folder)
     cache = CorrelationCache.load(cache_path(folder, cache_dir))
     keys = None
     with contextlib.suppress(OfstitchError):
         keys = [f.key for f in load_scan(folder).files]
     summary = cache.settings_summary(keys)
     if not summary:
-        out_console.print(f"No cached correlation settings found in '{folder}'")
+        out_console.print(f"No cached correlation settings found in '{folder}'", markup=False)
         return
     out_console.print(f"Found {len(summary)} set(s) of cached correlation settings in "
-                      f"'{folder}':")
+                      f"'{folder}':", markup=False)
     for i, (settings, covered) in enumerate(summary):
         diffs = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in settings.non_default().items())
         total = f"/{len(keys)}" if keys is not None else ""
         incomplete = " - incomplete" if keys is not None and covered < len(keys) else ""
         out_console.print(f"  [{i}] {diffs or '(no non-default settings)'}  "
-                          f"({covered}{total} images{incomplete})", highlight=False)
+                          f"({covered}{total} images{incomplete})", highlight=False,
+                          markup=False)
     if len(summary) > 1:
         out_console.print("--use-cached-settings will fail: there are several sets")
 
@@ -186,7 +189,8 @@ def _summary(result: StitchResult, seconds: float) -> None:
                                   suppress_small=True).replace("\n", "")
             width = reg.scan.csm_calibration_width
             also = f" --csm-calibration-width {width}" if width else ""
-            out_console.print(f"Suggested --csm-matrix '{csm}'{also}", highlight=False)
+            out_console.print(f"Suggested --csm-matrix '{csm}'{also}", highlight=False,
+                              markup=False)
     for kind, path in result.outputs.items():
         out_console.print(f"  {kind:<20} {path}", highlight=False, markup=False)
     out_console.print(f"Done in {seconds:.1f} s.", highlight=False)
@@ -264,7 +268,8 @@ def stitch_command(
             stitching_mode=stitching_mode.value, stitch_tiff=stitch_tiff,
             stitch_dzi=stitch_dzi, tile_size=tile_size, device=device.value, workers=workers)
         if device == DeviceChoice.auto and not quiet:
-            err_console.print(f"Using {select_backend('auto').describe()}", highlight=False)
+            err_console.print(f"Using {select_backend('auto').describe()}", highlight=False,
+                              markup=False)
         start = time.perf_counter()
         reporter = _Reporter(enabled=not quiet and err_console.is_terminal)
         with reporter.progress:
@@ -288,9 +293,9 @@ def demo_command(
     with _user_errors(debug):
         scan_dir = output / "demo-scan"
         if scan_dir.exists() and any(find_image_files(scan_dir)):
-            err_console.print(f"Reusing the demo scan in {scan_dir}")
+            err_console.print(f"Reusing the demo scan in {scan_dir}", markup=False)
         else:
-            err_console.print(f"Writing a synthetic 7x4 scan to {scan_dir} ...")
+            err_console.print(f"Writing a synthetic 7x4 scan to {scan_dir} ...", markup=False)
         synth = make_scan(scan_dir, grid=(7, 4), tile_shape=(300, 400), overlap=0.3,
                           stage_error_px=4.0, rotation_deg=0.7, seed=1)
         settings = StitchSettings(device=device.value)
@@ -309,7 +314,7 @@ def demo_command(
                 f"max {errors[textured].max():.2f} px, RMS "
                 f"{np.sqrt(np.mean(errors[textured] ** 2)):.2f} px.", highlight=False)
         out_console.print(f"Open {result.outputs['preview']} to see the mosaic.",
-                          highlight=False)
+                          highlight=False, markup=False)
 
 
 @app.command("devices")

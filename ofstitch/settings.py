@@ -45,6 +45,12 @@ class CorrelationSettings:
         "pixels) of the shift predicted by the stage. Default: no restriction."))
 
     def __post_init__(self) -> None:
+        # Canonical types, so that equal settings give the same cache key (10 == 10.0).
+        object.__setattr__(self, "pad", bool(self.pad))
+        object.__setattr__(self, "resize", float(self.resize))
+        object.__setattr__(self, "high_pass_sigma", float(self.high_pass_sigma))
+        if self.corr_mask_radius is not None:
+            object.__setattr__(self, "corr_mask_radius", float(self.corr_mask_radius))
         if not (0 < self.resize <= 1):
             raise OfstitchError(f"--resize must be in (0, 1], got {self.resize}")
         if self.high_pass_sigma < 0:
@@ -88,8 +94,9 @@ class StitchSettings:
             "either, stage coordinates are taken to be pixels."))
     csm_calibration_width: int | None = field(default=None, metadata=_help(
         "Width in pixels of the images the CSM was calibrated on; the matrix is "
-        "rescaled to the tiles' width. Default: from the metadata, or 832 for "
-        "OpenFlexure images that do not record it. 0 leaves the matrix unscaled."))
+        "rescaled to the tiles' width. Default: for a matrix from the metadata, the "
+        "width it records, or 832 for OpenFlexure images that do not; a --csm-matrix "
+        "is used as given. 0 leaves the matrix unscaled."))
     image_count: int | None = field(default=None, metadata=_help(
         "Use only the first N images after sorting by capture time (for trying "
         "settings on part of a scan)."))

@@ -1,0 +1,369 @@
+"""The correlation cache, through :func:`ofstitch.register` and :func:`ofstitch.stitch`.
+
+A pair is correlated again exactly when one of its files changed (name, size or
+modification time) or the correlation settings changed; everything else comes
+from ``ofstitch_cache.json``. A corrupt cache warns and is rebuilt; a failed
+write leaves the previous cache intact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import types
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import ofstitch
+from ofstitch import cache as cache_module
+from ofstitch.cache import CACHE_NAME, FORMAT, VERSION
+from ofstitch.errors import OfstitchWarning
+from ofstitch.settings import StitchSettings
+
+TILE_SHAPE = (120, 160)  # (height, width)
+DEFAULT_KEY = ofstitch.CorrelationSettings().key()
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def register(folder: Path, settings: StitchSettings | None = None, **kwargs):
+    """``ofstitch.register`` with no OfstitchWarning allowed (they are errors here)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", OfstitchWarning)
+        return ofstitch.register(folder, settings, **kwargs)
+
+
+def pairs_with(reg, name: str) -> int:
+    """How many of the registration's pairs involve the tile ``name``."""
+    i = reg.names.index(name)
+    return int((reg.graph.pairs == i).any(axis=1).sum())
+
+
+def read_cache(path: Path) -> dict:
+    data = json.loads(path.read_text())
+    assert data["format"] == FORMAT and data["version"] == VERSION
+    assert isinstance(data["sets"], dict)
+    return data["sets"]
+
+
+def leftovers(folder: Path) -> list[str]:
+    """Temporary files an interrupted or finished write might leave behind."""
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith(".ofstitch"))
+
+
+def run_cli(*args) -> subprocess.CompletedProcess:
+    env = dict(os.environ, COLUMNS="1000", NO_COLOR="1")
+    return subprocess.run([sys.executable, "-m", "ofstitch.cli", *map(str, args)], input="",
+                          capture_output=True, text=True, env=env, timeout=180)
+
+
+@pytest.fixture
+def scan(make_synthetic):
+    """A 3x3 scan (12 pairs)."""
+    return make_synthetic(grid=(3, 3), tile_shape=TILE_SHAPE, seed=11)
+
+
+# ----------------------------------------------------------------------------- reuse
+
+
+def test_second_run_correlates_nothing(scan):
+    first = register(scan.folder)
+    m = len(first.graph.pairs)
+    assert m == 12
+    assert (first.n_correlated, first.n_cached) == (m, 0)
+    assert set(read_cache(scan.folder / CACHE_NAME)) == {DEFAULT_KEY}
+    assert len(read_cache(scan.folder / CACHE_NAME)[DEFAULT_KEY]) == m
+
+    second = register(scan.folder)
+    assert (second.n_correlated, second.n_cached) == (0, m)
+    assert second.names == first.names
+    np.testing.assert_array_equal(second.shift_px, first.shift_px)
+    np.testing.assert_array_equal(second.quality, first.quality)
+    np.testing.assert_allclose(second.positions_px, first.positions_px, atol=1e-9)
+    assert leftovers(scan.folder) == []
+
+
+def test_stitch_uses_the_cache(scan, tmp_path):
+    settings = StitchSettings(stitching_mode="preview")
+    first = ofstitch.stitch(scan.folder, settings, output_dir=tmp_path / "a")
+    second = ofstitch.stitch(scan.folder, settings, output_dir=tmp_path / "b")
+    assert second.registration.n_correlated == 0
+    assert second.registration.n_cached == len(first.registration.graph.pairs)
+    np.testing.assert_allclose(second.positions_px, first.positions_px, atol=1e-9)
+    for folder in (scan.folder, tmp_path / "a", tmp_path / "b"):
+        assert leftovers(folder) == []
+
+
+def test_use_cache_false_neither_reads_nor_writes(scan):
+    reg = register(scan.folder, use_cache=False)
+    assert reg.n_correlated == len(reg.graph.pairs) and reg.n_cached == 0
+    assert not (scan.folder / CACHE_NAME).exists()
+
+
+def test_added_tile_correlates_only_its_pairs(make_synthetic, tmp_path):
+    full = make_synthetic("full", grid=(3, 4), tile_shape=TILE_SHAPE, seed=12)
+    folder = tmp_path / "growing"
+    folder.mkdir()
+    *first_names, last = full.names
+    for name in first_names:
+        shutil.copy2(full.folder / name, folder / name)
+    before = register(folder)
+    assert before.n_correlated == len(before.graph.pairs)
+
+    shutil.copy2(full.folder / last, folder / last)
+    after = register(folder)
+    assert len(after.names) == len(full.names)
+    new_pairs = pairs_with(after, last)
+    assert new_pairs >= 2
+    assert after.n_correlated == new_pairs
+    assert after.n_cached == len(after.graph.pairs) - new_pairs
+    assert len(after.graph.pairs) == len(before.graph.pairs) + new_pairs
+
+
+def _touch(path: Path) -> None:
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 5 * 10**9))
+
+
+def _replace_same_mtime(path: Path) -> None:
+    """New content (a byte after the JPEG's end), the same modification time."""
+    st = path.stat()
+    path.write_bytes(path.read_bytes() + b"\0")
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def _rewrite(path: Path) -> None:
+    """The same bytes, written again (a new modification time)."""
+    data = path.read_bytes()
+    mtime = path.stat().st_mtime_ns
+    path.unlink()
+    path.write_bytes(data)
+    if path.stat().st_mtime_ns == mtime:  # a coarse clock
+        _touch(path)
+
+
+@pytest.mark.parametrize("change", [_touch, _replace_same_mtime, _rewrite],
+                         ids=["touch", "replace-same-mtime", "rewrite"])
+def test_changed_tile_recorrelates_exactly_its_pairs(scan, change):
+    first = register(scan.folder)
+    centre = "tile_0004.jpg"  # the middle of the 3x3 grid: 4 pairs
+    corner = "tile_0000.jpg"  # 2 pairs
+    change(scan.folder / centre)
+    second = register(scan.folder)
+    assert (second.n_correlated, second.n_cached) == (4, 8)
+    assert pairs_with(second, centre) == 4
+    np.testing.assert_allclose(second.positions_px, first.positions_px, atol=0.05)
+
+    change(scan.folder / corner)
+    third = register(scan.folder)
+    assert (third.n_correlated, third.n_cached) == (pairs_with(third, corner), 10)
+
+
+# ----------------------------------------------------------------------------- settings
+
+
+def test_changed_setting_correlates_everything_and_keeps_both_sets(scan):
+    first = register(scan.folder)
+    m = len(first.graph.pairs)
+    sharper = StitchSettings().with_correlation(high_pass_sigma=5.0)
+    second = register(scan.folder, sharper)
+    assert (second.n_correlated, second.n_cached) == (m, 0)
+    sets = read_cache(scan.folder / CACHE_NAME)
+    assert set(sets) == {DEFAULT_KEY, sharper.correlation.key()}
+    assert all(len(entries) == m for entries in sets.values())
+    # Both sets stay usable.
+    assert register(scan.folder).n_correlated == 0
+    assert register(scan.folder, sharper).n_correlated == 0
+
+    shown = run_cli(scan.folder, "--show-cached-settings")
+    assert shown.returncode == 0, shown.stderr
+    assert "Found 2 set(s)" in shown.stdout
+    lines = [line for line in shown.stdout.splitlines() if line.strip().startswith("[")]
+    assert len(lines) == 2
+    assert any("--high-pass-sigma 5.0" in line and "9/9" in line for line in lines), lines
+    assert any("no non-default settings" in line for line in lines), lines
+
+    ambiguous = run_cli(scan.folder, "--use-cached-settings", "--stitching-mode",
+                        "only-correlate")
+    assert ambiguous.returncode == 2
+    errors = ambiguous.stderr.splitlines()
+    assert len(errors) == 1 and errors[0].startswith("ofstitch: error:"), ambiguous.stderr
+    assert "Traceback" not in ambiguous.stderr
+
+
+def test_use_cached_settings_reuses_the_only_set(scan, tmp_path):
+    sharper = StitchSettings(stitching_mode="only-correlate").with_correlation(
+        high_pass_sigma=5.0, pad=False)
+    ofstitch.stitch(scan.folder, sharper)
+    before = (scan.folder / CACHE_NAME).read_bytes()
+
+    shown = run_cli(scan.folder, "--show-cached-settings")
+    assert "Found 1 set(s)" in shown.stdout
+    assert "--pad False" in shown.stdout and "--high-pass-sigma 5.0" in shown.stdout
+
+    result = run_cli(scan.folder, "--use-cached-settings", "--stitching-mode", "preview",
+                     "-o", tmp_path / "out")
+    assert result.returncode == 0, result.stderr
+    assert "(0 correlated now, 12 from the cache" in result.stdout, result.stdout
+    assert (scan.folder / CACHE_NAME).read_bytes() == before
+
+
+def test_equal_settings_share_the_cache(scan):
+    register(scan.folder)
+    same = StitchSettings().with_correlation(high_pass_sigma=10, resize=1)
+    assert same == StitchSettings()
+    assert register(scan.folder, same).n_correlated == 0
+
+
+# ----------------------------------------------------------------------------- corruption
+
+
+CORRUPT = {
+    "text-garbage": b"this is not JSON at all",
+    "truncated-json": None,  # the first half of a valid cache
+    "empty-file": b"",
+    "json-list": b"[1, 2, 3]",
+    "json-null": b"null",
+    "other-format": json.dumps({"format": "something-else", "version": VERSION,
+                                "sets": {}}).encode(),
+    "other-version": None,  # a valid cache with version + 1
+    "sets-not-a-dict": json.dumps({"format": FORMAT, "version": VERSION,
+                                   "sets": [1, 2]}).encode(),
+    "binary-garbage": b"\xff\xfe\x00\x80garbage\x81\x00",
+    "non-numeric-entries": "strings",  # the real keys, with entries that are not numbers
+    "null-entries": "nulls",
+}
+
+
+def _corrupt_bytes(kind: str, valid: bytes) -> bytes:
+    if kind == "truncated-json":
+        return valid[: len(valid) // 2]
+    if kind == "other-version":
+        data = json.loads(valid)
+        data["version"] = VERSION + 1
+        return json.dumps(data).encode()
+    if kind in ("non-numeric-entries", "null-entries"):
+        data = json.loads(valid)
+        value = ["a", "b", "c", "d", "e"] if kind == "non-numeric-entries" else [None] * 5
+        data["sets"] = {k: {p: value for p in v} for k, v in data["sets"].items()}
+        return json.dumps(data).encode()
+    return CORRUPT[kind]
+
+
+@pytest.mark.parametrize("kind", [
+    k for k in CORRUPT])
+def test_corrupt_cache_warns_recomputes_and_is_replaced(scan, kind):
+    path = scan.folder / CACHE_NAME
+    first = register(scan.folder)
+    m = len(first.graph.pairs)
+    path.write_bytes(_corrupt_bytes(kind, path.read_bytes()))
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        reg = ofstitch.register(scan.folder)  # exceptions escape as themselves
+    messages = [str(w.message) for w in caught if issubclass(w.category, OfstitchWarning)]
+    assert any("correlation cache" in msg for msg in messages), messages
+    assert (reg.n_correlated, reg.n_cached) == (m, 0)
+    np.testing.assert_allclose(reg.positions_px, first.positions_px, atol=0.05)
+    sets = read_cache(path)  # a valid cache again
+    assert len(sets[DEFAULT_KEY]) == m
+    assert register(scan.folder).n_correlated == 0
+    assert leftovers(scan.folder) == []
+
+
+# ----------------------------------------------------------------------------- atomic writes
+
+
+def test_failed_rename_keeps_the_old_cache(scan, monkeypatch):
+    path = scan.folder / CACHE_NAME
+    register(scan.folder)
+    old = path.read_bytes()
+    real_replace = os.replace
+
+    def replace(src, dst, *args, **kwargs):
+        if Path(dst).name == CACHE_NAME:
+            raise OSError(28, "No space left on device")
+        return real_replace(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.warns(OfstitchWarning, match="cannot write the correlation cache"):
+        reg = ofstitch.register(scan.folder,
+                                StitchSettings().with_correlation(high_pass_sigma=5.0))
+    assert reg.n_correlated == len(reg.graph.pairs)  # the run still finishes
+    assert path.read_bytes() == old
+    assert leftovers(scan.folder) == []
+
+
+def _crash_in_dumps(monkeypatch):
+    def dumps(*args, **kwargs):
+        raise RuntimeError("simulated crash while serialising")
+
+    fake = types.SimpleNamespace(dumps=dumps, loads=json.loads)
+    monkeypatch.setattr(cache_module, "json", fake)
+
+
+def _crash_in_fsync(monkeypatch):
+    def fsync(fd):
+        raise RuntimeError("simulated crash after writing, before the rename")
+
+    monkeypatch.setattr(os, "fsync", fsync)
+
+
+@pytest.mark.parametrize("crash", [_crash_in_dumps, _crash_in_fsync], ids=["dumps", "fsync"])
+def test_crash_while_saving_keeps_the_old_cache(scan, monkeypatch, crash):
+    path = scan.folder / CACHE_NAME
+    register(scan.folder)
+    old = path.read_bytes()
+    crash(monkeypatch)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        ofstitch.register(scan.folder, StitchSettings().with_correlation(high_pass_sigma=5.0))
+    assert path.read_bytes() == old
+    assert leftovers(scan.folder) == []
+    monkeypatch.undo()
+    assert set(read_cache(path)) == {DEFAULT_KEY}
+    assert register(scan.folder).n_correlated == 0
+
+
+# ----------------------------------------------------------------------------- --cache-dir
+
+
+def test_cache_dir_keeps_the_scan_folder_clean(scan, tmp_path):
+    cache_dir = tmp_path / "caches"
+    cache_dir.mkdir()
+    before = sorted(p.name for p in scan.folder.iterdir())
+    first = register(scan.folder, cache_dir=cache_dir)
+    assert first.n_correlated == len(first.graph.pairs)
+    assert sorted(p.name for p in scan.folder.iterdir()) == before
+    files = list(cache_dir.iterdir())
+    assert len(files) == 1 and files[0].name.endswith(CACHE_NAME)
+    assert len(read_cache(files[0])[DEFAULT_KEY]) == len(first.graph.pairs)
+    assert register(scan.folder, cache_dir=cache_dir).n_correlated == 0
+    # The scan folder's own (absent) cache is a different one.
+    assert register(scan.folder, use_cache=True).n_cached == 0
+
+
+def test_cache_dir_from_the_command_line(scan, tmp_path):
+    cache_dir = tmp_path / "caches"
+    cache_dir.mkdir()
+    result = run_cli(scan.folder, "--stitching-mode", "only-correlate", "--cache-dir",
+                     cache_dir, "-q")
+    assert result.returncode == 0, result.stderr
+    assert not (scan.folder / CACHE_NAME).exists()
+    assert [p.name for p in cache_dir.iterdir()] == [f"{scan.folder.name}_{CACHE_NAME}"]
+    assert register(scan.folder, cache_dir=cache_dir).n_correlated == 0
+
+
+def test_missing_cache_dir_is_created(scan, tmp_path):
+    cache_dir = tmp_path / "new" / "caches"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ofstitch.register(scan.folder, cache_dir=cache_dir)
+    assert [str(w.message) for w in caught if issubclass(w.category, OfstitchWarning)] == []
+    assert register(scan.folder, cache_dir=cache_dir).n_correlated == 0
