@@ -50,7 +50,7 @@ class Peaks(NamedTuple):
     ----------
     shift : array, shape (n, 2), float
         Sub-pixel shift ``(y, x)`` of tile ``b`` relative to tile ``a``, in
-        correlation pixels.
+        correlation pixels; NaN where the correlation is flat (blank tiles).
     index : array, shape (n, 2), int
         Integer ``(row, col)`` of the peak in the correlation array.
     quality : array, shape (n,), float
@@ -215,6 +215,12 @@ def locate_peaks(corr: Any, *, expected_shift: Any = None, mask_radius: float | 
     peak_dy = xp.astype(py - hp * xp.astype(py >= (hp + 1) // 2, py.dtype), corr.dtype) + sub_y
     peak_dx = xp.astype(px - wp * xp.astype(px >= (wp + 1) // 2, px.dtype), corr.dtype) + sub_x
     shift = -xp.stack([peak_dy, peak_dx], axis=1)
+    # A flat correlation (a blank tile) has no peak: NaN, so placement uses the stage.
+    span = xp.reshape(highest - lowest, (n,))
+    peak_range = xp.max(xp.abs(xp.reshape(raw, (n, hp * wp))), axis=1)
+    flat = span <= 1e-6 * peak_range
+    shift = xp.where(flat[:, None], xp.asarray(math.nan, dtype=shift.dtype, device=dev), shift)
+    quality = xp.where(flat, xp.zeros_like(quality), quality)
     index = xp.stack([py, px], axis=1)
     return Peaks(shift=shift, index=index, quality=quality)
 

@@ -31,6 +31,7 @@ take arrays of any array-API namespace; the sparse solve sits behind
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -39,7 +40,7 @@ import numpy as np
 from array_api_compat import array_namespace
 
 from .backends import solve_laplacian
-from .errors import OfstitchError
+from .errors import OfstitchError, OfstitchWarning
 
 log = logging.getLogger(__name__)
 
@@ -281,6 +282,10 @@ def place(pairs: np.ndarray, shift: np.ndarray, quality: np.ndarray, stage_px: n
     stage_shift = stage_px[pairs[:, 1]] - stage_px[pairs[:, 0]]
     discrepancy = np.linalg.norm(shift - stage_shift, axis=1)
     valid = np.isfinite(discrepancy) & np.isfinite(quality)
+    if not valid.any():
+        warnings.warn("no pair could be correlated (blank or unreadable tiles): placing every "
+                      "tile from the stage alone", OfstitchWarning, stacklevel=2)
+        return stage_placement(stage_px, csm, len(pairs))
     if thresholding == "manual":
         if ask_thresholds is None:
             raise OfstitchError("thresholding='manual' needs thresholds: pass ask_thresholds, "

@@ -64,3 +64,52 @@ def test_settings_keep_accuracy(make_synthetic, correlation):
     # Half resolution correlation is accurate to about a full-resolution pixel.
     bound = 1.0 / correlation.resize
     assert errors[textured].max() <= bound, errors[textured]
+
+
+def _write_grid(folder, tiles_by_name):
+    import pyvips
+
+    folder.mkdir()
+    for name, arr in tiles_by_name.items():
+        image = pyvips.Image.new_from_array(arr)
+        if arr.dtype == np.uint16:
+            image = image.copy(interpretation="grey16")
+        image.write_to_file(str(folder / name))
+
+
+def test_sixteen_bit_grey_scan_stitches(tmp_path, source_image):
+    grey = source_image.mean(axis=2)
+    truth = {}
+    tiles = {}
+    for r in range(3):
+        for c in range(3):
+            y, x = 300 + r * 150 + (r * c) % 3, 300 + c * 200 - r
+            name = f"t_{c * 200}_{r * 150}.png"
+            truth[name] = (y, x)
+            tiles[name] = (grey[y:y + 200, x:x + 280] * 16).astype(np.uint16)
+    _write_grid(tmp_path / "scan", tiles)
+    result = ofstitch.stitch(tmp_path / "scan", output_dir=tmp_path / "out")
+    reg = result.registration
+    assert reg.scan.bit_depth == 16
+    want = np.array([truth[n] for n in reg.names], dtype=float)
+    got = reg.positions_px
+    assert np.abs((got - got[0]) - (want - want[0])).max() <= 1.0
+    import pyvips
+
+    mosaic = pyvips.Image.new_from_file(str(result.outputs["stitched"]))
+    # 16-bit values are scaled into 8 bits, not clipped to white.
+    assert 50 < mosaic.avg() < 250
+    assert (mosaic.height, mosaic.width) == (round(got[:, 0].max()) + 200,
+                                             round(got[:, 1].max()) + 280)
+
+
+def test_blank_scan_falls_back_to_the_stage(tmp_path):
+    tiles = {f"b_{c * 80}_{r * 70}.png": np.full((100, 120), 200, np.uint8)
+             for r in range(2) for c in range(2)}
+    _write_grid(tmp_path / "blank", tiles)
+    with pytest.warns(ofstitch.OfstitchWarning, match="stage alone"):
+        reg = ofstitch.register(tmp_path / "blank", use_cache=False)
+    assert np.isnan(reg.shift_px).all()
+    expected = np.array([[float(n.split("_")[2][:-4]), float(n.split("_")[1])]
+                         for n in reg.names])
+    np.testing.assert_allclose(reg.positions_px, expected - expected.min(axis=0))
