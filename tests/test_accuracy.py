@@ -77,8 +77,10 @@ def _write_grid(folder, tiles_by_name):
         image.write_to_file(str(folder / name))
 
 
-def test_sixteen_bit_grey_scan_stitches(tmp_path, source_image):
-    grey = source_image.mean(axis=2)
+def test_sixteen_bit_grey_scan_stitches(tmp_path):
+    from ofstitch.synthetic import load_source
+
+    grey = load_source().mean(axis=2)  # the bundled sample: tissue fills this region
     truth = {}
     tiles = {}
     for r in range(3):
