@@ -50,7 +50,8 @@ class Peaks(NamedTuple):
     ----------
     shift : array, shape (n, 2), float
         Sub-pixel shift ``(y, x)`` of tile ``b`` relative to tile ``a``, in
-        correlation pixels; NaN where the correlation is flat (blank tiles).
+        correlation pixels; NaN where there is no peak: a flat correlation (blank
+        tiles) or a maximum on the rim of the excluded zero-shift box.
     index : array, shape (n, 2), int
         Integer ``(row, col)`` of the peak in the correlation array.
     quality : array, shape (n,), float
@@ -219,7 +220,14 @@ def locate_peaks(corr: Any, *, expected_shift: Any = None, mask_radius: float | 
     span = xp.reshape(highest - lowest, (n,))
     peak_range = xp.max(xp.abs(xp.reshape(raw, (n, hp * wp))), axis=1)
     flat = span <= 1e-6 * peak_range
-    shift = xp.where(flat[:, None], xp.asarray(math.nan, dtype=shift.dtype, device=dev), shift)
+    # A peak on the rim of the excluded zero-shift box is the tail of the fixed pattern
+    # (vignetting, dust) that the box hides, not an alignment: no result either.
+    int_dy = py - hp * xp.astype(py >= (hp + 1) // 2, py.dtype)
+    int_dx = px - wp * xp.astype(px >= (wp + 1) // 2, px.dtype)
+    on_rim = (xp.abs(int_dy) <= exclude_radius) & (xp.abs(int_dx) <= exclude_radius)
+    no_peak = flat | on_rim if exclude_radius > 0 else flat
+    shift = xp.where(no_peak[:, None], xp.asarray(math.nan, dtype=shift.dtype, device=dev),
+                     shift)
     quality = xp.where(flat, xp.zeros_like(quality), quality)
     index = xp.stack([py, px], axis=1)
     return Peaks(shift=shift, index=index, quality=quality)

@@ -49,9 +49,6 @@ MIN_STAGE_WEIGHT = 1e-4
 CORRELATION_SIGMA_PX = 0.5  # typical error of a trusted correlation shift
 MAX_LEVELS = 24  # threshold values tried per axis in the automatic search
 ONE_D_TOLERANCE_PX = 30.0
-# Fits within this much of the smallest error are equally good; the one trusting most pairs wins.
-SCORE_TOLERANCE_PX = 0.05
-SCORE_TOLERANCE_FRACTION = 0.1
 
 
 @dataclass(frozen=True)
@@ -232,8 +229,11 @@ def choose_thresholds(pairs: np.ndarray, shift: np.ndarray, quality: np.ndarray,
             count = int(accepted.sum())
             if count > fallback[0]:
                 fallback = (count, float(q), float(d))
-            if count < n_tiles - 1 or count == 0:
+            if count == 0:
                 break  # stricter discrepancies only remove more pairs
+            # No floor of n - 1 trusted pairs: blank tiles cannot have any, and demanding
+            # them would force wrong correlations in. The stage penalty keeps the search
+            # from trusting too few.
             key = np.packbits(accepted).tobytes()
             if key not in tried:
                 positions, _, target, weights = _solve(pairs, shift, stage_shift, accepted,
@@ -244,12 +244,8 @@ def choose_thresholds(pairs: np.ndarray, shift: np.ndarray, quality: np.ndarray,
     if not trials:
         log.info("no threshold pair kept enough correlations; using the loosest")
         return fallback[1], fallback[2]
-    # Among the fits whose error is within the tolerance of the best, trust the most pairs:
-    # dropping a good correlation changes the error by noise only, a wrong one by much more.
-    best_error = min(t[0] for t in trials)
-    tolerance = max(SCORE_TOLERANCE_PX, SCORE_TOLERANCE_FRACTION * best_error)
-    error, count, q, d = max((t for t in trials if t[0] <= best_error + tolerance),
-                             key=lambda t: (t[1], -t[0]))
+    # The smallest error wins; between equal errors, the fit that trusts more pairs.
+    error, count, q, d = min(trials, key=lambda t: (t[0], -t[1]))
     log.info("thresholds: peak quality >= %.6f, discrepancy <= %.2f px: %d pairs, error %.3f "
              "(%d fits)", q, d, count, error, len(tried))
     return q, d
