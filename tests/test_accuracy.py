@@ -115,3 +115,17 @@ def test_blank_scan_falls_back_to_the_stage(tmp_path):
     expected = np.array([[float(n.split("_")[2][:-4]), float(n.split("_")[1])]
                          for n in reg.names])
     np.testing.assert_allclose(reg.positions_px, expected - expected.min(axis=0))
+
+
+def test_blank_region_does_not_pull_in_wrong_pairs(tmp_path):
+    """A strip whose ends are blank slide: junk correlations there must not be trusted."""
+    from ofstitch.synthetic import load_source, make_scan
+
+    synth = make_scan(tmp_path / "strip", source=load_source(), grid=(2, 10),
+                      tile_shape=(120, 160), seed=2)
+    reg = ofstitch.register(synth.folder, use_cache=False)
+    errors, textured = _errors(synth, reg)
+    assert textured.any() and not textured.all()
+    assert errors[textured].max() <= 1.0
+    # Pairs without texture fall back to the stage: off by the stage error, not by 100+ px.
+    assert errors.max() < 40
