@@ -240,6 +240,8 @@ def stitch_command(
     cache_dir: Path | None = typer.Option(
         None, "--cache-dir", help="Keep the correlation cache in this folder instead of the "
         "scan folder (for read-only scans)."),
+    device_memory: str | None = typer.Option(None, "--device-memory",
+                                             help=_s("device_memory")),
     workers: int | None = typer.Option(None, "--workers", help=_s("workers")),
     quiet: bool = typer.Option(False, "-q", "--quiet", help="No progress bars or summary."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks and debug logs."),
@@ -266,7 +268,8 @@ def stitch_command(
             thresholding=thresholding.value, min_peak_quality=min_peak_quality,
             max_stage_discrepancy=max_stage_discrepancy, priority=priority.value,
             stitching_mode=stitching_mode.value, stitch_tiff=stitch_tiff,
-            stitch_dzi=stitch_dzi, tile_size=tile_size, device=device.value, workers=workers)
+            stitch_dzi=stitch_dzi, tile_size=tile_size, device=device.value, workers=workers,
+            device_memory=device_memory)
         if device == DeviceChoice.auto and not quiet:
             err_console.print(f"Using {select_backend('auto').describe()}", highlight=False,
                               markup=False)

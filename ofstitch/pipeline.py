@@ -24,7 +24,7 @@ from .graph import OverlapGraph, find_pairs, require_connected
 from .place import Placement, place, stage_placement
 from .scan import Scan, load_scan, require_folder
 from .settings import StitchSettings
-from .stream import DEFAULT_BUDGET_BYTES, CorrelationPlan, correlate_pairs
+from .stream import CorrelationPlan, correlate_pairs, memory_budget
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +124,7 @@ def correlate_scan(scan: Scan, graph: OverlapGraph, settings: StitchSettings,
     progress("correlate", 0, len(todo))
     if len(todo):
         plan = CorrelationPlan.make(scan.tile_shape, cs)
-        budget = DEFAULT_BUDGET_BYTES[settings.priority]
+        budget = memory_budget(backend, settings.device_memory, settings.priority)
         done = 0
         last_flush = time.monotonic()
         for batch in correlate_pairs(scan.paths, pairs[todo], expected[todo], cs, plan, backend,

@@ -129,6 +129,10 @@ class StitchSettings:
     device: str = field(default="cpu", metadata=_help(
         "Where correlation and placement run: 'cpu' (NumPy), 'cuda' (CuPy on an "
         "NVIDIA GPU) or 'auto' (CUDA when usable, else the CPU)."))
+    device_memory: str | None = field(default=None, metadata=_help(
+        "Memory for each batch of pairs on the device: an amount such as '512MB' or "
+        "'2GiB', or a fraction of the free memory such as '0.5'. Default: 192 MB on "
+        "the CPU (64 MB with --priority memory), half the free GPU memory with CUDA."))
     batch_pairs: int | None = field(default=None, metadata=_help(
         "Pairs correlated per batch. Default: sized from a memory budget."))
     workers: int | None = field(default=None, metadata=_help(
@@ -145,12 +149,37 @@ class StitchSettings:
         if self.thresholding not in ("automatic", "manual"):
             raise OfstitchError(
                 f"--thresholding must be 'automatic' or 'manual', got {self.thresholding!r}")
+        if self.device_memory is not None:
+            parse_memory(self.device_memory)  # raises a clear error early
         if self.image_count is not None and self.image_count < 1:
             raise OfstitchError(f"--image-count must be at least 1, got {self.image_count}")
 
     def with_correlation(self, **changes) -> StitchSettings:
         """A copy with some correlation settings changed."""
         return replace(self, correlation=replace(self.correlation, **changes))
+
+
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6,
+          "mib": 2**20, "g": 10**9, "gb": 10**9, "gib": 2**30, "t": 10**12, "tb": 10**12,
+          "tib": 2**40}
+
+
+def parse_memory(text: str) -> tuple[str, float]:
+    """Parse ``--device-memory``: ``("bytes", n)`` for '512MB', ``("fraction", f)`` for '0.5'."""
+    raw = str(text).strip().lower().replace(" ", "")
+    number = raw.rstrip("abcdefghijklmnopqrstuvwxyz")
+    unit = raw[len(number):]
+    try:
+        value = float(number)
+    except ValueError:
+        value = float("nan")
+    if unit == "" and 0 < value <= 1:
+        return "fraction", value
+    if unit in _UNITS and value > 0 and (unit or value > 1):
+        return "bytes", value * _UNITS[unit]
+    raise OfstitchError(
+        f"--device-memory must be an amount such as '512MB' or '2GiB', or a fraction of the "
+        f"free memory such as '0.5', got {text!r}")
 
 
 def help_text(cls: type, name: str) -> str:

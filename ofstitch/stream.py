@@ -22,14 +22,16 @@ import numpy as np
 import scipy.fft
 
 from . import correlate, tiles
-from .backends import Backend, to_device, to_host
+from .backends import Backend, free_memory_bytes, to_device, to_host
 from .errors import OfstitchWarning
-from .settings import CorrelationSettings
+from .settings import CorrelationSettings, parse_memory
 
 log = logging.getLogger(__name__)
 
-# Device memory for a batch of pairs. Batches gain little on a CPU, so the budget is small.
+# Host memory for a batch of pairs. Batches gain little on a CPU, so the budget is small.
 DEFAULT_BUDGET_BYTES = {"time": 192 * 2**20, "memory": 64 * 2**20}
+# On a GPU, a batch may use this fraction of the free device memory (less with priority memory).
+DEFAULT_GPU_FRACTION = {"time": 0.5, "memory": 0.25}
 # Device bytes per pair in a batch, in units of one real correlation array
 # (product spectrum, correlation, masks and temporaries of the peak search).
 ARRAYS_PER_PAIR = 10
@@ -57,6 +59,26 @@ class CorrelationPlan:
     def batch_pairs(self, budget_bytes: int) -> int:
         per_pair = ARRAYS_PER_PAIR * 4 * self.fft_shape[0] * self.fft_shape[1]
         return max(1, min(256, budget_bytes // per_pair))
+
+
+def memory_budget(backend: Backend, device_memory: str | None = None,
+                  priority: str = "time") -> int:
+    """Bytes a batch of pairs may use on ``backend``'s device.
+
+    ``device_memory`` is ``--device-memory`` (an amount, or a fraction of the free
+    memory: device memory on a GPU, available RAM on the host).
+    """
+    free = free_memory_bytes(backend)
+    if device_memory is not None:
+        kind, value = parse_memory(device_memory)
+        if kind == "bytes":
+            return int(value)
+        if free is None:
+            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        return int(value * free)
+    if free is None:
+        return DEFAULT_BUDGET_BYTES[priority]
+    return int(DEFAULT_GPU_FRACTION[priority] * free)
 
 
 @dataclass(frozen=True)

@@ -120,6 +120,18 @@ def select_backend(device: str = "cpu") -> Backend:
     return NUMPY
 
 
+def free_memory_bytes(backend: Backend) -> int | None:
+    """Free memory of the backend's device (``None`` for the host)."""
+    if backend.name != "cupy":
+        return None
+    import cupy
+
+    with cupy.cuda.Device(getattr(backend.device, "id", 0) or 0):
+        free, _ = cupy.cuda.runtime.memGetInfo()
+    # Memory CuPy's pool holds but does not use is free for our batches too.
+    return int(free + cupy.get_default_memory_pool().free_bytes())
+
+
 def list_devices() -> list[str]:
     """Describe each usable device, one line each (for ``ofstitch devices``)."""
     lines = ["cpu: numpy (always available)"]
@@ -240,9 +252,9 @@ def _solve_sparse(sparse, spsolve, xnp, idx_a, idx_b, weights, rhs, n_nodes):
     # Fix the gauge by pinning node 0, then shift to zero mean.
     x = xnp.zeros((n_nodes, d.shape[1]))
     if n_nodes > 1:
-        sub = lap[1:, 1:].tocsc()
-        sol = spsolve(sub, b[1:])
-        x[1:] = sol.reshape(n_nodes - 1, d.shape[1])
+        sub = lap[1:, 1:].tocsr()
+        for col in range(d.shape[1]):  # one right-hand side at a time (CuPy's spsolve)
+            x[1:, col] = spsolve(sub, b[1:, col])
     return x - x.mean(axis=0, keepdims=True)
 
 
