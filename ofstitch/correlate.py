@@ -81,8 +81,11 @@ def high_pass_filter(fft_shape: tuple[int, int], sigma: float, *, xp: Any, devic
     array, shape (Hp, Wp // 2 + 1)
     """
     dtype = xp.float32 if dtype is None else dtype
-    fy = xp.astype(xp.fft.fftfreq(fft_shape[0], device=device), dtype)
-    fx = xp.astype(xp.fft.rfftfreq(fft_shape[1], device=device), dtype)
+    # Frequencies from arange, not fft.fftfreq: array-api-compat's fftfreq refuses any
+    # device but the CPU, so it would fail on CuPy.
+    hp, wp = fft_shape
+    fy = xp.astype(signed_indices(hp, xp=xp, device=device), dtype) / hp
+    fx = xp.astype(xp.arange(wp // 2 + 1, device=device), dtype) / wp
     r2 = fy[:, None] ** 2 + fx[None, :] ** 2
     return 1 - xp.exp(-2 * math.pi**2 * sigma**2 * r2)
 
