@@ -8,6 +8,7 @@ rest. The ``help`` metadata of each field is the text the CLI shows.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Literal
 
@@ -173,9 +174,11 @@ def parse_memory(text: str) -> tuple[str, float]:
         value = float(number)
     except ValueError:
         value = float("nan")
+    if not math.isfinite(value) or (unit == "" and value > 1):
+        value = float("nan")  # a bare number is a fraction; 'inf' is no amount
     if unit == "" and 0 < value <= 1:
         return "fraction", value
-    if unit in _UNITS and value > 0 and (unit or value > 1):
+    if unit in _UNITS and value > 0:
         return "bytes", value * _UNITS[unit]
     raise OfstitchError(
         f"--device-memory must be an amount such as '512MB' or '2GiB', or a fraction of the "
