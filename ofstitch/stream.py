@@ -3,8 +3,10 @@
 Tiles are decoded on a thread pool (grey float32 at the requested resize) ahead
 of need, uploaded to the device once and transformed once. A tile's spectrum
 stays on the device only while it still has unprocessed pairs. Pairs are taken
-in row-major order of the overlap graph, so the live set stays about one scan
-row wide, and go through the kernels in batches sized from a memory budget.
+in the graph's order (by first tile, in capture order), so for a raster or
+snake scan the live set stays about one scan row wide (one column for a
+column-first scan), and go through the kernels in batches sized from a memory
+budget.
 Only the per-pair results (shift, quality) come back to the host.
 """
 
