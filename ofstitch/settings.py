@@ -132,8 +132,8 @@ class StitchSettings:
         "NVIDIA GPU) or 'auto' (CUDA when usable, else the CPU)."))
     device_memory: str | None = field(default=None, metadata=_help(
         "Memory for each batch of pairs on the device: an amount such as '512MB' or "
-        "'2GiB', or a fraction of the free memory such as '0.5'. Default: 192 MB on "
-        "the CPU (64 MB with --priority memory), half the free GPU memory with CUDA."))
+        "'2GiB', or a fraction of the free memory such as '0.5'. Default: 64 MB on "
+        "the CPU (32 MB with --priority memory), half the free GPU memory with CUDA."))
     batch_pairs: int | None = field(default=None, metadata=_help(
         "Pairs correlated per batch. Default: sized from a memory budget."))
     workers: int | None = field(default=None, metadata=_help(

@@ -410,8 +410,8 @@ def test_cli_device_memory_small_budget(tiny_scan, tmp_path, capsys):
 
 
 def test_memory_budget_defaults_on_the_host():
-    assert memory_budget(NUMPY) == DEFAULT_BUDGET_BYTES["time"] == 192 * 2**20
-    assert memory_budget(NUMPY, priority="time") == 192 * 2**20
+    assert memory_budget(NUMPY) == DEFAULT_BUDGET_BYTES["time"] == 64 * 2**20
+    assert memory_budget(NUMPY, priority="time") == 64 * 2**20
     assert memory_budget(NUMPY, priority="memory") == DEFAULT_BUDGET_BYTES["memory"]
     assert memory_budget(NUMPY, priority="memory") < memory_budget(NUMPY, priority="time")
 
@@ -513,10 +513,10 @@ def test_register_passes_the_budget(monkeypatch, tmp_path, source_image):
     monkeypatch.setattr(pipeline, "correlate_pairs", spy)
     folder = make_scan(tmp_path / "scan", source=source_image, grid=(2, 2),
                        tile_shape=(96, 128)).folder
-    for settings, want in [(StitchSettings(), (192 * 2**20, None)),
-                           (StitchSettings(priority="memory"), (64 * 2**20, None)),
+    for settings, want in [(StitchSettings(), (64 * 2**20, None)),
+                           (StitchSettings(priority="memory"), (32 * 2**20, None)),
                            (StitchSettings(device_memory="3MB"), (3_000_000, None)),
-                           (StitchSettings(batch_pairs=2), (192 * 2**20, 2))]:
+                           (StitchSettings(batch_pairs=2), (64 * 2**20, 2))]:
         seen.clear()
         ofstitch.register(folder, settings, use_cache=False)
         assert seen == [want]
