@@ -4,16 +4,32 @@ One JSON file, ``ofstitch_cache.json``, in the scan folder (or ``--cache-dir``).
 Results are grouped by the correlation settings that produced them
 (:meth:`CorrelationSettings.key`) and keyed by the identity of both files
 (name, size, modification time), so a changed or replaced tile is correlated
-again. Writes go to a temporary file that is renamed into place, after merging
-with whatever another process wrote meanwhile, so an interrupted write leaves
-the old cache or the new one, never half of one.
+again.
+
+Crash safety and concurrency:
+
+- While correlating, each batch of results is appended to a journal beside the
+  cache (``ofstitch_cache.json.journal``, one JSON line per batch, fsynced). A
+  run killed at any point (even ``kill -9``) loses at most the batch in flight:
+  the next run replays the journal and skips the pairs already done. A torn
+  last line is ignored.
+- At the end of a run the cache file is rewritten: the file on disk, the
+  journal and this run's results are merged, written to a temporary file that
+  is renamed into place, and only then is the journal removed. An interrupted
+  write leaves the old cache or the new one, never half of one.
+- Appends and rewrites hold an exclusive ``flock`` on the cache's folder, so
+  two processes on one folder (a live preview and a full stitch) merge their
+  results instead of overwriting each other's.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,6 +53,28 @@ def cache_path(folder: Path, cache_dir: Path | None = None) -> Path:
     return Path(cache_dir) / f"{Path(folder).resolve().name}_{CACHE_NAME}"
 
 
+def _journal(path: Path) -> Path:
+    return path.with_name(path.name + ".journal")
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock for the cache at ``path`` (a no-op without ``fcntl``)."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory locks; merging still applies
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Lock the cache's folder itself: no lock file is left behind in the user's scan.
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
 def pair_key(file_a: str, file_b: str) -> str:
     return f"{file_a}::{file_b}"
 
@@ -51,12 +89,17 @@ class CorrelationCache:
     """
 
     path: Path
-    sets: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+    sets: dict[str, dict[str, list]] = field(default_factory=dict)
+    pending: dict[str, dict[str, list]] = field(default_factory=dict)
+    writable: bool = True
 
     @classmethod
     def load(cls, path: Path) -> CorrelationCache:
-        """Read the cache; a missing file is empty, a corrupt one warns and is empty."""
-        return cls(Path(path), _read_sets(Path(path)))
+        """Read the cache and replay its journal; a corrupt cache warns and counts as empty."""
+        path = Path(path)
+        sets = _read_sets(path)
+        _merge(sets, _read_journal(_journal(path)))
+        return cls(path, sets)
 
     def lookup(self, settings: CorrelationSettings, file_keys: list[str], pairs: np.ndarray,
                expected_shift_px: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -83,7 +126,8 @@ class CorrelationCache:
                 if not np.allclose(expected, expected_shift_px[k], atol=1.0):
                     continue  # the search region moved: correlate again
             found[k] = True
-            shift[k] = sign * np.asarray(entry[0:2], dtype=float)
+            if entry[0] is not None:
+                shift[k] = sign * np.asarray(entry[0:2], dtype=float)
             quality[k] = entry[2]
         if invalid:
             warnings.warn(f"ignoring {invalid} malformed entries of the correlation cache "
@@ -93,29 +137,63 @@ class CorrelationCache:
 
     def add(self, settings: CorrelationSettings, file_keys: list[str], pairs: np.ndarray,
             shift: np.ndarray, quality: np.ndarray, expected_shift_px: np.ndarray) -> None:
-        """Record results (NaN results are not recorded)."""
-        entries = self.sets.setdefault(settings.key(), {})
+        """Record results. A pair with no peak (NaN shift) is recorded as such; a pair
+        that could not be correlated at all (NaN quality: an unreadable tile) is not."""
+        key = settings.key()
+        entries = self.sets.setdefault(key, {})
+        pending = self.pending.setdefault(key, {})
         for (a, b), s, q, e in zip(pairs.tolist(), shift.tolist(), quality.tolist(),
                                    expected_shift_px.tolist(), strict=True):
-            if np.isfinite(q) and np.all(np.isfinite(s)):
-                entries[pair_key(file_keys[a], file_keys[b])] = [s[0], s[1], q, e[0], e[1]]
+            if not np.isfinite(q):
+                continue
+            dy, dx = (s[0], s[1]) if np.all(np.isfinite(s)) else (None, None)
+            entry = [dy, dx, q, e[0], e[1]]
+            entries[pair_key(file_keys[a], file_keys[b])] = entry
+            pending[pair_key(file_keys[a], file_keys[b])] = entry
+
+    def flush(self) -> bool:
+        """Append the results added since the last flush to the journal (fsynced)."""
+        if not any(self.pending.values()) or not self.writable:
+            self.pending.clear()
+            return self.writable
+        line = json.dumps(self.pending, separators=(",", ":")) + "\n"
+        try:
+            with _locked(self.path), open(_journal(self.path), "a", encoding="utf-8") as fh:
+                fh.write(line)
+                fh.flush()
+                os.fsync(fh.fileno())
+        except OSError as exc:
+            return self._cannot_write(exc)
+        self.pending.clear()
+        return True
 
     def save(self) -> bool:
-        """Merge with the file on disk and replace it atomically. False if it cannot be written."""
-        merged = _read_sets(self.path, quiet=True)
-        for key, entries in self.sets.items():
-            merged.setdefault(key, {}).update(entries)
-        self.sets = merged
-        payload = {"format": FORMAT, "version": VERSION, "sets": merged}
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            atomic.write_text(self.path, json.dumps(payload, separators=(",", ":")))
-        except OSError as exc:
-            warnings.warn(f"cannot write the correlation cache {self.path}: {exc.strerror}; "
-                          "results will be recomputed next time (use --cache-dir)",
-                          OfstitchWarning, stacklevel=2)
+        """Merge the file on disk, the journal and this run's results; replace the file
+        atomically, then drop the journal. False if the cache cannot be written."""
+        if not self.writable:
             return False
+        try:
+            with _locked(self.path):
+                merged = _read_sets(self.path, quiet=True)
+                _merge(merged, _read_journal(_journal(self.path)))
+                _merge(merged, self.sets)
+                payload = {"format": FORMAT, "version": VERSION, "sets": merged}
+                atomic.write_text(self.path, json.dumps(payload, separators=(",", ":")))
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(_journal(self.path))
+        except OSError as exc:
+            return self._cannot_write(exc)
+        self.sets = merged
+        self.pending.clear()
         return True
+
+    def _cannot_write(self, exc: OSError) -> bool:
+        if self.writable:
+            warnings.warn(f"cannot write the correlation cache {self.path}: "
+                          f"{exc.strerror or exc}; results will be recomputed next time "
+                          "(use --cache-dir)", OfstitchWarning, stacklevel=3)
+        self.writable = False
+        return False
 
     def settings_summary(self, file_keys: list[str] | None = None
                          ) -> list[tuple[CorrelationSettings, int]]:
@@ -134,12 +212,41 @@ class CorrelationCache:
         return out
 
 
+def _number(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and bool(np.isfinite(v))
+
+
 def _valid_entry(entry: object) -> bool:
-    """An entry is five finite numbers; anything else is ignored (and correlated again)."""
+    """``[dy, dx, quality, ey, ex]``: finite numbers, except a shift of ``null, null``
+    (a pair with no peak). Anything else is ignored, and correlated again."""
     if not isinstance(entry, list) or len(entry) != 5:
         return False
-    return all(isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)
-               for v in entry)
+    no_peak = entry[0] is None and entry[1] is None
+    return (no_peak or (_number(entry[0]) and _number(entry[1]))) and all(
+        _number(v) for v in entry[2:])
+
+
+def _merge(into: dict, sets: dict) -> None:
+    for key, entries in sets.items():
+        into.setdefault(key, {}).update(entries)
+
+
+def _read_journal(path: Path) -> dict:
+    """Replay a journal; a torn or garbled line (a crash mid-append) is skipped."""
+    out: dict = {}
+    try:
+        raw = path.read_bytes()
+    except OSError:
+        return out
+    for line in raw.decode("utf-8", errors="replace").splitlines():
+        try:
+            batch = json.loads(line)
+        except (ValueError, RecursionError):
+            continue
+        if isinstance(batch, dict):
+            _merge(out, {k: v for k, v in batch.items()
+                         if isinstance(k, str) and isinstance(v, dict)})
+    return out
 
 
 def _read_sets(path: Path, quiet: bool = False) -> dict:

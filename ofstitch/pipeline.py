@@ -29,7 +29,6 @@ from .stream import CorrelationPlan, correlate_pairs, memory_budget
 log = logging.getLogger(__name__)
 
 Progress = Callable[[str, int, int], None]
-CACHE_FLUSH_SECONDS = 15.0
 
 
 @dataclass(frozen=True)
@@ -126,7 +125,6 @@ def correlate_scan(scan: Scan, graph: OverlapGraph, settings: StitchSettings,
         plan = CorrelationPlan.make(scan.tile_shape, cs)
         budget = memory_budget(backend, settings.device_memory, settings.priority)
         done = 0
-        last_flush = time.monotonic()
         for batch in correlate_pairs(scan.paths, pairs[todo], expected[todo], cs, plan, backend,
                                      batch_pairs=settings.batch_pairs, budget_bytes=budget,
                                      workers=settings.workers):
@@ -137,9 +135,7 @@ def correlate_scan(scan: Scan, graph: OverlapGraph, settings: StitchSettings,
             progress("correlate", done, len(todo))
             if cache is not None:
                 cache.add(cs, keys, pairs[ids], batch.shift_px, batch.quality, expected[ids])
-                if time.monotonic() - last_flush > CACHE_FLUSH_SECONDS:
-                    cache.save()
-                    last_flush = time.monotonic()
+                cache.flush()  # a killed run keeps every finished batch
         if cache is not None:
             cache.save()
     return shift, quality, len(todo), int(found.sum())

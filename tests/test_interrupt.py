@@ -1,0 +1,103 @@
+"""Crash safety and concurrency of the correlation cache, with real processes and signals."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+import ofstitch
+from ofstitch.cache import CACHE_NAME, CorrelationCache
+from ofstitch.settings import CorrelationSettings, StitchSettings
+from ofstitch.synthetic import make_scan
+
+JOURNAL = CACHE_NAME + ".journal"
+
+
+@pytest.fixture(scope="module")
+def big_scan(tmp_path_factory, source_image):
+    """20 tiles of 624x832: correlating them one pair at a time takes a few seconds."""
+    big = np.pad(source_image, ((0, source_image.shape[0]), (0, source_image.shape[1]), (0, 0)),
+                 mode="reflect")
+    folder = tmp_path_factory.mktemp("interrupt") / "scan"
+    return make_scan(folder, source=big, grid=(5, 4), tile_shape=(624, 832), seed=3)
+
+
+def _copy(scan, dest):
+    dest.mkdir()
+    for name in scan.names:
+        (dest / name).write_bytes((scan.folder / name).read_bytes())
+    return dest
+
+
+def _cli(folder, *args):
+    return [sys.executable, "-m", "ofstitch.cli", str(folder), "--quiet", "--workers", "1",
+            "--device-memory", "1MB", *args]
+
+
+def test_kill_9_mid_correlation_then_resume(big_scan, tmp_path):
+    folder = _copy(big_scan, tmp_path / "killed")
+    proc = subprocess.Popen(_cli(folder, "--stitching-mode", "only-correlate"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    journal = folder / JOURNAL
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if journal.exists() and journal.read_bytes().count(b"\n") >= 2:
+            break
+        time.sleep(0.005)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (folder / CACHE_NAME).exists()  # it died before the final rewrite
+    journaled = sum(len(v) for line in journal.read_text().splitlines() if line.strip()
+                    for v in json.loads(line).values())
+    assert journaled >= 2
+
+    resumed = ofstitch.register(folder)
+    total = len(resumed.graph.pairs)
+    assert resumed.n_cached >= journaled
+    assert resumed.n_correlated == total - resumed.n_cached
+    assert resumed.n_correlated > 0  # the kill really interrupted the work
+    assert not journal.exists() and (folder / CACHE_NAME).is_file()
+
+    clean = ofstitch.register(_copy(big_scan, tmp_path / "clean"), use_cache=False)
+    np.testing.assert_allclose(resumed.positions_px, clean.positions_px, atol=1e-6)
+    np.testing.assert_allclose(resumed.quality, clean.quality, rtol=1e-6)
+
+
+def test_torn_journal_line_is_ignored(big_scan, tmp_path):
+    folder = _copy(big_scan, tmp_path / "torn")
+    first = ofstitch.register(folder)
+    payload = json.loads((folder / CACHE_NAME).read_text())
+    (folder / CACHE_NAME).unlink()
+    (key, entries), = payload["sets"].items()
+    kept = dict(list(entries.items())[:5])
+    (folder / JOURNAL).write_text(json.dumps({key: kept}) + "\n" + '{"' + key[:20])
+    again = ofstitch.register(folder)
+    assert again.n_cached == 5
+    assert again.n_correlated == len(first.graph.pairs) - 5
+
+
+def test_two_processes_at_once_merge_their_results(big_scan, tmp_path):
+    folder = _copy(big_scan, tmp_path / "shared")
+    procs = [subprocess.Popen(_cli(folder, "--stitching-mode", "only-correlate",
+                                   "--high-pass-sigma", sigma),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+             for sigma in ("10", "6")]
+    for proc in procs:
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err.decode()
+    assert not (folder / JOURNAL).exists()
+    cache = CorrelationCache.load(folder / CACHE_NAME)  # valid JSON, both sets whole
+    assert len(cache.sets) == 2
+    for sigma in (10.0, 6.0):
+        reg = ofstitch.register(folder, StitchSettings(
+            correlation=CorrelationSettings(high_pass_sigma=sigma)))
+        assert reg.n_correlated == 0 and reg.n_cached == len(reg.graph.pairs)
