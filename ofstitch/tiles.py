@@ -48,11 +48,15 @@ def _open(path: Path, *, shrink: int = 1) -> pyvips.Image:
                                            **kwargs)
     except pyvips.Error as exc:
         image = _pillow_image(path, exc)
+    _require_sane_size(image, Path(path))
+    return image
+
+
+def _require_sane_size(image: pyvips.Image, path: Path) -> None:
     if image.width * image.height > MAX_TILE_PIXELS:
         raise TileReadError(
-            f"{Path(path).name} claims {image.width}x{image.height} pixels, more than a tile "
+            f"{path.name} claims {image.width}x{image.height} pixels, more than a tile "
             "can have (a corrupt file or a decompression bomb)")
-    return image
 
 
 def _first_line(exc: Exception) -> str:
@@ -71,6 +75,7 @@ def header(path: Path) -> tuple[int, int, int, str]:
     except pyvips.Error as exc:
         image = _pillow_image(path, exc)
     _require_complete(Path(path))
+    _require_sane_size(image, Path(path))
     bands = image.bands - 1 if image.bands in (2, 4) else image.bands
     return image.height, image.width, bands, image.format
 
