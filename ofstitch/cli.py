@@ -129,6 +129,13 @@ def _user_errors(debug: bool):
         raise typer.Exit(2) from None
 
 
+def _configure_logging(debug: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    # libvips reports every decoding problem of a skipped file; our warning says it once.
+    logging.getLogger("pyvips").setLevel(logging.DEBUG if debug else logging.ERROR)
+
+
 def _ask_thresholds() -> tuple[float, float]:
     err_console.print("Look at stitching_correlations.png, then give the two thresholds.")
     q = typer.prompt("Minimum peak quality (0-1)", type=float)
@@ -247,8 +254,7 @@ def stitch_command(
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks and debug logs."),
 ) -> None:
     """Stitch the tiles in FOLDER into one mosaic (ofstitch FOLDER does the same)."""
-    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    _configure_logging(debug)
     with _user_errors(debug):
         if show_cached_settings:
             _show_cached_settings(folder, cache_dir)
@@ -293,6 +299,7 @@ def demo_command(
     """Cut a synthetic 28-tile scan from the bundled H&E sample, stitch it, and report accuracy."""
     from .synthetic import make_scan, pair_errors, textured_pairs
 
+    _configure_logging(debug)
     with _user_errors(debug):
         scan_dir = output / "demo-scan"
         if scan_dir.exists() and any(find_image_files(scan_dir)):

@@ -19,6 +19,7 @@ import math
 import os
 import shutil
 import tempfile
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -31,7 +32,7 @@ import pyvips
 
 from . import tiles
 from .atomic import atomic_path, write_text
-from .errors import OfstitchError
+from .errors import OfstitchError, OfstitchWarning
 
 log = logging.getLogger(__name__)
 
@@ -101,10 +102,17 @@ def compose_to_raw(paths: list[Path], layout: Layout, raw_path: Path, *,
     decoded: OrderedDict[int, np.ndarray] = OrderedDict()
     workers = workers or os.cpu_count() or 1
 
-    def decode(i: int) -> np.ndarray:
-        if layout.scale == 1.0:
-            return tiles.read_rgb8(paths[i], value_scale=value_scale)
-        return tiles.read_rgb8_scaled(paths[i], layout.scale, (th, tw), value_scale=value_scale)
+    def decode(i: int) -> np.ndarray | None:
+        try:
+            if layout.scale == 1.0:
+                return tiles.read_rgb8(paths[i], value_scale=value_scale)
+            return tiles.read_rgb8_scaled(paths[i], layout.scale, (th, tw),
+                                          value_scale=value_scale)
+        except tiles.TileReadError as exc:
+            # Its neighbours fill its place where they overlap it.
+            warnings.warn(f"leaving out {Path(paths[i]).name} from the mosaic: {exc}",
+                          OfstitchWarning, stacklevel=2)
+            return None
 
     with open(raw_path, "wb") as out, ThreadPoolExecutor(workers) as pool:
         for band in range(n_bands):
@@ -116,6 +124,8 @@ def compose_to_raw(paths: list[Path], layout: Layout, raw_path: Path, *,
             canvas = np.zeros((r1 - r0, width, 3), dtype=np.uint8)
             best = np.full((r1 - r0, width), np.inf, dtype=np.float32)
             for i in members:
+                if decoded[i] is None:
+                    continue
                 ty, tx = top[i]
                 y0, y1 = max(r0, ty), min(r1, ty + th)
                 x0, x1 = max(0, tx), min(width, tx + tw)

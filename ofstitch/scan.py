@@ -67,6 +67,7 @@ class TileMetadata:
     capture_time: float | None = None
     from_openflexure: bool = False
     position_source: str = "none"
+    csm_unreadable: bool = False
     usercomment: dict | None = field(default=None, compare=False, repr=False)
 
 
@@ -255,7 +256,8 @@ def metadata_from_usercomment(data: dict) -> TileMetadata:
               or _nested(data, "/camera_stage_mapping/", "image_to_stage_displacement_matrix"))
     csm_v2 = _nested(data, "instrument", "settings", "extensions",
                      "org.openflexure.camera_stage_mapping", "image_to_stage_displacement")
-    csm = _matrix(csm_v3 if csm_v3 is not None else csm_v2)
+    raw_csm = csm_v3 if csm_v3 is not None else csm_v2
+    csm = _matrix(raw_csm)
     resolution = (_nested(data, "camera_stage_mapping", "image_resolution")
                   or _nested(data, "/camera_stage_mapping/", "image_resolution"))
     csm_width = None
@@ -275,6 +277,7 @@ def metadata_from_usercomment(data: dict) -> TileMetadata:
     return TileMetadata(stage_xyz=stage, csm=csm, csm_width=csm_width, um_per_px=um_per_px,
                         from_openflexure=from_ofm,
                         position_source="exif" if stage is not None else "none",
+                        csm_unreadable=raw_csm is not None and csm is None,
                         usercomment=data)
 
 
@@ -341,7 +344,7 @@ def parse_csm(text: str) -> tuple[tuple[float, float], tuple[float, float]]:
     """Parse ``--csm-matrix`` text such as ``[[0, 1], [1, 0]]``."""
     try:
         value = json.loads(text.replace("(", "[").replace(")", "]"))
-    except ValueError:
+    except (ValueError, RecursionError):
         value = None
     matrix = _matrix(value)
     if matrix is None:
@@ -398,13 +401,13 @@ def load_scan(folder: Path, settings: StitchSettings | None = None) -> Scan:
     for path in paths:
         try:
             stat = path.stat()
+            if stat.st_size == 0:
+                warnings.warn(f"skipping {path.name}: the file is empty", OfstitchWarning,
+                              stacklevel=2)
+                continue
             h, w, bands, fmt = tiles.header(path)
         except (OSError, tiles.TileReadError) as exc:
             warnings.warn(f"skipping {path.name}: {exc}", OfstitchWarning, stacklevel=2)
-            continue
-        if stat.st_size == 0:
-            warnings.warn(f"skipping {path.name}: the file is empty", OfstitchWarning,
-                          stacklevel=2)
             continue
         meta = read_metadata(path)
         if meta.stage_xyz is None and path.name in tile_config:
@@ -440,6 +443,15 @@ def load_scan(folder: Path, settings: StitchSettings | None = None) -> Scan:
             kept.append(rec)
     records = kept
 
+    # 8-bit and 16-bit tiles cannot share one intensity scale: keep the majority's depth.
+    depth_counts = Counter(_is_8bit(r[4]) for r in records)
+    majority_8bit = depth_counts.most_common(1)[0][0]
+    for rec in [r for r in records if _is_8bit(r[4]) != majority_8bit]:
+        warnings.warn(
+            f"skipping {rec[0].name}: it is {'8' if _is_8bit(rec[4]) else '16'}-bit but most "
+            f"tiles are {'8' if majority_8bit else '16'}-bit", OfstitchWarning, stacklevel=2)
+    records = [r for r in records if _is_8bit(r[4]) == majority_8bit]
+
     records = _keep_sharpest_of_stacks(records)
 
     # Capture order: EXIF time when every tile has one, else modification time.
@@ -452,10 +464,20 @@ def load_scan(folder: Path, settings: StitchSettings | None = None) -> Scan:
 
     first_meta = records[0][5]
     tile_h, tile_w = tile_shape
+    with_csm = [r[5] for r in records if r[5].csm is not None]
+    unreadable = [r[0].name for r in records if r[5].csm_unreadable]
+    if unreadable and settings.csm_matrix is None:
+        fallback = "the other tiles' matrix" if with_csm else \
+            "stage x as the column and y as the row, in pixels"
+        warnings.warn(
+            f"ignoring the camera-to-sample matrix of {len(unreadable)} tile(s) "
+            f"({', '.join(unreadable[:3])}{'...' if len(unreadable) > 3 else ''}): not a 2x2 "
+            f"matrix of numbers; using {fallback} (or pass --csm-matrix)",
+            OfstitchWarning, stacklevel=2)
     if settings.csm_matrix is not None:
         csm_raw, source_width = settings.csm_matrix, None
-    elif first_meta.csm is not None:
-        csm_raw, source_width = first_meta.csm, first_meta.csm_width
+    elif with_csm:
+        csm_raw, source_width = with_csm[0].csm, with_csm[0].csm_width
     else:
         csm_raw, source_width = SWAP_AXES, None
     if settings.csm_calibration_width is not None:
@@ -467,7 +489,7 @@ def load_scan(folder: Path, settings: StitchSettings | None = None) -> Scan:
     stage_xy = np.array([r[5].stage_xyz[:2] for r in records], dtype=np.float64)
     stage_px = stage_xy @ np.linalg.inv(csm)
     um = next((r[5].um_per_px for r in records if r[5].um_per_px is not None), None)
-    bit_depth = 16 if records[0][4] in ("ushort", "short", "uint", "int", "float") else 8
+    bit_depth = 8 if _is_8bit(records[0][4]) else 16
     sources = Counter(r[5].position_source for r in records)
     files = tuple(TileFile(r[0].name, r[1].st_size, r[1].st_mtime_ns) for r in records)
     log.info("scan %s: %d tiles of %dx%d px, positions from %s", folder, len(files), tile_w,
@@ -477,6 +499,10 @@ def load_scan(folder: Path, settings: StitchSettings | None = None) -> Scan:
                 csm_calibration_width=calibration, pixel_size_um=um,
                 metadata=first_meta.usercomment, bit_depth=bit_depth,
                 position_source=sources.most_common(1)[0][0])
+
+
+def _is_8bit(vips_format: str) -> bool:
+    return vips_format in ("uchar", "char")
 
 
 def _keep_sharpest_of_stacks(records: list) -> list:

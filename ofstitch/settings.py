@@ -178,7 +178,7 @@ def parse_memory(text: str) -> tuple[str, float]:
         value = float("nan")  # a bare number is a fraction; 'inf' is no amount
     if unit == "" and 0 < value <= 1:
         return "fraction", value
-    if unit in _UNITS and value > 0:
+    if unit in _UNITS and value > 0 and math.isfinite(value * _UNITS[unit]):
         return "bytes", value * _UNITS[unit]
     raise OfstitchError(
         f"--device-memory must be an amount such as '512MB' or '2GiB', or a fraction of the "

@@ -27,10 +27,13 @@ class TileReadError(OfstitchError):
 def _pillow_image(path: Path, exc: Exception) -> pyvips.Image:
     """Fallback decoder for formats the bundled libvips lacks (BMP), through Pillow."""
     try:
+        import warnings
+
         from PIL import Image
 
         Image.MAX_IMAGE_PIXELS = MAX_TILE_PIXELS
-        with Image.open(path) as pil:
+        with warnings.catch_warnings(), Image.open(path) as pil:
+            warnings.simplefilter("ignore")  # Pillow's own chatter about bad files
             if pil.mode not in ("L", "RGB", "RGBA", "I;16", "LA"):
                 pil = pil.convert("RGB")
             arr = np.asarray(pil)
