@@ -263,7 +263,7 @@ def metadata_from_usercomment(data: dict) -> TileMetadata:
     csm_width = None
     if isinstance(resolution, (list, tuple)) and len(resolution) == 2:
         width = _finite_float(resolution[1])
-        if width is not None and width > 0:
+        if width is not None and round(width) >= 1:
             csm_width = int(round(width))
     um_per_px = _finite_float(_nested(data, "instrument", "settings", "extensions", "usafcal",
                                       "um_per_px"))
@@ -318,8 +318,10 @@ def position_from_filename(name: str) -> tuple[float, float, float] | None:
     match = _FILENAME_POSITION.search(Path(name).stem)
     if match is None:
         return None
-    x, y, z = match.groups()
-    return float(x), float(y), float(z) if z is not None else 0.0
+    values = [_finite_float(v) for v in match.groups() if v is not None]
+    if any(v is None for v in values):
+        return None  # too large to be a position
+    return values[0], values[1], values[2] if len(values) > 2 else 0.0
 
 
 def read_tile_configuration(path: Path) -> dict[str, tuple[float, float]]:
