@@ -103,8 +103,13 @@ class CorrelationCache:
         return cls(path, sets)
 
     def lookup(self, settings: CorrelationSettings, file_keys: list[str], pairs: np.ndarray,
-               expected_shift_px: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Cached results for ``pairs``: ``(found mask, shift (m, 2), quality (m,))``."""
+               expected_shift_px: np.ndarray, tile_shape: tuple[int, int] | None = None
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Cached results for ``pairs``: ``(found mask, shift (m, 2), quality (m,))``.
+
+        With ``tile_shape``, a shift no correlation can produce (as large as the
+        tile, where the tiles no longer overlap) counts as malformed.
+        """
         entries = self.sets.get(settings.key(), {})
         m = len(pairs)
         found = np.zeros(m, dtype=bool)
@@ -119,7 +124,9 @@ class CorrelationCache:
                 sign = -1.0
             if entry is None:
                 continue
-            if not _valid_entry(entry):
+            if not _valid_entry(entry) or (
+                    tile_shape is not None and entry[0] is not None
+                    and (abs(entry[0]) >= tile_shape[0] or abs(entry[1]) >= tile_shape[1])):
                 invalid += 1
                 continue
             if settings.corr_mask_radius is not None:

@@ -115,7 +115,7 @@ def correlate_scan(scan: Scan, graph: OverlapGraph, settings: StitchSettings,
     keys = [f.key for f in scan.files]
     cs = settings.correlation
     if cache is not None:
-        found, shift, quality = cache.lookup(cs, keys, pairs, expected)
+        found, shift, quality = cache.lookup(cs, keys, pairs, expected, scan.tile_shape)
     else:
         found = np.zeros(len(pairs), bool)
         shift, quality = np.full((len(pairs), 2), np.nan), np.full(len(pairs), np.nan)

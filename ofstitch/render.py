@@ -70,6 +70,9 @@ class Layout:
 def make_layout(positions_px: np.ndarray, tile_shape: tuple[int, int], scale: float = 1.0
                 ) -> Layout:
     """Layout of tiles at ``positions_px`` (top-left, full resolution) at ``scale``."""
+    if not np.all(np.isfinite(positions_px)):
+        raise OfstitchError("some tile positions are not finite, so no mosaic can be drawn: "
+                            "delete the correlation cache and run again")
     pos = (positions_px - positions_px.min(axis=0)) * scale
     th, tw = tiles.scaled_shape(tile_shape, scale)
     top_left = np.floor(pos + 0.5).astype(np.int64)

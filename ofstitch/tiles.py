@@ -32,11 +32,12 @@ def _pillow_image(path: Path, exc: Exception) -> pyvips.Image:
         from PIL import Image
 
         Image.MAX_IMAGE_PIXELS = MAX_TILE_PIXELS
-        with warnings.catch_warnings(), Image.open(path) as pil:
+        with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # Pillow's own chatter about bad files
-            if pil.mode not in ("L", "RGB", "RGBA", "I;16", "LA"):
-                pil = pil.convert("RGB")
-            arr = np.asarray(pil)
+            with Image.open(path) as pil:
+                image = pil if pil.mode in ("L", "RGB", "RGBA", "I;16", "LA") else \
+                    pil.convert("RGB")
+                arr = np.asarray(image)
     except Exception:
         raise TileReadError(f"cannot read {Path(path).name}: {_first_line(exc)}") from None
     return pyvips.Image.new_from_array(arr)
