@@ -13,7 +13,6 @@ import importlib.util
 import os
 import subprocess
 import sys
-import traceback
 import types
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import array_api_compat
 import numpy as np
 import pytest
 import scipy.ndimage as ndi
+from cli_helpers import run_main
 
 import ofstitch
 from ofstitch import backends
@@ -254,20 +254,6 @@ def test_free_memory_of_the_host_is_none(backend):
 # ----------------------------------------------------------------------------- CLI
 
 
-def run_main(*args, capsys) -> subprocess.CompletedProcess:
-    """``ofstitch.cli.main(ARGS)`` in this process; an escaping exception is exit code 1."""
-    from ofstitch.cli import main
-
-    capsys.readouterr()
-    code, tb = 0, ""
-    try:
-        main([str(a) for a in args])
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    except Exception:
-        code, tb = 1, traceback.format_exc()
-    out, err = capsys.readouterr()
-    return subprocess.CompletedProcess(list(args), code, out, err + tb)
 
 
 def user_error_line(result: subprocess.CompletedProcess) -> str:

@@ -16,13 +16,13 @@ import os
 import re
 import subprocess
 import sys
-import traceback
 from pathlib import Path
 
 import numpy as np
 import piexif
 import pytest
 import pyvips
+from cli_helpers import run_main
 
 from ofstitch.cache import CACHE_NAME
 from ofstitch.synthetic import make_scan
@@ -54,24 +54,6 @@ def run_cli(*args, input: str | None = None, cwd: Path | None = None,
                           text=True, cwd=cwd, env=env, timeout=timeout)
 
 
-def run_main(*args, capsys) -> subprocess.CompletedProcess:
-    """Run ``ofstitch.cli.main(ARGS)`` in this process, as the console script would.
-
-    Quicker than a subprocess, for the many error paths; an exception that escapes
-    becomes exit code 1 and a traceback on stderr, as it would in a real process.
-    """
-    from ofstitch.cli import main
-
-    capsys.readouterr()
-    code, tb = 0, ""
-    try:
-        main([str(a) for a in args])
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    except Exception:
-        code, tb = 1, traceback.format_exc()
-    out, err = capsys.readouterr()
-    return subprocess.CompletedProcess(list(args), code, out, err + tb)
 
 
 def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:

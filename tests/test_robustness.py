@@ -28,7 +28,6 @@ import resource
 import struct
 import subprocess
 import sys
-import traceback
 import zlib
 from collections.abc import Callable
 from pathlib import Path
@@ -37,6 +36,7 @@ import numpy as np
 import piexif
 import pytest
 import pyvips
+from cli_helpers import run_main
 
 from ofstitch.cache import CACHE_NAME, FORMAT, VERSION
 from ofstitch.settings import CorrelationSettings
@@ -72,24 +72,6 @@ def run_cli(*args, timeout: float = 120) -> subprocess.CompletedProcess:
                           preexec_fn=_cap_address_space)
 
 
-def run_main(*args, capsys) -> subprocess.CompletedProcess:
-    """``ofstitch.cli.main(ARGS)`` in this process, as the console script would run it.
-
-    An exception that escapes becomes exit code 1 and a traceback on stderr, as it would
-    in a real process.
-    """
-    from ofstitch.cli import main
-
-    capsys.readouterr()
-    code, tb = 0, ""
-    try:
-        main([str(a) for a in args])
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    except Exception:
-        code, tb = 1, traceback.format_exc()
-    out, err = capsys.readouterr()
-    return subprocess.CompletedProcess(list(args), code, out, err + tb)
 
 
 def stitch(folder: Path, capsys, *extra) -> tuple[subprocess.CompletedProcess, Path]:
