@@ -141,6 +141,14 @@ def correlate_scan(scan: Scan, graph: OverlapGraph, settings: StitchSettings,
     return shift, quality, len(todo), int(found.sum())
 
 
+def load_connected_scan(folder: Path, settings: StitchSettings) -> tuple[Scan, OverlapGraph]:
+    """The scan and its overlap graph; raises if the graph is not connected."""
+    scan = load_scan(folder, settings)
+    graph = find_pairs(scan.stage_px, scan.tile_shape, settings.minimum_overlap)
+    require_connected(graph, [f.name for f in scan.files], settings.minimum_overlap)
+    return scan, graph
+
+
 def register(folder: Path | str, settings: StitchSettings | None = None, *,
              output_dir: Path | str | None = None, cache_dir: Path | str | None = None,
              use_cache: bool = True, progress: Progress = _noop,
@@ -176,9 +184,7 @@ def register(folder: Path | str, settings: StitchSettings | None = None, *,
     timings = {}
     t0 = time.perf_counter()
     backend = backend or select_backend(settings.device)
-    scan = load_scan(folder, settings)
-    graph = find_pairs(scan.stage_px, scan.tile_shape, settings.minimum_overlap)
-    require_connected(graph, [f.name for f in scan.files], settings.minimum_overlap)
+    scan, graph = load_connected_scan(folder, settings)
     timings["load"] = time.perf_counter() - t0
     out_dir = Path(output_dir) if output_dir is not None else folder
     if plots:
@@ -300,12 +306,10 @@ def stitch(folder: Path | str, settings: StitchSettings | None = None, *,
         return StitchResult(None, outputs, placement.positions_px, [f.name for f in scan.files])
 
     if mode == "only-correlate":
-        settings_backend = select_backend(settings.device)
-        scan = load_scan(folder, settings)
-        graph = find_pairs(scan.stage_px, scan.tile_shape, settings.minimum_overlap)
-        require_connected(graph, [f.name for f in scan.files], settings.minimum_overlap)
+        backend = select_backend(settings.device)
+        scan, graph = load_connected_scan(folder, settings)
         cache = CorrelationCache.load(cache_path(folder, cache_dir))
-        correlate_scan(scan, graph, settings, settings_backend, cache=cache, progress=progress)
+        correlate_scan(scan, graph, settings, backend, cache=cache, progress=progress)
         outputs["cache"] = cache.path
         return StitchResult(None, outputs, scan.stage_px - scan.stage_px.min(axis=0),
                             [f.name for f in scan.files])
