@@ -32,7 +32,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import piexif
@@ -370,6 +370,60 @@ def _effective_csm(csm: Any, calibration_width: int | None, tile_width: int) -> 
     return m
 
 
+class TileRecord(NamedTuple):
+    """What :func:`read_tile` learnt about one tile file (before the scan-wide checks)."""
+
+    path: Path
+    stat: os.stat_result
+    shape: tuple[int, int]
+    bands: int
+    format: str
+    meta: TileMetadata
+
+
+def tile_configuration(folder: Path) -> dict[str, tuple[float, float]]:
+    """Positions from the Fiji tile configuration beside the tiles, if there is one."""
+    for name in TILE_CONFIG_NAMES:
+        if (Path(folder) / name).is_file():
+            config = read_tile_configuration(Path(folder) / name)
+            if config:
+                return config
+    return {}
+
+
+def read_tile(path: Path, tile_config: dict[str, tuple[float, float]] | None = None
+              ) -> TileRecord | None:
+    """Read one tile file's header and position; ``None`` (with a warning) if it is unusable."""
+    path = Path(path)
+    try:
+        stat = path.stat()
+        if stat.st_size == 0:
+            warnings.warn(f"skipping {path.name}: the file is empty", OfstitchWarning,
+                          stacklevel=2)
+            return None
+        h, w, bands, fmt = tiles.header(path)
+    except (OSError, tiles.TileReadError) as exc:
+        warnings.warn(f"skipping {path.name}: {exc}", OfstitchWarning, stacklevel=2)
+        return None
+    meta = read_metadata(path)
+    if meta.stage_xyz is None and tile_config and path.name in tile_config:
+        x, y = tile_config[path.name]
+        meta = TileMetadata(**{**meta.__dict__, "stage_xyz": (x, y, 0.0),
+                               "position_source": "tile-configuration"})
+    if meta.stage_xyz is None:
+        pos = position_from_filename(path.name)
+        if pos is not None:
+            meta = TileMetadata(**{**meta.__dict__, "stage_xyz": pos,
+                                   "position_source": "filename"})
+    if meta.stage_xyz is None:
+        warnings.warn(
+            f"skipping {path.name}: no stage position in its metadata or its name "
+            "(expected OpenFlexure EXIF, a TileConfiguration.txt, or name_X_Y.jpg)",
+            OfstitchWarning, stacklevel=2)
+        return None
+    return TileRecord(path, stat, (h, w), bands, fmt, meta)
+
+
 def load_scan(folder: Path, settings: StitchSettings | None = None) -> Scan:
     """Find the tiles of ``folder`` and their stage-predicted pixel positions.
 
@@ -384,55 +438,31 @@ def load_scan(folder: Path, settings: StitchSettings | None = None) -> Scan:
     MetadataError
         A singular camera-to-sample matrix.
     """
-    settings = settings or StitchSettings()
     folder = Path(folder)
     paths = find_image_files(folder)
     if not paths:
         raise NoImagesError(
             f"no tile images (jpg, png, tif, bmp, gif) found in {folder}: give the folder "
             "that holds the scan's tiles")
-
-    tile_config = {}
-    for name in TILE_CONFIG_NAMES:
-        if (folder / name).is_file():
-            tile_config = read_tile_configuration(folder / name)
-            if tile_config:
-                break
-
-    records = []
-    for path in paths:
-        try:
-            stat = path.stat()
-            if stat.st_size == 0:
-                warnings.warn(f"skipping {path.name}: the file is empty", OfstitchWarning,
-                              stacklevel=2)
-                continue
-            h, w, bands, fmt = tiles.header(path)
-        except (OSError, tiles.TileReadError) as exc:
-            warnings.warn(f"skipping {path.name}: {exc}", OfstitchWarning, stacklevel=2)
-            continue
-        meta = read_metadata(path)
-        if meta.stage_xyz is None and path.name in tile_config:
-            x, y = tile_config[path.name]
-            meta = TileMetadata(**{**meta.__dict__, "stage_xyz": (x, y, 0.0),
-                                   "position_source": "tile-configuration"})
-        if meta.stage_xyz is None:
-            pos = position_from_filename(path.name)
-            if pos is not None:
-                meta = TileMetadata(**{**meta.__dict__, "stage_xyz": pos,
-                                       "position_source": "filename"})
-        if meta.stage_xyz is None:
-            warnings.warn(
-                f"skipping {path.name}: no stage position in its metadata or its name "
-                "(expected OpenFlexure EXIF, a TileConfiguration.txt, or name_X_Y.jpg)",
-                OfstitchWarning, stacklevel=2)
-            continue
-        records.append((path, stat, (h, w), bands, fmt, meta))
-
+    tile_config = tile_configuration(folder)
+    records = [r for r in (read_tile(path, tile_config) for path in paths) if r is not None]
     if not records:
         raise NoImagesError(f"none of the {len(paths)} image files in {folder} can be used "
                             "as a tile (see the warnings above)")
+    return scan_from_tiles(folder, records, settings)
 
+
+def scan_from_tiles(folder: Path, records: list[TileRecord],
+                    settings: StitchSettings | None = None) -> Scan:
+    """The scan made of ``records`` (from :func:`read_tile`), as :func:`load_scan` makes it.
+
+    Applies the scan-wide rules: the majority tile size and bit depth, the
+    sharpest image of each z-stack, capture order, ``image_count`` and the CSM.
+    """
+    settings = settings or StitchSettings()
+    folder = Path(folder)
+    if not records:
+        raise NoImagesError(f"no usable tile in {folder}")
     shape_counts = Counter(r[2] for r in records)
     tile_shape = shape_counts.most_common(1)[0][0]
     kept = []
