@@ -28,9 +28,9 @@ from .cache import CorrelationCache, cache_path
 from .errors import OfstitchError, OfstitchWarning
 from .pipeline import StitchResult, stitch
 from .scan import find_image_files, load_scan, parse_csm, require_folder
-from .settings import CorrelationSettings, StitchSettings, help_text
+from .settings import CorrelationSettings, StitchSettings, WatchSettings, help_text
 
-COMMANDS = ("stitch", "demo", "devices")
+COMMANDS = ("stitch", "watch", "demo", "devices")
 err_console = Console(stderr=True, soft_wrap=True)
 out_console = Console(soft_wrap=True)
 
@@ -38,6 +38,7 @@ app = typer.Typer(
     name="ofstitch",
     help="Stitch the overlapping tiles of a 2D microscope scan into one image.\n\n"
          "Usage: ofstitch [OPTIONS] FOLDER (the same as 'ofstitch stitch FOLDER'), "
+         "'ofstitch watch FOLDER' (live preview while a scan is captured), "
          "'ofstitch demo' or 'ofstitch devices'.",
     add_completion=False,
     no_args_is_help=True,
@@ -76,6 +77,10 @@ def _s(name: str) -> str:
 
 def _c(name: str) -> str:
     return help_text(CorrelationSettings, name)
+
+
+def _w(name: str) -> str:
+    return help_text(WatchSettings, name)
 
 
 class _Reporter:
@@ -286,6 +291,120 @@ def stitch_command(
                             progress=reporter, ask_thresholds=_ask_thresholds)
         if not quiet:
             _summary(result, time.perf_counter() - start)
+
+
+class FinalMode(str, Enum):
+    all = "all"
+    preview = "preview"
+
+
+@app.command("watch", no_args_is_help=True)
+def watch_command(
+    folder: Path = typer.Argument(..., help="The folder the microscope writes the tiles into."),
+    output_dir: Path | None = typer.Option(
+        None, "-o", "--output-dir", help="Folder for preview.jpg and the final outputs, "
+        "created if needed. Default: the scan folder. Input files are never modified."),
+    settle_time: float = typer.Option(0.5, "--settle-time", help=_w("settle_time")),
+    idle_timeout: float | None = typer.Option(None, "--idle-timeout", help=_w("idle_timeout")),
+    final: bool = typer.Option(False, "--final", help=_w("final")),
+    dzi: bool = typer.Option(False, "--dzi", help=_w("dzi")),
+    preview_width: int = typer.Option(1000, "--preview-width", help=_w("preview_width")),
+    polling: bool = typer.Option(False, "--polling", help=_w("polling")),
+    stitching_mode: FinalMode = typer.Option(
+        FinalMode.all, "--stitching-mode", help="With --final: 'all' writes the full-resolution "
+        "mosaic and everything else, 'preview' the same without the full-resolution images."),
+    device: DeviceChoice = typer.Option(DeviceChoice.cpu, "--device", help=_s("device")),
+    csm_matrix: str | None = typer.Option(None, "--csm-matrix", help=_s("csm_matrix")),
+    csm_calibration_width: int | None = typer.Option(
+        None, "--csm-calibration-width", help=_s("csm_calibration_width")),
+    max_stage_discrepancy: float | None = typer.Option(
+        None, "--max-stage-discrepancy", help=_s("max_stage_discrepancy")),
+    min_peak_quality: float | None = typer.Option(
+        None, "--min-peak-quality", help=_s("min_peak_quality")),
+    pad: bool = typer.Option(True, "--pad/--no-pad", help=_c("pad")),
+    high_pass_sigma: float = typer.Option(10.0, "--high-pass-sigma", help=_c("high_pass_sigma")),
+    resize: float = typer.Option(1.0, "--resize", help=_c("resize")),
+    minimum_overlap: float = typer.Option(0.2, "--minimum-overlap", help=_s("minimum_overlap")),
+    corr_mask_radius: float | None = typer.Option(
+        None, "--corr-mask-radius", help=_c("corr_mask_radius")),
+    stitch_tiff: bool = typer.Option(False, "--stitch-tiff/--no-stitch-tiff",
+                                     help=_s("stitch_tiff") + " (with --final)"),
+    tile_size: int | None = typer.Option(None, "--tile-size", help=_s("tile_size")),
+    cache_dir: Path | None = typer.Option(
+        None, "--cache-dir", help="Keep the correlation cache in this folder instead of the "
+        "scan folder (for read-only scans)."),
+    device_memory: str | None = typer.Option(None, "--device-memory",
+                                             help=_s("device_memory")),
+    workers: int | None = typer.Option(None, "--workers", help=_s("workers")),
+    quiet: bool = typer.Option(False, "-q", "--quiet", help="No progress lines or summary."),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks and debug logs."),
+) -> None:
+    """Follow a scan while it is captured: rewrite preview.jpg as each tile arrives.
+
+    Stops on Ctrl-C or after --idle-timeout, leaving the correlation cache valid
+    (a later 'ofstitch FOLDER' correlates nothing again).
+    """
+    import signal
+    import threading
+
+    from .live import watch
+
+    _configure_logging(debug)
+    with _user_errors(debug):
+        if settle_time < 0:
+            raise OfstitchError(f"--settle-time must be zero or positive, got {settle_time}")
+        if idle_timeout is not None and idle_timeout <= 0:
+            raise OfstitchError(f"--idle-timeout must be positive, got {idle_timeout}")
+        correlation = CorrelationSettings(pad=pad, resize=resize, high_pass_sigma=high_pass_sigma,
+                                          corr_mask_radius=corr_mask_radius)
+        settings = StitchSettings(
+            correlation=correlation, minimum_overlap=minimum_overlap,
+            csm_matrix=parse_csm(csm_matrix) if csm_matrix is not None else None,
+            csm_calibration_width=csm_calibration_width, min_peak_quality=min_peak_quality,
+            max_stage_discrepancy=max_stage_discrepancy, stitching_mode=stitching_mode.value,
+            stitch_tiff=stitch_tiff, stitch_dzi=dzi, tile_size=tile_size, device=device.value,
+            workers=workers, device_memory=device_memory)
+        stop = threading.Event()
+
+        def request_stop(signum, frame) -> None:
+            if stop.is_set():  # a second Ctrl-C: stop now (the cache journal stays valid)
+                raise KeyboardInterrupt
+            stop.set()
+            if not quiet:
+                err_console.print("Stopping (Ctrl-C again to stop at once) ...", markup=False)
+
+        previous = {sig: signal.signal(sig, request_stop)
+                    for sig in (signal.SIGINT, signal.SIGTERM)}
+        start = time.perf_counter()
+
+        def on_update(update, seconds: float) -> None:
+            if quiet:
+                return
+            joined = "" if update.n_components == 1 else \
+                f", {update.n_components} separate groups (placed by the stage)"
+            err_console.print(
+                f"{time.strftime('%H:%M:%S')} {update.n_tiles} tiles, {update.n_pairs} pairs "
+                f"({update.n_correlated} correlated now){joined}; preview written in "
+                f"{seconds:.2f} s", highlight=False, markup=False)
+
+        if not quiet:
+            err_console.print(f"Watching {folder} (Ctrl-C to stop) ...", markup=False)
+        reporter = _Reporter(enabled=not quiet and err_console.is_terminal)
+        try:
+            with reporter.progress:
+                result = watch(folder, settings, output_dir=output_dir, cache_dir=cache_dir,
+                               settle_time=settle_time, idle_timeout=idle_timeout,
+                               preview_width=preview_width, dzi=dzi, final=final,
+                               polling=polling, stop=stop, on_update=on_update,
+                               progress=reporter)
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        if not quiet:
+            why = "no new file for --idle-timeout" if result.reason == "idle" else "stopped"
+            out_console.print(f"Watched {result.n_tiles} tiles ({why}).", highlight=False)
+            if isinstance(result.final, StitchResult):
+                _summary(result.final, time.perf_counter() - start)
 
 
 @app.command("demo")

@@ -191,3 +191,27 @@ def help_text(cls: type, name: str) -> str:
         if f.name == name:
             return f.metadata.get("help", "")
     raise KeyError(name)
+
+
+@dataclass(frozen=True)
+class WatchSettings:
+    """Settings of ``ofstitch watch`` (live stitching) beyond those of a stitch run."""
+
+    settle_time: float = field(default=0.5, metadata=_help(
+        "Seconds a tile file must be left unchanged before it is read (besides the "
+        "check that a JPEG or PNG is complete). Raise it for slow network folders."))
+    idle_timeout: float | None = field(default=None, metadata=_help(
+        "Stop after this many seconds without a new or changed file. Default: watch "
+        "until Ctrl-C."))
+    preview_width: int = field(default=1000, metadata=_help(
+        "Width in pixels of the live preview.jpg."))
+    final: bool = field(default=False, metadata=_help(
+        "When watching stops, stitch the whole scan as 'ofstitch FOLDER' would (all "
+        "pairs come from the cache) and write the full outputs of --stitching-mode."))
+    dzi: bool = field(default=False, metadata=_help(
+        "Also rewrite a Deep Zoom pyramid of the live mosaic (preview.dzi) after each "
+        "tile, at the resolution of the preview tiles; with --final, the final "
+        "outputs include a full-resolution DZI."))
+    polling: bool = field(default=False, metadata=_help(
+        "Poll the folder for changes instead of using the operating system's file "
+        "events (for network folders, where events do not arrive)."))
