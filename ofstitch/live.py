@@ -71,6 +71,7 @@ log = logging.getLogger(__name__)
 
 PREVIEW_NAME = "preview.jpg"
 LIVE_DZI_NAME = "preview.dzi"
+TILE_CONFIGURATION_NAME = "OFMTileConfiguration.txt"  # the live positions (Fiji format)
 DEFAULT_SETTLE_TIME_S = 0.5
 # Run the automatic threshold search on every update while it is this quick.
 SYNC_SEARCH_S = 0.25
@@ -508,8 +509,8 @@ class LiveStitcher:
 
     # ------------------------------------------------------------------ placement
 
-    def _place(self, scan: Scan, pairs: np.ndarray, shift: np.ndarray, quality: np.ndarray
-               ) -> tuple[np.ndarray, int, bool]:
+    def _place(self, scan: Scan, pairs: np.ndarray, shift: np.ndarray, quality: np.ndarray,
+               *, force_search: bool = False) -> tuple[np.ndarray, int, bool]:
         """Positions of every tile; ``(positions, components, exact)``."""
         n = len(scan)
         labels = components(n, pairs) if len(pairs) else np.arange(n)
@@ -517,7 +518,7 @@ class LiveStitcher:
         self._collect_search()
         if n_comp == 1:
             positions, exact = self._place_connected(pairs, shift, quality, scan.stage_px,
-                                                     scan.csm, search=True)
+                                                     scan.csm, search=True, force=force_search)
             return positions, 1, exact
         # Each group of joined tiles is placed on its own, where its stage positions put it.
         positions = scan.stage_px.astype(np.float64).copy()
@@ -532,15 +533,16 @@ class LiveStitcher:
             stage = scan.stage_px[members]
             sub, sub_exact = self._place_connected(
                 sub_pairs, shift[sel], quality[sel], stage, scan.csm,
-                search=label == int(np.argmax(sizes)))
+                search=label == int(np.argmax(sizes)), force=force_search)
             exact &= sub_exact
             positions[members] = sub - sub.mean(axis=0) + stage.mean(axis=0)
         return positions - positions.min(axis=0), n_comp, exact
 
-    def _place_connected(self, pairs, shift, quality, stage_px, csm, *, search: bool
-                         ) -> tuple[np.ndarray, bool]:
+    def _place_connected(self, pairs, shift, quality, stage_px, csm, *, search: bool,
+                         force: bool = False) -> tuple[np.ndarray, bool]:
         s = self.settings
-        quick = self._thresholds is not None and self._search_seconds > SYNC_SEARCH_S
+        quick = not force and self._thresholds is not None and \
+            self._search_seconds > SYNC_SEARCH_S
         if not quick:
             t0 = time.perf_counter()
             placement = place(pairs, shift, quality, stage_px, csm,
@@ -602,12 +604,8 @@ class LiveStitcher:
                 return False
             self._collect_search(wait=True)
             scan, pairs, shift, quality = self._last
-            saved = self._search_seconds
-            self._search_seconds = 0.0  # force the full search
-            try:
-                positions, n_comp, exact = self._place(scan, pairs, shift, quality)
-            finally:
-                self._search_seconds = max(saved, self._search_seconds)
+            positions, n_comp, exact = self._place(scan, pairs, shift, quality,
+                                                   force_search=True)
             self._publish(scan, pairs, positions, n_comp, exact)
             self._prepare_preview()
             return True
@@ -723,11 +721,12 @@ def watch(folder: Path | str, settings: StitchSettings | None = None, *,
 
     Tiles already in the folder are added first. Then every new or rewritten
     tile (file-system events from ``watchdog``) is added once it is complete,
-    ``preview.jpg`` (and ``preview.dzi`` with ``dzi``) in ``output_dir`` is
-    rewritten atomically, and ``on_update(update, seconds)`` is called. It
-    stops when ``stop`` is set (the CLI sets it on Ctrl-C) or after
-    ``idle_timeout`` seconds without a file event, saves the correlation cache
-    and, with ``final``, writes the full outputs as ``ofstitch FOLDER`` would.
+    ``preview.jpg`` (and ``preview.dzi`` with ``dzi``) and the positions so far,
+    ``OFMTileConfiguration.txt``, in ``output_dir`` are rewritten atomically,
+    and ``on_update(update, seconds)`` is called. It stops when ``stop`` is set
+    (the CLI sets it on Ctrl-C) or after ``idle_timeout`` seconds without a file
+    event, saves the correlation cache and, with ``final``, writes the full
+    outputs as ``ofstitch FOLDER`` would.
     """
     from watchdog.observers import Observer
     from watchdog.observers.polling import PollingObserver
@@ -785,4 +784,7 @@ def watch(folder: Path | str, settings: StitchSettings | None = None, *,
 
 
 def _write_preview(live: LiveStitcher, out: Path, dzi: bool) -> None:
+    snap = live.snapshot()
+    render.write_tile_configuration(out / TILE_CONFIGURATION_NAME, list(snap.names),
+                                    snap.positions_px)
     live.preview(path=out / PREVIEW_NAME, dzi=out / LIVE_DZI_NAME if dzi else None)
