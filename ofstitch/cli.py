@@ -304,11 +304,13 @@ def watch_command(
     output_dir: Path | None = typer.Option(
         None, "-o", "--output-dir", help="Folder for preview.jpg and the final outputs, "
         "created if needed. Default: the scan folder. Input files are never modified."),
-    settle_time: float = typer.Option(0.5, "--settle-time", help=_w("settle_time")),
+    settle_time: float = typer.Option(WatchSettings.settle_time, "--settle-time",
+                                      help=_w("settle_time")),
     idle_timeout: float | None = typer.Option(None, "--idle-timeout", help=_w("idle_timeout")),
     final: bool = typer.Option(False, "--final", help=_w("final")),
     dzi: bool = typer.Option(False, "--dzi", help=_w("dzi")),
-    preview_width: int = typer.Option(1000, "--preview-width", help=_w("preview_width")),
+    preview_width: int = typer.Option(WatchSettings.preview_width, "--preview-width",
+                                      help=_w("preview_width")),
     polling: bool = typer.Option(False, "--polling", help=_w("polling")),
     stitching_mode: FinalMode = typer.Option(
         FinalMode.all, "--stitching-mode", help="With --final: 'all' writes the full-resolution "
