@@ -42,7 +42,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 from pathlib import Path
 
@@ -382,6 +382,21 @@ class LiveStitcher:
                 self._update()
             return status
 
+    def remove(self, path: Path | str) -> bool:
+        """Forget a tile whose file was deleted or moved away; returns whether it was known."""
+        name = Path(path).name
+        with self._write_lock:
+            self._skipped.pop(name, None)
+            if self._records.pop(name, None) is None:
+                return False
+            if self._records:
+                self._update()
+            else:
+                with self._state_lock:
+                    self._snapshot = replace(_empty_snapshot(),
+                                             version=self._snapshot.version + 1)
+            return True
+
     def _accept(self, path: Path) -> AddStatus:
         """Check one file; on success record it (no correlation yet)."""
         name = path.name
@@ -673,25 +688,31 @@ def scan_width(positions_px: np.ndarray, tile_shape: tuple[int, int]) -> float:
 
 
 class _Events:
-    """A watchdog handler that queues the paths of created, modified and moved-in files."""
+    """A watchdog handler that queues ``(changed, path)``: ``True`` for created, modified
+    and moved-in files, ``False`` for deleted and moved-away ones."""
 
     def __init__(self) -> None:
         from watchdog.events import FileSystemEventHandler
 
-        self.queue: queue.SimpleQueue[Path] = queue.SimpleQueue()
+        self.queue: queue.SimpleQueue[tuple[bool, Path]] = queue.SimpleQueue()
         outer = self
 
         class Handler(FileSystemEventHandler):
             def on_any_event(self, event) -> None:
-                if event.is_directory or event.event_type not in (
-                        "created", "modified", "moved", "closed"):
+                if event.is_directory:
                     return
-                path = event.dest_path if event.event_type == "moved" else event.src_path
-                outer.queue.put(Path(os.fsdecode(path)))
+                kind, src = event.event_type, Path(os.fsdecode(event.src_path))
+                if kind in ("created", "modified", "closed"):
+                    outer.queue.put((True, src))
+                elif kind == "deleted":
+                    outer.queue.put((False, src))
+                elif kind == "moved":
+                    outer.queue.put((False, src))
+                    outer.queue.put((True, Path(os.fsdecode(event.dest_path))))
 
         self.handler = Handler()
 
-    def drain(self) -> list[Path]:
+    def drain(self) -> list[tuple[bool, Path]]:
         out = []
         while True:
             try:
@@ -748,10 +769,17 @@ def watch(folder: Path | str, settings: StitchSettings | None = None, *,
     tick = 0.05 if settle_time < 0.5 else 0.1
     try:
         while not stop.is_set():
-            arrived = [p for p in events.drain() if is_tile_name(p.name)]
-            if arrived:
+            arrived = [(changed, p) for changed, p in events.drain() if is_tile_name(p.name)]
+            removed = False
+            for changed, p in arrived:
                 last_event = time.monotonic()
-                pending.update(arrived)
+                if changed:
+                    pending.add(p)
+                elif not p.exists():
+                    pending.discard(p)
+                    removed |= live.remove(p)
+            if removed and len(live):
+                _write_preview(live, out, dzi)
             if pending:
                 t0 = time.perf_counter()
                 status = live.add_many(sorted(pending))

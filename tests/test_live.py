@@ -77,6 +77,15 @@ def test_adding_a_tile_correlates_only_its_new_pairs(scan, tmp_path, counted):
     assert len(done) >= 17  # a 3x4 grid has at least its 17 edge pairs
     live.close()
 
+    # A deleted tile is forgotten (and comes back when written again).
+    gone = folder / scan.names[5]
+    data = gone.read_bytes()
+    gone.unlink()
+    assert live.remove(gone) and len(live) == len(scan.names) - 1
+    assert scan.names[5] not in live.positions() and not live.remove(gone)
+    gone.write_bytes(data)
+    assert live.add(gone) == AddStatus.ADDED and len(live) == len(scan.names)
+
     # The live cache serves a later batch run, which gives the same positions.
     counted.clear()
     reg = ofstitch.register(folder)
