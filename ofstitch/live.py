@@ -57,6 +57,7 @@ from .graph import components, find_pairs
 from .place import place
 from .scan import (
     Scan,
+    TileFile,
     TileRecord,
     find_image_files,
     is_tile_name,
@@ -157,10 +158,9 @@ def _looks_complete(path: Path) -> bool:
         return False
     if suffix == ".png":
         return b"IEND" in tail
-    # The marker ends the file, give or take a little padding some writers add.
-    end = tail.rstrip(b"\x00\xff")
-    return tail.endswith(b"\xff\xd9") or end.endswith(b"\xff\xd9") or \
-        end.endswith(b"\xff") and tail[len(end):].startswith(b"\xd9")
+    # The end-of-image marker ends the file, give or take the padding some writers add.
+    # (A marker that ends an embedded thumbnail instead fails the decode that follows.)
+    return tail.rstrip(b"\x00 \r\n").endswith(b"\xff\xd9")
 
 
 def shrink_for(scale: float) -> int:
@@ -440,7 +440,7 @@ class LiveStitcher:
         # Decode it now, shrunk, for the preview: this also proves the pixels are all there.
         shape = record.shape
         shrink = self._shrink
-        key = f"{name}|{stat.st_size}|{stat.st_mtime_ns}"
+        key = TileFile(name, stat.st_size, stat.st_mtime_ns).key
         try:
             small = tiles.read_rgb8_scaled(path, 1.0 / shrink,
                                            tiles.scaled_shape(shape, 1.0 / shrink),
@@ -478,6 +478,9 @@ class LiveStitcher:
         scan = self._build_scan()
         if self._value_scale is None:
             self._value_scale = pipeline.value_scale(scan)
+            if self._value_scale != 1.0:  # 16-bit tiles: decode the preview tiles again
+                with self._small_lock:
+                    self._small.clear()
         graph = find_pairs(scan.stage_px, scan.tile_shape, self.settings.minimum_overlap)
         t1 = time.perf_counter()
         shift, quality, n_new, _ = pipeline.correlate_scan(

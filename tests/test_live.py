@@ -347,3 +347,22 @@ def test_watch_is_a_command_and_bare_folders_still_stitch(tmp_path, capsys):
     # 'ofstitch FOLDER' is still 'ofstitch stitch FOLDER'.
     empty = run_main(tmp_path, capsys=capsys)
     assert empty.returncode == 2 and "no tile images" in empty.stderr
+
+
+def test_grey_png_tiles_positioned_by_file_name(make_synthetic, tmp_path):
+    source = make_synthetic("png", grid=(2, 3), tile_shape=TILE, layout="filename",
+                            extension=".png", grey=True, seed=7)
+    folder = tmp_path / "live"
+    folder.mkdir()
+    live = LiveStitcher(folder, settle_time=0)
+    data = (source.folder / source.names[0]).read_bytes()
+    (folder / source.names[0]).write_bytes(data[:-20])  # no IEND chunk yet
+    assert live.add(folder / source.names[0]) == AddStatus.WAITING
+    for name in source.names:
+        shutil.copy(source.folder / name, folder / name)
+    statuses = live.add_many(folder / n for n in source.names)
+    assert set(statuses.values()) == {AddStatus.ADDED}
+    image = live.preview()
+    assert image.shape[2] == 3 and np.ptp(image) > 0
+    live.close()
+    assert _max_difference(live.positions(), ofstitch.register(folder).positions()) < 1e-6
