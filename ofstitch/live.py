@@ -769,7 +769,7 @@ def watch(folder: Path | str, settings: StitchSettings | None = None, *,
     pending: set[Path] = set(find_image_files(folder))
     last_event = time.monotonic()
     reason = "stopped"
-    tick = 0.05 if settle_time < 0.5 else 0.1
+    tick = 0.05  # how often files that are still being written are looked at again
     try:
         while not stop.is_set():
             arrived = [(changed, p) for changed, p in events.drain() if is_tile_name(p.name)]

@@ -322,9 +322,11 @@ def test_watch_idle_timeout_and_final_outputs(scan, tmp_path):
     folder = tmp_path / "watched"
     shutil.copytree(scan.folder, folder)
     proc = _watch(folder, "--settle-time", "0", "--idle-timeout", "1", "--final",
-                  "--stitching-mode", "preview", "-q")
+                  "--stitching-mode", "preview", "--dzi", "-q")
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
+    assert out == "" and err == ""  # quiet, and nothing to warn about
+    assert (folder / "preview.dzi").is_file() and any((folder / "preview_files").iterdir())
     assert (folder / "preview.jpg").is_file() and (folder / "stitched_thumbnail.jpg").is_file()
     assert _preview_count(folder / "preview.jpg") == len(scan.names)
     final = {n: (y, x) for n, (x, y) in
