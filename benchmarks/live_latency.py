@@ -8,10 +8,11 @@ polls ``preview.jpg`` every 20 ms and reads the tile count from its EXIF
 (``NumberOfImages``). The latency of tile k is the time from the end of its
 write to the first preview that includes k tiles (it includes the settle time).
 
-When every tile is in, the watcher is stopped with SIGINT and a batch
-``ofstitch.register`` runs on the folder: it must correlate nothing (every pair
-came from the live cache). The batch placement time for the whole scan is
-printed too.
+When every tile is in and the watcher has refined its placement, it is stopped
+with SIGINT and a batch ``ofstitch.register`` runs on the folder: it must
+correlate nothing (every pair came from the live cache), and its positions are
+compared with the live ones (``OFMTileConfiguration.txt``). The batch placement
+time for the whole scan is printed too.
 
 Usage::
 
@@ -145,7 +146,12 @@ def main() -> None:
     deadline = time.time() + 120
     while time.time() < deadline and (not previews or previews[-1][1] < len(names)):
         time.sleep(0.1)
-    time.sleep(0.5)
+    # Let the watcher refine the placement once the scan has stopped (it rewrites the
+    # positions file), then stop it as a user would, with Ctrl-C.
+    config = watched / "OFMTileConfiguration.txt"
+    deadline = time.time() + 60
+    while time.time() < deadline and time.time() - config.stat().st_mtime < 6.0:
+        time.sleep(0.2)
     done.set()
     proc.send_signal(signal.SIGINT)
     code = proc.wait(timeout=120)
@@ -163,10 +169,16 @@ def main() -> None:
                 re.finditer(r"preview written in ([0-9.]+) s", log_path.read_text())]
 
     import ofstitch
+    from ofstitch.scan import read_tile_configuration
 
     t0 = time.perf_counter()
     reg = ofstitch.register(watched)
     batch_s = time.perf_counter() - t0
+    live_positions = read_tile_configuration(config)  # name -> (x, y)
+    batch_positions = reg.positions()  # name -> (row, col)
+    live_vs_batch = max(abs(live_positions[n][1] - r) + abs(live_positions[n][0] - c)
+                        for n, (r, c) in batch_positions.items()) \
+        if set(live_positions) == set(batch_positions) else float("nan")
 
     def stats(values: np.ndarray) -> dict:
         v = values[np.isfinite(values)]
@@ -187,6 +199,7 @@ def main() -> None:
         "latency_s": stats(latency), "latency_by_phase": phases,
         "missing_previews": int(np.isnan(latency).sum()),
         "update_s": stats(np.array(update_s)),
+        "live_vs_batch_max_px": live_vs_batch,  # file positions have 3 decimals
         "batch_register_after": {"n_correlated": reg.n_correlated, "n_cached": reg.n_cached,
                                  "seconds": batch_s,
                                  "place_s": reg.timings_s.get("place")},
