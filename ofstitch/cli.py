@@ -377,7 +377,6 @@ def watch_command(
 
         previous = {sig: signal.signal(sig, request_stop)
                     for sig in (signal.SIGINT, signal.SIGTERM)}
-        start = time.perf_counter()
 
         def on_update(update, seconds: float) -> None:
             if quiet:
@@ -406,7 +405,7 @@ def watch_command(
             why = "no new file for --idle-timeout" if result.reason == "idle" else "stopped"
             out_console.print(f"Watched {result.n_tiles} tiles ({why}).", highlight=False)
             if isinstance(result.final, StitchResult):
-                _summary(result.final, time.perf_counter() - start)
+                _summary(result.final, result.final_seconds)
 
 
 @app.command("demo")

@@ -732,6 +732,7 @@ class WatchResult:
     reason: str  # "idle", "stopped"
     waiting: tuple[str, ...]  # files still incomplete at the end (left out)
     final: pipeline.StitchResult | pipeline.Registration | None
+    final_seconds: float = 0.0
 
 
 def watch(folder: Path | str, settings: StitchSettings | None = None, *,
@@ -808,10 +809,10 @@ def watch(folder: Path | str, settings: StitchSettings | None = None, *,
     for name in waiting:
         warnings.warn(f"leaving out {name}: it was still incomplete when watching stopped",
                       OfstitchWarning, stacklevel=2)
-    result = None
+    result, t0 = None, time.perf_counter()
     if final and len(live):
         result = live.finish(output_dir=out, progress=progress)
-    return WatchResult(len(live), reason, waiting, result)
+    return WatchResult(len(live), reason, waiting, result, time.perf_counter() - t0)
 
 
 def _write_preview(live: LiveStitcher, out: Path, dzi: bool) -> None:
