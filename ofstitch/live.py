@@ -215,6 +215,9 @@ class LiveStitcher:
         Default width of :meth:`preview`.
     backend : Backend, optional
         Default: from ``settings.device``.
+    progress : callable, optional
+        ``progress(stage, done, total)`` while pairs are correlated (many at
+        once when tiles are already there at the start).
 
     Examples
     --------
@@ -230,7 +233,8 @@ class LiveStitcher:
                  cache_dir: Path | str | None = None, use_cache: bool = True,
                  settle_time: float = DEFAULT_SETTLE_TIME_S,
                  preview_width: int = render.PREVIEW_WIDTH,
-                 backend: Backend | None = None) -> None:
+                 backend: Backend | None = None,
+                 progress: pipeline.Progress = pipeline._noop) -> None:
         self.folder = Path(folder)
         require_folder(self.folder)
         self._folder_resolved = self.folder.resolve()
@@ -247,6 +251,7 @@ class LiveStitcher:
         self.settle_time = float(settle_time)
         self.preview_width = int(preview_width)
         self.backend = backend or select_backend(self.settings.device)
+        self.progress = progress
         path = cache_path(self.folder, self.cache_dir)
         self._cache = CorrelationCache.load(path) if use_cache else \
             CorrelationCache(path, writable=False)
@@ -484,7 +489,7 @@ class LiveStitcher:
         graph = find_pairs(scan.stage_px, scan.tile_shape, self.settings.minimum_overlap)
         t1 = time.perf_counter()
         shift, quality, n_new, _ = pipeline.correlate_scan(
-            scan, graph, self.settings, self.backend, cache=self._cache)
+            scan, graph, self.settings, self.backend, cache=self._cache, progress=self.progress)
         self._n_correlated += n_new
         t2 = time.perf_counter()
         positions, n_comp, exact = self._place(scan, graph.pairs, shift, quality)
@@ -762,7 +767,7 @@ def watch(folder: Path | str, settings: StitchSettings | None = None, *,
     pipeline.check_writable(out)
     stop = stop or threading.Event()
     live = LiveStitcher(folder, settings, cache_dir=cache_dir, settle_time=settle_time,
-                        preview_width=preview_width)
+                        preview_width=preview_width, progress=progress)
     events = _Events()
     observer = PollingObserver(timeout=0.5) if polling else Observer()
     observer.schedule(events.handler, os.fspath(folder), recursive=False)
