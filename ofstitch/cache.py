@@ -108,8 +108,8 @@ class CorrelationCache:
                *, with_candidates: bool = False) -> tuple:
         """Cached results for ``pairs``: ``(found mask, shift (m, 2), quality (m,))``.
 
-        With ``tile_shape``, a shift no correlation can produce (as large as the
-        tile, where the tiles no longer overlap) counts as malformed. With
+        With ``tile_shape``, a shift no correlation can produce (beyond the tile size
+        plus the sub-pixel step) counts as malformed. With
         ``with_candidates``, a fourth item holds the candidates ``(m, K, 3)``
         (NaN-padded), and entries without candidates count as not found.
         """
@@ -131,7 +131,8 @@ class CorrelationCache:
                 continue
             if not _valid_entry(entry) or (
                     tile_shape is not None and entry[0] is not None
-                    and (abs(entry[0]) >= tile_shape[0] or abs(entry[1]) >= tile_shape[1])):
+                    and (abs(entry[0]) > tile_shape[0] + 1
+                         or abs(entry[1]) > tile_shape[1] + 1)):
                 invalid += 1
                 continue
             if settings.corr_mask_radius is not None:
@@ -172,7 +173,7 @@ class CorrelationCache:
             entry = [dy, dx, q, e[0], e[1]]
             if candidates is not None:
                 c = candidates[k]
-                entry.append([[round(v, 4) for v in row] for row in
+                entry.append([[float(v) for v in row] for row in
                               c[np.all(np.isfinite(c), axis=1)].tolist()])
             entries[pair_key(file_keys[a], file_keys[b])] = entry
             pending[pair_key(file_keys[a], file_keys[b])] = entry

@@ -234,7 +234,7 @@ def stitch_command(
     csm_calibration_width: int | None = typer.Option(
         None, "--csm-calibration-width", help=_s("csm_calibration_width")),
     image_count: int | None = typer.Option(None, "--image-count", help=_s("image_count")),
-    placement: PlacementChoice = typer.Option(PlacementChoice.reference, "--placement",
+    placement: PlacementChoice = typer.Option(PlacementChoice.robust, "--placement",
                                               help=_s("placement")),
     thresholding: ThresholdMethod = typer.Option(
         ThresholdMethod.automatic, "--thresholding", "--thresholding-method",

@@ -105,11 +105,13 @@ def _expected_shifts(scan: Scan, pairs: np.ndarray) -> np.ndarray:
 
 def correlate_scan(scan: Scan, pairs: np.ndarray, expected: np.ndarray,
                    settings: StitchSettings, backend: Backend, *,
-                   cache: CorrelationCache | None, progress: Progress = _noop
+                   cache: CorrelationCache | None, progress: Progress = _noop,
+                   found_out: dict | None = None
                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, int]:
     """Correlate ``pairs`` (searched around ``expected`` shifts), reusing and filling the cache.
 
-    Returns ``(shift_px, quality, candidates, n_correlated, n_cached)``.
+    Returns ``(shift_px, quality, candidates, n_correlated, n_cached)``; ``found_out``,
+    if given, receives ``"found"``: which pairs came from the cache.
     """
     keys = [f.key for f in scan.files]
     cs = settings.correlation
@@ -122,6 +124,8 @@ def correlate_scan(scan: Scan, pairs: np.ndarray, expected: np.ndarray,
         shift, quality = np.full((m, 2), np.nan), np.full(m, np.nan)
         candidates = np.full((m, CANDIDATES, 3), np.nan)
     todo = np.flatnonzero(~found)
+    if found_out is not None:
+        found_out["found"] = found.copy()
     progress("correlate", 0, len(todo))
     if len(todo):
         plan = CorrelationPlan.make(scan.tile_shape, cs)
@@ -184,10 +188,15 @@ def correlate_and_place(scan: Scan, graph: OverlapGraph, settings: StitchSetting
     expected = _expected_shifts(scan, pairs)
     all_pairs, all_expected, order, null_shift = pairs_to_correlate(scan, graph, settings)
     t0 = time.perf_counter()
-    shift_all, quality_all, cand_all, n_new, n_cached = correlate_scan(
-        scan, all_pairs, all_expected, settings, backend, cache=cache, progress=progress)
-    back = np.argsort(order)  # position of each original index in the correlated order
     m = len(pairs)
+    stats: dict = {}
+    shift_all, quality_all, cand_all, _, _ = correlate_scan(
+        scan, all_pairs, all_expected, settings, backend, cache=cache, progress=progress,
+        found_out=stats)
+    back = np.argsort(order)  # position of each original index in the correlated order
+    # Counts of the scan's pairs (the null pairs are extra correlations, not pairs).
+    n_cached = int(stats["found"][back[:m]].sum())
+    n_new = m - n_cached
     shift, quality = shift_all[back[:m]], quality_all[back[:m]]
     candidates, null_candidates = cand_all[back[:m]], cand_all[back[m:]]
     t1 = time.perf_counter()

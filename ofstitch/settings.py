@@ -101,15 +101,15 @@ class StitchSettings:
     image_count: int | None = field(default=None, metadata=_help(
         "Use only the first N images after sorting by capture time (for trying "
         "settings on part of a scan)."))
-    placement: str = field(default="reference", metadata=_help(
-        "How tiles are placed. 'reference' (the default): the threshold search of "
-        "OpenFlexure Stitching (--thresholding, --min-peak-quality, "
-        "--max-stage-discrepancy). 'robust' (experimental, not yet better on hard "
-        "scans): each pair's candidate peaks are scored by the "
-        "normalised cross-correlation of the overlap and trusted when they beat what "
-        "non-overlapping tiles of this scan score by chance; rejected pairs are searched "
-        "again near the fitted stage model; pairs that break loops are dropped; islands "
-        "are placed by the stage."))
+    placement: str = field(default="robust", metadata=_help(
+        "How tiles are placed. 'robust' (the default): each pair's candidate peaks "
+        "are scored by the normalised cross-correlation of the overlap and trusted "
+        "when they beat what non-overlapping tiles of this scan score by chance; "
+        "rejected pairs are searched again near the fitted stage model; pairs that "
+        "break loops are dropped; islands are placed by the stage. 'reference': the "
+        "threshold search of OpenFlexure Stitching (--thresholding, "
+        "--min-peak-quality, --max-stage-discrepancy; giving any of these selects "
+        "it)."))
     thresholding: Thresholding = field(default="automatic", metadata=_help(
         "With --placement reference (chosen by 'manual'): how pairs are accepted: "
         "'automatic' searches peak-quality and "

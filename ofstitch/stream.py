@@ -15,6 +15,7 @@ Only the per-pair results come back to the host: the highest peak's shift and qu
 from __future__ import annotations
 
 import logging
+import math
 import os
 import warnings
 from collections.abc import Iterator
@@ -44,8 +45,12 @@ ARRAYS_PER_PAIR = 10
 # tiles' overlap at that shift (robust placement chooses among them).
 CANDIDATES = 8
 # A candidate must leave at least this fraction of the stage-predicted overlap.
-MIN_OVERLAP_FRACTION = 0.5
-SCORE_HIGH_PASS_SIGMA = 10.0
+MIN_OVERLAP_FRACTION = 0.2
+# Overlaps are scored on tiles high-pass filtered at this sigma (shading and vignetting
+# would otherwise match anywhere on a blank background); SCORE_MARGIN_SIGMAS * sigma
+# pixels at the tiles' edges, where the filter rings, are left out.
+SCORE_HIGH_PASS_SIGMA = 5.0
+SCORE_MARGIN_SIGMAS = 2.0
 
 
 @dataclass(frozen=True)
@@ -173,10 +178,7 @@ def correlate_pairs(
         weight = xp.sqrt(correlate.high_pass_filter(
             plan.fft_shape, settings.high_pass_sigma, xp=xp, device=backend.device,
             dtype=xp.float32))
-    # Overlaps are scored on high-pass filtered tiles: the spectra carry sqrt(H), so one
-    # more sqrt(H) gives H (without a high-pass, H at SCORE_HIGH_PASS_SIGMA).
-    score_weight = weight if weight is not None else correlate.high_pass_filter(
-        plan.fft_shape, SCORE_HIGH_PASS_SIGMA, xp=xp, device=backend.device, dtype=xp.float32)
+    score_weight = _score_weight(plan.fft_shape, settings.high_pass_sigma, xp, backend.device)
     prefetch_depth = max(2 * workers, 8)
     futures: dict[int, Future] = {}
     next_prefetch = 0
@@ -262,6 +264,19 @@ def correlate_pairs(
             yield BatchResult(np.arange(start, stop), shift, quality, candidates)
 
 
+def _score_weight(fft_shape: tuple[int, int], correlation_sigma: float, xp, device):
+    """What turns the correlation spectra (which carry ``sqrt(H)`` of the correlation
+    high-pass) into spectra high-pass filtered at :data:`SCORE_HIGH_PASS_SIGMA`."""
+    target = correlate.high_pass_filter(fft_shape, SCORE_HIGH_PASS_SIGMA, xp=xp, device=device,
+                                        dtype=xp.float32)
+    if correlation_sigma <= 0:
+        return target
+    carried = xp.sqrt(correlate.high_pass_filter(fft_shape, correlation_sigma, xp=xp,
+                                                 device=device, dtype=xp.float32))
+    safe = xp.where(carried > 1e-6, carried, xp.ones_like(carried))
+    return xp.where(carried > 1e-6, target / safe, xp.zeros_like(carried))
+
+
 def _score_candidates(pairs: np.ndarray, shift: np.ndarray, index: np.ndarray,
                       expected: np.ndarray, live_tiles: dict, plan: CorrelationPlan,
                       pad: bool) -> np.ndarray:
@@ -272,12 +287,13 @@ def _score_candidates(pairs: np.ndarray, shift: np.ndarray, index: np.ndarray,
     :data:`MIN_OVERLAP_FRACTION` of the stage-predicted overlap scores -1.
     """
     h, w = plan.scaled_shape
-    margin = min(int(2 * SCORE_HIGH_PASS_SIGMA), h // 8, w // 8)
+    margin = min(int(SCORE_MARGIN_SIGMAS * SCORE_HIGH_PASS_SIGMA), h // 8, w // 8)
+    inner_h, inner_w = h - 2 * margin, w - 2 * margin
     out = np.full(shift.shape[:2] + (3,), np.nan)
     for k, (a, b) in enumerate(pairs.tolist()):
         ey, ex = np.abs(expected[k])
-        min_area = int(MIN_OVERLAP_FRACTION * max(h - 2 * margin - ey, 0)
-                       * max(w - 2 * margin - ex, 0))
+        expected_area = max(inner_h - ey, 1) * max(inner_w - ex, 1)
+        min_area = max(int(MIN_OVERLAP_FRACTION * expected_area), 2)
         tile_a, tile_b = live_tiles[a], live_tiles[b]
         for c in range(shift.shape[1]):
             if not np.isfinite(shift[k, c, 0]):
@@ -286,8 +302,16 @@ def _score_candidates(pairs: np.ndarray, shift: np.ndarray, index: np.ndarray,
             readings = ([tuple(int(v) for v in np.round(shift[k, c]))] if pad else
                         correlate.unwrap_candidates(tuple(int(v) for v in index[k, c]),
                                                     plan.fft_shape))
-            scores = [correlate.overlap_similarity(tile_a, tile_b, r, min_area=max(min_area, 2),
-                                                   margin=margin) for r in readings]
+            scores = []
+            for ry, rx in readings:
+                ncc = correlate.overlap_similarity(tile_a, tile_b, (ry, rx), min_area=min_area,
+                                                   margin=margin)
+                # Chance NCCs spread as 1 / sqrt(area): a smaller overlap than the stage
+                # predicts must match better to count as much (the null pairs, searched
+                # around the prediction, set the scale).
+                area = max(inner_h - abs(ry), 0) * max(inner_w - abs(rx), 0)
+                scores.append(ncc * min(1.0, math.sqrt(area / expected_area)) if ncc > 0
+                              else ncc)
             best = int(np.argmax(scores))
             out[k, c, :2] = np.asarray(readings[best], dtype=np.float64) + frac
             out[k, c, 2] = scores[best]

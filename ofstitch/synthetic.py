@@ -319,3 +319,91 @@ def textured_pairs(scan: SyntheticScan, pairs: np.ndarray, min_fraction: float =
         if y1 - y0 > 4 and x1 - x0 > 4:
             out[k] = texture[y0:y1, x0:x1].mean() >= min_fraction
     return out
+
+
+@dataclass(frozen=True)
+class PairResults:
+    """Synthetic correlation results for a grid scan (no images): for placement tests
+    and benchmarks at sizes no image scan reaches quickly.
+
+    Attributes
+    ----------
+    truth_px, stage_px : ndarray, shape (n, 2)
+    pairs : ndarray, shape (m, 2)
+    candidates : ndarray, shape (m, K, 3)
+        ``(dy, dx, score)`` candidates, as :mod:`ofstitch.stream` makes them.
+    null_pairs, null_candidates, null_stage_shift
+        The same for non-overlapping pairs.
+    kind : ndarray, shape (m,), str
+        ``"good"``, ``"blank"`` (no true candidate) or ``"repeat"`` (a periodic
+        sample: a wrong candidate scores higher than the true one).
+    """
+
+    truth_px: np.ndarray
+    stage_px: np.ndarray
+    pairs: np.ndarray
+    candidates: np.ndarray
+    null_pairs: np.ndarray
+    null_candidates: np.ndarray
+    null_stage_shift: np.ndarray
+    kind: np.ndarray
+
+
+def synthetic_pair_results(grid: tuple[int, int], *, tile_shape: tuple[int, int] = (624, 832),
+                           overlap: float = 0.3, stage_error_px: float = 20.0,
+                           rotation_deg: float = 2.0, blank_fraction: float = 0.1,
+                           repeat_fraction: float = 0.02, k: int = 8, seed: int = 0
+                           ) -> PairResults:
+    """Pair results of a ``grid`` scan with known truth, without any image.
+
+    Good pairs have the true shift (plus 0.1 px noise) among their candidates with a
+    score in [0.5, 1]; blank pairs have only chance candidates (scores below 0.3);
+    repeat pairs have, besides the true one, a candidate one period (a third of the
+    tile) away that scores a little higher. The null pairs score like chance.
+    """
+    rng = np.random.default_rng(seed)
+    rows, cols = grid
+    th, tw = tile_shape
+    step = np.array([th * (1 - overlap), tw * (1 - overlap)])
+    rc = np.array([(r, c) for r in range(rows) for c in range(cols)], dtype=np.float64)
+    nominal = rc * step
+    theta = math.radians(rotation_deg)
+    rot = np.array([[math.cos(theta), -math.sin(theta)], [math.sin(theta), math.cos(theta)]])
+    truth = nominal @ rot.T + rng.normal(0, stage_error_px, size=nominal.shape)
+    index = np.arange(rows * cols).reshape(rows, cols)
+    right = np.stack([index[:, :-1].ravel(), index[:, 1:].ravel()], 1)
+    down = np.stack([index[:-1, :].ravel(), index[1:, :].ravel()], 1)
+    pairs = np.concatenate([right, down]).astype(np.int64)
+    m = len(pairs)
+    true_shift = truth[pairs[:, 1]] - truth[pairs[:, 0]]
+    stage_shift = nominal[pairs[:, 1]] - nominal[pairs[:, 0]]
+
+    def chance(count: int, around: np.ndarray) -> np.ndarray:
+        out = np.empty((count, k, 3))
+        out[..., :2] = around[:, None, :] + rng.uniform(-0.3, 0.3, (count, k, 2)) * [th, tw]
+        out[..., 2] = np.sort(rng.uniform(-0.1, 0.3, (count, k)) ** 3 * 8, axis=1)[:, ::-1]
+        out[..., 2] = np.clip(out[..., 2], -0.1, 0.3)
+        return out
+
+    candidates = chance(m, stage_shift)
+    u = rng.uniform(size=m)
+    kind = np.where(u < blank_fraction, "blank",
+                    np.where(u < blank_fraction + repeat_fraction, "repeat", "good"))
+    good = kind != "blank"
+    score = rng.uniform(0.5, 1.0, size=m)
+    slot = rng.integers(0, k, size=m)
+    rows_ = np.arange(m)
+    candidates[rows_[good], slot[good], :2] = true_shift[good] + rng.normal(0, 0.1,
+                                                                            (good.sum(), 2))
+    candidates[rows_[good], slot[good], 2] = score[good]
+    rep = np.flatnonzero(kind == "repeat")
+    other = (slot[rep] + 1) % k
+    candidates[rep, other, :2] = true_shift[rep] + np.array([0.0, tw / 3])
+    candidates[rep, other, 2] = np.minimum(score[rep] + 0.05, 1.0)
+    # Null pairs: two steps along each row, searched as a right neighbour.
+    null = np.stack([index[:, :-2].ravel(), index[:, 2:].ravel()], 1).astype(np.int64)
+    null = null[:: max(1, len(null) // 200)][:200]
+    null_shift = np.tile([0.0, step[1]], (len(null), 1))
+    null_candidates = chance(len(null), null_shift)
+    return PairResults(truth, nominal, pairs, candidates, null, null_candidates, null_shift,
+                       kind)
