@@ -14,13 +14,18 @@
 4. it decodes the new tile once, shrunk on load, into an in-memory cache of
    small tiles from which :meth:`LiveStitcher.preview` composes the mosaic.
 
-Placement uses the same call as a batch run. While a full threshold search
-takes longer than :data:`SYNC_SEARCH_S`, updates reuse the thresholds of the
-last search (one sparse solve) and a fresh search runs in a background thread
-whenever the pairs have grown by :data:`RESEARCH_GROWTH`; :meth:`refine`
-(called by ``ofstitch watch`` when the scan pauses) and :meth:`finish` run it
-at once. :meth:`finish` is a batch run on the folder, all pairs coming from the
-cache, so its positions are exactly those of ``ofstitch.register``.
+Placement is the batch run's call on the same pairs. Robust placement (the
+default) also correlates null pairs (tiles that do not overlap) to learn the
+chance score; :meth:`LiveStitcher.add` uses those already in the cache and
+leaves the new ones to :meth:`LiveStitcher.refine`, which ``ofstitch watch``
+runs a few pairs at a time between tiles, and in full when it stops. The
+reference placement's threshold search is slow on large scans: while it takes
+longer than :data:`SYNC_SEARCH_S`, updates reuse the thresholds of the last
+search (one sparse solve), a fresh search runs in a background thread whenever
+the pairs have grown by :data:`RESEARCH_GROWTH`, and :meth:`LiveStitcher.refine`
+runs it at once. Once refined (:attr:`LiveStitcher.exact`), the positions are
+those of ``ofstitch.register`` on the same tiles; :meth:`LiveStitcher.finish` is
+a batch run on the folder, every pair coming from the cache.
 
 Thread safety: one writer (``add``, ``refine``, ``finish``) and any number of
 readers (``positions``, ``preview``, ``snapshot``). Each update publishes an
@@ -79,6 +84,7 @@ SYNC_SEARCH_S = 0.25
 # Otherwise search again (in the background) once the pairs have grown by this factor.
 RESEARCH_GROWTH = 1.2
 MAX_SHRINK = 8  # libjpeg's DCT scaling goes down to 1/8
+NULL_PAIRS_PER_REFINE = 4  # null pairs ``watch`` correlates between two looks at the folder
 
 
 class AddStatus(str, Enum):
@@ -107,8 +113,8 @@ class LiveSnapshot:
     n_components : int
         Groups of tiles joined by pairs (1 once the scan is connected).
     exact : bool
-        Whether the placement came from a full threshold search on these pairs,
-        as a batch run would do it (rather than from earlier thresholds).
+        Whether the placement is the one a batch run gives on these tiles (see
+        :meth:`LiveStitcher.refine`).
     """
 
     version: int
@@ -135,6 +141,21 @@ class LiveUpdate:
     n_components: int
     exact: bool
     seconds: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class _Correlations:
+    """The pair results one placement uses (graph pairs in the graph's order)."""
+
+    scan: Scan
+    pairs: np.ndarray
+    shift: np.ndarray
+    quality: np.ndarray
+    candidates: np.ndarray
+    null_candidates: np.ndarray  # of the null pairs in the cache (all, once refined)
+    null_shift: np.ndarray
+    n_new: int  # graph pairs correlated now
+    n_null_missing: int  # null pairs of the batch run not in the cache yet
 
 
 def _empty_snapshot() -> LiveSnapshot:
@@ -277,7 +298,8 @@ class LiveStitcher:
         self._small: dict[tuple[str, int], np.ndarray] = {}
         self._small_lock = threading.Lock()
         self._shrink = 1
-        self._last: tuple | None = None  # the last update's scan, pairs, shifts, qualities
+        self._last: _Correlations | None = None  # what the last placement used
+        self._null_tried: set[tuple[str, str]] = set()  # null pairs correlated (file keys)
         self.last_update: LiveUpdate | None = None
 
     # ------------------------------------------------------------------ readers
@@ -488,23 +510,67 @@ class LiveStitcher:
                     self._small.clear()
         graph = find_pairs(scan.stage_px, scan.tile_shape, self.settings.minimum_overlap)
         t1 = time.perf_counter()
-        shift, quality, n_new, _ = pipeline.correlate_scan(
-            scan, graph, self.settings, self.backend, cache=self._cache, progress=self.progress)
-        self._n_correlated += n_new
+        corr = self._correlate(scan, graph, null_budget=0)
+        self._n_correlated += corr.n_new
         t2 = time.perf_counter()
-        positions, n_comp, exact = self._place(scan, graph.pairs, shift, quality)
+        positions, n_comp, exact = self._place(corr)
         t3 = time.perf_counter()
         self._publish(scan, graph.pairs, positions, n_comp, exact)
         self._prepare_preview()
         t4 = time.perf_counter()
         self.last_update = LiveUpdate(
-            self._snapshot.version, len(scan), len(graph.pairs), n_new, n_comp, exact,
+            self._snapshot.version, len(scan), len(graph.pairs), corr.n_new, n_comp, exact,
             {"scan": t1 - t0, "correlate": t2 - t1, "place": t3 - t2, "preview_tiles": t4 - t3})
         log.info("live: %d tiles, %d pairs (%d correlated now), %d component(s), %s",
-                 len(scan), len(graph.pairs), n_new, n_comp,
+                 len(scan), len(graph.pairs), corr.n_new, n_comp,
                  {k: round(v, 3) for k, v in self.last_update.seconds.items()})
-        self._last = (scan, graph.pairs, shift, quality)
+        self._last = corr
         return self.last_update
+
+    def _correlate(self, scan: Scan, graph, *, null_budget: int | None) -> _Correlations:
+        """Correlate the pairs a batch run would (through the cache, so only new ones).
+
+        The null pairs of robust placement (non-overlapping pairs that calibrate the
+        chance score) are the batch run's; those not in the cache yet are left for
+        :meth:`refine`, except for ``null_budget`` of them (``None``: all).
+        """
+        s = self.settings
+        all_pairs, all_expected, order, null_shift = pipeline.pairs_to_correlate(scan, graph, s)
+        m = len(graph.pairs)
+        back = np.argsort(order)  # where each graph pair, then each null pair, sits
+        real_at, null_at = back[:m], back[m:]
+        use = np.zeros(len(all_pairs), dtype=bool)
+        use[real_at] = True
+        n_missing = 0
+        if len(null_at):
+            keys = [f.key for f in scan.files]
+            found = self._cache.lookup(s.correlation, keys, all_pairs[null_at],
+                                       all_expected[null_at], scan.tile_shape,
+                                       with_candidates=True)[0]
+            pair_keys = [(keys[a], keys[b]) for a, b in all_pairs[null_at].tolist()]
+            # A pair tried before and still not cached cannot be (an unreadable tile).
+            tried = np.array([k in self._null_tried for k in pair_keys], dtype=bool)
+            missing = np.flatnonzero(~found & ~tried)
+            budget = len(missing) if null_budget is None else min(null_budget, len(missing))
+            self._null_tried.update(pair_keys[i] for i in missing[:budget])
+            found[missing[:budget]] = True
+            use[null_at[found | tried]] = True
+            n_missing = len(missing) - budget
+        sel = np.flatnonzero(use)  # in the batch run's streaming order
+        stats: dict = {}
+        shift_s, quality_s, cand_s, _, _ = pipeline.correlate_scan(
+            scan, all_pairs[sel], all_expected[sel], s, self.backend, cache=self._cache,
+            progress=self.progress, found_out=stats)
+        shift = np.full((len(all_pairs), 2), np.nan)
+        quality = np.full(len(all_pairs), np.nan)
+        candidates = np.full((len(all_pairs),) + cand_s.shape[1:], np.nan)
+        cached = np.ones(len(all_pairs), dtype=bool)
+        shift[sel], quality[sel], candidates[sel], cached[sel] = (
+            shift_s, quality_s, cand_s, stats["found"])
+        null_used = use[null_at]
+        return _Correlations(scan, graph.pairs, shift[real_at], quality[real_at],
+                             candidates[real_at], candidates[null_at][null_used],
+                             null_shift[null_used], int((~cached[real_at]).sum()), n_missing)
 
     def _publish(self, scan: Scan, pairs: np.ndarray, positions: np.ndarray, n_comp: int,
                  exact: bool) -> None:
@@ -532,16 +598,17 @@ class LiveStitcher:
 
     # ------------------------------------------------------------------ placement
 
-    def _place(self, scan: Scan, pairs: np.ndarray, shift: np.ndarray, quality: np.ndarray,
-               *, force_search: bool = False) -> tuple[np.ndarray, int, bool]:
+    def _place(self, corr: _Correlations, *, force_search: bool = False
+               ) -> tuple[np.ndarray, int, bool]:
         """Positions of every tile; ``(positions, components, exact)``."""
+        scan, pairs = corr.scan, corr.pairs
         n = len(scan)
         labels = components(n, pairs) if len(pairs) else np.arange(n)
         n_comp = int(labels.max()) + 1 if n else 0
         self._collect_search()
         if n_comp == 1:
-            positions, exact = self._place_connected(pairs, shift, quality, scan.stage_px,
-                                                     scan.csm, search=True, force=force_search)
+            positions, exact = self._place_connected(
+                corr, np.ones(len(pairs), bool), scan.stage_px, search=True, force=force_search)
             return positions, 1, exact
         # Each group of joined tiles is placed on its own, where its stage positions put it.
         positions = scan.stage_px.astype(np.float64).copy()
@@ -551,24 +618,35 @@ class LiveStitcher:
             members = np.flatnonzero(labels == label)
             index = np.full(n, -1)
             index[members] = np.arange(len(members))
-            sel = (labels[pairs[:, 0]] == label)
-            sub_pairs = index[pairs[sel]]
+            sel = labels[pairs[:, 0]] == label
             stage = scan.stage_px[members]
             sub, sub_exact = self._place_connected(
-                sub_pairs, shift[sel], quality[sel], stage, scan.csm,
-                search=label == int(np.argmax(sizes)), force=force_search)
+                corr, sel, stage, index=index, search=label == int(np.argmax(sizes)),
+                force=force_search)
             exact &= sub_exact
             positions[members] = sub - sub.mean(axis=0) + stage.mean(axis=0)
         return positions - positions.min(axis=0), n_comp, exact
 
-    def _place_connected(self, pairs, shift, quality, stage_px, csm, *, search: bool,
-                         force: bool = False) -> tuple[np.ndarray, bool]:
+    def _place_connected(self, corr: _Correlations, sel: np.ndarray, stage_px: np.ndarray, *,
+                         index: np.ndarray | None = None, search: bool, force: bool = False
+                         ) -> tuple[np.ndarray, bool]:
+        """Place the tiles joined by the pairs ``sel`` (renumbered by ``index``)."""
         s = self.settings
+        pairs = corr.pairs[sel] if index is None else index[corr.pairs[sel]]
+        shift, quality, csm = corr.shift[sel], corr.quality[sel], corr.scan.csm
+        if pipeline.placement_method(s) == "robust":
+            placement = place(pairs, shift, quality, stage_px, csm, method="robust",
+                              candidates=corr.candidates[sel],
+                              null_candidates=corr.null_candidates,
+                              null_stage_shift=corr.null_shift)
+            return placement.positions_px, corr.n_null_missing == 0
+        # The reference placement's threshold search is slow on large scans: see the module
+        # docstring.
         quick = not force and self._thresholds is not None and \
             self._search_seconds > SYNC_SEARCH_S
         if not quick:
             t0 = time.perf_counter()
-            placement = place(pairs, shift, quality, stage_px, csm,
+            placement = place(pairs, shift, quality, stage_px, csm, method="reference",
                               min_peak_quality=s.min_peak_quality,
                               max_stage_discrepancy=s.max_stage_discrepancy)
             if search:
@@ -579,8 +657,8 @@ class LiveStitcher:
         if search and self._search is None and len(pairs) >= RESEARCH_GROWTH * self._search_pairs:
             self._start_search(pairs, shift, quality, stage_px, csm)
         thresholds = self._thresholds
-        placement = place(pairs, shift, quality, stage_px, csm, thresholding="manual",
-                          ask_thresholds=lambda: thresholds,
+        placement = place(pairs, shift, quality, stage_px, csm, method="reference",
+                          thresholding="manual", ask_thresholds=lambda: thresholds,
                           min_peak_quality=s.min_peak_quality,
                           max_stage_discrepancy=s.max_stage_discrepancy)
         return placement.positions_px, False
@@ -593,7 +671,8 @@ class LiveStitcher:
             t0 = time.perf_counter()
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # the foreground reports the same things
-                placement = place(*args, min_peak_quality=s.min_peak_quality,
+                placement = place(*args, method="reference",
+                                  min_peak_quality=s.min_peak_quality,
                                   max_stage_discrepancy=s.max_stage_discrepancy)
             return (placement.min_peak_quality, placement.max_stage_discrepancy, len(args[0]),
                     time.perf_counter() - t0)
@@ -614,28 +693,40 @@ class LiveStitcher:
             self._thresholds, self._search_pairs, self._search_seconds = (q, d), n_pairs, seconds
         self._search = None
 
-    def refine(self) -> bool:
-        """Run the full threshold search on the current pairs now, if the last one is stale.
+    def refine(self, *, max_null_pairs: int | None = None) -> bool:
+        """Bring the placement to what a batch run gives on the same tiles, if it is not.
 
-        Returns whether the placement changed. ``ofstitch watch`` calls it when the
-        scan pauses; afterwards :meth:`positions` are those a batch run would give
-        on the same tiles.
+        With robust placement (the default), correlates the null pairs that
+        :meth:`add` left out (at most ``max_null_pairs`` of them; default all);
+        with reference placement, runs the full threshold search. Returns whether
+        any position changed. ``ofstitch watch`` calls it between tiles and when
+        it stops; once :attr:`exact`, :meth:`positions` are the batch positions.
         """
         with self._write_lock:
             snap = self._snapshot
-            if snap.exact or snap.scan is None:
+            if snap.exact or self._last is None:
                 return False
             self._collect_search(wait=True)
-            scan, pairs, shift, quality = self._last
-            positions, n_comp, exact = self._place(scan, pairs, shift, quality,
-                                                   force_search=True)
-            self._publish(scan, pairs, positions, n_comp, exact)
+            scan = self._last.scan
+            graph = find_pairs(scan.stage_px, scan.tile_shape, self.settings.minimum_overlap)
+            corr = self._correlate(scan, graph, null_budget=max_null_pairs)
+            positions, n_comp, exact = self._place(corr, force_search=True)
+            self._last = corr
+            changed = not np.array_equal(positions, snap.positions_px)
+            self._publish(scan, corr.pairs, positions, n_comp, exact)
             self._prepare_preview()
-            return True
+            return changed
+
+    @property
+    def refine_is_quick(self) -> bool:
+        """Whether :meth:`refine` is cheap enough to run between tiles (robust placement:
+        a few null pairs; the reference threshold search takes seconds on large scans)."""
+        return pipeline.placement_method(self.settings) == "robust"
 
     @property
     def exact(self) -> bool:
-        """Whether the current positions come from a full threshold search (see :meth:`refine`)."""
+        """Whether the current positions are those a batch run gives on the same tiles
+        (see :meth:`refine`)."""
         return self.snapshot().exact
 
     @property
@@ -800,12 +891,17 @@ def watch(folder: Path | str, settings: StitchSettings | None = None, *,
                         on_update(live.last_update, time.perf_counter() - t0)
                     continue
             idle = time.monotonic() - last_event
-            if idle > max(2.0, 2 * settle_time) and not live.exact and live.refine():
-                _write_preview(live, out, dzi)
+            if not live.exact and (live.refine_is_quick or idle > max(2.0, 2 * settle_time)):
+                # Between tiles: a few of the null pairs at a time, so a new tile waits little.
+                if live.refine(max_null_pairs=NULL_PAIRS_PER_REFINE):
+                    _write_preview(live, out, dzi)
+                continue
             if idle_timeout is not None and idle >= idle_timeout:
                 reason = "idle"
                 break
             stop.wait(tick)
+        if not live.exact and live.refine():  # stopping: leave the batch result
+            _write_preview(live, out, dzi)
     finally:
         observer.stop()
         observer.join(timeout=5)

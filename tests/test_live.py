@@ -75,7 +75,6 @@ def test_adding_a_tile_correlates_only_its_new_pairs(scan, tmp_path, counted):
         assert live.last_update.n_correlated == len(new)
         done = pairs
     assert len(done) >= 17  # a 3x4 grid has at least its 17 edge pairs
-    live.close()
 
     # A deleted tile is forgotten (and comes back when written again).
     gone = folder / scan.names[5]
@@ -86,31 +85,43 @@ def test_adding_a_tile_correlates_only_its_new_pairs(scan, tmp_path, counted):
     gone.write_bytes(data)
     assert live.add(gone) == AddStatus.ADDED and len(live) == len(scan.names)
 
+    # The null pairs of robust placement (non-overlapping tiles, for the chance score)
+    # were left for refine(), which correlates them a few at a time.
+    assert not live.exact
+    counted.clear()
+    live.refine(max_null_pairs=1)
+    assert sum(len(batch) for batch in counted) == 1
+    assert not set().union(*counted) & done  # a null pair, not a graph pair
+    live.refine()
+    assert live.exact
+    live.close()
+
     # The live cache serves a later batch run, which gives the same positions.
     counted.clear()
     reg = ofstitch.register(folder)
     assert reg.n_correlated == 0 and reg.n_cached == len(done) and not counted
-    assert live.exact
     assert _max_difference(live.positions(), reg.positions()) < 1e-6
     assert _max_difference(live.finish(render_outputs=False).positions(), reg.positions()) < 1e-6
 
 
 def test_quick_placement_reuses_thresholds_then_refines_to_the_batch_result(
         scan, tmp_path, monkeypatch):
-    # Pretend the threshold search is slow: updates reuse the last thresholds.
+    # Reference placement; pretend its threshold search is slow: updates reuse the last
+    # thresholds.
     monkeypatch.setattr(live_module, "SYNC_SEARCH_S", -1.0)
+    settings = ofstitch.StitchSettings(placement="reference")
     folder = tmp_path / "live"
     folder.mkdir()
     for name in scan.names:
         _copy(scan, name, folder)
-    live = LiveStitcher(folder, settle_time=0)
+    live = LiveStitcher(folder, settings, settle_time=0)
     live.add_many(folder / n for n in scan.names[:4])
     assert live.exact  # the first placement always searches
     for name in scan.names[4:]:
         live.add(folder / name)
     assert not live.exact
     quick = live.positions()
-    reg = ofstitch.register(folder)
+    reg = ofstitch.register(folder, settings)
     # Quick positions are close to the batch ones (same pairs, older thresholds)...
     assert _max_difference(quick, reg.positions()) < 5.0
     assert live.refine() and live.exact
@@ -164,6 +175,7 @@ def test_concurrent_readers_see_consistent_snapshots(scan, tmp_path):
     assert not errors, errors[0]
     assert reads["positions"] > 0 and reads["preview"] > 0
     assert len(live) == len(scan.names)
+    live.refine()
     live.close()
     assert _max_difference(live.positions(), ofstitch.register(folder).positions()) < 1e-6
 
@@ -366,5 +378,6 @@ def test_grey_png_tiles_positioned_by_file_name(make_synthetic, tmp_path):
     assert set(statuses.values()) == {AddStatus.ADDED}
     image = live.preview()
     assert image.shape[2] == 3 and np.ptp(image) > 0
+    live.refine()
     live.close()
     assert _max_difference(live.positions(), ofstitch.register(folder).positions()) < 1e-6
