@@ -334,6 +334,8 @@ def watch_command(
     csm_matrix: str | None = typer.Option(None, "--csm-matrix", help=_s("csm_matrix")),
     csm_calibration_width: int | None = typer.Option(
         None, "--csm-calibration-width", help=_s("csm_calibration_width")),
+    placement: PlacementChoice = typer.Option(PlacementChoice.robust, "--placement",
+                                              help=_s("placement")),
     max_stage_discrepancy: float | None = typer.Option(
         None, "--max-stage-discrepancy", help=_s("max_stage_discrepancy")),
     min_peak_quality: float | None = typer.Option(
@@ -377,8 +379,9 @@ def watch_command(
         settings = StitchSettings(
             correlation=correlation, minimum_overlap=minimum_overlap,
             csm_matrix=parse_csm(csm_matrix) if csm_matrix is not None else None,
-            csm_calibration_width=csm_calibration_width, min_peak_quality=min_peak_quality,
-            max_stage_discrepancy=max_stage_discrepancy, stitching_mode=stitching_mode.value,
+            csm_calibration_width=csm_calibration_width, placement=placement.value,
+            min_peak_quality=min_peak_quality, max_stage_discrepancy=max_stage_discrepancy,
+            stitching_mode=stitching_mode.value,
             stitch_tiff=stitch_tiff, stitch_dzi=dzi, tile_size=tile_size, device=device.value,
             workers=workers, device_memory=device_memory)
         stop = threading.Event()
