@@ -867,6 +867,7 @@ def watch(folder: Path | str, settings: StitchSettings | None = None, *,
     last_event = time.monotonic()
     reason = "stopped"
     tick = 0.05  # how often files that are still being written are looked at again
+    pacer = _Pacer()
     try:
         while not stop.is_set():
             arrived = [(changed, p) for changed, p in events.drain() if is_tile_name(p.name)]
@@ -881,20 +882,27 @@ def watch(folder: Path | str, settings: StitchSettings | None = None, *,
             if removed and len(live):
                 _write_preview(live, out, dzi)
             if pending:
-                t0 = time.perf_counter()
+                t0, started = time.perf_counter(), time.monotonic()
                 status = live.add_many(sorted(pending))
                 pending = {p for p, s in status.items() if s == AddStatus.WAITING}
                 if any(s == AddStatus.ADDED for s in status.values()):
                     last_event = time.monotonic()
+                    pacer.tile_added(started)
                     _write_preview(live, out, dzi)
                     if on_update is not None:
                         on_update(live.last_update, time.perf_counter() - t0)
                     continue
             idle = time.monotonic() - last_event
-            if not live.exact and (live.refine_is_quick or idle > max(2.0, 2 * settle_time)):
-                # Between tiles: a few of the null pairs at a time, so a new tile waits little.
-                if live.refine(max_null_pairs=NULL_PAIRS_PER_REFINE):
+            paused = idle > max(2.0, 2 * settle_time)
+            if not live.exact and (paused or (live.refine_is_quick and not pending
+                                              and pacer.has_time())):
+                # Null pairs a few at a time (one while tiles keep coming), so that a new
+                # tile waits little; the reference threshold search only in a pause.
+                n = NULL_PAIRS_PER_REFINE if paused else 1
+                t0 = time.perf_counter()
+                if live.refine(max_null_pairs=n):
                     _write_preview(live, out, dzi)
+                pacer.refined(time.perf_counter() - t0, n)
                 continue
             if idle_timeout is not None and idle >= idle_timeout:
                 reason = "idle"
@@ -914,6 +922,34 @@ def watch(folder: Path | str, settings: StitchSettings | None = None, *,
     if final and len(live):
         result = live.finish(output_dir=out, progress=progress)
     return WatchResult(len(live), reason, waiting, result, time.perf_counter() - t0)
+
+
+class _Pacer:
+    """Whether there is time for a step of :meth:`LiveStitcher.refine` before the next tile.
+
+    Learns the pace of the scan (time between tiles) and the cost of a refine step,
+    both as moving averages.
+    """
+
+    def __init__(self) -> None:
+        self.last_tile: float | None = None
+        self.pace_s: float | None = None
+        self.step_s = 0.5  # a first guess at one null pair's correlation
+
+    def tile_added(self, now: float) -> None:
+        """A tile was taken at ``now`` (``time.monotonic()``, when its update began)."""
+        if self.last_tile is not None:
+            gap = min(now - self.last_tile, 10.0)  # a long pause says little about the pace
+            self.pace_s = gap if self.pace_s is None else 0.7 * self.pace_s + 0.3 * gap
+        self.last_tile = now
+
+    def refined(self, seconds: float, n_pairs: int) -> None:
+        self.step_s = 0.7 * self.step_s + 0.3 * seconds / max(1, n_pairs)
+
+    def has_time(self) -> bool:
+        if self.pace_s is None or self.last_tile is None:
+            return False
+        return self.last_tile + self.pace_s - time.monotonic() > self.step_s
 
 
 def _write_preview(live: LiveStitcher, out: Path, dzi: bool) -> None:
