@@ -381,3 +381,16 @@ def test_grey_png_tiles_positioned_by_file_name(make_synthetic, tmp_path):
     live.refine()
     live.close()
     assert _max_difference(live.positions(), ofstitch.register(folder).positions()) < 1e-6
+
+
+def test_pacer_leaves_refine_steps_to_the_gaps_between_tiles():
+    pacer = live_module._Pacer()
+    assert not pacer.has_time()  # no pace known yet
+    now = time.monotonic()
+    pacer.tile_added(now - 2.0)
+    pacer.tile_added(now)  # one tile every 2 s, the last one just now
+    assert pacer.has_time()  # about 2 s before the next tile; a step costs ~0.5 s
+    pacer.refined(10.0, 1)  # steps turn out slow
+    assert not pacer.has_time()
+    pacer.tile_added(now + 0.2)  # tiles come faster: less time still
+    assert pacer.pace_s < 2.0 and not pacer.has_time()
