@@ -638,7 +638,8 @@ class LiveStitcher:
             placement = place(pairs, shift, quality, stage_px, csm, method="robust",
                               candidates=corr.candidates[sel],
                               null_candidates=corr.null_candidates,
-                              null_stage_shift=corr.null_shift)
+                              null_stage_shift=corr.null_shift,
+                              search_radius=s.correlation.corr_mask_radius)
             return placement.positions_px, corr.n_null_missing == 0
         # The reference placement's threshold search is slow on large scans: see the module
         # docstring.
