@@ -88,7 +88,7 @@ def run_ofstitch(scan, method: str) -> dict:
         reg = ofstitch.register(folder, StitchSettings(placement=method))
         wall = time.perf_counter() - t0
     out = errors_of(scan, reg.positions())
-    out.update(wall_s=wall, place_s=reg.timings.get("place"), counts=reg.placement.counts())
+    out.update(wall_s=wall, place_s=reg.timings_s.get("place"), counts=reg.placement.counts())
     return out
 
 

@@ -179,6 +179,27 @@ def pairs_to_correlate(scan: Scan, graph: OverlapGraph, settings: StitchSettings
     return np.concatenate([pairs, null])[order], expected, order, null_shift
 
 
+ISLAND_MIN_OVERLAP = 0.02  # extra pairs for tiles in islands: overlap above this fraction
+
+
+def island_pairs(scan: Scan, graph: OverlapGraph, used: np.ndarray) -> np.ndarray:
+    """Pairs outside the graph (predicted overlap between :data:`ISLAND_MIN_OVERLAP` and
+    ``--minimum-overlap``, such as diagonal neighbours) that could join a tile that the
+    used pairs leave out of the largest group to a tile of another group."""
+    from .graph import components
+
+    n = len(scan)
+    labels = components(n, graph.pairs[used]) if used.any() else np.arange(n)
+    main = np.argmax(np.bincount(labels))
+    if np.all(labels == main):
+        return np.zeros((0, 2), np.int64)
+    wider = find_pairs(scan.stage_px, scan.tile_shape, ISLAND_MIN_OVERLAP).pairs
+    known = {tuple(p) for p in graph.pairs.tolist()}
+    keep = [(a, b) for a, b in wider.tolist() if (a, b) not in known
+            and labels[a] != labels[b] and (labels[a] != main or labels[b] != main)]
+    return np.asarray(keep, dtype=np.int64).reshape(-1, 2)
+
+
 def correlate_and_place(scan: Scan, graph: OverlapGraph, settings: StitchSettings,
                         backend: Backend, *, cache: CorrelationCache | None,
                         progress: Progress = _noop,
@@ -186,8 +207,10 @@ def correlate_and_place(scan: Scan, graph: OverlapGraph, settings: StitchSetting
                         plot_dir: Path | None = None) -> tuple:
     """Correlate the graph's pairs (and, for robust placement, the null pairs), then place.
 
-    Returns ``(shift, quality, placement, n_correlated, n_cached, seconds)`` where
-    ``seconds`` maps "correlate" and "place" to their durations.
+    Returns ``(shift, quality, placement, n_correlated, n_cached, seconds, pairs)``
+    where ``seconds`` maps "correlate" and "place" to their durations and ``pairs`` are
+    the pairs placed: the graph's, then any added for tiles in islands
+    (:func:`island_pairs`).
     """
     method = placement_method(settings)
     pairs = graph.pairs
@@ -220,6 +243,25 @@ def correlate_and_place(scan: Scan, graph: OverlapGraph, settings: StitchSetting
                           candidates=candidates, null_candidates=null_candidates,
                           null_stage_shift=null_shift,
                           search_radius=settings.correlation.corr_mask_radius)
+        extra = island_pairs(scan, graph, placement.accepted)
+        if len(extra):
+            # Tiles left in islands: try their smaller overlaps (diagonal neighbours) too.
+            log.info("%d extra pairs for tiles in islands", len(extra))
+            x_expected = _expected_shifts(scan, extra)
+            stats = {}
+            x_shift, x_quality, x_cand, _, _ = correlate_scan(
+                scan, extra, x_expected, settings, backend, cache=cache, progress=progress,
+                found_out=stats)
+            n_cached += int(stats["found"].sum())
+            n_new += int((~stats["found"]).sum())
+            pairs = np.concatenate([pairs, extra])
+            shift = np.concatenate([shift, x_shift])
+            quality = np.concatenate([quality, x_quality])
+            candidates = np.concatenate([candidates, x_cand])
+            placement = place(pairs, shift, quality, scan.stage_px, scan.csm, method="robust",
+                              candidates=candidates, null_candidates=null_candidates,
+                              null_stage_shift=null_shift,
+                              search_radius=settings.correlation.corr_mask_radius)
     else:
         placement = place(pairs, shift, quality, scan.stage_px, scan.csm, method="reference",
                           thresholding=settings.thresholding,
@@ -227,7 +269,7 @@ def correlate_and_place(scan: Scan, graph: OverlapGraph, settings: StitchSetting
                           max_stage_discrepancy=settings.max_stage_discrepancy,
                           ask_thresholds=ask)
     return shift, quality, placement, n_new, n_cached, {
-        "correlate": t1 - t0, "place": time.perf_counter() - t1}
+        "correlate": t1 - t0, "place": time.perf_counter() - t1}, pairs
 
 
 def load_connected_scan(folder: Path, settings: StitchSettings) -> tuple[Scan, OverlapGraph]:
@@ -281,9 +323,14 @@ def register(folder: Path | str, settings: StitchSettings | None = None, *,
                                 scan.tile_shape, graph.pairs)
 
     cache = CorrelationCache.load(cache_path(folder, cache_dir)) if use_cache else None
-    shift, quality, placement, n_new, n_cached, seconds = correlate_and_place(
+    shift, quality, placement, n_new, n_cached, seconds, pairs = correlate_and_place(
         scan, graph, settings, backend, cache=cache, progress=progress,
         ask_thresholds=ask_thresholds, plot_dir=out_dir)
+    if len(pairs) > len(graph.pairs):  # pairs added for tiles in islands
+        from .graph import predicted_overlap
+
+        graph = OverlapGraph(pairs, predicted_overlap(scan.stage_px, scan.tile_shape,
+                                                      pairs[:, 0], pairs[:, 1]), len(scan))
     timings.update(seconds)
     if plots and len(graph.pairs):
         stage_shift = _expected_shifts(scan, graph.pairs)

@@ -24,6 +24,7 @@ import pytest
 import pyvips
 from cli_helpers import run_main
 
+import ofstitch
 from ofstitch.cache import CACHE_NAME
 from ofstitch.synthetic import make_scan
 
@@ -265,7 +266,11 @@ def test_only_correlate_mode(make_synthetic, tmp_path):
     data = json.loads((scan.folder / CACHE_NAME).read_text())
     assert data["format"] == "ofstitch-correlation-cache"
     assert len(data["sets"]) == 1
-    assert len(next(iter(data["sets"].values()))) == 12  # every pair of a 3x3 grid
+    # Every pair of a 3x3 grid (12), and the 6 null pairs of robust placement (tiles two
+    # steps apart in each row and column), so that a later run correlates nothing.
+    assert len(next(iter(data["sets"].values()))) == 12 + 6
+    reg = ofstitch.register(scan.folder)
+    assert reg.n_correlated == 0 and reg.n_cached == 12 and reg.n_null == 6
 
 
 def test_manual_thresholding_reads_stdin(wide_scan, tmp_path):

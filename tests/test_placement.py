@@ -218,3 +218,26 @@ def test_cli_placement_option_and_summary(hard_scan, tmp_path, capsys):
     result = run_main(hard_scan.folder, "--stitching-mode", "preview", "-o", out, capsys=capsys)
     assert result.returncode == 0, result.stderr
     assert "re-searched" in result.stdout and "chance level" in result.stdout
+
+
+def test_island_pairs_join_islands_by_their_smaller_overlaps():
+    from ofstitch.pipeline import ISLAND_MIN_OVERLAP, island_pairs
+
+    class Grid:  # the parts of a Scan that island_pairs reads
+        tile_shape = (100, 120)
+        stage_px = np.array([(r * 70.0, c * 84.0) for r in range(3) for c in range(3)])
+
+        def __len__(self):
+            return 9
+
+    scan = Grid()
+    g = graph.find_pairs(scan.stage_px, scan.tile_shape, 0.2)
+    used = np.ones(len(g.pairs), bool)
+    assert len(island_pairs(scan, g, used)) == 0  # one group: nothing to add
+    # Tile 4 (the centre) is an island: none of its pairs was used.
+    used = ~np.any(g.pairs == 4, axis=1)
+    extra = island_pairs(scan, g, used)
+    assert len(extra) == 4  # its four diagonal neighbours
+    assert all(4 in p for p in extra.tolist())
+    overlap = graph.predicted_overlap(scan.stage_px, scan.tile_shape, extra[:, 0], extra[:, 1])
+    assert np.all((overlap > ISLAND_MIN_OVERLAP) & (overlap < 0.2))
