@@ -58,7 +58,7 @@ from . import pipeline, render, tiles
 from .backends import Backend, select_backend
 from .cache import CorrelationCache, cache_path
 from .errors import OfstitchError, OfstitchWarning
-from .graph import components, find_pairs
+from .graph import OverlapGraph, components, find_pairs
 from .place import place
 from .scan import (
     Scan,
@@ -148,6 +148,7 @@ class _Correlations:
     """The pair results one placement uses (graph pairs in the graph's order)."""
 
     scan: Scan
+    graph: OverlapGraph
     pairs: np.ndarray
     shift: np.ndarray
     quality: np.ndarray
@@ -568,7 +569,7 @@ class LiveStitcher:
         shift[sel], quality[sel], candidates[sel], cached[sel] = (
             shift_s, quality_s, cand_s, stats["found"])
         null_used = use[null_at]
-        return _Correlations(scan, graph.pairs, shift[real_at], quality[real_at],
+        return _Correlations(scan, graph, graph.pairs, shift[real_at], quality[real_at],
                              candidates[real_at], candidates[null_at][null_used],
                              null_shift[null_used], int((~cached[real_at]).sum()), n_missing)
 
@@ -635,11 +636,30 @@ class LiveStitcher:
         pairs = corr.pairs[sel] if index is None else index[corr.pairs[sel]]
         shift, quality, csm = corr.shift[sel], corr.quality[sel], corr.scan.csm
         if pipeline.placement_method(s) == "robust":
-            placement = place(pairs, shift, quality, stage_px, csm, method="robust",
-                              candidates=corr.candidates[sel],
-                              null_candidates=corr.null_candidates,
-                              null_stage_shift=corr.null_shift,
-                              search_radius=s.correlation.corr_mask_radius)
+            cands = corr.candidates[sel]
+
+            def robust():
+                return place(pairs, shift, quality, stage_px, csm, method="robust",
+                             candidates=cands, null_candidates=corr.null_candidates,
+                             null_stage_shift=corr.null_shift,
+                             search_radius=s.correlation.corr_mask_radius)
+
+            placement = robust()
+            if index is None:  # the whole scan: as a batch run, try to join its islands
+                extra = pipeline.island_pairs(corr.scan, corr.graph, placement.accepted)
+                if len(extra):
+                    scan = corr.scan
+                    stats: dict = {}
+                    x_shift, x_quality, x_cand, _, _ = pipeline.correlate_scan(
+                        scan, extra, scan.stage_px[extra[:, 1]] - scan.stage_px[extra[:, 0]],
+                        s, self.backend, cache=self._cache, progress=self.progress,
+                        found_out=stats)
+                    self._n_correlated += int((~stats["found"]).sum())
+                    pairs = np.concatenate([pairs, extra])
+                    shift = np.concatenate([shift, x_shift])
+                    quality = np.concatenate([quality, x_quality])
+                    cands = np.concatenate([cands, x_cand])
+                    placement = robust()
             return placement.positions_px, corr.n_null_missing == 0
         # The reference placement's threshold search is slow on large scans: see the module
         # docstring.

@@ -394,3 +394,23 @@ def test_pacer_leaves_refine_steps_to_the_gaps_between_tiles():
     assert not pacer.has_time()
     pacer.tile_added(now + 0.2)  # tiles come faster: less time still
     assert pacer.pace_s < 2.0 and not pacer.has_time()
+
+
+def test_blank_tiles_islands_and_the_batch_result(make_synthetic, tmp_path):
+    # Blank tiles cannot be correlated: robust placement leaves them in islands and a batch
+    # run tries their diagonal neighbours too. The live path does the same.
+    source = make_synthetic("blank", grid=GRID, tile_shape=TILE, blank_fraction=0.25, seed=0)
+    folder = tmp_path / "live"
+    folder.mkdir()
+    live = LiveStitcher(folder, settle_time=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", OfstitchWarning)  # "no pair could be correlated"
+        for name in source.names:
+            assert live.add(_copy(source, name, folder)) == AddStatus.ADDED
+            assert np.all(np.isfinite(live.snapshot().positions_px))
+        live.refine()
+        live.close()
+        reg = ofstitch.register(folder)
+    assert len(reg.graph.pairs) > len(live.snapshot().pairs)  # islands joined by extra pairs
+    assert reg.n_correlated == 0  # the live path correlated those too
+    assert _max_difference(live.positions(), reg.positions()) < 1e-6
