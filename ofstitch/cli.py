@@ -64,6 +64,24 @@ class PriorityChoice(str, Enum):
     memory = "memory"
 
 
+class FormatChoice(str, Enum):
+    jpeg = "jpeg"
+    ome_tiff = "ome-tiff"
+    dzi = "dzi"
+    ome_zarr = "ome-zarr"
+
+
+class BlendChoice(str, Enum):
+    none = "none"
+    feather = "feather"
+
+
+class CompressionChoice(str, Enum):
+    jpeg = "jpeg"
+    deflate = "deflate"
+    lzw = "lzw"
+
+
 class DeviceChoice(str, Enum):
     cpu = "cpu"
     cuda = "cuda"
@@ -82,7 +100,9 @@ class _Reporter:
     """Progress bars for the pipeline's stages (silent when not a terminal or --quiet)."""
 
     LABELS = {"correlate": "Correlating pairs", "preview": "Rendering preview",
-              "render": "Rendering mosaic"}
+              "render": "Rendering mosaic", "write-jpeg": "Writing JPEG",
+              "write-ome-tiff": "Writing OME-TIFF", "write-dzi": "Writing DZI",
+              "write-ome-zarr": "Writing OME-Zarr"}
 
     def __init__(self, enabled: bool) -> None:
         self.progress = Progress(TextColumn("{task.description:<20}"), BarColumn(),
@@ -239,6 +259,11 @@ def stitch_command(
                                             help=_s("priority")),
     corr_mask_radius: float | None = typer.Option(
         None, "--corr-mask-radius", help=_c("corr_mask_radius")),
+    output_format: list[FormatChoice] | None = typer.Option(
+        None, "--format", "-f", help=_s("formats") + " [default: jpeg]", show_default=False),
+    blend: BlendChoice = typer.Option(BlendChoice.none, "--blend", help=_s("blend")),
+    tiff_compression: CompressionChoice = typer.Option(
+        CompressionChoice.jpeg, "--tiff-compression", help=_s("tiff_compression")),
     stitch_tiff: bool = typer.Option(False, "--stitch-tiff/--no-stitch-tiff",
                                      help=_s("stitch_tiff")),
     stitch_dzi: bool = typer.Option(False, "--stitch-dzi/--no-stitch-dzi",
@@ -274,6 +299,8 @@ def stitch_command(
             thresholding=thresholding.value, min_peak_quality=min_peak_quality,
             max_stage_discrepancy=max_stage_discrepancy, priority=priority.value,
             stitching_mode=stitching_mode.value, stitch_tiff=stitch_tiff,
+            formats=tuple(f.value for f in output_format) if output_format else ("jpeg",),
+            blend=blend.value, tiff_compression=tiff_compression.value,
             stitch_dzi=stitch_dzi, tile_size=tile_size, device=device.value, workers=workers,
             device_memory=device_memory)
         if device == DeviceChoice.auto and not quiet:

@@ -389,3 +389,15 @@ def write_ome_zarr(image: pyvips.Image, path: Path, *, pixel_size_um: float | No
             n = len(buffer) // row_bytes
             level.push(np.frombuffer(bytes(buffer), np.uint8).reshape(n, image.width, 3))
         level.finish()
+
+
+# ----------------------------------------------------------------------------- Fiji
+
+
+def write_tile_configuration(path: Path, names: list[str], positions_px: np.ndarray) -> None:
+    """Fiji TileConfiguration (``name; ; (x, y)``, top-left, pixels)."""
+    lines = ["# Define the number of dimensions used", "dim = 2", "",
+             "# Define the image coordinates"]
+    for name, (row, col) in zip(names, np.asarray(positions_px).tolist(), strict=True):
+        lines.append(f"{name}; ; ({col:.3f}, {row:.3f})")
+    write_text(path, "\n".join(lines) + "\n")
