@@ -271,7 +271,7 @@ def _render_jpeg(scan: Scan, positions: np.ndarray, path: Path, scale: float,
     pixel = scan.pixel_size_um / scale if scan.pixel_size_um else None
     mosaic.write(lambda image: formats.write_jpeg(
         image, path, metadata=scan.metadata, pixel_size_um=pixel, n_tiles=len(scan),
-        extra=extra, progress=lambda d, t: progress(label, d, t)))
+        extra=extra), progress=lambda d, t: progress(label, d, t))
     return mosaic.skip
 
 
@@ -311,21 +311,21 @@ def write_full_resolution(scan: Scan, positions: np.ndarray, out: Path, prefix: 
         if fmt == "jpeg":
             mosaic.write(lambda im, p=path: formats.write_jpeg(
                 im, p, metadata=scan.metadata, pixel_size_um=um, n_tiles=len(scan),
-                extra=extra, progress=report))
+                extra=extra), progress=report)
             outputs["stitched"] = path
         elif fmt == "ome-tiff":
             mosaic.write(lambda im, p=path: formats.write_ome_tiff(
                 im, p, pixel_size_um=um, compression=settings.tiff_compression,
-                tile_size=tile_size, name=prefix, progress=report))
+                tile_size=tile_size, name=prefix), progress=report)
             outputs["ome_tiff"] = path
         elif fmt == "dzi":
             mosaic.write(lambda im, p=path: formats.write_dzi(
-                im, p, tile_size=tile_size, pixel_size_um=um, progress=report))
+                im, p, tile_size=tile_size, pixel_size_um=um), progress=report)
             outputs["dzi"] = path
             outputs["viewer"] = out / formats.VIEWER_NAME
         elif fmt == "ome-zarr":
             mosaic.write(lambda im, p=path: formats.write_ome_zarr(
-                im, p, pixel_size_um=um, name=prefix, progress=report))
+                im, p, pixel_size_um=um, name=prefix), progress=report)
             outputs["ome_zarr"] = path
     return outputs
 

@@ -1,9 +1,5 @@
 """Rendering: compose the mosaic from the tile files with pyvips operations.
 
-The mosaic is a lazy pyvips image: nothing is decoded until an encoder (see
-:mod:`ofstitch.formats`) pulls pixels through it, strip by strip, so memory does
-not grow with the mosaic's size.
-
 Composition rule
 ----------------
 Positions are rounded to whole output pixels with ``floor(p + 0.5)`` (at the
@@ -12,25 +8,32 @@ tile whose (unrounded) centre is nearest to the pixel's centre, among the tiles
 that cover the pixel; a tie goes to the tile that is higher in the mosaic (then
 to the earlier tile). No blending, as in OpenFlexure Stitching. With
 ``blend="feather"`` a pixel covered by several tiles is instead their weighted
-mean, each tile weighted by the pixel's distance to its nearest edge (a linear
-ramp across each overlap).
+mean, each tile weighted by the distance from the pixel to the tile's nearest
+edge (a linear ramp across each overlap).
 
 How it is built
 ---------------
-The output rectangle is cut recursively (a k-d tree whose cuts are tile edges)
-until, in every leaf, the set of covering tiles is the same at every pixel.
-Because ``|p - a|^2 - |p - b|^2`` is linear in ``p``, the nearest-centre winner
-of a whole leaf can be decided from its four corners: most leaves are a plain
-crop of one tile. Leaves that a boundary between two cells crosses are halved
-until they are narrow, and only those pixels are decided per pixel (pyvips
-arithmetic on coordinate images). The tree of leaves becomes a balanced tree
-of pyvips ``join`` operations, never a long chain of inserts.
+The mosaic is made in bands of output rows. For a band, each tile that touches
+it is cropped to the band and placed (``embed``); a label image (one byte per
+pixel, computed from the rule above) then picks, with ``case``, which tile
+each pixel comes from. The pixels themselves only ever pass through libvips.
+
+The bands are chained into one sequential image (:func:`stream_mosaic`): an
+encoder reading it top to bottom makes libvips compose and evaluate one band
+at a time, and each band's operations are freed before the next band starts.
+A tile is decoded once (sequentially, top to bottom) while the bands still
+need it, then closed. Memory is bounded by one band of the mosaic plus the
+tiles that cross it, whatever the size of the mosaic.
 """
 
 from __future__ import annotations
 
 import logging
+import queue
+import struct
+import threading
 import warnings
+import zlib
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -49,6 +52,8 @@ Blend = Literal["none", "feather"]
 BLENDS = ("none", "feather")
 
 PREVIEW_WIDTH = 1000
+FETCH_WIDTH = 256  # columns of a band computed at a time
+_KEEP = 4 << 20  # bytes of the PNG stream kept behind the reader
 # A leaf that a cell boundary crosses is halved until its sides are at most this long.
 MIXED_LEAF_SIDE = 64
 
@@ -99,216 +104,300 @@ def scale_for_width(positions_px: np.ndarray, tile_shape: tuple[int, int], width
     return min(1.0, width / span)
 
 
-# ----------------------------------------------------------------------------- partition
-
-
-@dataclass(frozen=True)
-class Leaf:
-    """A rectangle of the output, ``[r0, r1) x [c0, c1)``, covered by the same tiles.
-
-    ``tiles`` are the covering tiles in priority order; ``winner`` is the tile
-    that supplies every pixel, or ``None`` when the pixels must be decided one
-    by one (a cell boundary crosses the leaf, or the leaf is blended).
-    """
-
-    r0: int
-    c0: int
-    r1: int
-    c1: int
-    tiles: tuple[int, ...]
-    winner: int | None
-
-
-@dataclass(frozen=True)
-class Split:
-    """Two halves of a rectangle: ``first`` above (axis 0) or left of (axis 1) ``second``."""
-
-    axis: int
-    first: Leaf | Split
-    second: Leaf | Split
-
-
-def _winner(layout: Layout, box: tuple[int, int, int, int], members: Sequence[int]
-            ) -> int | None:
-    """The tile nearest to every pixel centre of ``box``, or None if that varies."""
-    if len(members) == 1:
-        return members[0]
-    r0, c0, r1, c1 = box
-    corners = np.array([(r0 + 0.5, c0 + 0.5), (r0 + 0.5, c1 - 0.5),
-                        (r1 - 0.5, c0 + 0.5), (r1 - 0.5, c1 - 0.5)])
-    d = ((corners[None, :, :] - layout.centre[list(members)][:, None, :]) ** 2).sum(axis=2)
-    # d[k] - d[j] is linear in the pixel position, so its sign at the corners decides
-    # the whole box. Tiles earlier in ``members`` win ties.
-    for k, i in enumerate(members):
-        wins = True
-        for j in range(len(members)):
-            if j == k:
-                continue
-            diff = d[k] - d[j]
-            if not (np.all(diff < 0) or (j > k and np.all(diff <= 0))):
-                wins = False
-                break
-        if wins:
-            return i
-    return None
-
-
-def partition(layout: Layout, *, blend: Blend = "none",
-              skip: frozenset[int] | set[int] = frozenset()) -> Leaf | Split:
-    """Cut the output into leaves covered by constant sets of tiles (see the module doc).
-
-    Tiles in ``skip`` are left out (their neighbours cover their place where
-    they overlap it; elsewhere the mosaic is black).
-    """
-    th, tw = layout.tile_shape
-    height, width = layout.size
-    top = layout.top_left
-    # Priority: higher in the mosaic first, then the earlier tile (a stable sort).
-    rank = np.empty(len(top), dtype=np.int64)
-    rank[np.argsort(top[:, 0], kind="stable")] = np.arange(len(top))
-    keep = np.array([i for i in range(len(top)) if i not in skip], dtype=np.int64)
-
-    def leaf(box, members) -> Leaf | Split:
-        r0, c0, r1, c1 = box
-        members = tuple(int(i) for i in sorted(members, key=lambda i: rank[i]))
-        if blend == "feather" or not members:
-            return Leaf(r0, c0, r1, c1, members, members[0] if len(members) == 1 else None)
-        win = _winner(layout, box, members)
-        if win is not None or max(r1 - r0, c1 - c0) <= MIXED_LEAF_SIDE:
-            return Leaf(r0, c0, r1, c1, members, win)
-        if r1 - r0 >= c1 - c0:
-            mid = (r0 + r1) // 2
-            return Split(0, leaf((r0, c0, mid, c1), members), leaf((mid, c0, r1, c1), members))
-        mid = (c0 + c1) // 2
-        return Split(1, leaf((r0, c0, r1, mid), members), leaf((r0, mid, r1, c1), members))
-
-    def cut(box, cand: np.ndarray) -> Leaf | Split:
-        r0, c0, r1, c1 = box
-        ys, xs = top[cand, 0], top[cand, 1]
-        row_edges = np.concatenate([ys, ys + th])
-        row_edges = row_edges[(row_edges > r0) & (row_edges < r1)]
-        col_edges = np.concatenate([xs, xs + tw])
-        col_edges = col_edges[(col_edges > c0) & (col_edges < c1)]
-        if not len(row_edges) and not len(col_edges):
-            return leaf(box, cand.tolist())  # every candidate covers the whole box
-        # Cut across the longer side (in tiles), at the tile edge nearest its middle.
-        along_rows = (r1 - r0) / th >= (c1 - c0) / tw
-        if (along_rows and len(row_edges)) or not len(col_edges):
-            at = int(row_edges[np.argmin(np.abs(row_edges - (r0 + r1) / 2))])
-            a, b = (r0, c0, at, c1), (at, c0, r1, c1)
-            axis = 0
-            in_a = cand[ys < at]
-            in_b = cand[ys + th > at]
-        else:
-            at = int(col_edges[np.argmin(np.abs(col_edges - (c0 + c1) / 2))])
-            a, b = (r0, c0, r1, at), (r0, at, r1, c1)
-            axis = 1
-            in_a = cand[xs < at]
-            in_b = cand[xs + tw > at]
-        return Split(axis, cut(a, in_a), cut(b, in_b))
-
-    return cut((0, 0, height, width), keep)
-
-
-def leaves(node: Leaf | Split) -> list[Leaf]:
-    """The leaves of a partition, in order."""
-    out, stack = [], [node]
-    while stack:
-        n = stack.pop()
-        if isinstance(n, Leaf):
-            out.append(n)
-        else:
-            stack.extend((n.second, n.first))
-    return out
-
-
 # ----------------------------------------------------------------------------- compose
 
 
-def _nearest(layout: Layout, leaf: Leaf, crops: list[pyvips.Image]) -> pyvips.Image:
-    """Per-pixel nearest-centre choice between the tiles of a leaf."""
-    h, w = leaf.r1 - leaf.r0, leaf.c1 - leaf.c0
-    origin = np.array([leaf.r0 + 0.5, leaf.c0 + 0.5])
-    c = layout.centre[list(leaf.tiles)] - origin  # centres in leaf coordinates (row, col)
-    # d_j - d_0 = -2 q.(c_j - c_0) + |c_j|^2 - |c_0|^2, with q = (y, x) in the leaf.
-    grad = -2 * (c[1:] - c[0])
-    offset = (c[1:] ** 2).sum(axis=1) - (c[0] ** 2).sum()
-    xy = pyvips.Image.xyz(w, h)  # band 0 = x (col), band 1 = y (row)
-    matrix = [[float(g[1]), float(g[0])] for g in grad]
-    diff = xy.recomb(matrix).linear([1.0] * len(offset), offset.tolist())
-    out, best = crops[0], 0.0  # distances relative to the first tile's
-    for k in range(1, len(crops)):
-        dk = diff[k - 1]
-        nearer = dk < best  # strict: the earlier tile wins a tie
-        out = nearer.ifthenelse(crops[k], out)
-        if k < len(crops) - 1:
-            best = nearer.ifthenelse(dk, best)
-    return out
+def band_rows(layout: Layout, band_height: int = 128) -> list[tuple[int, int]]:
+    """``[r0, r1)`` of each band of output rows."""
+    height = layout.size[0]
+    return [(r, min(height, r + band_height)) for r in range(0, height, band_height)]
 
 
-def _feather(layout: Layout, leaf: Leaf, crops: list[pyvips.Image]) -> pyvips.Image:
-    """Weighted mean of the leaf's tiles, each weighted by the distance to its nearest edge."""
-    h, w = leaf.r1 - leaf.r0, leaf.c1 - leaf.c0
+def _priority(layout: Layout) -> np.ndarray:
+    """Tile indices in priority order: higher in the mosaic first, then the earlier tile."""
+    return np.argsort(layout.top_left[:, 0], kind="stable")
+
+
+def nearest_labels(layout: Layout, box: tuple[int, int, int, int], members: Sequence[int]
+                   ) -> np.ndarray:
+    """For each pixel of ``box`` = ``(r0, c0, r1, c1)``, the position in ``members`` of the
+    tile whose centre is nearest, among those that cover it (255 where none does).
+
+    ``members`` must be in priority order (ties go to the earlier one) and
+    number at most 255. Returns uint8, shape ``(r1 - r0, c1 - c0)``.
+    """
+    r0, c0, r1, c1 = box
     th, tw = layout.tile_shape
-    xy = pyvips.Image.xyz(w, h).cast("float")
-    total, weight = None, None
-    for i, crop in zip(leaf.tiles, crops, strict=True):
-        ty, tx = layout.top_left[i]
-        y0, x0 = leaf.r0 - ty + 0.5, leaf.c0 - tx + 0.5  # pixel centre, tile coordinates
-        # Distances to the left, right, top and bottom edges.
-        dists = xy.linear([1.0, 1.0], [x0, y0]), xy.linear([-1.0, -1.0], [tw - x0, th - y0])
-        near = dists[0].minpair(dists[1])
-        wi = near[0].minpair(near[1])
-        term = crop.cast("float") * wi
-        total = term if total is None else total + term
-        weight = wi if weight is None else weight + wi
-    return (total / weight + 0.5).cast("uchar")
+    labels = np.full((r1 - r0, c1 - c0), 255, dtype=np.uint8)
+    best = np.full((r1 - r0, c1 - c0), np.inf, dtype=np.float32)
+    for k, i in enumerate(members):
+        ty, tx = (int(v) for v in layout.top_left[i])
+        y0, y1, x0, x1 = max(r0, ty), min(r1, ty + th), max(c0, tx), min(c1, tx + tw)
+        if y0 >= y1 or x0 >= x1:
+            continue
+        rows = np.arange(y0, y1, dtype=np.float32) + 0.5 - np.float32(layout.centre[i, 0])
+        cols = np.arange(x0, x1, dtype=np.float32) + 0.5 - np.float32(layout.centre[i, 1])
+        dist = rows[:, None] ** 2 + cols[None, :] ** 2
+        region = best[y0 - r0:y1 - r0, x0 - c0:x1 - c0]
+        nearer = dist < region
+        np.copyto(region, dist, where=nearer)
+        labels[y0 - r0:y1 - r0, x0 - c0:x1 - c0][nearer] = k
+    return labels
+
+
+def _feather_weight(layout: Layout) -> pyvips.Image:
+    """A tile's blending weight: the distance from each pixel centre to the nearest edge."""
+    th, tw = layout.tile_shape
+    xy = pyvips.Image.xyz(tw, th).cast("float")
+    near = xy.linear([1.0, 1.0], [0.5, 0.5]).minpair(
+        xy.linear([-1.0, -1.0], [tw - 0.5, th - 0.5]))
+    return near[0].minpair(near[1]).copy_memory()
+
+
+def compose_box(tile: Callable[[int], pyvips.Image], layout: Layout,
+                box: tuple[int, int, int, int], members: Sequence[int], *,
+                blend: Blend = "none", weight: pyvips.Image | None = None) -> pyvips.Image:
+    """One rectangle of the mosaic from the tiles ``members`` (in priority order).
+
+    ``tile(i)`` gives tile ``i`` as an 8-bit RGB pyvips image. Without blending,
+    each tile is placed where it is the nearest, with ``case`` on a label image;
+    with feathering, the tiles are averaged with ``weight``.
+    """
+    r0, c0, r1, c1 = box
+    h, w = r1 - r0, c1 - c0
+    th, tw = layout.tile_shape
+    if not len(members):
+        return pyvips.Image.black(w, h, bands=3)
+    placed, weights = [], []
+    for i in members:
+        ty, tx = (int(v) for v in layout.top_left[i])
+        y0, y1, x0, x1 = max(r0, ty), min(r1, ty + th), max(c0, tx), min(c1, tx + tw)
+        part = tile(i).crop(x0 - tx, y0 - ty, x1 - x0, y1 - y0)
+        if blend == "feather":
+            wpart = weight.crop(x0 - tx, y0 - ty, x1 - x0, y1 - y0)
+            part = part.cast("float") * wpart
+            weights.append(wpart.embed(x0 - c0, y0 - r0, w, h) if (y1 - y0, x1 - x0) != (h, w)
+                           else wpart)
+        placed.append(part.embed(x0 - c0, y0 - r0, w, h) if (y1 - y0, x1 - x0) != (h, w)
+                      else part)
+    if blend == "feather":
+        total = placed[0] if len(placed) == 1 else pyvips.Image.sum(placed)
+        norm = weights[0] if len(weights) == 1 else pyvips.Image.sum(weights)
+        covered = norm > 0
+        mean = total / covered.ifthenelse(norm, 1.0)
+        return (mean + 0.5).cast("uchar")
+    if len(members) == 1:
+        return placed[0]
+    # Uncovered pixels (label 255) take the last tile, which is black outside itself.
+    index = pyvips.Image.new_from_array(nearest_labels(layout, box, members))
+    return index.case(placed)
+
+
+class TileSource:
+    """Tiles opened on demand, each kept open while the bands still need it."""
+
+    def __init__(self, paths: Sequence[Path], layout: Layout, value_scale: float) -> None:
+        self.paths, self.layout, self.value_scale = paths, layout, value_scale
+        self.open: dict[int, pyvips.Image] = {}
+
+    def __call__(self, i: int) -> pyvips.Image:
+        if i not in self.open:
+            self.open[i] = tiles.rgb8_image(self.paths[i], self.layout.scale,
+                                            self.layout.tile_shape,
+                                            value_scale=self.value_scale)
+        return self.open[i]
+
+    def forget_above(self, row: int) -> None:
+        """Close the tiles that end above ``row``."""
+        th = self.layout.tile_shape[0]
+        for i in [i for i in self.open if self.layout.top_left[i, 0] + th <= row]:
+            del self.open[i]
+
+
+def compose_band(source: TileSource, layout: Layout, rows: tuple[int, int], *,
+                 blend: Blend = "none", skip: frozenset[int] | set[int] = frozenset(),
+                 weight: pyvips.Image | None = None, max_members: int = 200) -> pyvips.Image:
+    """Rows ``[r0, r1)`` of the mosaic, as a lazy pyvips image."""
+    r0, r1 = rows
+    th, tw = layout.tile_shape
+    width = layout.size[1]
+    top = layout.top_left
+    order = _priority(layout)
+    members = [int(i) for i in order if top[i, 0] < r1 and top[i, 0] + th > r0
+               and int(i) not in skip]
+    # Few enough tiles per piece for an 8-bit label (and a cheap feathered sum).
+    limit = max_members if blend == "none" else 8
+    pieces, c0 = [], 0
+    while c0 < width:
+        c1 = width
+        while True:
+            inside = [i for i in members if top[i, 1] < c1 and top[i, 1] + tw > c0]
+            if len(inside) <= limit or c1 - c0 <= 1:
+                break
+            c1 = c0 + (c1 - c0) // 2
+        pieces.append(compose_box(source, layout, (r0, c0, r1, c1), inside, blend=blend,
+                                  weight=weight))
+        c0 = c1
+    band = pieces[0]
+    for piece in pieces[1:]:
+        band = band.join(piece, "horizontal")
+    return band
+
+
+class _PngStream:
+    """An uncompressed PNG of the mosaic, made band by band as a reader asks for bytes.
+
+    Each band is composed by pyvips from the tiles it touches and evaluated
+    into memory on its own, so that libvips frees everything a band used
+    before the next one starts: memory is bounded by one band.
+    """
+
+    def __init__(self, paths: Sequence[Path], layout: Layout, *, blend: Blend,
+                 value_scale: float, skip: frozenset[int] | set[int],
+                 progress: Callable[[int, int], None] | None, band_height: int) -> None:
+        self.layout, self.blend, self.skip, self.progress = layout, blend, skip, progress
+        self.source = TileSource(paths, layout, value_scale)
+        self.bands = band_rows(layout, band_height)
+        self.weight = _feather_weight(layout) if blend == "feather" else None
+        height, width = layout.size
+        ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+        self.base = self.pos = 0  # absolute offsets of buffer[0] and of the reader
+        self.buffer = bytearray(b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr))
+        self.deflate = zlib.compressobj(0)
+        self.done = False
+        self.error: BaseException | None = None
+        self.queue: queue.Queue = queue.Queue(maxsize=2)
+        self.stopped = threading.Event()
+        self.thread: threading.Thread | None = None
+
+    def read(self, size: int) -> bytes:
+        while self.base + len(self.buffer) < self.pos + size and not self.done:
+            self._next()
+        start = self.pos - self.base
+        out = bytes(self.buffer[start:start + size])
+        self.pos += len(out)
+        if self.pos - self.base > 2 * _KEEP:  # keep a little behind, for a rewind
+            drop = self.pos - self.base - _KEEP
+            del self.buffer[:drop]
+            self.base += drop
+        return out
+
+    def seek(self, offset: int, whence: int) -> int:
+        """Seeks within the bytes still held (libvips rewinds after reading the header).
+
+        Being seekable keeps libvips from saving every byte read for a rewind.
+        """
+        target = {0: offset, 1: self.pos + offset}.get(whence, -1)
+        if not self.base <= target <= self.base + len(self.buffer):
+            return -1
+        self.pos = target
+        return target
+
+    def close(self) -> None:
+        """Stop composing (when the reader gives up early)."""
+        self.stopped.set()
+
+    def _next(self) -> None:
+        if self.thread is None:
+            self.thread = threading.Thread(target=self._produce, name="ofstitch-bands",
+                                           daemon=True)
+            self.thread.start()
+        item = self.queue.get()
+        if item is None:
+            self.done = True
+        elif isinstance(item, BaseException):  # reported by Mosaic.write
+            self.error, self.done = item, True
+        else:
+            self.buffer += item
+
+    def _put(self, item) -> None:
+        while not self.stopped.is_set():
+            try:
+                self.queue.put(item, timeout=0.2)
+                return
+            except queue.Full:
+                continue
+
+    def _produce(self) -> None:
+        """Compose the bands in order (on this thread, outside libvips' own workers, so
+        that libvips frees each band's memory) and queue their bytes."""
+        try:
+            for k, rows in enumerate(self.bands):
+                if self.stopped.is_set():
+                    return
+                data = self._band_bytes(rows)
+                if self.progress is not None:  # before the reader can have the band
+                    self.progress(k + 1, len(self.bands))
+                self._put(data)
+            self._put(self._idat(self.deflate.flush()) + _png_chunk(b"IEND", b""))
+            self._put(None)
+        except BaseException as exc:
+            self._put(exc)
+
+    def _band_bytes(self, rows: tuple[int, int]) -> bytes:
+        band = compose_band(self.source, self.layout, rows, blend=self.blend, skip=self.skip,
+                            weight=self.weight)
+        # A region fetch, not a sink: a sink would end by "minimising" the tiles
+        # (dropping their sequential read caches), and the next band could not
+        # resume reading them. Fetched in pieces, so that each operation's
+        # buffers stay small.
+        h, w = band.height, band.width
+        scanlines = np.zeros((h, 3 * w + 1), dtype=np.uint8)  # filter type 0 (none)
+        region = pyvips.Region.new(band)
+        for x in range(0, w, FETCH_WIDTH):
+            n = min(FETCH_WIDTH, w - x)
+            piece = np.frombuffer(region.fetch(x, 0, n, h), dtype=np.uint8)
+            scanlines[:, 1 + 3 * x:1 + 3 * (x + n)] = piece.reshape(h, 3 * n)
+        data = self._idat(self.deflate.compress(scanlines.data))
+        self.source.forget_above(rows[1])
+        return data
+
+    @staticmethod
+    def _idat(data: bytes) -> bytes:
+        return b"".join(_png_chunk(b"IDAT", data[k:k + (1 << 20)])
+                        for k in range(0, len(data), 1 << 20))
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return (struct.pack(">I", len(data)) + kind + data
+            + struct.pack(">I", zlib.crc32(data, zlib.crc32(kind))))
+
+
+def stream_mosaic(paths: Sequence[Path], layout: Layout, *, blend: Blend = "none",
+                  value_scale: float = 1.0, skip: frozenset[int] | set[int] = frozenset(),
+                  progress: Callable[[int, int], None] | None = None,
+                  band_height: int = 128) -> tuple[pyvips.Image, _PngStream]:
+    """The mosaic as a sequential pyvips image that composes itself band by band.
+
+    Returns the image and its stream (whose ``error`` holds an exception raised
+    while composing, if any). The image can be read once, top to bottom.
+    """
+    if blend not in BLENDS:
+        raise OfstitchError(f"--blend must be one of {', '.join(BLENDS)}, got {blend!r}")
+    stream = _PngStream(paths, layout, blend=blend, value_scale=value_scale, skip=skip,
+                        progress=progress, band_height=band_height)
+    source = pyvips.SourceCustom()
+    source.on_read(stream.read)
+    source.on_seek(stream.seek)
+    image = pyvips.Image.new_from_source(source, "", access="sequential")
+    return image.copy(interpretation="srgb"), stream
 
 
 def compose(paths: Sequence[Path], layout: Layout, *, blend: Blend = "none",
             value_scale: float = 1.0, skip: frozenset[int] | set[int] = frozenset()
             ) -> pyvips.Image:
-    """The mosaic as a lazy 8-bit sRGB pyvips image (nothing is decoded yet).
-
-    Parameters
-    ----------
-    paths : sequence of Path
-        Tile files, indexed like ``layout``.
-    layout : Layout
-    blend : {"none", "feather"}
-    value_scale : float
-        Factor applied to the tiles' values before clipping to 0-255 (16-bit tiles).
-    skip : set of int
-        Tiles to leave out (undecodable ones).
-    """
+    """The whole mosaic as one lazy pyvips image of band images (for small mosaics
+    and tests; :func:`stream_mosaic` bounds memory for large ones)."""
     if blend not in BLENDS:
         raise OfstitchError(f"--blend must be one of {', '.join(BLENDS)}, got {blend!r}")
-    tree = partition(layout, blend=blend, skip=skip)
-    opened: dict[int, pyvips.Image] = {}
-
-    def tile(i: int) -> pyvips.Image:
-        if i not in opened:
-            opened[i] = tiles.rgb8_image(paths[i], layout.scale, layout.tile_shape,
-                                         value_scale=value_scale)
-        return opened[i]
-
-    def build(node: Leaf | Split) -> pyvips.Image:
-        if isinstance(node, Split):
-            a, b = build(node.first), build(node.second)
-            return a.join(b, "vertical" if node.axis == 0 else "horizontal")
-        h, w = node.r1 - node.r0, node.c1 - node.c0
-        if not node.tiles:
-            return pyvips.Image.black(w, h, bands=3)
-        crops = []
-        for i in (node.tiles if node.winner is None else (node.winner,)):
-            ty, tx = (int(v) for v in layout.top_left[i])
-            crops.append(tile(i).crop(node.c0 - tx, node.r0 - ty, w, h))
-        if node.winner is not None:
-            return crops[0]
-        return _feather(layout, node, crops) if blend == "feather" else \
-            _nearest(layout, node, crops)
-
-    return build(tree).copy(interpretation="srgb")
+    source = TileSource(paths, layout, value_scale)
+    weight = _feather_weight(layout) if blend == "feather" else None
+    bands = [compose_band(source, layout, rows, blend=blend, skip=skip, weight=weight)
+             for rows in band_rows(layout)]
+    while len(bands) > 1:  # a balanced tree of joins
+        bands = [bands[k].join(bands[k + 1], "vertical") if k + 1 < len(bands) else bands[k]
+                 for k in range(0, len(bands), 2)]
+    return bands[0].copy(interpretation="srgb")
 
 
 def find_undecodable(paths: Sequence[Path], *, workers: int | None = None) -> set[int]:
@@ -328,34 +417,51 @@ def find_undecodable(paths: Sequence[Path], *, workers: int | None = None) -> se
 class Mosaic:
     """A mosaic to write in one or several formats, leaving out undecodable tiles.
 
-    ``Mosaic(...).write(writer)`` calls ``writer(image)`` with the lazy mosaic.
-    If a tile turns out to be undecodable while it is written, that tile is
-    found, left out with a warning, and the output written again.
+    ``Mosaic(...).write(writer)`` calls ``writer(image)`` with the mosaic as a
+    sequential pyvips image that composes itself band by band (see
+    :func:`stream_mosaic`). If a tile turns out to be undecodable, it is found,
+    left out with a warning, and the output written again.
     """
 
     def __init__(self, paths: Sequence[Path], positions_px: np.ndarray,
                  tile_shape: tuple[int, int], *, scale: float = 1.0, blend: Blend = "none",
                  value_scale: float = 1.0, skip: set[int] | None = None,
-                 workers: int | None = None) -> None:
+                 workers: int | None = None, band_height: int = 128) -> None:
         self.paths = list(paths)
         self.layout = make_layout(positions_px, tile_shape, scale)
         self.blend = blend
         self.value_scale = value_scale
         self.skip: set[int] = set(skip or ())
         self.workers = workers
+        self.band_height = band_height
 
     @property
     def size(self) -> tuple[int, int]:
         """``(height, width)`` in pixels."""
         return self.layout.size
 
-    def image(self) -> pyvips.Image:
-        return compose(self.paths, self.layout, blend=self.blend,
-                       value_scale=self.value_scale, skip=frozenset(self.skip))
-
-    def write(self, writer: Callable[[pyvips.Image], None]) -> None:
+    def _write_once(self, writer: Callable[[pyvips.Image], None],
+                    progress: Callable[[int, int], None] | None) -> None:
+        image, stream = stream_mosaic(self.paths, self.layout, blend=self.blend,
+                                      value_scale=self.value_scale,
+                                      skip=frozenset(self.skip), progress=progress,
+                                      band_height=self.band_height)
         try:
-            writer(self.image())
+            writer(image)
+        except pyvips.Error:
+            if stream.error is not None:
+                raise stream.error from None
+            raise
+        finally:
+            stream.close()
+        if stream.error is not None:
+            raise stream.error
+
+    def write(self, writer: Callable[[pyvips.Image], None], *,
+              progress: Callable[[int, int], None] | None = None) -> None:
+        """Call ``writer(image)``; ``progress(bands done, bands)`` as the mosaic is composed."""
+        try:
+            self._write_once(writer, progress)
             return
         except pyvips.Error:
             bad = find_undecodable(self.paths, workers=self.workers) - self.skip
@@ -366,4 +472,4 @@ class Mosaic:
             warnings.warn(f"leaving out {Path(self.paths[i]).name} from the mosaic: cannot "
                           "decode it", OfstitchWarning, stacklevel=2)
         self.skip |= bad
-        writer(self.image())
+        self._write_once(writer, progress)
