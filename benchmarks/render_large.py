@@ -82,6 +82,7 @@ def child(folder: Path, fmt: str, out: Path) -> None:
     from ofstitch import formats, render
 
     pyvips.cache_set_max(0)
+    render.limit_malloc_arenas()  # as the command line does
     info = json.loads((folder / "positions.json").read_text())
     paths = [folder / n for n in info["names"]]
     positions = np.array(info["positions_px"], dtype=np.float64)

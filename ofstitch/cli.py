@@ -369,6 +369,9 @@ def version_command() -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: ``ofstitch FOLDER`` means ``ofstitch stitch FOLDER``."""
+    from .render import limit_malloc_arenas
+
+    limit_malloc_arenas()
     args = list(sys.argv[1:] if argv is None else argv)
     if args and args[0] not in COMMANDS + ("version",) and args[0] not in ("-h", "--help"):
         args.insert(0, "stitch")

@@ -29,8 +29,11 @@ tiles that cross it, whatever the size of the mosaic.
 from __future__ import annotations
 
 import logging
+import math
+import os
 import queue
 import struct
+import sys
 import threading
 import warnings
 import zlib
@@ -269,6 +272,8 @@ class _PngStream:
         self.queue: queue.Queue = queue.Queue(maxsize=2)
         self.stopped = threading.Event()
         self.thread: threading.Thread | None = None
+        self.threads = max(1, min(4, os.cpu_count() or 1))
+        self.pool: ThreadPoolExecutor | None = None
 
     def read(self, size: int) -> bytes:
         while self.base + len(self.buffer) < self.pos + size and not self.done:
@@ -294,8 +299,12 @@ class _PngStream:
         return target
 
     def close(self) -> None:
-        """Stop composing (when the reader gives up early)."""
+        """Stop composing (if the reader gave up early) and release the threads."""
         self.stopped.set()
+        if self.thread is not None:
+            self.thread.join()
+        if self.pool is not None:
+            self.pool.shutdown()
 
     def _next(self) -> None:
         if self.thread is None:
@@ -343,11 +352,23 @@ class _PngStream:
         # buffers stay small.
         h, w = band.height, band.width
         scanlines = np.zeros((h, 3 * w + 1), dtype=np.uint8)  # filter type 0 (none)
-        region = pyvips.Region.new(band)
-        for x in range(0, w, FETCH_WIDTH):
-            n = min(FETCH_WIDTH, w - x)
-            piece = np.frombuffer(region.fetch(x, 0, n, h), dtype=np.uint8)
-            scanlines[:, 1 + 3 * x:1 + 3 * (x + n)] = piece.reshape(h, 3 * n)
+        pieces = [(x, min(FETCH_WIDTH, w - x)) for x in range(0, w, FETCH_WIDTH)]
+        n_threads = min(self.threads, len(pieces))
+        per_thread = math.ceil(len(pieces) / n_threads)
+
+        def fetch(share: list[tuple[int, int]]) -> None:  # one region per thread
+            region = pyvips.Region.new(band)
+            for x, n in share:
+                piece = np.frombuffer(region.fetch(x, 0, n, h), dtype=np.uint8)
+                scanlines[:, 1 + 3 * x:1 + 3 * (x + n)] = piece.reshape(h, 3 * n)
+
+        shares = [pieces[k:k + per_thread] for k in range(0, len(pieces), per_thread)]
+        if len(shares) == 1:
+            fetch(shares[0])
+        else:
+            if self.pool is None:  # the same few threads for every band
+                self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="ofstitch-fetch")
+            list(self.pool.map(fetch, shares))
         data = self._idat(self.deflate.compress(scanlines.data))
         self.source.forget_above(rows[1])
         return data
@@ -398,6 +419,25 @@ def compose(paths: Sequence[Path], layout: Layout, *, blend: Blend = "none",
         bands = [bands[k].join(bands[k + 1], "vertical") if k + 1 < len(bands) else bands[k]
                  for k in range(0, len(bands), 2)]
     return bands[0].copy(interpretation="srgb")
+
+
+def limit_malloc_arenas(n: int = 2) -> None:
+    """Ask glibc for at most ``n`` malloc arenas (a no-op elsewhere).
+
+    libvips computes on many threads; with glibc's default of up to eight arenas
+    per CPU, memory freed by one band stays fragmented across arenas and the
+    process grows (the usual advice for libvips servers is ``MALLOC_ARENA_MAX=2``).
+    The command line calls this; a library user may prefer the variable.
+    """
+    if sys.platform != "linux" or "MALLOC_ARENA_MAX" in os.environ:
+        return
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-8, n)  # M_ARENA_MAX
+    except (OSError, AttributeError):
+        pass
 
 
 def find_undecodable(paths: Sequence[Path], *, workers: int | None = None) -> set[int]:
