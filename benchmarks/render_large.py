@@ -81,8 +81,8 @@ def child(folder: Path, fmt: str, out: Path) -> None:
     """Render and write one format; print a JSON line with the figures."""
     from ofstitch import formats, render
 
-    pyvips.cache_set_max(0)
-    render.limit_malloc_arenas()  # as the command line does
+    pyvips.cache_set_max(0)  # as the command line does
+    render.limit_malloc_arenas()
     info = json.loads((folder / "positions.json").read_text())
     paths = [folder / n for n in info["names"]]
     positions = np.array(info["positions_px"], dtype=np.float64)

@@ -369,8 +369,13 @@ def version_command() -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: ``ofstitch FOLDER`` means ``ofstitch stitch FOLDER``."""
+    import pyvips
+
     from .render import limit_malloc_arenas
 
+    # Bounded memory for the streamed mosaic: no operation cache (it would keep
+    # up to 100 tiles open), few malloc arenas.
+    pyvips.cache_set_max(0)
     limit_malloc_arenas()
     args = list(sys.argv[1:] if argv is None else argv)
     if args and args[0] not in COMMANDS + ("version",) and args[0] not in ("-h", "--help"):
