@@ -104,17 +104,28 @@ class StitchSettings:
     image_count: int | None = field(default=None, metadata=_help(
         "Use only the first N images after sorting by capture time (for trying "
         "settings on part of a scan)."))
+    placement: str = field(default="robust", metadata=_help(
+        "How tiles are placed. 'robust' (the default): each pair's candidate peaks "
+        "are scored by the normalised cross-correlation of the overlap and trusted "
+        "when they beat what non-overlapping tiles of this scan score by chance; "
+        "rejected pairs are searched again near the fitted stage model; pairs that "
+        "break loops are dropped; islands are placed by the stage. 'reference': the "
+        "threshold search of OpenFlexure Stitching (--thresholding, "
+        "--min-peak-quality, --max-stage-discrepancy; giving any of these selects "
+        "it)."))
     thresholding: Thresholding = field(default="automatic", metadata=_help(
-        "How pairs are accepted: 'automatic' searches peak-quality and "
+        "With --placement reference (chosen by 'manual'): how pairs are accepted: "
+        "'automatic' searches peak-quality and "
         "stage-discrepancy thresholds for the smallest RMS error; 'manual' writes "
         "stitching_correlations.png and asks for the two thresholds."))
     min_peak_quality: float | None = field(default=None, metadata=_help(
         "Hard lower limit (0-1) on a pair's peak quality: the fraction of the "
-        "correlation below 90% of its range. Default: chosen automatically."))
+        "correlation below 90% of its range (selects --placement reference). Default: "
+        "chosen automatically."))
     max_stage_discrepancy: float | None = field(default=None, metadata=_help(
         "Hard upper limit, in pixels, on the disagreement between a pair's "
-        "correlation shift and its stage-predicted shift. Default: chosen "
-        "automatically."))
+        "correlation shift and its stage-predicted shift (selects --placement "
+        "reference). Default: chosen automatically."))
     priority: Priority = field(default="time", metadata=_help(
         "'time' keeps decoded tiles in memory while they are still needed; "
         "'memory' uses smaller batches and re-reads tiles instead."))
@@ -178,6 +189,9 @@ class StitchSettings:
                         f"{name} must be one of {', '.join(allowed)}, got {v!r}")
         if self.tile_size is not None and not (16 <= self.tile_size <= 8192):
             raise OfstitchError(f"--tile-size must be between 16 and 8192, got {self.tile_size}")
+        if self.placement not in ("robust", "reference"):
+            raise OfstitchError(
+                f"--placement must be 'robust' or 'reference', got {self.placement!r}")
         if self.device_memory is not None:
             parse_memory(self.device_memory)  # raises a clear error early
         if self.image_count is not None and self.image_count < 1:
