@@ -75,6 +75,12 @@ class Registration:
         return {n: (float(r), float(c)) for n, (r, c) in
                 zip(self.names, self.positions_px.tolist(), strict=True)}
 
+    @property
+    def n_null(self) -> int:
+        """Null pairs (tiles that do not overlap) correlated for robust placement."""
+        score = self.placement.null_score
+        return 0 if score is None else len(score)
+
     def suggested_csm(self) -> np.ndarray:
         """The improved camera-to-sample matrix, at the scan's calibration width.
 
@@ -213,7 +219,8 @@ def correlate_and_place(scan: Scan, graph: OverlapGraph, settings: StitchSetting
     if method == "robust":
         placement = place(pairs, shift, quality, scan.stage_px, scan.csm, method="robust",
                           candidates=candidates, null_candidates=null_candidates,
-                          null_stage_shift=null_shift)
+                          null_stage_shift=null_shift,
+                          search_radius=settings.correlation.corr_mask_radius)
     else:
         placement = place(pairs, shift, quality, scan.stage_px, scan.csm, method="reference",
                           thresholding=settings.thresholding,

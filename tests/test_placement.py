@@ -20,8 +20,7 @@ from ofstitch.place import (
 )
 from ofstitch.settings import StitchSettings
 from ofstitch.synthetic import (
-    hard_source,
-    make_scan,
+    make_hard_scan,
     pair_errors,
     synthetic_pair_results,
     textured_pairs,
@@ -184,11 +183,9 @@ def hard_scan(tmp_path_factory):
     shared = SHARED_DATA / "cmu1-he" / "CMU-1-Small-Region.jpg"
     src = load_source(shared if shared.is_file() else None)
     folder = tmp_path_factory.mktemp("hard") / "scan"
-    scan = make_scan(folder, source=hard_source(src, seed=1), grid=(7, 8),
-                     tile_shape=(240, 300), stage_error_px=15.0, rotation_deg=2.0,
-                     backlash_px=10.0, blank_fraction=0.1, vignetting=0.15, noise=3.0,
-                     jpeg_quality=85, seed=1)
-    return scan
+    # The hard scan of the benchmarks (blank areas, 10% blank tiles, dim content, stage
+    # noise 20 px, 2 degree rotation, snake with backlash), on a smaller grid.
+    return make_hard_scan(folder, source=src, grid=(8, 8), seed=1)
 
 
 def _textured_errors(scan, reg):
