@@ -122,19 +122,21 @@ def placement_speed() -> list[dict]:
 
 def fmt_row(res: dict | None) -> str:
     if res is None:
-        return "— | — | — | —"
+        return "—"
     if "error" in res:
-        return f"failed: {res['error']} | | |"
-    return (f"{res['max_px']:.2f} | {res['rms_px']:.2f} | {res['over_2px']} | "
-            f"{res['wall_s']:.1f}")
+        return f"failed: {res['error']}"
+    return (f"{res['max_px']:.2f} / {res['rms_px']:.2f} / {res['over_2px']} / "
+            f"{res['wall_s']:.1f} s")
 
 
 def markdown(results: dict) -> str:
     lines = [BEGIN, "", "### Placement on hard and easy scans",
              "", f"`python benchmarks/placement_hard.py` ({results['when']}, "
              f"{results['machine']}). Errors are of each pair's relative placement against "
-             "the truth, over the pairs whose true overlap has texture (`textured_pairs`); "
-             "max px | RMS px | pairs > 2 px | wall s (correlation included, cold).", "",
+             "the truth, over every pair of tiles whose true overlap has texture "
+             "(`textured_pairs`, diagonal neighbours included); each cell is max px / RMS px "
+             "/ pairs off by more than 2 px / wall time (correlation included, cold, on a "
+             "2-core machine shared with other jobs).", "",
              "| scan | textured pairs | ofstitch robust (default) | ofstitch --placement "
              "reference | openflexure-stitching 0.3.1 |",
              "|---|---|---|---|---|"]
@@ -168,9 +170,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ref-python", help="Python of a venv with openflexure-stitching "
                         "0.3.1, to run the reference program too")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--table-only", action="store_true",
+                        help="Rewrite the RESULTS.md tables from results/placement.json")
     parser.add_argument("--work", type=Path, default=HERE / "work" / "placement",
                         help="Where the synthetic scans are written (reused when present)")
     args = parser.parse_args(argv)
+    if args.table_only:
+        write_results_md(markdown(json.loads((HERE / "results" / "placement.json").read_text())))
+        return 0
     if args.ref_python and (problem := check_reference(args.ref_python)):
         print(f"the reference program is not usable: {problem}", file=sys.stderr)
         return 2

@@ -54,7 +54,7 @@ from pathlib import Path
 import numpy as np
 import pyvips
 
-from . import pipeline, render, tiles
+from . import formats, pipeline, render, tiles
 from .backends import Backend, select_backend
 from .cache import CorrelationCache, cache_path
 from .errors import OfstitchError, OfstitchWarning
@@ -363,13 +363,13 @@ class LiveStitcher:
         if path is not None or dzi is not None:
             pixel = scan.pixel_size_um / scale if scan.pixel_size_um else None
             if path is not None:
-                render.write_jpeg(pyvips.Image.new_from_array(result).copy(
-                                  interpretation="srgb"), Path(path),
-                                  metadata=scan.metadata, pixel_size_um=pixel,
-                                  n_tiles=len(scan))
-            if dzi is not None:
-                render.write_dzi(pyvips.Image.new_from_array(canvas).copy(interpretation="srgb"),
-                                 Path(dzi))
+                formats.write_jpeg(
+                    pyvips.Image.new_from_array(result).copy(interpretation="srgb"), Path(path),
+                    metadata=scan.metadata, pixel_size_um=pixel, n_tiles=len(scan))
+            if dzi is not None:  # at the resolution of the small tiles; no viewer page
+                formats.write_dzi(
+                    pyvips.Image.new_from_array(canvas).copy(interpretation="srgb"), Path(dzi),
+                    viewer=False)
         return result
 
     def _small_tile(self, scan: Scan, i: int, shrink: int, shape: tuple[int, int]
@@ -975,6 +975,6 @@ class _Pacer:
 
 def _write_preview(live: LiveStitcher, out: Path, dzi: bool) -> None:
     snap = live.snapshot()
-    render.write_tile_configuration(out / TILE_CONFIGURATION_NAME, list(snap.names),
+    formats.write_tile_configuration(out / TILE_CONFIGURATION_NAME, list(snap.names),
                                     snap.positions_px)
     live.preview(path=out / PREVIEW_NAME, dzi=out / LIVE_DZI_NAME if dzi else None)

@@ -10,16 +10,17 @@ import logging
 import os
 import tempfile
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from . import diagnostics, render, tiles
+from . import diagnostics, formats, render, tiles
 from .backends import Backend, select_backend
 from .cache import CorrelationCache, cache_path
-from .errors import OfstitchError
+from .errors import OfstitchError, OfstitchWarning
 from .graph import OverlapGraph, find_pairs, interleave, null_pairs, require_connected
 from .place import Placement, place, stage_placement
 from .scan import Scan, load_scan, require_folder
@@ -376,17 +377,76 @@ def value_scale(scan: Scan, sample: int = 8) -> float:
 
 
 def _render_jpeg(scan: Scan, positions: np.ndarray, path: Path, scale: float,
-                 work_dir: Path, progress: Progress, label: str, extra: dict | None = None
-                 ) -> None:
-    image, raw = render.render(scan.paths, positions, scan.tile_shape, work_dir, scale=scale,
-                               value_scale=value_scale(scan),
-                               progress=lambda d, t: progress(label, d, t))
-    try:
-        pixel = scan.pixel_size_um / scale if scan.pixel_size_um else None
-        render.write_jpeg(image, path, metadata=scan.metadata, pixel_size_um=pixel,
-                          n_tiles=len(scan), extra=extra)
-    finally:
-        os.unlink(raw)
+                 work_dir: Path | None, progress: Progress, label: str,
+                 extra: dict | None = None, *, blend: str = "none",
+                 skip: set[int] | None = None) -> set[int]:
+    """Render the mosaic at ``scale`` into the JPEG ``path``.
+
+    ``work_dir`` is unused (the mosaic streams straight into the encoder). Returns
+    the tiles left out because they could not be decoded.
+    """
+    mosaic = render.Mosaic(scan.paths, positions, scan.tile_shape, scale=scale, blend=blend,
+                           value_scale=value_scale(scan), skip=skip)
+    pixel = scan.pixel_size_um / scale if scan.pixel_size_um else None
+    mosaic.write(lambda image: formats.write_jpeg(
+        image, path, metadata=scan.metadata, pixel_size_um=pixel, n_tiles=len(scan),
+        extra=extra), progress=lambda d, t: progress(label, d, t))
+    return mosaic.skip
+
+
+def full_resolution_formats(settings: StitchSettings, size: tuple[int, int]) -> tuple[str, ...]:
+    """The formats to write for a mosaic of ``(height, width)``.
+
+    JPEG cannot hold more than 65,535 px per side: it is refused (an error) when
+    it is the only format asked for, and left out with a warning otherwise.
+    """
+    wanted = settings.output_formats
+    if "jpeg" in wanted and formats.too_big_for_jpeg(size):
+        if len(wanted) == 1:
+            raise formats.jpeg_refusal(size)
+        warnings.warn(f"not writing the full-resolution JPEG: {formats.jpeg_refusal(size)}",
+                      OfstitchWarning, stacklevel=2)
+        wanted = tuple(f for f in wanted if f != "jpeg")
+    return wanted
+
+
+def write_full_resolution(scan: Scan, positions: np.ndarray, out: Path, prefix: str,
+                          settings: StitchSettings, wanted: tuple[str, ...], *,
+                          extra: dict | None = None, skip: set[int] | None = None,
+                          progress: Progress = _noop) -> dict[str, Path]:
+    """Write the full-resolution mosaic in each format of ``wanted``; returns the files."""
+    mosaic = render.Mosaic(scan.paths, positions, scan.tile_shape, blend=settings.blend,
+                           value_scale=value_scale(scan), skip=skip, workers=settings.workers)
+    tile_size = settings.tile_size or formats.TILE_SIZE
+    um = scan.pixel_size_um
+    base = out / f"{prefix}_stitched"
+    outputs: dict[str, Path] = {}
+    for fmt in wanted:
+        path = Path(f"{base}{formats.SUFFIXES[fmt]}")
+
+        def report(done: int, total: int, fmt: str = fmt) -> None:
+            progress(f"write-{fmt}", done, total)
+
+        if fmt == "jpeg":
+            mosaic.write(lambda im, p=path: formats.write_jpeg(
+                im, p, metadata=scan.metadata, pixel_size_um=um, n_tiles=len(scan),
+                extra=extra), progress=report)
+            outputs["stitched"] = path
+        elif fmt == "ome-tiff":
+            mosaic.write(lambda im, p=path: formats.write_ome_tiff(
+                im, p, pixel_size_um=um, compression=settings.tiff_compression,
+                tile_size=tile_size, name=prefix), progress=report)
+            outputs["ome_tiff"] = path
+        elif fmt == "dzi":
+            mosaic.write(lambda im, p=path: formats.write_dzi(
+                im, p, tile_size=tile_size, pixel_size_um=um), progress=report)
+            outputs["dzi"] = path
+            outputs["viewer"] = out / formats.VIEWER_NAME
+        elif fmt == "ome-zarr":
+            mosaic.write(lambda im, p=path: formats.write_ome_zarr(
+                im, p, pixel_size_um=um, name=prefix), progress=report)
+            outputs["ome_zarr"] = path
+    return outputs
 
 
 def stitch(folder: Path | str, settings: StitchSettings | None = None, *,
@@ -420,7 +480,8 @@ def stitch(folder: Path | str, settings: StitchSettings | None = None, *,
         path = out / "stitched_from_stage.jpg"
         scale = render.scale_for_width(placement.positions_px, scan.tile_shape,
                                        render.PREVIEW_WIDTH)
-        _render_jpeg(scan, placement.positions_px, path, scale, out, progress, "render")
+        _render_jpeg(scan, placement.positions_px, path, scale, out, progress, "render",
+                     blend=settings.blend)
         outputs["stage"] = path
         return StitchResult(None, outputs, placement.positions_px, [f.name for f in scan.files])
 
@@ -444,45 +505,25 @@ def stitch(folder: Path | str, settings: StitchSettings | None = None, *,
     scan, positions = reg.scan, reg.positions_px
     names = reg.names
     config = out / "OFMTileConfiguration.txt"
-    render.write_tile_configuration(config, names, positions)
+    formats.write_tile_configuration(config, names, positions)
     outputs["tile_configuration"] = config
     extra = {"camera_to_sample_matrix_suggested": reg.suggested_csm().round(6).tolist()}
 
+    wanted = ()
+    if mode == "all":  # refuse an impossible JPEG before spending time on the preview
+        wanted = full_resolution_formats(
+            settings, render.make_layout(positions, scan.tile_shape).size)
     preview = out / "preview.jpg"
     scale = render.scale_for_width(positions, scan.tile_shape, render.PREVIEW_WIDTH)
-    _render_jpeg(scan, positions, preview, scale, out, progress, "preview", extra)
+    skip = _render_jpeg(scan, positions, preview, scale, out, progress, "preview", extra,
+                        blend=settings.blend)
     outputs["preview"] = preview
     thumb = out / "stitched_thumbnail.jpg"
-    render.write_thumbnail(preview, thumb)
+    formats.write_thumbnail(preview, thumb)
     outputs["thumbnail"] = thumb
 
     if mode == "all":
-        prefix = output_prefix(folder)
-        image, raw = render.render(scan.paths, positions, scan.tile_shape, out,
-                                   value_scale=value_scale(scan),
-                                   progress=lambda d, t: progress("render", d, t))
-        try:
-            tile_size = settings.tile_size or 256
-            too_big = max(image.width, image.height) > render.JPEG_MAX_SIDE
-            if too_big and not (settings.stitch_tiff or settings.stitch_dzi):
-                raise OfstitchError(
-                    f"the mosaic is {image.width}x{image.height} px, larger than JPEG allows "
-                    f"({render.JPEG_MAX_SIDE} px per side): add --stitch-tiff or --stitch-dzi")
-            if not too_big:
-                full = out / f"{prefix}_stitched.jpg"
-                render.write_jpeg(image, full, metadata=scan.metadata,
-                                  pixel_size_um=scan.pixel_size_um, n_tiles=len(scan),
-                                  extra=extra)
-                outputs["stitched"] = full
-            if settings.stitch_tiff:
-                tiff = out / f"{prefix}_stitched.tiff"
-                render.write_tiff(image, tiff, pixel_size_um=scan.pixel_size_um,
-                                  tile_size=tile_size)
-                outputs["tiff"] = tiff
-            if settings.stitch_dzi:
-                dzi = out / f"{prefix}_stitched.dzi"
-                render.write_dzi(image, dzi, tile_size=tile_size)
-                outputs["dzi"] = dzi
-        finally:
-            os.unlink(raw)
+        outputs.update(write_full_resolution(scan, positions, out, output_prefix(folder),
+                                             settings, wanted, extra=extra, skip=skip,
+                                             progress=progress))
     return StitchResult(reg, outputs, positions, names)

@@ -852,7 +852,7 @@ def test_a_full_run_modifies_no_input(tmp_path, tissue):
     after = _snapshot(scan.folder)
     assert {name: after.get(name) for name in before} == before
     new = set(after) - set(before)
-    outputs = PREVIEW_OUTPUTS | {"scan_stitched.jpg", "scan_stitched.tiff"}
+    outputs = PREVIEW_OUTPUTS | {"scan_stitched.jpg", "scan_stitched.ome.tiff"}
     assert outputs <= new
     assert CACHE_NAME in new
     # The cache may keep its (empty) flock file; nothing else may appear.
