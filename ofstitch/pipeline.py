@@ -489,9 +489,15 @@ def stitch(folder: Path | str, settings: StitchSettings | None = None, *,
         backend = select_backend(settings.device)
         scan, graph = load_connected_scan(folder, settings)
         cache = CorrelationCache.load(cache_path(folder, cache_dir))
-        all_pairs, all_expected, _, _ = pairs_to_correlate(scan, graph, settings)
-        correlate_scan(scan, all_pairs, all_expected, settings, backend, cache=cache,
-                       progress=progress)
+        if placement_method(settings) == "robust":
+            # Placing finds the extra pairs of tiles left in islands: correlate them too,
+            # so that a later run correlates nothing.
+            correlate_and_place(scan, graph, settings, backend, cache=cache,
+                                progress=progress)
+        else:
+            all_pairs, all_expected, _, _ = pairs_to_correlate(scan, graph, settings)
+            correlate_scan(scan, all_pairs, all_expected, settings, backend, cache=cache,
+                           progress=progress)
         outputs["cache"] = cache.path
         return StitchResult(None, outputs, scan.stage_px - scan.stage_px.min(axis=0),
                             [f.name for f in scan.files])
