@@ -41,6 +41,13 @@ class CorrelationSettings:
         "standard deviation, in FFT pixels, of the Gaussian removed. Larger removes "
         "more of the smooth background (uneven illumination). Try this first if "
         "tiles are badly placed."))
+    search_margin: float = field(default=0.1, metadata=_help(
+        "Correlate only the overlap the stage predicts, plus this margin for stage "
+        "error (a fraction of the tile size, at least 16 px), instead of whole "
+        "zero-padded tiles: several times faster and smaller. A shift further than "
+        "the margin from the stage's prediction is not found (the pair falls back to "
+        "the stage). 0 correlates whole tiles and finds any shift, as "
+        "openflexure-stitching does (so does --no-pad)."))
     corr_mask_radius: float | None = field(default=None, metadata=_help(
         "Only look for the correlation peak within this radius (full-resolution "
         "pixels) of the shift predicted by the stage. Default: no restriction."))
@@ -50,6 +57,7 @@ class CorrelationSettings:
         object.__setattr__(self, "pad", bool(self.pad))
         object.__setattr__(self, "resize", float(self.resize))
         object.__setattr__(self, "high_pass_sigma", float(self.high_pass_sigma))
+        object.__setattr__(self, "search_margin", float(self.search_margin))
         if self.corr_mask_radius is not None:
             object.__setattr__(self, "corr_mask_radius", float(self.corr_mask_radius))
         if not (0 < self.resize <= 1):
@@ -57,6 +65,10 @@ class CorrelationSettings:
         if self.high_pass_sigma < 0:
             raise OfstitchError(
                 f"--high-pass-sigma must be zero or positive, got {self.high_pass_sigma}")
+        if not (0 <= self.search_margin < 1):
+            raise OfstitchError(
+                f"--search-margin must be in [0, 1) (a fraction of the tile size), "
+                f"got {self.search_margin}")
         if self.corr_mask_radius is not None and self.corr_mask_radius <= 0:
             raise OfstitchError(
                 f"--corr-mask-radius must be positive, got {self.corr_mask_radius}")
