@@ -240,7 +240,7 @@ def stitch_command(
     corr_mask_radius: float | None = typer.Option(
         None, "--corr-mask-radius", help=_c("corr_mask_radius")),
     search_margin: float | None = typer.Option(
-        None, "--search-margin", help=_c("search_margin") + " [default: 0.1]"),
+        None, "--search-margin", help=_c("search_margin")),
     stitch_tiff: bool = typer.Option(False, "--stitch-tiff/--no-stitch-tiff",
                                      help=_s("stitch_tiff")),
     stitch_dzi: bool = typer.Option(False, "--stitch-dzi/--no-stitch-dzi",

@@ -41,13 +41,13 @@ class CorrelationSettings:
         "standard deviation, in FFT pixels, of the Gaussian removed. Larger removes "
         "more of the smooth background (uneven illumination). Try this first if "
         "tiles are badly placed."))
-    search_margin: float = field(default=0.1, metadata=_help(
+    search_margin: float = field(default=0.0, metadata=_help(
         "Correlate only the overlap the stage predicts, plus this margin for stage "
-        "error (a fraction of the tile size, at least 16 px), instead of whole "
-        "zero-padded tiles: several times faster and smaller. A shift further than "
-        "the margin from the stage's prediction is not found (the pair falls back to "
-        "the stage). 0 correlates whole tiles and finds any shift, as "
-        "openflexure-stitching does (so does --no-pad)."))
+        "error (a fraction of the tile size, at least 16 px; 0.1 is a good start), "
+        "instead of whole zero-padded tiles: 4-6 times faster correlation in less "
+        "memory. A shift further than the margin from the stage's prediction may be "
+        "missed (the pair then falls back to the stage). 0 (the default) correlates "
+        "whole tiles and finds any shift, as openflexure-stitching does."))
     corr_mask_radius: float | None = field(default=None, metadata=_help(
         "Only look for the correlation peak within this radius (full-resolution "
         "pixels) of the shift predicted by the stage. Default: no restriction."))

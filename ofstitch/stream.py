@@ -315,15 +315,17 @@ def _correlate_strips(pairs: np.ndarray, expected: np.ndarray, live_tiles: dict,
 
     For crops at ``o_a`` in ``a`` and ``o_b`` in ``b``, the correlation peaks at
     ``d = o_a - o_b - s`` for a true shift ``s``, so ``s = (o_a - o_b) + shift`` where
-    ``shift = -d`` is what :func:`correlate.locate_peaks` returns. The search is the
-    disc of radius ``margin`` around the predicted ``d`` (smaller with
-    ``corr_mask_radius``); the FFT sizes keep it free of wrap-around.
+    ``shift = -d`` is what :func:`correlate.locate_peaks` returns. The FFT sizes keep
+    the correlation free of wrap-around within ``margin`` of the predicted ``d``. The
+    peak is searched over the whole strip correlation (so a wrong peak lands anywhere
+    and placement can reject it by its distance from the stage), or within
+    ``corr_mask_radius`` (at most the margin) when that is set.
     """
     xp = backend.xp
     margin = plan.margin_px
-    radius = float(margin)
+    radius = None
     if settings.corr_mask_radius is not None:
-        radius = min(radius, settings.corr_mask_radius * plan.resize)
+        radius = min(float(margin), settings.corr_mask_radius * plan.resize)
     shift = np.full((len(pairs), 2), np.nan)
     quality = np.full(len(pairs), np.nan)
     groups: dict[tuple, list] = {}
@@ -361,9 +363,12 @@ def _correlate_strips(pairs: np.ndarray, expected: np.ndarray, live_tiles: dict,
         corr = correlate.cross_correlate(spec_a, spec_b, fft_shape=fft)
         del spec_a, spec_b
         centres = np.stack([m[5] for m in members])
-        peaks = correlate.locate_peaks(
-            corr, expected_shift=to_device(-centres, backend, dtype=xp.float32),
-            mask_radius=radius, exclude_radius=0)
+        if radius is None:
+            peaks = correlate.locate_peaks(corr, exclude_radius=0)
+        else:
+            peaks = correlate.locate_peaks(
+                corr, expected_shift=to_device(-centres, backend, dtype=xp.float32),
+                mask_radius=radius, exclude_radius=0)
         del corr
         ids = [m[0] for m in members]
         offsets = np.stack([m[4] for m in members])
