@@ -9,7 +9,8 @@ of the tiles (no correlation cache, no outputs):
 - ``floor``: decode every tile once (pyvips, all cores) and JPEG-encode a mosaic of the
   scan's size once. Any stitcher has to do at least this.
 - ``ofstitch``: ``ofstitch.stitch`` in mode ``all`` (correlate, place, plots, preview,
-  thumbnail, full mosaic), default settings.
+  thumbnail, full mosaic), default settings; ``ofstitch-strips`` the same with
+  ``--search-margin 0.1`` (only the predicted overlaps are correlated).
 - ``reference``: ``openflexure_stitching.load_tile_and_stitch`` in mode ``all``, default
   settings, from its own virtual environment.
 
@@ -58,7 +59,9 @@ REF_REQUIREMENT = f"openflexure-stitching[libvips]=={REF_VERSION}"
 REF_CANDIDATES = (Path("/opt/refvenv"), HERE / ".refvenv")
 MARK = "@@RESULT@@"
 BEGIN, END = "<!-- compare.py: begin -->", "<!-- compare.py: end -->"
-PROGRAMS = ("floor", "ofstitch", "reference")
+PROGRAMS = ("floor", "ofstitch", "ofstitch-strips", "reference")
+# Correlation settings of the ofstitch variants (defaults, and overlap strips).
+VARIANTS = {"ofstitch": {}, "ofstitch-strips": {"search_margin": 0.1}}
 DEFAULT_SIZES = (25, 100, 400)
 DEFAULT_TILES = ((624, 832), (1232, 1640))  # (h, w): 832x624 and 1640x1232 px
 
@@ -105,8 +108,8 @@ for module, attr, phase in [
     wrap(module, attr, phase)
 PHASES["import"] = time.perf_counter() - t0
 t1 = time.perf_counter()
-result = ofstitch.stitch(cfg["folder"], StitchSettings(stitching_mode="all"),
-                         output_dir=cfg["out"])
+settings = StitchSettings(stitching_mode="all").with_correlation(**cfg["correlation"])
+result = ofstitch.stitch(cfg["folder"], settings, output_dir=cfg["out"])
 PHASES["total"] = time.perf_counter() - t1
 pos = {n: [float(r), float(c)] for n, (r, c) in zip(result.names, result.positions_px.tolist())}
 print("@@RESULT@@", json.dumps({"positions": pos, "phases": PHASES,
@@ -169,7 +172,8 @@ print("@@RESULT@@", json.dumps({"phases": {"import": t1 - t0, "decode": t2 - t1,
                                 "version": pyvips.__version__}))
 """
 
-RUNNERS = {"floor": FLOOR_RUNNER, "ofstitch": OFSTITCH_RUNNER, "reference": REFERENCE_RUNNER}
+RUNNERS = {"floor": FLOOR_RUNNER, "ofstitch": OFSTITCH_RUNNER,
+           "ofstitch-strips": OFSTITCH_RUNNER, "reference": REFERENCE_RUNNER}
 
 
 # ----------------------------------------------------------------------------- scans
@@ -325,7 +329,8 @@ def run_one(program: str, python: str, scan: Path, run_dir: Path, timeout: float
     out = run_dir / "out"
     out.mkdir()
     cfg = {"folder": str(folder), "out": str(out),
-           "truth": str(scan.parent / f"{scan.name}_truth.json")}
+           "truth": str(scan.parent / f"{scan.name}_truth.json"),
+           "correlation": VARIANTS.get(program, {})}
     env = {**os.environ, "MPLBACKEND": "Agg", "PYTHONUNBUFFERED": "1"}
     if pythonpath is not None:
         env["PYTHONPATH"] = str(pythonpath)
@@ -376,10 +381,12 @@ def accuracy(positions: dict, scan: Path) -> dict:
     got = np.array([positions[n] for n in names], dtype=np.float64)
     pairs = np.asarray(info["pairs"], dtype=np.int64).reshape(-1, 2)
     textured = np.asarray(info["textured"], dtype=bool)
-    errs = pair_errors(got, np.asarray(truth["truth_px_row_col"], dtype=np.float64),
-                       pairs[textured])
+    every = pair_errors(got, np.asarray(truth["truth_px_row_col"], dtype=np.float64), pairs)
+    errs = every[textured]
     return {"max_err_px": float(errs.max()) if len(errs) else None,
             "rms_err_px": float(np.sqrt(np.mean(errs**2))) if len(errs) else None,
+            "max_err_all_px": float(every.max()) if len(every) else None,
+            "rms_err_all_px": float(np.sqrt(np.mean(every**2))) if len(every) else None,
             "n_pairs": len(pairs), "n_textured": int(textured.sum())}
 
 
@@ -397,6 +404,7 @@ def run_matrix(sizes: list[Size], programs: list[str], *, work: Path = WORK_DIR,
     results.mkdir(parents=True, exist_ok=True)
     pythonpath, commit = snapshot_ofstitch(work)
     pythons = {"floor": sys.executable, "ofstitch": sys.executable,
+               "ofstitch-strips": sys.executable,
                "reference": str(ref_python) if ref_python else None}
     done = []
     for size in sizes:
@@ -408,7 +416,7 @@ def run_matrix(sizes: list[Size], programs: list[str], *, work: Path = WORK_DIR,
                 log(f"[{datetime.now():%H:%M:%S}] {size.label} {program} (run {rep + 1})")
                 run_dir = work / "runs" / f"{size.label}-{program}"
                 res = run_one(program, pythons[program], scan, run_dir, timeout,
-                              pythonpath if program == "ofstitch" else None)
+                              pythonpath if program.startswith("ofstitch") else None)
                 if "positions" in res:
                     res.update(accuracy(res.pop("positions"), scan))
                 if not keep:
@@ -423,7 +431,7 @@ def run_matrix(sizes: list[Size], programs: list[str], *, work: Path = WORK_DIR,
                       "n_tiles": size.n_tiles, "tile_h": size.tile_shape[0],
                       "tile_w": size.tile_shape[1], "runs": len(rs),
                       "walls_s": [r["wall_s"] for r in rs],
-                      "commit": commit if program == "ofstitch" else None,
+                      "commit": commit if program.startswith("ofstitch") else None,
                       "when": datetime.now().isoformat(timespec="seconds"),
                       "host": f"{platform.machine()}, {os.cpu_count()} CPUs"}
             result_path(results, size, program, tag).write_text(json.dumps(record, indent=1))
@@ -454,7 +462,8 @@ def markdown(records: list[dict]) -> str:
     by = {(r["size"], r["program"]): r for r in records}
     sizes = sorted({(r["tile_h"] * r["tile_w"], r["n_tiles"], r["size"]) for r in records})
     head = ("| tiles | tile px | program | wall s | × floor | ref ÷ this | correlate s "
-            "| ref ÷ this (correlate) | peak RSS MB | RSS ÷ ref | max err px | RMS err px |")
+            "| ref ÷ this (correlate) | peak RSS MB | RSS ÷ ref | max err px | RMS err px "
+            "| max err, all pairs px |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for _, n, label in sizes:
         floor, ref = by.get((label, "floor")), by.get((label, "reference"))
@@ -465,11 +474,11 @@ def markdown(records: list[dict]) -> str:
             tile = f"{r['tile_w']}×{r['tile_h']}"
             if "error" in r:
                 lines.append(f"| {n} | {tile} | {program} | failed: {r['error'][:80]} "
-                             "| | | | | | | | |")
+                             "| | | | | | | | | |")
                 continue
             ok = lambda x: x is not None and "error" not in x  # noqa: E731
             corr = r.get("phases", {}).get("correlate")
-            if program == "ofstitch" and corr is not None:
+            if program.startswith("ofstitch") and corr is not None:
                 corr += r["phases"].get("load", 0.0)  # the reference's includes loading
             ref_corr = ref.get("phases", {}).get("correlate") if ok(ref) else None
             lines.append(
@@ -480,7 +489,8 @@ def markdown(records: list[dict]) -> str:
                 f"| {fmt(ref_corr / corr) if ref_corr and corr else '–'} "
                 f"| {r['peak_rss_mb']:.0f} "
                 f"| {fmt(r['peak_rss_mb'] / ref['peak_rss_mb'], 2) if ok(ref) else '–'} "
-                f"| {fmt(r.get('max_err_px'), 2)} | {fmt(r.get('rms_err_px'), 2)} |")
+                f"| {fmt(r.get('max_err_px'), 2)} | {fmt(r.get('rms_err_px'), 2)} "
+                f"| {fmt(r.get('max_err_all_px'), 2)} |")
     return "\n".join(lines)
 
 
@@ -519,8 +529,12 @@ def write_results_md(records: list[dict], path: Path = RESULTS_MD) -> None:
         "'× floor' is wall time over the floor's (decode every tile once, encode the mosaic "
         "once); 'ref ÷ this' is the reference's time over this program's; 'correlate' is "
         "metadata + decode + correlation (the reference's `load_and_cache_correlated_image_set`, "
-        "ofstitch's `load_connected_scan` + `correlate_scan`). Errors are of each textured "
-        "overlapping pair's relative placement against the truth. Peak RSS is the "
+        "ofstitch's `load_connected_scan` + `correlate_scan`). 'ofstitch' runs with default "
+        "settings (whole padded tiles), 'ofstitch-strips' with `--search-margin 0.1` "
+        "(only the predicted overlaps plus a 10% margin). Errors are of each overlapping "
+        "pair's relative placement against the truth: over the pairs whose overlap has "
+        "texture, and over all pairs (blank overlaps can only be placed from the stage "
+        "unless a correlation finds them). Peak RSS is the "
         "subprocess's (`os.wait4`); the floor holds the whole mosaic in memory, so its RSS is "
         "not a floor. Regenerate with `python benchmarks/compare.py --write`.",
         "",
@@ -547,7 +561,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tiles", default="832x624,1640x1232",
                         help="tile sizes, width x height (default 832x624,1640x1232)")
     parser.add_argument("--programs", default=",".join(PROGRAMS),
-                        help="which of floor,ofstitch,reference to run (default all three)")
+                        help="which of floor,ofstitch,ofstitch-strips,reference to run "
+                             "(default all)")
     parser.add_argument("--ref-venv", type=Path, default=None,
                         help="virtual environment with openflexure-stitching 0.3.1 (created "
                              "if missing; default /opt/refvenv if it has it, else "
