@@ -10,7 +10,8 @@ of the tiles (no correlation cache, no outputs):
   scan's size once. Any stitcher has to do at least this.
 - ``ofstitch``: ``ofstitch.stitch`` in mode ``all`` (correlate, place, plots, preview,
   thumbnail, full mosaic), default settings; ``ofstitch-strips`` the same with
-  ``--search-margin 0.1`` (only the predicted overlaps are correlated).
+  ``--search-margin 0.1 --placement reference`` (only the predicted overlaps are
+  correlated).
 - ``reference``: ``openflexure_stitching.load_tile_and_stitch`` in mode ``all``, default
   settings, from its own virtual environment.
 
@@ -61,7 +62,8 @@ MARK = "@@RESULT@@"
 BEGIN, END = "<!-- compare.py: begin -->", "<!-- compare.py: end -->"
 PROGRAMS = ("floor", "ofstitch", "ofstitch-strips", "reference")
 # Correlation settings of the ofstitch variants (defaults, and overlap strips).
-VARIANTS = {"ofstitch": {}, "ofstitch-strips": {"search_margin": 0.1}}
+VARIANTS = {"ofstitch": ({}, {}),
+            "ofstitch-strips": ({"placement": "reference"}, {"search_margin": 0.1})}
 DEFAULT_SIZES = (25, 100, 400)
 DEFAULT_TILES = ((624, 832), (1232, 1640))  # (h, w): 832x624 and 1640x1232 px
 
@@ -108,7 +110,8 @@ for module, attr, phase in [
     wrap(module, attr, phase)
 PHASES["import"] = time.perf_counter() - t0
 t1 = time.perf_counter()
-settings = StitchSettings(stitching_mode="all").with_correlation(**cfg["correlation"])
+settings = StitchSettings(stitching_mode="all", **cfg["settings"]).with_correlation(
+    **cfg["correlation"])
 result = ofstitch.stitch(cfg["folder"], settings, output_dir=cfg["out"])
 PHASES["total"] = time.perf_counter() - t1
 pos = {n: [float(r), float(c)] for n, (r, c) in zip(result.names, result.positions_px.tolist())}
@@ -330,7 +333,8 @@ def run_one(program: str, python: str, scan: Path, run_dir: Path, timeout: float
     out.mkdir()
     cfg = {"folder": str(folder), "out": str(out),
            "truth": str(scan.parent / f"{scan.name}_truth.json"),
-           "correlation": VARIANTS.get(program, {})}
+           "settings": VARIANTS.get(program, ({}, {}))[0],
+           "correlation": VARIANTS.get(program, ({}, {}))[1]}
     env = {**os.environ, "MPLBACKEND": "Agg", "PYTHONUNBUFFERED": "1"}
     if pythonpath is not None:
         env["PYTHONPATH"] = str(pythonpath)
@@ -530,8 +534,9 @@ def write_results_md(records: list[dict], path: Path = RESULTS_MD) -> None:
         "once); 'ref ÷ this' is the reference's time over this program's; 'correlate' is "
         "metadata + decode + correlation (the reference's `load_and_cache_correlated_image_set`, "
         "ofstitch's `load_connected_scan` + `correlate_scan`). 'ofstitch' runs with default "
-        "settings (whole padded tiles), 'ofstitch-strips' with `--search-margin 0.1` "
-        "(only the predicted overlaps plus a 10% margin). Errors are of each overlapping "
+        "settings (whole padded tiles, robust placement), 'ofstitch-strips' with "
+        "`--search-margin 0.1 --placement reference` (only the predicted overlaps plus a "
+        "10% margin; the reference's threshold search). Errors are of each overlapping "
         "pair's relative placement against the truth: over the pairs whose overlap has "
         "texture, and over all pairs (blank overlaps can only be placed from the stage "
         "unless a correlation finds them). Peak RSS is the "

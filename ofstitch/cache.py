@@ -84,9 +84,10 @@ def pair_key(file_a: str, file_b: str) -> str:
 class CorrelationCache:
     """In-memory view of the cache file.
 
-    ``sets`` maps a settings key to ``{pair key: [dy, dx, quality, ey, ex]}``:
-    the shift of b relative to a, its peak quality, and the expected shift
-    used for the search mask.
+    ``sets`` maps a settings key to ``{pair key: [dy, dx, quality, ey, ex, candidates]}``:
+    the shift of b relative to a, its peak quality, the expected shift used for
+    the search mask, and the candidate peaks as ``[[dy, dx, ncc], ...]`` (the
+    last item is absent in entries written before candidates existed).
     """
 
     path: Path
@@ -103,18 +104,22 @@ class CorrelationCache:
         return cls(path, sets)
 
     def lookup(self, settings: CorrelationSettings, file_keys: list[str], pairs: np.ndarray,
-               expected_shift_px: np.ndarray, tile_shape: tuple[int, int] | None = None
-               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+               expected_shift_px: np.ndarray, tile_shape: tuple[int, int] | None = None,
+               *, with_candidates: bool = False) -> tuple:
         """Cached results for ``pairs``: ``(found mask, shift (m, 2), quality (m,))``.
 
-        With ``tile_shape``, a shift no correlation can produce (as large as the
-        tile, where the tiles no longer overlap) counts as malformed.
+        With ``tile_shape``, a shift no correlation can produce (beyond the tile size
+        plus the sub-pixel step) counts as malformed. With
+        ``with_candidates``, a fourth item holds the candidates ``(m, K, 3)``
+        (NaN-padded), and entries without candidates count as not found.
         """
+        from .stream import CANDIDATES
         entries = self.sets.get(settings.key(), {})
         m = len(pairs)
         found = np.zeros(m, dtype=bool)
         shift = np.full((m, 2), np.nan)
         quality = np.full(m, np.nan)
+        candidates = np.full((m, CANDIDATES, 3), np.nan)
         invalid = 0
         for k, (a, b) in enumerate(pairs.tolist()):
             sign = 1.0
@@ -126,7 +131,8 @@ class CorrelationCache:
                 continue
             if not _valid_entry(entry) or (
                     tile_shape is not None and entry[0] is not None
-                    and (abs(entry[0]) >= tile_shape[0] or abs(entry[1]) >= tile_shape[1])):
+                    and (abs(entry[0]) > tile_shape[0] + 1
+                         or abs(entry[1]) > tile_shape[1] + 1)):
                 invalid += 1
                 continue
             # A masked search, or strips cut around the predicted overlap, depend on
@@ -136,6 +142,11 @@ class CorrelationCache:
                 expected = sign * np.asarray(entry[3:5], dtype=float)
                 if not np.allclose(expected, expected_shift_px[k], atol=1.0):
                     continue  # the search region moved: correlate again
+            if with_candidates:
+                if len(entry) < 6:
+                    continue  # written before candidates were kept: correlate again
+                cands = np.asarray(entry[5], dtype=float).reshape(-1, 3)[:CANDIDATES]
+                candidates[k, :len(cands)] = cands * np.array([sign, sign, 1.0])
             found[k] = True
             if entry[0] is not None:
                 shift[k] = sign * np.asarray(entry[0:2], dtype=float)
@@ -144,21 +155,29 @@ class CorrelationCache:
             warnings.warn(f"ignoring {invalid} malformed entries of the correlation cache "
                           f"{self.path.name}; correlating those pairs again", OfstitchWarning,
                           stacklevel=2)
+        if with_candidates:
+            return found, shift, quality, candidates
         return found, shift, quality
 
     def add(self, settings: CorrelationSettings, file_keys: list[str], pairs: np.ndarray,
-            shift: np.ndarray, quality: np.ndarray, expected_shift_px: np.ndarray) -> None:
+            shift: np.ndarray, quality: np.ndarray, expected_shift_px: np.ndarray,
+            candidates: np.ndarray | None = None) -> None:
         """Record results. A pair with no peak (NaN shift) is recorded as such; a pair
         that could not be correlated at all (NaN quality: an unreadable tile) is not."""
         key = settings.key()
         entries = self.sets.setdefault(key, {})
         pending = self.pending.setdefault(key, {})
-        for (a, b), s, q, e in zip(pairs.tolist(), shift.tolist(), quality.tolist(),
-                                   expected_shift_px.tolist(), strict=True):
+        for k, ((a, b), s, q, e) in enumerate(zip(pairs.tolist(), shift.tolist(),
+                                                  quality.tolist(), expected_shift_px.tolist(),
+                                                  strict=True)):
             if not np.isfinite(q):
                 continue
             dy, dx = (s[0], s[1]) if np.all(np.isfinite(s)) else (None, None)
             entry = [dy, dx, q, e[0], e[1]]
+            if candidates is not None:
+                c = candidates[k]
+                entry.append([[float(v) for v in row] for row in
+                              c[np.all(np.isfinite(c), axis=1)].tolist()])
             entries[pair_key(file_keys[a], file_keys[b])] = entry
             pending[pair_key(file_keys[a], file_keys[b])] = entry
 
@@ -233,13 +252,18 @@ def _number(v: object) -> bool:
 
 
 def _valid_entry(entry: object) -> bool:
-    """``[dy, dx, quality, ey, ex]``: finite numbers, except a shift of ``null, null``
-    (a pair with no peak). Anything else is ignored, and correlated again."""
-    if not isinstance(entry, list) or len(entry) != 5:
+    """``[dy, dx, quality, ey, ex]`` and optionally ``[[dy, dx, ncc], ...]``: finite
+    numbers, except a shift of ``null, null`` (a pair with no peak). Anything else is
+    ignored, and correlated again."""
+    if not isinstance(entry, list) or len(entry) not in (5, 6):
+        return False
+    if len(entry) == 6 and not (isinstance(entry[5], list) and all(
+            isinstance(c, list) and len(c) == 3 and all(_number(v) for v in c)
+            for c in entry[5])):
         return False
     no_peak = entry[0] is None and entry[1] is None
     return (no_peak or (_number(entry[0]) and _number(entry[1]))) and all(
-        _number(v) for v in entry[2:])
+        _number(v) for v in entry[2:5])
 
 
 def _merge(into: dict, sets: dict) -> None:

@@ -54,6 +54,11 @@ class Mode(str, Enum):
     only_correlate = "only-correlate"
 
 
+class PlacementChoice(str, Enum):
+    robust = "robust"
+    reference = "reference"
+
+
 class ThresholdMethod(str, Enum):
     automatic = "automatic"
     manual = "manual"
@@ -183,11 +188,18 @@ def _summary(result: StitchResult, seconds: float) -> None:
     if reg is not None:
         p = reg.placement
         m = len(reg.graph.pairs)
+        c = p.counts()
         out_console.print(
-            f"Placed {len(reg.names)} tiles from {m} pairs ({reg.n_correlated} correlated now, "
-            f"{reg.n_cached} from the cache; {p.n_accepted} trusted, {m - p.n_accepted} "
-            f"from the stage) on {reg.device}.", highlight=False)
-        if m:
+            f"Placed {len(reg.names)} tiles from {m} pairs ({reg.n_correlated} correlated "
+            f"now, {reg.n_cached} from the cache; {c['trusted']} trusted, "
+            f"{c['re-searched']} re-searched, {c['stage-only']} stage-only) on {reg.device}.",
+            highlight=False)
+        if m and p.method == "robust":
+            out_console.print(
+                f"Robust placement: score (overlap NCC) > {p.score_threshold:.3f} (chance "
+                f"level of this scan), stage repeatability {p.stage_sigma_px:.1f} px; RMS "
+                f"residual {p.rms_error_px:.2f} px.", highlight=False)
+        elif m:
             out_console.print(
                 f"Thresholds: peak quality >= {p.min_peak_quality:.6f}, stage discrepancy <= "
                 f"{p.max_stage_discrepancy:.1f} px; RMS residual {p.rms_error_px:.2f} px.",
@@ -222,6 +234,8 @@ def stitch_command(
     csm_calibration_width: int | None = typer.Option(
         None, "--csm-calibration-width", help=_s("csm_calibration_width")),
     image_count: int | None = typer.Option(None, "--image-count", help=_s("image_count")),
+    placement: PlacementChoice = typer.Option(PlacementChoice.robust, "--placement",
+                                              help=_s("placement")),
     thresholding: ThresholdMethod = typer.Option(
         ThresholdMethod.automatic, "--thresholding", "--thresholding-method",
         help=_s("thresholding")),
@@ -274,6 +288,7 @@ def stitch_command(
             correlation=correlation, minimum_overlap=minimum_overlap,
             csm_matrix=parse_csm(csm_matrix) if csm_matrix is not None else None,
             csm_calibration_width=csm_calibration_width, image_count=image_count,
+            placement=placement.value,
             thresholding=thresholding.value, min_peak_quality=min_peak_quality,
             max_stage_discrepancy=max_stage_discrepancy, priority=priority.value,
             stitching_mode=stitching_mode.value, stitch_tiff=stitch_tiff,

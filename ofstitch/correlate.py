@@ -134,6 +134,23 @@ def tile_spectra(tiles: Any, *, fft_shape: tuple[int, int], high_pass_sigma: flo
     return spectra if weight is None else spectra * weight
 
 
+def filtered_tiles(spectra: Any, *, fft_shape: tuple[int, int], tile_shape: tuple[int, int],
+                   weight: Any = None) -> Any:
+    """Tiles back from their spectra, high-pass filtered (for scoring overlaps).
+
+    ``weight`` multiplies the spectra first (e.g. the rest of the high-pass filter),
+    so that shading and vignetting, which a raw overlap NCC would match anywhere on
+    a blank background, are gone.
+
+    Returns
+    -------
+    array, shape (n, H, W), float32
+    """
+    xp = array_namespace(spectra)
+    spectra = spectra if weight is None else spectra * weight
+    return _irfftn(spectra, fft_shape, xp)[..., :tile_shape[0], :tile_shape[1]]
+
+
 def cross_correlate(spec_a: Any, spec_b: Any, *, fft_shape: tuple[int, int]) -> Any:
     """Correlations of pairs of spectra from :func:`tile_spectra`.
 
@@ -236,6 +253,77 @@ def locate_peaks(corr: Any, *, expected_shift: Any = None, mask_radius: float | 
     return Peaks(shift=shift, index=index, quality=quality)
 
 
+def top_peaks(corr: Any, k: int, *, exclude_radius: int = ZERO_SHIFT_EXCLUSION_PX,
+              separation: int = 4) -> tuple[Any, Any]:
+    """The ``k`` highest separate peaks of each correlation, to sub-pixel precision.
+
+    Peaks are taken greedily from the highest; after each, the values within
+    ``separation`` pixels of it (circularly) are suppressed, so the candidates are
+    distinct displacements, not the shoulders of one peak. Displacements within
+    ``exclude_radius`` of zero are never candidates (see :func:`locate_peaks`).
+
+    Parameters
+    ----------
+    corr : array, shape (n, Hp, Wp)
+    k : int
+
+    Returns
+    -------
+    shift : array, shape (n, k, 2), float
+        Candidate shifts ``(y, x)`` of ``b`` relative to ``a`` (correlation pixels),
+        highest peak first; NaN where the correlation has fewer than ``k`` distinct
+        values above its minimum (a flat correlation has none).
+    index : array, shape (n, k, 2), int
+        Integer ``(row, col)`` of each candidate in the correlation array.
+    """
+    xp = array_namespace(corr)
+    dev = device_of(corr)
+    n, hp, wp = corr.shape
+    dy = signed_indices(hp, xp=xp, device=dev)
+    dx = signed_indices(wp, xp=xp, device=dev)
+    flat_raw = xp.reshape(corr, (n * hp * wp,))
+    base = xp.arange(n, device=dev) * (hp * wp)
+    lowest = xp.min(corr, axis=(-2, -1), keepdims=True)
+    highest = xp.max(corr, axis=(-2, -1), keepdims=True)
+    work = corr
+    if exclude_radius > 0:
+        near_zero = ((xp.abs(dy) <= exclude_radius)[:, None]
+                     & (xp.abs(dx) <= exclude_radius)[None, :])
+        work = xp.where(near_zero[None, ...], lowest, work)
+    span = xp.reshape(highest - lowest, (n,))
+    tiny = 1e-6 * xp.max(xp.abs(xp.reshape(corr, (n, hp * wp))), axis=1)
+    shifts, indices = [], []
+    for _ in range(k):
+        flat = xp.reshape(work, (n, hp * wp))
+        j = xp.argmax(flat, axis=1)
+        value = xp.max(flat, axis=1)
+        py, px = j // wp, j % wp
+
+        def value_at(oy: int, ox: int, py=py, px=px) -> Any:
+            return xp.take(flat_raw, base + ((py + oy) % hp) * wp + (px + ox) % wp)
+
+        centre = value_at(0, 0)
+        sub_y = _parabolic_offset(value_at(-1, 0), centre, value_at(1, 0), xp)
+        sub_x = _parabolic_offset(value_at(0, -1), centre, value_at(0, 1), xp)
+        int_dy = py - hp * xp.astype(py >= (hp + 1) // 2, py.dtype)
+        int_dx = px - wp * xp.astype(px >= (wp + 1) // 2, px.dtype)
+        shift = -xp.stack([xp.astype(int_dy, corr.dtype) + sub_y,
+                           xp.astype(int_dx, corr.dtype) + sub_x], axis=1)
+        # No candidate left: everything remaining sits at the minimum (or it is flat).
+        none = (value <= xp.reshape(lowest, (n,))) | (span <= tiny)
+        shifts.append(xp.where(none[:, None], xp.asarray(math.nan, dtype=shift.dtype,
+                                                         device=dev), shift))
+        indices.append(xp.stack([py, px], axis=1))
+        # Suppress a (2 separation + 1)^2 box around the peak, circularly.
+        ddy = xp.abs(dy[None, :] - int_dy[:, None])
+        ddy = xp.minimum(ddy, hp - ddy)
+        ddx = xp.abs(dx[None, :] - int_dx[:, None])
+        ddx = xp.minimum(ddx, wp - ddx)
+        box = (ddy <= separation)[:, :, None] & (ddx <= separation)[:, None, :]
+        work = xp.where(box, lowest, work)
+    return xp.stack(shifts, axis=1), xp.stack(indices, axis=1)
+
+
 def _parabolic_offset(left: Any, centre: Any, right: Any, xp: Any) -> Any:
     """Vertex of the parabola through three equally spaced samples, in [-0.5, 0.5]."""
     curvature = left - 2 * centre + right
@@ -244,17 +332,24 @@ def _parabolic_offset(left: Any, centre: Any, right: Any, xp: Any) -> Any:
     return xp.clip(offset, -0.5, 0.5)
 
 
-def overlap_similarity(tile_a: Any, tile_b: Any, shift_yx: tuple[int, int]) -> float:
+def overlap_similarity(tile_a: Any, tile_b: Any, shift_yx: tuple[int, int], *,
+                       min_area: int = 1, margin: int = 0) -> float:
     """Normalised cross-correlation of the region two tiles share at an integer shift.
 
     ``shift_yx`` is the position of ``tile_b`` relative to ``tile_a``. Returns a
-    Python float in [-1, 1]; 0 when the overlap is empty or flat.
+    Python float in [-1, 1]; 0 when the overlap is flat, and -1 when it has fewer
+    than ``min_area`` pixels (too small to tell anything). ``margin`` pixels at each
+    tile's edges are left out (a filtered tile rings there, and the rings of two tiles
+    side by side would match each other, not the sample).
     """
     xp = array_namespace(tile_a, tile_b)
+    if margin > 0:
+        tile_a = tile_a[margin:-margin, margin:-margin]
+        tile_b = tile_b[margin:-margin, margin:-margin]
     h, w = tile_a.shape
     sy, sx = int(shift_yx[0]), int(shift_yx[1])
-    if abs(sy) >= h or abs(sx) >= w:
-        return 0.0
+    if abs(sy) >= h or abs(sx) >= w or (h - abs(sy)) * (w - abs(sx)) < max(min_area, 1):
+        return -1.0 if min_area > 1 else 0.0
     a = tile_a[max(sy, 0):h + min(sy, 0), max(sx, 0):w + min(sx, 0)]
     b = tile_b[max(-sy, 0):h + min(-sy, 0), max(-sx, 0):w + min(-sx, 0)]
     a = a - xp.mean(a)

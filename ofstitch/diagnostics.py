@@ -85,3 +85,94 @@ def plot_correlations(path: Path, quality: np.ndarray, discrepancy: np.ndarray,
     ax.set_title("Pair correlations")
     ax.legend(loc="best", fontsize=8)
     _save(fig, path, dpi=100, bbox_inches="tight")
+
+
+def plot_placement(path: Path, placement, quality: np.ndarray, discrepancy: np.ndarray) -> None:
+    """``stitching_correlations.png`` for the placement that was made.
+
+    Robust placement: each pair's score (overlap NCC of its chosen peak) against the
+    null distribution (non-overlapping tiles), the threshold, and how each pair was
+    used. Reference placement: :func:`plot_correlations`.
+    """
+    if placement.method != "robust" or placement.score is None:
+        plot_correlations(path, quality, discrepancy, placement.accepted,
+                          placement.min_peak_quality, placement.max_stage_discrepancy)
+        return
+    from matplotlib.figure import Figure
+
+    from .place import RESEARCHED, STAGE_ONLY, TRUSTED
+
+    fig = Figure(figsize=(11, 5.5))
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(fig)
+    ax_hist, ax_scatter = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1, 1.3]})
+    score = np.nan_to_num(placement.score, nan=-1.0)
+    null = placement.null_score[np.isfinite(placement.null_score)] \
+        if placement.null_score is not None else np.zeros(0)
+    bins = np.linspace(-0.2, 1.0, 49)
+    if len(null):
+        ax_hist.hist(np.clip(null, -0.2, 1), bins=bins, density=True, color="0.6", alpha=0.8,
+                     label=f"null: tiles that do not overlap ({len(null)})")
+    ax_hist.hist(np.clip(score, -0.2, 1), bins=bins, density=True, histtype="step",
+                 color="tab:blue", linewidth=1.5, label=f"overlapping pairs ({len(score)})")
+    ax_hist.axvline(placement.score_threshold, color="k", linestyle="--", linewidth=1,
+                    label=f"threshold {placement.score_threshold:.2f}")
+    ax_hist.set_xlabel("score: NCC of the overlap at the chosen peak")
+    ax_hist.set_ylabel("density")
+    ax_hist.set_title("Scores against chance")
+    ax_hist.legend(loc="upper left", fontsize=8)
+    status = placement.status
+    styles = [(TRUSTED, "tab:green", "trusted"), (RESEARCHED, "tab:orange",
+                                                  "re-searched near the stage"),
+              (STAGE_ONLY, "tab:red", "stage only")]
+    y = np.clip(np.nan_to_num(discrepancy, nan=1e4), 1e-2, 1e4)
+    for value, colour, label in styles:
+        sel = status == value
+        ax_scatter.scatter(score[sel], y[sel], s=12, color=colour,
+                           label=f"{label} ({int(sel.sum())})")
+    ax_scatter.axvline(placement.score_threshold, color="k", linestyle="--", linewidth=1)
+    ax_scatter.set_yscale("log")
+    ax_scatter.set_xlabel("score (best peak)")
+    ax_scatter.set_ylabel("|highest peak shift - stage shift| / px")
+    ax_scatter.set_title(f"Pairs (stage repeatability {placement.stage_sigma_px:.1f} px)")
+    ax_scatter.legend(loc="best", fontsize=8)
+    fig.tight_layout()
+    _save(fig, path, dpi=100)
+
+
+def plot_residuals(path: Path, placement, pairs: np.ndarray, tile_shape: tuple[int, int]
+                   ) -> None:
+    """``stitching_residuals.png``: each pair's final residual, drawn on the mosaic layout.
+
+    A pair is a segment between its tiles' centres at their final positions: colour
+    is the residual ``|x_b - x_a - shift|`` of the pairs that were used (green to
+    red, clipped at 3 px); pairs placed by the stage alone are thin grey lines.
+    """
+    from matplotlib.collections import LineCollection
+
+    fig, ax = _figure(figsize=(10, 8))
+    th, tw = tile_shape
+    pos = placement.positions_px
+    centres = pos + np.array([th, tw]) / 2
+    ax.scatter(centres[:, 1], centres[:, 0], s=4, color="0.3", zorder=3)
+    if len(pairs) and placement.residual_px is not None:
+        segments = np.stack([centres[pairs[:, 0]][:, ::-1], centres[pairs[:, 1]][:, ::-1]], 1)
+        used = placement.accepted
+        if (~used).any():
+            ax.add_collection(LineCollection(segments[~used], colors="0.75", linewidths=0.6,
+                                             linestyles="dashed", zorder=1,
+                                             label=f"stage only ({int((~used).sum())})"))
+        if used.any():
+            lines = LineCollection(segments[used], cmap="RdYlGn_r", linewidths=2, zorder=2)
+            lines.set_array(np.clip(placement.residual_px[used], 0, 3))
+            lines.set_clim(0, 3)
+            ax.add_collection(lines)
+            fig.colorbar(lines, ax=ax, label="residual / px (used pairs)", shrink=0.8)
+    ax.set_xlim(pos[:, 1].min() - 0.1 * tw, pos[:, 1].max() + 1.1 * tw)
+    ax.set_ylim(pos[:, 0].max() + 1.1 * th, pos[:, 0].min() - 0.1 * th)
+    ax.set_aspect("equal")
+    ax.set_xlabel("column / px")
+    ax.set_ylabel("row / px")
+    ax.set_title(f"Pair residuals at the final positions (RMS {placement.rms_error_px:.2f} px)")
+    _save(fig, path, dpi=100, bbox_inches="tight")

@@ -101,3 +101,82 @@ def require_connected(graph: OverlapGraph, names: list[str], minimum_overlap: fl
         f"{len(lost)} of {graph.n_tiles} tiles do not overlap the rest of the scan "
         f"(minimum overlap {minimum_overlap:g}): {shown}. Lower --minimum-overlap, check the "
         "stage positions and --csm-matrix, or remove those tiles")
+
+
+MAX_NULL_PAIRS = 200
+
+
+def null_pairs(stage_px: np.ndarray, tile_shape: tuple[int, int], pairs: np.ndarray,
+               max_pairs: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Pairs of tiles that do not overlap, to learn what a chance match looks like.
+
+    For a pair ``(a, b)`` with stage shift ``e``, the null partner of ``a`` is the
+    tile nearest to ``a + j e`` for the smallest ``j >= 2`` at which it no longer
+    overlaps ``a``: a tile of the same scan, with the same content statistics, that
+    is searched as if it sat where ``b`` does (around ``e``). Up to ``max_pairs``
+    (default: a fifth of the pairs, at least 30 where the scan has them, at most
+    :data:`MAX_NULL_PAIRS`), spread evenly over ``pairs``.
+
+    Returns
+    -------
+    null : ndarray, shape (q, 2), int
+        ``(a, c)`` tile pairs.
+    searched_shift : ndarray, shape (q, 2)
+        The stage shift each is searched around (that of the pair it imitates).
+    """
+    from scipy.spatial import cKDTree
+
+    empty = np.zeros((0, 2), np.int64), np.zeros((0, 2))
+    if len(pairs) == 0 or len(stage_px) < 3:
+        return empty
+    if max_pairs is None:
+        max_pairs = min(MAX_NULL_PAIRS, max(30, len(pairs) // 5))
+    h, w = tile_shape
+    tree = cKDTree(stage_px / np.array([h, w]))
+    known = {(int(a), int(b)) for a, b in pairs} | {(int(b), int(a)) for a, b in pairs}
+    null, shifts, seen = [], [], set()
+    for a, b in pairs.tolist():
+        e = stage_px[b] - stage_px[a]
+        for j in range(2, 6):
+            if abs(j * e[0]) >= h or abs(j * e[1]) >= w:
+                break
+        else:
+            continue
+        target = (stage_px[a] + j * e) / np.array([h, w])
+        dist, c = tree.query(target)
+        c = int(c)
+        if dist > 0.25 or c in (a, b) or (a, c) in known or (min(a, c), max(a, c)) in seen:
+            continue
+        gap = np.abs(stage_px[c] - stage_px[a])
+        if gap[0] < h and gap[1] < w:
+            continue  # it still overlaps a
+        seen.add((min(a, c), max(a, c)))
+        null.append((a, c))
+        shifts.append(e)
+    if not null:
+        return empty
+    null_arr, shift_arr = np.asarray(null, np.int64), np.asarray(shifts, np.float64)
+    if len(null_arr) > max_pairs:
+        pick = np.unique(np.round(np.linspace(0, len(null_arr) - 1, max_pairs)).astype(int))
+        null_arr, shift_arr = null_arr[pick], shift_arr[pick]
+    return null_arr, shift_arr
+
+
+def interleave(pairs: np.ndarray, extra: np.ndarray) -> np.ndarray:
+    """An order of ``pairs`` then ``extra`` (indices into their concatenation) in which
+    each extra pair comes right after the first real pair by which both its tiles are
+    in use, so streaming keeps no tile alive longer for it than it must."""
+    first: dict[int, int] = {}
+    for k, (a, b) in enumerate(pairs.tolist()):
+        first.setdefault(a, k)
+        first.setdefault(b, k)
+    slots: dict[int, list[int]] = {}
+    last = len(pairs) - 1
+    for i, (a, c) in enumerate(extra.tolist()):
+        slot = max(first.get(a, last), first.get(c, last))
+        slots.setdefault(slot, []).append(len(pairs) + i)
+    order = []
+    for k in range(len(pairs)):
+        order.append(k)
+        order.extend(slots.get(k, []))
+    return np.asarray(order, dtype=np.int64)

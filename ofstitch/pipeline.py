@@ -20,11 +20,11 @@ from . import diagnostics, render, tiles
 from .backends import Backend, select_backend
 from .cache import CorrelationCache, cache_path
 from .errors import OfstitchError
-from .graph import OverlapGraph, find_pairs, require_connected
+from .graph import OverlapGraph, find_pairs, interleave, null_pairs, require_connected
 from .place import Placement, place, stage_placement
 from .scan import Scan, load_scan, require_folder
 from .settings import StitchSettings
-from .stream import CorrelationPlan, correlate_pairs, memory_budget
+from .stream import CANDIDATES, CorrelationPlan, correlate_pairs, memory_budget
 
 log = logging.getLogger(__name__)
 
@@ -103,23 +103,29 @@ def _expected_shifts(scan: Scan, pairs: np.ndarray) -> np.ndarray:
     return scan.stage_px[pairs[:, 1]] - scan.stage_px[pairs[:, 0]]
 
 
-def correlate_scan(scan: Scan, graph: OverlapGraph, settings: StitchSettings,
-                   backend: Backend, *, cache: CorrelationCache | None,
-                   progress: Progress = _noop) -> tuple[np.ndarray, np.ndarray, int, int]:
-    """Correlate the graph's pairs, reusing and filling the cache.
+def correlate_scan(scan: Scan, pairs: np.ndarray, expected: np.ndarray,
+                   settings: StitchSettings, backend: Backend, *,
+                   cache: CorrelationCache | None, progress: Progress = _noop,
+                   found_out: dict | None = None
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, int]:
+    """Correlate ``pairs`` (searched around ``expected`` shifts), reusing and filling the cache.
 
-    Returns ``(shift_px, quality, n_correlated, n_cached)``.
+    Returns ``(shift_px, quality, candidates, n_correlated, n_cached)``; ``found_out``,
+    if given, receives ``"found"``: which pairs came from the cache.
     """
-    pairs = graph.pairs
-    expected = _expected_shifts(scan, pairs)
     keys = [f.key for f in scan.files]
     cs = settings.correlation
+    m = len(pairs)
     if cache is not None:
-        found, shift, quality = cache.lookup(cs, keys, pairs, expected, scan.tile_shape)
+        found, shift, quality, candidates = cache.lookup(cs, keys, pairs, expected,
+                                                         scan.tile_shape, with_candidates=True)
     else:
-        found = np.zeros(len(pairs), bool)
-        shift, quality = np.full((len(pairs), 2), np.nan), np.full(len(pairs), np.nan)
+        found = np.zeros(m, bool)
+        shift, quality = np.full((m, 2), np.nan), np.full(m, np.nan)
+        candidates = np.full((m, CANDIDATES, 3), np.nan)
     todo = np.flatnonzero(~found)
+    if found_out is not None:
+        found_out["found"] = found.copy()
     progress("correlate", 0, len(todo))
     if len(todo):
         plan = CorrelationPlan.make(scan.tile_shape, cs)
@@ -131,14 +137,90 @@ def correlate_scan(scan: Scan, graph: OverlapGraph, settings: StitchSettings,
             ids = todo[batch.pair_ids]
             shift[ids] = batch.shift_px
             quality[ids] = batch.quality
+            candidates[ids] = batch.candidates
             done += len(ids)
             progress("correlate", done, len(todo))
             if cache is not None:
-                cache.add(cs, keys, pairs[ids], batch.shift_px, batch.quality, expected[ids])
+                cache.add(cs, keys, pairs[ids], batch.shift_px, batch.quality, expected[ids],
+                          batch.candidates)
                 cache.flush()  # a killed run keeps every finished batch
         if cache is not None:
             cache.save()
-    return shift, quality, len(todo), int(found.sum())
+    return shift, quality, candidates, len(todo), int(found.sum())
+
+
+def placement_method(settings: StitchSettings) -> str:
+    """The placement method: the reference's whenever one of its options is asked for."""
+    if settings.placement == "reference" or settings.thresholding == "manual" or (
+            settings.min_peak_quality is not None or settings.max_stage_discrepancy is not None):
+        return "reference"
+    return "robust"
+
+
+def pairs_to_correlate(scan: Scan, graph: OverlapGraph, settings: StitchSettings
+                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The graph's pairs plus, for robust placement, the null pairs, in streaming order.
+
+    Returns ``(pairs, expected shifts, order, null_shift)``: ``order[i]`` is the index,
+    in the graph's pairs followed by the null pairs, of the ``i``-th pair to correlate.
+    """
+    pairs = graph.pairs
+    null, null_shift = np.zeros((0, 2), np.int64), np.zeros((0, 2))
+    if placement_method(settings) == "robust":
+        null, null_shift = null_pairs(scan.stage_px, scan.tile_shape, pairs)
+    order = interleave(pairs, null)
+    expected = np.concatenate([_expected_shifts(scan, pairs), null_shift])[order]
+    return np.concatenate([pairs, null])[order], expected, order, null_shift
+
+
+def correlate_and_place(scan: Scan, graph: OverlapGraph, settings: StitchSettings,
+                        backend: Backend, *, cache: CorrelationCache | None,
+                        progress: Progress = _noop,
+                        ask_thresholds: Callable[[], tuple[float, float]] | None = None,
+                        plot_dir: Path | None = None) -> tuple:
+    """Correlate the graph's pairs (and, for robust placement, the null pairs), then place.
+
+    Returns ``(shift, quality, placement, n_correlated, n_cached, seconds)`` where
+    ``seconds`` maps "correlate" and "place" to their durations.
+    """
+    method = placement_method(settings)
+    pairs = graph.pairs
+    expected = _expected_shifts(scan, pairs)
+    all_pairs, all_expected, order, null_shift = pairs_to_correlate(scan, graph, settings)
+    t0 = time.perf_counter()
+    m = len(pairs)
+    stats: dict = {}
+    shift_all, quality_all, cand_all, _, _ = correlate_scan(
+        scan, all_pairs, all_expected, settings, backend, cache=cache, progress=progress,
+        found_out=stats)
+    back = np.argsort(order)  # position of each original index in the correlated order
+    # Counts of the scan's pairs (the null pairs are extra correlations, not pairs).
+    n_cached = int(stats["found"][back[:m]].sum())
+    n_new = m - n_cached
+    shift, quality = shift_all[back[:m]], quality_all[back[:m]]
+    candidates, null_candidates = cand_all[back[:m]], cand_all[back[m:]]
+    t1 = time.perf_counter()
+    ask = None
+    if settings.thresholding == "manual":
+        if ask_thresholds is None:
+            raise OfstitchError("--thresholding manual needs someone to answer: run it from "
+                                "the command line, or pass ask_thresholds")
+        if plot_dir is not None:
+            diagnostics.plot_correlations(plot_dir / "stitching_correlations.png", quality,
+                                          np.linalg.norm(shift - expected, axis=1))
+        ask = ask_thresholds
+    if method == "robust":
+        placement = place(pairs, shift, quality, scan.stage_px, scan.csm, method="robust",
+                          candidates=candidates, null_candidates=null_candidates,
+                          null_stage_shift=null_shift)
+    else:
+        placement = place(pairs, shift, quality, scan.stage_px, scan.csm, method="reference",
+                          thresholding=settings.thresholding,
+                          min_peak_quality=settings.min_peak_quality,
+                          max_stage_discrepancy=settings.max_stage_discrepancy,
+                          ask_thresholds=ask)
+    return shift, quality, placement, n_new, n_cached, {
+        "correlate": t1 - t0, "place": time.perf_counter() - t1}
 
 
 def load_connected_scan(folder: Path, settings: StitchSettings) -> tuple[Scan, OverlapGraph]:
@@ -191,34 +273,17 @@ def register(folder: Path | str, settings: StitchSettings | None = None, *,
         diagnostics.plot_inputs(out_dir / "stitching_inputs.png", scan.stage_px,
                                 scan.tile_shape, graph.pairs)
 
-    t1 = time.perf_counter()
     cache = CorrelationCache.load(cache_path(folder, cache_dir)) if use_cache else None
-    shift, quality, n_new, n_cached = correlate_scan(scan, graph, settings, backend,
-                                                     cache=cache, progress=progress)
-    timings["correlate"] = time.perf_counter() - t1
-
-    t2 = time.perf_counter()
-    stage_shift = _expected_shifts(scan, graph.pairs)
-    discrepancy = np.linalg.norm(shift - stage_shift, axis=1)
-    ask = None
-    if settings.thresholding == "manual":
-        if ask_thresholds is None:
-            raise OfstitchError("--thresholding manual needs someone to answer: run it from "
-                                "the command line, or pass ask_thresholds")
-        diagnostics.plot_correlations(out_dir / "stitching_correlations.png", quality,
-                                      discrepancy)
-        ask = ask_thresholds
-    placement = place(graph.pairs, shift, quality, scan.stage_px, scan.csm,
-                      thresholding=settings.thresholding,
-                      min_peak_quality=settings.min_peak_quality,
-                      max_stage_discrepancy=settings.max_stage_discrepancy,
-                      ask_thresholds=ask)
-    timings["place"] = time.perf_counter() - t2
+    shift, quality, placement, n_new, n_cached, seconds = correlate_and_place(
+        scan, graph, settings, backend, cache=cache, progress=progress,
+        ask_thresholds=ask_thresholds, plot_dir=out_dir)
+    timings.update(seconds)
     if plots and len(graph.pairs):
-        diagnostics.plot_correlations(out_dir / "stitching_correlations.png", quality,
-                                      discrepancy, placement.accepted,
-                                      placement.min_peak_quality,
-                                      placement.max_stage_discrepancy)
+        stage_shift = _expected_shifts(scan, graph.pairs)
+        diagnostics.plot_placement(out_dir / "stitching_correlations.png", placement, quality,
+                                   np.linalg.norm(shift - stage_shift, axis=1))
+        diagnostics.plot_residuals(out_dir / "stitching_residuals.png", placement,
+                                   graph.pairs, scan.tile_shape)
     return Registration(scan, graph, shift, quality, placement, n_new, n_cached,
                         backend.describe(), timings)
 
@@ -309,7 +374,9 @@ def stitch(folder: Path | str, settings: StitchSettings | None = None, *,
         backend = select_backend(settings.device)
         scan, graph = load_connected_scan(folder, settings)
         cache = CorrelationCache.load(cache_path(folder, cache_dir))
-        correlate_scan(scan, graph, settings, backend, cache=cache, progress=progress)
+        all_pairs, all_expected, _, _ = pairs_to_correlate(scan, graph, settings)
+        correlate_scan(scan, all_pairs, all_expected, settings, backend, cache=cache,
+                       progress=progress)
         outputs["cache"] = cache.path
         return StitchResult(None, outputs, scan.stage_px - scan.stage_px.min(axis=0),
                             [f.name for f in scan.files])
@@ -319,6 +386,7 @@ def stitch(folder: Path | str, settings: StitchSettings | None = None, *,
     outputs["inputs_plot"] = out / "stitching_inputs.png"
     if len(reg.graph.pairs):
         outputs["correlations_plot"] = out / "stitching_correlations.png"
+        outputs["residuals_plot"] = out / "stitching_residuals.png"
     scan, positions = reg.scan, reg.positions_px
     names = reg.names
     config = out / "OFMTileConfiguration.txt"

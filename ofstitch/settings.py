@@ -46,8 +46,9 @@ class CorrelationSettings:
         "error (a fraction of the tile size, at least 16 px; 0.1 is a good start), "
         "instead of whole zero-padded tiles: 4-6 times faster correlation in less "
         "memory. A shift further than the margin from the stage's prediction may be "
-        "missed (the pair then falls back to the stage). 0 (the default) correlates "
-        "whole tiles and finds any shift, as openflexure-stitching does."))
+        "missed (the pair then falls back to the stage). Needs --placement reference. "
+        "0 (the default) correlates whole tiles and finds any shift, as "
+        "openflexure-stitching does."))
     corr_mask_radius: float | None = field(default=None, metadata=_help(
         "Only look for the correlation peak within this radius (full-resolution "
         "pixels) of the shift predicted by the stage. Default: no restriction."))
@@ -113,17 +114,28 @@ class StitchSettings:
     image_count: int | None = field(default=None, metadata=_help(
         "Use only the first N images after sorting by capture time (for trying "
         "settings on part of a scan)."))
+    placement: str = field(default="robust", metadata=_help(
+        "How tiles are placed. 'robust' (the default): each pair's candidate peaks "
+        "are scored by the normalised cross-correlation of the overlap and trusted "
+        "when they beat what non-overlapping tiles of this scan score by chance; "
+        "rejected pairs are searched again near the fitted stage model; pairs that "
+        "break loops are dropped; islands are placed by the stage. 'reference': the "
+        "threshold search of OpenFlexure Stitching (--thresholding, "
+        "--min-peak-quality, --max-stage-discrepancy; giving any of these selects "
+        "it)."))
     thresholding: Thresholding = field(default="automatic", metadata=_help(
-        "How pairs are accepted: 'automatic' searches peak-quality and "
+        "With --placement reference (chosen by 'manual'): how pairs are accepted: "
+        "'automatic' searches peak-quality and "
         "stage-discrepancy thresholds for the smallest RMS error; 'manual' writes "
         "stitching_correlations.png and asks for the two thresholds."))
     min_peak_quality: float | None = field(default=None, metadata=_help(
         "Hard lower limit (0-1) on a pair's peak quality: the fraction of the "
-        "correlation below 90% of its range. Default: chosen automatically."))
+        "correlation below 90% of its range (selects --placement reference). Default: "
+        "chosen automatically."))
     max_stage_discrepancy: float | None = field(default=None, metadata=_help(
         "Hard upper limit, in pixels, on the disagreement between a pair's "
-        "correlation shift and its stage-predicted shift. Default: chosen "
-        "automatically."))
+        "correlation shift and its stage-predicted shift (selects --placement "
+        "reference). Default: chosen automatically."))
     priority: Priority = field(default="time", metadata=_help(
         "'time' keeps decoded tiles in memory while they are still needed; "
         "'memory' uses smaller batches and re-reads tiles instead."))
@@ -162,6 +174,15 @@ class StitchSettings:
         if self.thresholding not in ("automatic", "manual"):
             raise OfstitchError(
                 f"--thresholding must be 'automatic' or 'manual', got {self.thresholding!r}")
+        if self.placement not in ("robust", "reference"):
+            raise OfstitchError(
+                f"--placement must be 'robust' or 'reference', got {self.placement!r}")
+        robust = self.placement == "robust" and self.thresholding == "automatic" and \
+            self.min_peak_quality is None and self.max_stage_discrepancy is None
+        if self.correlation.search_margin > 0 and self.correlation.pad and robust:
+            raise OfstitchError(
+                "--search-margin scores no candidate peaks for robust placement: add "
+                "--placement reference, or leave --search-margin at 0")
         if self.device_memory is not None:
             parse_memory(self.device_memory)  # raises a clear error early
         if self.image_count is not None and self.image_count < 1:

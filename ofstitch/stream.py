@@ -7,7 +7,9 @@ in the graph's order (by first tile, in capture order), so for a raster or
 snake scan the live set stays about one scan row wide (one column for a
 column-first scan), and go through the kernels in batches sized from a memory
 budget.
-Only the per-pair results (shift, quality) come back to the host.
+Only the per-pair results come back to the host: the highest peak's shift and quality, and
+:data:`CANDIDATES` candidate peaks, each scored by the normalised cross-correlation
+(NCC) of the two tiles' overlap at that shift.
 """
 
 from __future__ import annotations
@@ -39,6 +41,16 @@ DEFAULT_GPU_FRACTION = {"time": 0.5, "memory": 0.25}
 # Device bytes per pair in a batch, in units of one real correlation array
 # (product spectrum, correlation, masks and temporaries of the peak search).
 ARRAYS_PER_PAIR = 10
+# Candidate peaks kept per pair, each scored by the normalised cross-correlation of the
+# tiles' overlap at that shift (robust placement chooses among them).
+CANDIDATES = 8
+# A candidate must leave at least this fraction of the stage-predicted overlap.
+MIN_OVERLAP_FRACTION = 0.2
+# Overlaps are scored on tiles high-pass filtered at this sigma (shading and vignetting
+# would otherwise match anywhere on a blank background); SCORE_MARGIN_SIGMAS * sigma
+# pixels at the tiles' edges, where the filter rings, are left out.
+SCORE_HIGH_PASS_SIGMA = 5.0
+SCORE_MARGIN_SIGMAS = 2.0
 # Smallest stage-error margin around the predicted overlap, in correlation pixels.
 MIN_MARGIN_PX = 16
 
@@ -103,6 +115,9 @@ class BatchResult:
     pair_ids: np.ndarray  # (k,) int
     shift_px: np.ndarray  # (k, 2) float64, full-resolution (row, col) of b relative to a
     quality: np.ndarray  # (k,) float64
+    # (k, CANDIDATES, 3): (row, col, ncc) of each candidate peak, best correlation first;
+    # NaN rows where there are fewer candidates. ncc is -1 where the overlap is too small.
+    candidates: np.ndarray | None = None
 
 
 def correlate_pairs(
@@ -160,7 +175,7 @@ def correlate_pairs(
                 first_use.append(t)
             last_use[t] = k
     live_spectra: dict[int, object] = {}
-    live_tiles: dict[int, object] = {}  # only without padding (ambiguity breaking)
+    live_tiles: dict[int, object] = {}  # the grey tiles, for the overlap NCC of candidates
     bad_tiles: set[int] = set()
     stats = stats if stats is not None else {}
     stats.setdefault("max_live_spectra", 0)
@@ -176,6 +191,8 @@ def correlate_pairs(
         weight = xp.sqrt(correlate.high_pass_filter(
             plan.fft_shape, settings.high_pass_sigma, xp=xp, device=backend.device,
             dtype=xp.float32))
+    score_weight = None if strips else \
+        _score_weight(plan.fft_shape, settings.high_pass_sigma, xp, backend.device)
     prefetch_depth = max(2 * workers, 8)
     futures: dict[int, Future] = {}
     next_prefetch = 0
@@ -221,8 +238,12 @@ def correlate_pairs(
                     # Copies, so that the batch arrays are freed with their last tile.
                     live_spectra[t] = xp.asarray(spectra[i, ...], copy=True) if len(ok) > 1 \
                         else spectra[0, ...]
-                    if not settings.pad:
-                        live_tiles[t] = xp.asarray(stack[i, ...], copy=True)
+                filtered = correlate.filtered_tiles(spectra, fft_shape=plan.fft_shape,
+                                                    tile_shape=plan.scaled_shape,
+                                                    weight=score_weight)
+                for i, t in enumerate(ok):
+                    live_tiles[t] = xp.asarray(filtered[i, ...], copy=True)
+                del filtered
                 stats["tiles_transformed"] += len(ok)
             stats["max_live_spectra"] = max(stats["max_live_spectra"], len(live_spectra))
 
@@ -230,7 +251,9 @@ def correlate_pairs(
                             dtype=bool)
             shift = np.full((len(batch), 2), np.nan)
             quality = np.full(len(batch), np.nan)
+            candidates = np.full((len(batch), CANDIDATES, 3), np.nan)
             if good.any() and strips:
+                # No candidates: strips go with --placement reference.
                 sel = batch[good]
                 sel_shift, sel_quality = _correlate_strips(
                     sel, expected_shift_px[start:stop][good] * resize, live_spectra, plan,
@@ -251,7 +274,12 @@ def correlate_pairs(
                     corr, expected_shift=expected,
                     mask_radius=(settings.corr_mask_radius * resize
                                  if settings.corr_mask_radius is not None else None))
+                cand_shift, cand_index = correlate.top_peaks(corr, CANDIDATES)
                 del corr
+                candidates[good] = _score_candidates(
+                    sel, to_host(cand_shift).astype(np.float64), to_host(cand_index),
+                    expected_shift_px[start:stop][good] * resize, live_tiles, plan,
+                    settings.pad) / np.array([resize, resize, 1.0])
                 sel_shift = to_host(peaks.shift).astype(np.float64)
                 if not settings.pad:
                     sel_shift = _break_ambiguity(sel, to_host(peaks.index), sel_shift,
@@ -263,7 +291,61 @@ def correlate_pairs(
                 if last_use[t] < stop:
                     del live_spectra[t]
                     live_tiles.pop(t, None)
-            yield BatchResult(np.arange(start, stop), shift, quality)
+            yield BatchResult(np.arange(start, stop), shift, quality, candidates)
+
+
+def _score_weight(fft_shape: tuple[int, int], correlation_sigma: float, xp, device):
+    """What turns the correlation spectra (which carry ``sqrt(H)`` of the correlation
+    high-pass) into spectra high-pass filtered at :data:`SCORE_HIGH_PASS_SIGMA`."""
+    target = correlate.high_pass_filter(fft_shape, SCORE_HIGH_PASS_SIGMA, xp=xp, device=device,
+                                        dtype=xp.float32)
+    if correlation_sigma <= 0:
+        return target
+    carried = xp.sqrt(correlate.high_pass_filter(fft_shape, correlation_sigma, xp=xp,
+                                                 device=device, dtype=xp.float32))
+    safe = xp.where(carried > 1e-6, carried, xp.ones_like(carried))
+    return xp.where(carried > 1e-6, target / safe, xp.zeros_like(carried))
+
+
+def _score_candidates(pairs: np.ndarray, shift: np.ndarray, index: np.ndarray,
+                      expected: np.ndarray, live_tiles: dict, plan: CorrelationPlan,
+                      pad: bool) -> np.ndarray:
+    """``(pairs, CANDIDATES, 3)``: each candidate's sub-pixel shift and its overlap NCC.
+
+    Without padding, a circular peak stands for up to four shifts: the one whose
+    overlap matches best is kept. A shift that leaves less than
+    :data:`MIN_OVERLAP_FRACTION` of the stage-predicted overlap scores -1.
+    """
+    h, w = plan.scaled_shape
+    margin = min(int(SCORE_MARGIN_SIGMAS * SCORE_HIGH_PASS_SIGMA), h // 8, w // 8)
+    inner_h, inner_w = h - 2 * margin, w - 2 * margin
+    out = np.full(shift.shape[:2] + (3,), np.nan)
+    for k, (a, b) in enumerate(pairs.tolist()):
+        ey, ex = np.abs(expected[k])
+        expected_area = max(inner_h - ey, 1) * max(inner_w - ex, 1)
+        min_area = max(int(MIN_OVERLAP_FRACTION * expected_area), 2)
+        tile_a, tile_b = live_tiles[a], live_tiles[b]
+        for c in range(shift.shape[1]):
+            if not np.isfinite(shift[k, c, 0]):
+                continue
+            frac = shift[k, c] - np.round(shift[k, c])
+            readings = ([tuple(int(v) for v in np.round(shift[k, c]))] if pad else
+                        correlate.unwrap_candidates(tuple(int(v) for v in index[k, c]),
+                                                    plan.fft_shape))
+            scores = []
+            for ry, rx in readings:
+                ncc = correlate.overlap_similarity(tile_a, tile_b, (ry, rx), min_area=min_area,
+                                                   margin=margin)
+                # Chance NCCs spread as 1 / sqrt(area): a smaller overlap than the stage
+                # predicts must match better to count as much (the null pairs, searched
+                # around the prediction, set the scale).
+                area = max(inner_h - abs(ry), 0) * max(inner_w - abs(rx), 0)
+                scores.append(ncc * min(1.0, math.sqrt(area / expected_area)) if ncc > 0
+                              else ncc)
+            best = int(np.argmax(scores))
+            out[k, c, :2] = np.asarray(readings[best], dtype=np.float64) + frac
+            out[k, c, 2] = scores[best]
+    return out
 
 
 def _break_ambiguity(pairs: np.ndarray, index: np.ndarray, shift: np.ndarray,

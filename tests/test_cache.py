@@ -79,7 +79,10 @@ def test_second_run_correlates_nothing(scan):
     assert m == 12
     assert (first.n_correlated, first.n_cached) == (m, 0)
     assert set(read_cache(scan.folder / CACHE_NAME)) == {DEFAULT_KEY}
-    assert len(read_cache(scan.folder / CACHE_NAME)[DEFAULT_KEY]) == m
+    # The pairs, and the null pairs (tiles that do not overlap) of robust placement.
+    n_null = len(first.placement.null_score)
+    assert n_null >= 4
+    assert len(read_cache(scan.folder / CACHE_NAME)[DEFAULT_KEY]) == m + n_null
 
     second = register(scan.folder)
     assert (second.n_correlated, second.n_cached) == (0, m)
@@ -177,7 +180,8 @@ def test_changed_setting_correlates_everything_and_keeps_both_sets(scan):
     assert (second.n_correlated, second.n_cached) == (m, 0)
     sets = read_cache(scan.folder / CACHE_NAME)
     assert set(sets) == {DEFAULT_KEY, sharper.correlation.key()}
-    assert all(len(entries) == m for entries in sets.values())
+    n_null = len(first.placement.null_score)
+    assert all(len(entries) == m + n_null for entries in sets.values())
     # Both sets stay usable.
     assert register(scan.folder).n_correlated == 0
     assert register(scan.folder, sharper).n_correlated == 0

@@ -37,7 +37,8 @@ STITCH_OPTIONS = (
     "--cache-dir"
 ).split()
 ALL_OUTPUTS = {"preview.jpg", "stitched_thumbnail.jpg", "OFMTileConfiguration.txt",
-               "stitching_inputs.png", "stitching_correlations.png"}
+               "stitching_inputs.png", "stitching_correlations.png",
+               "stitching_residuals.png"}
 FIJI_LINE = re.compile(r"^(?P<name>[^;]+); ; \((?P<x>-?\d+(?:\.\d+)?), (?P<y>-?\d+(?:\.\d+)?)\)$")
 
 

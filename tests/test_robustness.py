@@ -49,7 +49,8 @@ EXTENT = (STEP[0] * (GRID[0] - 1) + TILE_SHAPE[0], STEP[1] * (GRID[1] - 1) + TIL
 MARGIN = 64  # around the grid in the tissue crop (make_scan needs room for stage errors)
 DEFAULT_KEY = CorrelationSettings().key()
 N_PAIRS = 12  # pairs of a 3x3 grid at 30% overlap: 6 horizontal, 6 vertical
-PLOTS = {"stitching_inputs.png", "stitching_correlations.png"}
+PLOTS = {"stitching_inputs.png", "stitching_correlations.png",
+         "stitching_residuals.png"}
 PREVIEW_OUTPUTS = {"preview.jpg", "stitched_thumbnail.jpg", "OFMTileConfiguration.txt"} | PLOTS
 ADDRESS_SPACE_CAP = 6 << 30  # bytes; a bomb decoded for real needs tens of GiB
 FIJI_LINE = re.compile(r"^(?P<name>[^;]+); ; \((?P<x>-?[\d.]+), (?P<y>-?[\d.]+)\)$")
@@ -573,7 +574,8 @@ def test_single_tile_gives_outputs(tmp_path, tissue, capsys):
     assert_finished(result)
     assert placed(out) == {"tile_0_0.png"}
     assert {p.name for p in out.iterdir()} == \
-        PREVIEW_OUTPUTS - {"stitching_correlations.png"} | {"scan_stitched.jpg"}
+        PREVIEW_OUTPUTS - {"stitching_correlations.png", "stitching_residuals.png"} \
+        | {"scan_stitched.jpg"}
     assert mosaic(out).shape[:2] == TILE_SHAPE
 
 
@@ -788,7 +790,7 @@ def test_malformed_cache_entries_are_recomputed(tmp_path, tissue, capsys):
     result, out = stitch(folder, capsys)
     assert_skipped(result, CACHE_NAME, "malformed entries")
     assert placed(out) == set(names)
-    assert all(len(e) == 5 for e in read_cache(folder / CACHE_NAME)[DEFAULT_KEY].values())
+    assert all(len(e) == 6 for e in read_cache(folder / CACHE_NAME)[DEFAULT_KEY].values())
 
 
 def test_cache_entry_with_a_huge_integer_is_recomputed(tmp_path, tissue, capsys):

@@ -139,7 +139,7 @@ def test_strips_find_shifts_within_the_margin(scan_4x4):
 def test_register_with_strips_is_accurate_and_cached_per_prediction(tmp_path, source_image):
     scan = make_scan(tmp_path / "scan", source=source_image, grid=(3, 4), tile_shape=TILE,
                      seed=9)
-    settings = StitchSettings(correlation=STRIPS)
+    settings = StitchSettings(correlation=STRIPS, placement="reference")
     reg = ofstitch.register(scan.folder, settings)
     order = [scan.names.index(n) for n in reg.names]
     accepted = reg.placement.accepted
@@ -150,12 +150,15 @@ def test_register_with_strips_is_accurate_and_cached_per_prediction(tmp_path, so
     assert again.n_cached == len(reg.graph.pairs) and again.n_correlated == 0
     # Another camera-to-sample matrix moves the predicted overlaps: correlate again.
     moved = ofstitch.register(scan.folder, StitchSettings(
-        correlation=STRIPS, csm_matrix=tuple(map(tuple, (scan.csm * 1.1).tolist())),
-        csm_calibration_width=0))
+        correlation=STRIPS, placement="reference",
+        csm_matrix=tuple(map(tuple, (scan.csm * 1.1).tolist())), csm_calibration_width=0))
     assert moved.n_correlated == len(moved.graph.pairs) > 0
 
 
 def test_search_margin_must_be_a_fraction():
+    with pytest.raises(ofstitch.OfstitchError, match="--placement reference"):
+        StitchSettings(correlation=STRIPS)  # robust placement needs whole-tile candidates
+    StitchSettings(correlation=STRIPS, placement="reference")
     with pytest.raises(ofstitch.OfstitchError, match="--search-margin"):
         CorrelationSettings(search_margin=1.5)
     with pytest.raises(ofstitch.OfstitchError, match="--search-margin"):
