@@ -102,12 +102,13 @@ for module, attr, phase in [
         ("ofstitch.pipeline", "load_connected_scan", "load"),
         ("ofstitch.pipeline", "correlate_scan", "correlate"),
         ("ofstitch.pipeline", "place", "place"),
-        ("ofstitch.diagnostics", "plot_inputs", "plots"),
-        ("ofstitch.diagnostics", "plot_correlations", "plots"),
         ("ofstitch.render", "render", "render"),
         ("ofstitch.render", "write_jpeg", "render"),
         ("ofstitch.render", "write_thumbnail", "render")]:
     wrap(module, attr, phase)
+for attr in dir(importlib.import_module("ofstitch.diagnostics")):
+    if attr.startswith("plot_"):
+        wrap("ofstitch.diagnostics", attr, "plots")
 PHASES["import"] = time.perf_counter() - t0
 t1 = time.perf_counter()
 settings = StitchSettings(stitching_mode="all", **cfg["settings"]).with_correlation(
