@@ -37,8 +37,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import multiprocessing
 import os
 import platform
+import resource
 import shutil
 import subprocess
 import sys
@@ -73,7 +75,7 @@ DEFAULT_TILES = ((624, 832), (1232, 1640))  # (h, w): 832x624 and 1640x1232 px
 
 TIMER = r"""
 import functools, importlib, time
-PHASES = {}
+PHASES, DEPTH = {}, {}
 def wrap(module, attr, phase, keep=None):
     mod = importlib.import_module(module)
     fn = getattr(mod, attr, None)
@@ -82,10 +84,13 @@ def wrap(module, attr, phase, keep=None):
     @functools.wraps(fn)
     def timed(*args, **kwargs):
         t = time.perf_counter()
+        DEPTH[phase] = DEPTH.get(phase, 0) + 1  # nested calls of one phase count once
         try:
             out = fn(*args, **kwargs)
         finally:
-            PHASES[phase] = PHASES.get(phase, 0.0) + time.perf_counter() - t
+            DEPTH[phase] -= 1
+            if DEPTH[phase] == 0:
+                PHASES[phase] = PHASES.get(phase, 0.0) + time.perf_counter() - t
         if keep is not None:
             keep.append(out)
         return out
@@ -362,6 +367,10 @@ def run_one(program: str, python: str, scan: Path, run_dir: Path, timeout: float
     text = log_path.read_text(errors="replace")
     result = {"wall_s": wall, "peak_rss_mb": usage.ru_maxrss / 1024,
               "cpu_s": usage.ru_utime + usage.ru_stime}
+    # The child's figure is at least this process's own peak (see run_matrix): flag it.
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if result["peak_rss_mb"] <= 1.05 * own:
+        result["rss_bounded_by_parent"] = True
     for line in reversed(text.splitlines()):
         if line.startswith(MARK):
             result.update(json.loads(line[len(MARK):]))
@@ -414,7 +423,11 @@ def run_matrix(sizes: list[Size], programs: list[str], *, work: Path = WORK_DIR,
     done = []
     for size in sizes:
         log(f"[{datetime.now():%H:%M:%S}] scan {size.label}: building / reusing")
-        scan = build_scan(size, work, data)
+        # In a fresh interpreter: a program started from this process inherits its peak
+        # RSS (Linux folds the parent's high-water mark into a vforked child's at exec), so
+        # this process must never hold a large source image.
+        with multiprocessing.get_context("spawn").Pool(1) as pool:
+            scan = pool.apply(build_scan, (size, work, data))
         runs: dict[str, list[dict]] = {p: [] for p in programs}
         for rep in range(repeats):
             for program in programs:
@@ -492,7 +505,7 @@ def markdown(records: list[dict]) -> str:
                 f"| {fmt(ref['wall_s'] / r['wall_s']) if ok(ref) else '–'} "
                 f"| {fmt(corr, 2)} "
                 f"| {fmt(ref_corr / corr) if ref_corr and corr else '–'} "
-                f"| {r['peak_rss_mb']:.0f} "
+                f"| {r['peak_rss_mb']:.0f}{'*' if r.get('rss_bounded_by_parent') else ''} "
                 f"| {fmt(r['peak_rss_mb'] / ref['peak_rss_mb'], 2) if ok(ref) else '–'} "
                 f"| {fmt(r.get('max_err_px'), 2)} | {fmt(r.get('rms_err_px'), 2)} "
                 f"| {fmt(r.get('max_err_all_px'), 2)} |")
