@@ -107,9 +107,9 @@ for module, attr, phase in [
         ("ofstitch.pipeline", "load_connected_scan", "load"),
         ("ofstitch.pipeline", "correlate_scan", "correlate"),
         ("ofstitch.pipeline", "place", "place"),
-        ("ofstitch.render", "render", "render"),
-        ("ofstitch.render", "write_jpeg", "render"),
-        ("ofstitch.render", "write_thumbnail", "render")]:
+        ("ofstitch.pipeline", "_render_jpeg", "render"),  # preview
+        ("ofstitch.pipeline", "write_full_resolution", "render"),
+        ("ofstitch.formats", "write_thumbnail", "render")]:
     wrap(module, attr, phase)
 for attr in dir(importlib.import_module("ofstitch.diagnostics")):
     if attr.startswith("plot_"):

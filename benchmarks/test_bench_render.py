@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import pyvips
 
-from ofstitch import render, tiles
+from ofstitch import formats, render, tiles
 
 
 @pytest.mark.parametrize("shape", [(624, 832), (1232, 1640)], ids=["832x624", "1640x1232"])
@@ -35,13 +35,8 @@ def test_render_full_mosaic(benchmark, scans, tmp_path, grid):
     out = tmp_path / "mosaic.jpg"
 
     def run():
-        made = render.render(paths, positions, scan.tile_shape, tmp_path)
-        image, raw = made if isinstance(made, tuple) else (made, None)
-        try:
-            render.write_jpeg(image, out)
-        finally:
-            if raw is not None:
-                os.unlink(raw)
+        mosaic = render.Mosaic(paths, positions, scan.tile_shape)
+        mosaic.write(lambda image: formats.write_jpeg(image, out))
 
     benchmark.pedantic(run, rounds=3, iterations=1)
     assert pyvips.Image.new_from_file(os.fspath(out)).width >= positions[:, 1].max() + 832

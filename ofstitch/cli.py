@@ -69,6 +69,24 @@ class PriorityChoice(str, Enum):
     memory = "memory"
 
 
+class FormatChoice(str, Enum):
+    jpeg = "jpeg"
+    ome_tiff = "ome-tiff"
+    dzi = "dzi"
+    ome_zarr = "ome-zarr"
+
+
+class BlendChoice(str, Enum):
+    none = "none"
+    feather = "feather"
+
+
+class CompressionChoice(str, Enum):
+    jpeg = "jpeg"
+    deflate = "deflate"
+    lzw = "lzw"
+
+
 class DeviceChoice(str, Enum):
     cpu = "cpu"
     cuda = "cuda"
@@ -87,7 +105,9 @@ class _Reporter:
     """Progress bars for the pipeline's stages (silent when not a terminal or --quiet)."""
 
     LABELS = {"correlate": "Correlating pairs", "preview": "Rendering preview",
-              "render": "Rendering mosaic"}
+              "render": "Rendering mosaic", "write-jpeg": "Writing JPEG",
+              "write-ome-tiff": "Writing OME-TIFF", "write-dzi": "Writing DZI",
+              "write-ome-zarr": "Writing OME-Zarr"}
 
     def __init__(self, enabled: bool) -> None:
         self.progress = Progress(TextColumn("{task.description:<20}"), BarColumn(),
@@ -255,6 +275,11 @@ def stitch_command(
         None, "--corr-mask-radius", help=_c("corr_mask_radius")),
     search_margin: float | None = typer.Option(
         None, "--search-margin", help=_c("search_margin")),
+    output_format: list[FormatChoice] | None = typer.Option(
+        None, "--format", "-f", help=_s("formats") + " [default: jpeg]", show_default=False),
+    blend: BlendChoice = typer.Option(BlendChoice.none, "--blend", help=_s("blend")),
+    tiff_compression: CompressionChoice = typer.Option(
+        CompressionChoice.jpeg, "--tiff-compression", help=_s("tiff_compression")),
     stitch_tiff: bool = typer.Option(False, "--stitch-tiff/--no-stitch-tiff",
                                      help=_s("stitch_tiff")),
     stitch_dzi: bool = typer.Option(False, "--stitch-dzi/--no-stitch-dzi",
@@ -292,6 +317,8 @@ def stitch_command(
             thresholding=thresholding.value, min_peak_quality=min_peak_quality,
             max_stage_discrepancy=max_stage_discrepancy, priority=priority.value,
             stitching_mode=stitching_mode.value, stitch_tiff=stitch_tiff,
+            formats=tuple(f.value for f in output_format) if output_format else ("jpeg",),
+            blend=blend.value, tiff_compression=tiff_compression.value,
             stitch_dzi=stitch_dzi, tile_size=tile_size, device=device.value, workers=workers,
             device_memory=device_memory)
         if device == DeviceChoice.auto and not quiet:
@@ -360,6 +387,14 @@ def version_command() -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: ``ofstitch FOLDER`` means ``ofstitch stitch FOLDER``."""
+    import pyvips
+
+    from .render import limit_malloc_arenas
+
+    # Bounded memory for the streamed mosaic: no operation cache (it would keep
+    # up to 100 tiles open), few malloc arenas.
+    pyvips.cache_set_max(0)
+    limit_malloc_arenas()
     args = list(sys.argv[1:] if argv is None else argv)
     if args and args[0] not in COMMANDS + ("version",) and args[0] not in ("-h", "--help"):
         args.insert(0, "stitch")

@@ -134,21 +134,34 @@ def tile_spectra(tiles: Any, *, fft_shape: tuple[int, int], high_pass_sigma: flo
     return spectra if weight is None else spectra * weight
 
 
-def filtered_tiles(spectra: Any, *, fft_shape: tuple[int, int], tile_shape: tuple[int, int],
-                   weight: Any = None) -> Any:
-    """Tiles back from their spectra, high-pass filtered (for scoring overlaps).
+def score_tiles(tiles: Any, *, high_pass_sigma: float, binning: int = 2) -> Any:
+    """Tiles prepared for scoring overlaps: binned, then high-pass filtered without edges.
 
-    ``weight`` multiplies the spectra first (e.g. the rest of the high-pass filter),
-    so that shading and vignetting, which a raw overlap NCC would match anywhere on
-    a blank background, are gone.
+    The tiles are averaged over ``binning`` x ``binning`` blocks (less noise, and
+    fewer pixels to compare), then mirrored into a ``(2H, 2W)`` periodic image, so the
+    Gaussian high-pass (:func:`high_pass_filter`, ``high_pass_sigma`` in binned
+    pixels) removes shading and vignetting without the ringing a zero-padded edge
+    would leave. A raw overlap NCC would match shading anywhere on a blank background.
+
+    Parameters
+    ----------
+    tiles : array, shape (n, H, W), float32
 
     Returns
     -------
-    array, shape (n, H, W), float32
+    array, shape (n, H // binning, W // binning), float32
     """
-    xp = array_namespace(spectra)
-    spectra = spectra if weight is None else spectra * weight
-    return _irfftn(spectra, fft_shape, xp)[..., :tile_shape[0], :tile_shape[1]]
+    xp = array_namespace(tiles)
+    n, h, w = tiles.shape
+    hb, wb = h // binning, w // binning
+    binned = xp.mean(xp.reshape(tiles[:, :hb * binning, :wb * binning],
+                                (n, hb, binning, wb, binning)), axis=(2, 4))
+    mirrored = xp.concat([binned, xp.flip(binned, axis=2)], axis=2)
+    mirrored = xp.concat([mirrored, xp.flip(mirrored, axis=1)], axis=1)
+    shape = (2 * hb, 2 * wb)
+    weight = high_pass_filter(shape, high_pass_sigma, xp=xp, device=device_of(tiles),
+                              dtype=tiles.dtype)
+    return _irfftn(_rfftn(mirrored, shape, xp) * weight, shape, xp)[:, :hb, :wb]
 
 
 def cross_correlate(spec_a: Any, spec_b: Any, *, fft_shape: tuple[int, int]) -> Any:
@@ -254,7 +267,8 @@ def locate_peaks(corr: Any, *, expected_shift: Any = None, mask_radius: float | 
 
 
 def top_peaks(corr: Any, k: int, *, exclude_radius: int = ZERO_SHIFT_EXCLUSION_PX,
-              separation: int = 4) -> tuple[Any, Any]:
+              separation: int = 4, expected_shift: Any = None, radius: float | None = None
+              ) -> tuple[Any, Any]:
     """The ``k`` highest separate peaks of each correlation, to sub-pixel precision.
 
     Peaks are taken greedily from the highest; after each, the values within
@@ -266,6 +280,8 @@ def top_peaks(corr: Any, k: int, *, exclude_radius: int = ZERO_SHIFT_EXCLUSION_P
     ----------
     corr : array, shape (n, Hp, Wp)
     k : int
+    expected_shift : array, shape (n, 2), optional
+        With ``radius``: only look within ``radius`` (correlation pixels) of it.
 
     Returns
     -------
@@ -290,6 +306,12 @@ def top_peaks(corr: Any, k: int, *, exclude_radius: int = ZERO_SHIFT_EXCLUSION_P
         near_zero = ((xp.abs(dy) <= exclude_radius)[:, None]
                      & (xp.abs(dx) <= exclude_radius)[None, :])
         work = xp.where(near_zero[None, ...], lowest, work)
+    if expected_shift is not None and radius is not None:
+        ey = xp.astype(expected_shift[:, 0], corr.dtype)[:, None, None]
+        ex = xp.astype(expected_shift[:, 1], corr.dtype)[:, None, None]
+        fy = xp.astype(dy, corr.dtype)[None, :, None]
+        fx = xp.astype(dx, corr.dtype)[None, None, :]
+        work = xp.where((fy + ey) ** 2 + (fx + ex) ** 2 <= radius**2, work, lowest)
     span = xp.reshape(highest - lowest, (n,))
     tiny = 1e-6 * xp.max(xp.abs(xp.reshape(corr, (n, hp * wp))), axis=1)
     shifts, indices = [], []

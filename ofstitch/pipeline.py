@@ -10,16 +10,17 @@ import logging
 import os
 import tempfile
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from . import diagnostics, render, tiles
+from . import diagnostics, formats, render, tiles
 from .backends import Backend, select_backend
 from .cache import CorrelationCache, cache_path
-from .errors import OfstitchError
+from .errors import OfstitchError, OfstitchWarning
 from .graph import OverlapGraph, find_pairs, interleave, null_pairs, require_connected
 from .place import Placement, place, stage_placement
 from .scan import Scan, load_scan, require_folder
@@ -73,6 +74,12 @@ class Registration:
         """``{file name: (row, col)}``."""
         return {n: (float(r), float(c)) for n, (r, c) in
                 zip(self.names, self.positions_px.tolist(), strict=True)}
+
+    @property
+    def n_null(self) -> int:
+        """Null pairs (tiles that do not overlap) correlated for robust placement."""
+        score = self.placement.null_score
+        return 0 if score is None else len(score)
 
     def suggested_csm(self) -> np.ndarray:
         """The improved camera-to-sample matrix, at the scan's calibration width.
@@ -173,6 +180,27 @@ def pairs_to_correlate(scan: Scan, graph: OverlapGraph, settings: StitchSettings
     return np.concatenate([pairs, null])[order], expected, order, null_shift
 
 
+ISLAND_MIN_OVERLAP = 0.02  # extra pairs for tiles in islands: overlap above this fraction
+
+
+def island_pairs(scan: Scan, graph: OverlapGraph, used: np.ndarray) -> np.ndarray:
+    """Pairs outside the graph (predicted overlap between :data:`ISLAND_MIN_OVERLAP` and
+    ``--minimum-overlap``, such as diagonal neighbours) that could join a tile that the
+    used pairs leave out of the largest group to a tile of another group."""
+    from .graph import components
+
+    n = len(scan)
+    labels = components(n, graph.pairs[used]) if used.any() else np.arange(n)
+    main = np.argmax(np.bincount(labels))
+    if np.all(labels == main):
+        return np.zeros((0, 2), np.int64)
+    wider = find_pairs(scan.stage_px, scan.tile_shape, ISLAND_MIN_OVERLAP).pairs
+    known = {tuple(p) for p in graph.pairs.tolist()}
+    keep = [(a, b) for a, b in wider.tolist() if (a, b) not in known
+            and labels[a] != labels[b] and (labels[a] != main or labels[b] != main)]
+    return np.asarray(keep, dtype=np.int64).reshape(-1, 2)
+
+
 def correlate_and_place(scan: Scan, graph: OverlapGraph, settings: StitchSettings,
                         backend: Backend, *, cache: CorrelationCache | None,
                         progress: Progress = _noop,
@@ -180,8 +208,10 @@ def correlate_and_place(scan: Scan, graph: OverlapGraph, settings: StitchSetting
                         plot_dir: Path | None = None) -> tuple:
     """Correlate the graph's pairs (and, for robust placement, the null pairs), then place.
 
-    Returns ``(shift, quality, placement, n_correlated, n_cached, seconds)`` where
-    ``seconds`` maps "correlate" and "place" to their durations.
+    Returns ``(shift, quality, placement, n_correlated, n_cached, seconds, pairs)``
+    where ``seconds`` maps "correlate" and "place" to their durations and ``pairs`` are
+    the pairs placed: the graph's, then any added for tiles in islands
+    (:func:`island_pairs`).
     """
     method = placement_method(settings)
     pairs = graph.pairs
@@ -212,7 +242,27 @@ def correlate_and_place(scan: Scan, graph: OverlapGraph, settings: StitchSetting
     if method == "robust":
         placement = place(pairs, shift, quality, scan.stage_px, scan.csm, method="robust",
                           candidates=candidates, null_candidates=null_candidates,
-                          null_stage_shift=null_shift)
+                          null_stage_shift=null_shift,
+                          search_radius=settings.correlation.corr_mask_radius)
+        extra = island_pairs(scan, graph, placement.accepted)
+        if len(extra):
+            # Tiles left in islands: try their smaller overlaps (diagonal neighbours) too.
+            log.info("%d extra pairs for tiles in islands", len(extra))
+            x_expected = _expected_shifts(scan, extra)
+            stats = {}
+            x_shift, x_quality, x_cand, _, _ = correlate_scan(
+                scan, extra, x_expected, settings, backend, cache=cache, progress=progress,
+                found_out=stats)
+            n_cached += int(stats["found"].sum())
+            n_new += int((~stats["found"]).sum())
+            pairs = np.concatenate([pairs, extra])
+            shift = np.concatenate([shift, x_shift])
+            quality = np.concatenate([quality, x_quality])
+            candidates = np.concatenate([candidates, x_cand])
+            placement = place(pairs, shift, quality, scan.stage_px, scan.csm, method="robust",
+                              candidates=candidates, null_candidates=null_candidates,
+                              null_stage_shift=null_shift,
+                              search_radius=settings.correlation.corr_mask_radius)
     else:
         placement = place(pairs, shift, quality, scan.stage_px, scan.csm, method="reference",
                           thresholding=settings.thresholding,
@@ -220,7 +270,7 @@ def correlate_and_place(scan: Scan, graph: OverlapGraph, settings: StitchSetting
                           max_stage_discrepancy=settings.max_stage_discrepancy,
                           ask_thresholds=ask)
     return shift, quality, placement, n_new, n_cached, {
-        "correlate": t1 - t0, "place": time.perf_counter() - t1}
+        "correlate": t1 - t0, "place": time.perf_counter() - t1}, pairs
 
 
 def load_connected_scan(folder: Path, settings: StitchSettings) -> tuple[Scan, OverlapGraph]:
@@ -274,9 +324,14 @@ def register(folder: Path | str, settings: StitchSettings | None = None, *,
                                 scan.tile_shape, graph.pairs)
 
     cache = CorrelationCache.load(cache_path(folder, cache_dir)) if use_cache else None
-    shift, quality, placement, n_new, n_cached, seconds = correlate_and_place(
+    shift, quality, placement, n_new, n_cached, seconds, pairs = correlate_and_place(
         scan, graph, settings, backend, cache=cache, progress=progress,
         ask_thresholds=ask_thresholds, plot_dir=out_dir)
+    if len(pairs) > len(graph.pairs):  # pairs added for tiles in islands
+        from .graph import predicted_overlap
+
+        graph = OverlapGraph(pairs, predicted_overlap(scan.stage_px, scan.tile_shape,
+                                                      pairs[:, 0], pairs[:, 1]), len(scan))
     timings.update(seconds)
     if plots and len(graph.pairs):
         stage_shift = _expected_shifts(scan, graph.pairs)
@@ -322,17 +377,76 @@ def value_scale(scan: Scan, sample: int = 8) -> float:
 
 
 def _render_jpeg(scan: Scan, positions: np.ndarray, path: Path, scale: float,
-                 work_dir: Path, progress: Progress, label: str, extra: dict | None = None
-                 ) -> None:
-    image, raw = render.render(scan.paths, positions, scan.tile_shape, work_dir, scale=scale,
-                               value_scale=value_scale(scan),
-                               progress=lambda d, t: progress(label, d, t))
-    try:
-        pixel = scan.pixel_size_um / scale if scan.pixel_size_um else None
-        render.write_jpeg(image, path, metadata=scan.metadata, pixel_size_um=pixel,
-                          n_tiles=len(scan), extra=extra)
-    finally:
-        os.unlink(raw)
+                 work_dir: Path | None, progress: Progress, label: str,
+                 extra: dict | None = None, *, blend: str = "none",
+                 skip: set[int] | None = None) -> set[int]:
+    """Render the mosaic at ``scale`` into the JPEG ``path``.
+
+    ``work_dir`` is unused (the mosaic streams straight into the encoder). Returns
+    the tiles left out because they could not be decoded.
+    """
+    mosaic = render.Mosaic(scan.paths, positions, scan.tile_shape, scale=scale, blend=blend,
+                           value_scale=value_scale(scan), skip=skip)
+    pixel = scan.pixel_size_um / scale if scan.pixel_size_um else None
+    mosaic.write(lambda image: formats.write_jpeg(
+        image, path, metadata=scan.metadata, pixel_size_um=pixel, n_tiles=len(scan),
+        extra=extra), progress=lambda d, t: progress(label, d, t))
+    return mosaic.skip
+
+
+def full_resolution_formats(settings: StitchSettings, size: tuple[int, int]) -> tuple[str, ...]:
+    """The formats to write for a mosaic of ``(height, width)``.
+
+    JPEG cannot hold more than 65,535 px per side: it is refused (an error) when
+    it is the only format asked for, and left out with a warning otherwise.
+    """
+    wanted = settings.output_formats
+    if "jpeg" in wanted and formats.too_big_for_jpeg(size):
+        if len(wanted) == 1:
+            raise formats.jpeg_refusal(size)
+        warnings.warn(f"not writing the full-resolution JPEG: {formats.jpeg_refusal(size)}",
+                      OfstitchWarning, stacklevel=2)
+        wanted = tuple(f for f in wanted if f != "jpeg")
+    return wanted
+
+
+def write_full_resolution(scan: Scan, positions: np.ndarray, out: Path, prefix: str,
+                          settings: StitchSettings, wanted: tuple[str, ...], *,
+                          extra: dict | None = None, skip: set[int] | None = None,
+                          progress: Progress = _noop) -> dict[str, Path]:
+    """Write the full-resolution mosaic in each format of ``wanted``; returns the files."""
+    mosaic = render.Mosaic(scan.paths, positions, scan.tile_shape, blend=settings.blend,
+                           value_scale=value_scale(scan), skip=skip, workers=settings.workers)
+    tile_size = settings.tile_size or formats.TILE_SIZE
+    um = scan.pixel_size_um
+    base = out / f"{prefix}_stitched"
+    outputs: dict[str, Path] = {}
+    for fmt in wanted:
+        path = Path(f"{base}{formats.SUFFIXES[fmt]}")
+
+        def report(done: int, total: int, fmt: str = fmt) -> None:
+            progress(f"write-{fmt}", done, total)
+
+        if fmt == "jpeg":
+            mosaic.write(lambda im, p=path: formats.write_jpeg(
+                im, p, metadata=scan.metadata, pixel_size_um=um, n_tiles=len(scan),
+                extra=extra), progress=report)
+            outputs["stitched"] = path
+        elif fmt == "ome-tiff":
+            mosaic.write(lambda im, p=path: formats.write_ome_tiff(
+                im, p, pixel_size_um=um, compression=settings.tiff_compression,
+                tile_size=tile_size, name=prefix), progress=report)
+            outputs["ome_tiff"] = path
+        elif fmt == "dzi":
+            mosaic.write(lambda im, p=path: formats.write_dzi(
+                im, p, tile_size=tile_size, pixel_size_um=um), progress=report)
+            outputs["dzi"] = path
+            outputs["viewer"] = out / formats.VIEWER_NAME
+        elif fmt == "ome-zarr":
+            mosaic.write(lambda im, p=path: formats.write_ome_zarr(
+                im, p, pixel_size_um=um, name=prefix), progress=report)
+            outputs["ome_zarr"] = path
+    return outputs
 
 
 def stitch(folder: Path | str, settings: StitchSettings | None = None, *,
@@ -366,7 +480,8 @@ def stitch(folder: Path | str, settings: StitchSettings | None = None, *,
         path = out / "stitched_from_stage.jpg"
         scale = render.scale_for_width(placement.positions_px, scan.tile_shape,
                                        render.PREVIEW_WIDTH)
-        _render_jpeg(scan, placement.positions_px, path, scale, out, progress, "render")
+        _render_jpeg(scan, placement.positions_px, path, scale, out, progress, "render",
+                     blend=settings.blend)
         outputs["stage"] = path
         return StitchResult(None, outputs, placement.positions_px, [f.name for f in scan.files])
 
@@ -374,9 +489,15 @@ def stitch(folder: Path | str, settings: StitchSettings | None = None, *,
         backend = select_backend(settings.device)
         scan, graph = load_connected_scan(folder, settings)
         cache = CorrelationCache.load(cache_path(folder, cache_dir))
-        all_pairs, all_expected, _, _ = pairs_to_correlate(scan, graph, settings)
-        correlate_scan(scan, all_pairs, all_expected, settings, backend, cache=cache,
-                       progress=progress)
+        if placement_method(settings) == "robust":
+            # Placing finds the extra pairs of tiles left in islands: correlate them too,
+            # so that a later run correlates nothing.
+            correlate_and_place(scan, graph, settings, backend, cache=cache,
+                                progress=progress)
+        else:
+            all_pairs, all_expected, _, _ = pairs_to_correlate(scan, graph, settings)
+            correlate_scan(scan, all_pairs, all_expected, settings, backend, cache=cache,
+                           progress=progress)
         outputs["cache"] = cache.path
         return StitchResult(None, outputs, scan.stage_px - scan.stage_px.min(axis=0),
                             [f.name for f in scan.files])
@@ -390,45 +511,25 @@ def stitch(folder: Path | str, settings: StitchSettings | None = None, *,
     scan, positions = reg.scan, reg.positions_px
     names = reg.names
     config = out / "OFMTileConfiguration.txt"
-    render.write_tile_configuration(config, names, positions)
+    formats.write_tile_configuration(config, names, positions)
     outputs["tile_configuration"] = config
     extra = {"camera_to_sample_matrix_suggested": reg.suggested_csm().round(6).tolist()}
 
+    wanted = ()
+    if mode == "all":  # refuse an impossible JPEG before spending time on the preview
+        wanted = full_resolution_formats(
+            settings, render.make_layout(positions, scan.tile_shape).size)
     preview = out / "preview.jpg"
     scale = render.scale_for_width(positions, scan.tile_shape, render.PREVIEW_WIDTH)
-    _render_jpeg(scan, positions, preview, scale, out, progress, "preview", extra)
+    skip = _render_jpeg(scan, positions, preview, scale, out, progress, "preview", extra,
+                        blend=settings.blend)
     outputs["preview"] = preview
     thumb = out / "stitched_thumbnail.jpg"
-    render.write_thumbnail(preview, thumb)
+    formats.write_thumbnail(preview, thumb)
     outputs["thumbnail"] = thumb
 
     if mode == "all":
-        prefix = output_prefix(folder)
-        image, raw = render.render(scan.paths, positions, scan.tile_shape, out,
-                                   value_scale=value_scale(scan),
-                                   progress=lambda d, t: progress("render", d, t))
-        try:
-            tile_size = settings.tile_size or 256
-            too_big = max(image.width, image.height) > render.JPEG_MAX_SIDE
-            if too_big and not (settings.stitch_tiff or settings.stitch_dzi):
-                raise OfstitchError(
-                    f"the mosaic is {image.width}x{image.height} px, larger than JPEG allows "
-                    f"({render.JPEG_MAX_SIDE} px per side): add --stitch-tiff or --stitch-dzi")
-            if not too_big:
-                full = out / f"{prefix}_stitched.jpg"
-                render.write_jpeg(image, full, metadata=scan.metadata,
-                                  pixel_size_um=scan.pixel_size_um, n_tiles=len(scan),
-                                  extra=extra)
-                outputs["stitched"] = full
-            if settings.stitch_tiff:
-                tiff = out / f"{prefix}_stitched.tiff"
-                render.write_tiff(image, tiff, pixel_size_um=scan.pixel_size_um,
-                                  tile_size=tile_size)
-                outputs["tiff"] = tiff
-            if settings.stitch_dzi:
-                dzi = out / f"{prefix}_stitched.dzi"
-                render.write_dzi(image, dzi, tile_size=tile_size)
-                outputs["dzi"] = dzi
-        finally:
-            os.unlink(raw)
+        outputs.update(write_full_resolution(scan, positions, out, output_prefix(folder),
+                                             settings, wanted, extra=extra, skip=skip,
+                                             progress=progress))
     return StitchResult(reg, outputs, positions, names)

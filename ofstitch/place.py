@@ -411,6 +411,12 @@ def _robust_sigma(residual: np.ndarray) -> float:
     return float(1.4826 * np.max(mad))
 
 
+def _within(candidates: np.ndarray, around: np.ndarray, radius: float) -> np.ndarray:
+    """``candidates`` with those further than ``radius`` from ``around`` removed (NaN)."""
+    far = np.linalg.norm(candidates[..., :2] - around[:, None, :], axis=2) > radius
+    return np.where(far[..., None], np.nan, candidates)
+
+
 def _components(n: int, pairs: np.ndarray) -> np.ndarray:
     """Connected-component label of each of ``n`` tiles under ``pairs``."""
     from scipy.sparse import coo_matrix
@@ -424,8 +430,8 @@ def _components(n: int, pairs: np.ndarray) -> np.ndarray:
 
 def place_robust(pairs: np.ndarray, candidates: np.ndarray, stage_px: np.ndarray,
                  csm: np.ndarray, *, null_candidates: np.ndarray | None = None,
-                 null_stage_shift: np.ndarray | None = None, fpr: float = NULL_FPR
-                 ) -> Placement:
+                 null_stage_shift: np.ndarray | None = None, fpr: float = NULL_FPR,
+                 search_radius: float | None = None) -> Placement:
     """Place every tile: null-calibrated scores, a stage model, loops and islands.
 
     1. **Score.** Each pair's candidate peaks are scored by the NCC of the tiles'
@@ -457,6 +463,12 @@ def place_robust(pairs: np.ndarray, candidates: np.ndarray, stage_px: np.ndarray
         Candidates of the null pairs.
     null_stage_shift : ndarray, shape (q, 2), optional
         The stage shift each null pair was searched around.
+    search_radius : float, optional
+        The user's bound on the stage error (``--corr-mask-radius``): candidates
+        further than this from the stage shift are ignored, and a pair that is not
+        trusted takes its best candidate within it (as the reference method does),
+        when that scores at least :data:`MIN_SCORE`. For periodic samples, where a
+        repeat scores as well as the overlap and the null cannot tell them apart.
     """
     n, m = len(stage_px), len(pairs)
     if n == 1 or m == 0:
@@ -465,6 +477,9 @@ def place_robust(pairs: np.ndarray, candidates: np.ndarray, stage_px: np.ndarray
     if null_candidates is None or len(null_candidates) == 0:
         null_candidates = np.full((0,) + candidates.shape[1:], np.nan)
         null_stage_shift = np.zeros((0, 2))
+    if search_radius is not None:
+        candidates = _within(candidates, stage_shift, search_radius)
+        null_candidates = _within(null_candidates, null_stage_shift, search_radius)
 
     # 1. Scores against the null.
     best_shift, best_score = _best_candidate(candidates)
@@ -482,13 +497,16 @@ def place_robust(pairs: np.ndarray, candidates: np.ndarray, stage_px: np.ndarray
 
     # 3. Re-search the rest near the stage prediction.
     radius = max(RESEARCH_SIGMAS * sigma, MIN_RESEARCH_RADIUS_PX)
+    if search_radius is not None:
+        radius = search_radius
     near = np.linalg.norm(candidates[..., :2] - predicted[:, None, :], axis=2) <= radius
     near_shift, near_score = _best_candidate(candidates, near)
     null_predicted = null_stage_shift @ affine
     null_near = np.linalg.norm(null_candidates[..., :2] - null_predicted[:, None, :],
                                axis=2) <= radius
     _, null_near_best = _best_candidate(null_candidates, null_near)
-    near_threshold = max(null_threshold(null_near_best, fpr), threshold)
+    near_threshold = max(null_threshold(null_near_best, fpr), threshold) \
+        if search_radius is None else MIN_SCORE
     researched = ~trusted & (near_score > near_threshold)
     status = np.where(trusted, TRUSTED, np.where(researched, RESEARCHED, STAGE_ONLY))
     shift = np.where(trusted[:, None], best_shift, near_shift)
@@ -569,7 +587,8 @@ PLACEMENT_METHODS = ("robust", "reference")
 def place(pairs: np.ndarray, shift: np.ndarray, quality: np.ndarray, stage_px: np.ndarray,
           csm: np.ndarray, *, method: str | None = None, candidates: np.ndarray | None = None,
           null_candidates: np.ndarray | None = None,
-          null_stage_shift: np.ndarray | None = None, **reference_options: Any) -> Placement:
+          null_stage_shift: np.ndarray | None = None, search_radius: float | None = None,
+          **reference_options: Any) -> Placement:
     """Place every tile from pair correlations and stage positions.
 
     ``method="robust"`` (the default when ``candidates`` are given) is
@@ -590,4 +609,4 @@ def place(pairs: np.ndarray, shift: np.ndarray, quality: np.ndarray, stage_px: n
                       "tile from the stage alone", OfstitchWarning, stacklevel=2)
         return stage_placement(stage_px, csm, len(pairs))
     return place_robust(pairs, candidates, stage_px, csm, null_candidates=null_candidates,
-                        null_stage_shift=null_stage_shift)
+                        null_stage_shift=null_stage_shift, search_radius=search_radius)

@@ -1,45 +1,64 @@
-"""Rendering: compose the mosaic and write the image outputs.
+"""Rendering: compose the mosaic from the tile files with pyvips operations.
 
-Each output pixel comes from the tile whose centre is nearest, among the tiles
-that cover it (no blending, as in OpenFlexure Stitching). The mosaic is
-composed band by band of output rows, from tiles decoded on demand, into an
-uncompressed temporary file on disk; pyvips then streams that file into the
-JPEG, TIFF or DZI encoders. Memory is bounded by one band plus the tiles that
-touch it, whatever the size of the mosaic.
+Composition rule
+----------------
+Positions are rounded to whole output pixels with ``floor(p + 0.5)`` (at the
+output scale), the same rule for every tile. Each output pixel comes from the
+tile whose (unrounded) centre is nearest to the pixel's centre, among the tiles
+that cover the pixel; a tie goes to the tile that is higher in the mosaic (then
+to the earlier tile). No blending, as in OpenFlexure Stitching. With
+``blend="feather"`` a pixel covered by several tiles is instead their weighted
+mean, each tile weighted by the distance from the pixel to the tile's nearest
+edge (a linear ramp across each overlap).
 
-Positions are rounded to whole pixels with ``floor(p + 0.5)`` (at the output
-scale) before composing, the same rule for every tile.
+How it is built
+---------------
+The mosaic is made in bands of output rows. For a band, each tile that touches
+it is cropped to the band and placed (``embed``); a label image (one byte per
+pixel, computed from the rule above) then picks, with ``case``, which tile
+each pixel comes from. The pixels themselves only ever pass through libvips.
+
+The bands are chained into one sequential image (:func:`stream_mosaic`): an
+encoder reading it top to bottom makes libvips compose and evaluate one band
+at a time, and each band's operations are freed before the next band starts.
+A tile is decoded once (sequentially, top to bottom) while the bands still
+need it, then closed. Memory is bounded by one band of the mosaic plus the
+tiles that cross it, whatever the size of the mosaic.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
-import shutil
-import tempfile
+import queue
+import struct
+import sys
+import threading
 import warnings
-from collections import OrderedDict
-from collections.abc import Callable
+import zlib
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
-import piexif
 import pyvips
 
 from . import tiles
-from .atomic import atomic_path, write_text
 from .errors import OfstitchError, OfstitchWarning
 
 log = logging.getLogger(__name__)
 
-JPEG_MAX_SIDE = 65535
-JPEG_QUALITY = 90
+Blend = Literal["none", "feather"]
+BLENDS = ("none", "feather")
+
 PREVIEW_WIDTH = 1000
-THUMBNAIL_SIZE = 400
+FETCH_WIDTH = 256  # columns of a band computed at a time
+_KEEP = 4 << 20  # bytes of the PNG stream kept behind the reader
+# A leaf that a cell boundary crosses is halved until its sides are at most this long.
+MIXED_LEAF_SIDE = 64
 
 
 @dataclass(frozen=True)
@@ -70,6 +89,7 @@ class Layout:
 def make_layout(positions_px: np.ndarray, tile_shape: tuple[int, int], scale: float = 1.0
                 ) -> Layout:
     """Layout of tiles at ``positions_px`` (top-left, full resolution) at ``scale``."""
+    positions_px = np.asarray(positions_px, dtype=np.float64)
     if not np.all(np.isfinite(positions_px)):
         raise OfstitchError("some tile positions are not finite, so no mosaic can be drawn: "
                             "delete the correlation cache and run again")
@@ -87,173 +107,409 @@ def scale_for_width(positions_px: np.ndarray, tile_shape: tuple[int, int], width
     return min(1.0, width / span)
 
 
-def compose_to_raw(paths: list[Path], layout: Layout, raw_path: Path, *,
-                   value_scale: float = 1.0, band_rows: int | None = None,
-                   workers: int | None = None,
-                   progress: Callable[[int, int], None] | None = None) -> None:
-    """Compose the mosaic into ``raw_path`` as uint8 RGB rows (uncompressed).
+# ----------------------------------------------------------------------------- compose
 
-    The rows are written in order, one band at a time; each band is filled from
-    the tiles that intersect it, by the nearest-centre rule.
+
+def band_rows(layout: Layout, band_height: int = 128) -> list[tuple[int, int]]:
+    """``[r0, r1)`` of each band of output rows."""
+    height = layout.size[0]
+    return [(r, min(height, r + band_height)) for r in range(0, height, band_height)]
+
+
+def _priority(layout: Layout) -> np.ndarray:
+    """Tile indices in priority order: higher in the mosaic first, then the earlier tile."""
+    return np.argsort(layout.top_left[:, 0], kind="stable")
+
+
+def nearest_labels(layout: Layout, box: tuple[int, int, int, int], members: Sequence[int]
+                   ) -> np.ndarray:
+    """For each pixel of ``box`` = ``(r0, c0, r1, c1)``, the position in ``members`` of the
+    tile whose centre is nearest, among those that cover it (255 where none does).
+
+    ``members`` must be in priority order (ties go to the earlier one) and
+    number at most 255. Returns uint8, shape ``(r1 - r0, c1 - c0)``.
     """
+    r0, c0, r1, c1 = box
     th, tw = layout.tile_shape
-    height, width = layout.size
-    band_rows = band_rows or max(64, th)
-    n_bands = math.ceil(height / band_rows)
-    top = layout.top_left
-    order = np.argsort(top[:, 0], kind="stable")
-    decoded: OrderedDict[int, np.ndarray] = OrderedDict()
-    workers = workers or os.cpu_count() or 1
-
-    def decode(i: int) -> np.ndarray | None:
-        try:
-            if layout.scale == 1.0:
-                return tiles.read_rgb8(paths[i], value_scale=value_scale)
-            return tiles.read_rgb8_scaled(paths[i], layout.scale, (th, tw),
-                                          value_scale=value_scale)
-        except tiles.TileReadError as exc:
-            # Its neighbours fill its place where they overlap it.
-            warnings.warn(f"leaving out {Path(paths[i]).name} from the mosaic: {exc}",
-                          OfstitchWarning, stacklevel=2)
-            return None
-
-    with open(raw_path, "wb") as out, ThreadPoolExecutor(workers) as pool:
-        for band in range(n_bands):
-            r0, r1 = band * band_rows, min(height, (band + 1) * band_rows)
-            members = [int(i) for i in order if top[i, 0] < r1 and top[i, 0] + th > r0]
-            missing = [i for i in members if i not in decoded]
-            for i, arr in zip(missing, pool.map(decode, missing), strict=True):
-                decoded[i] = arr
-            canvas = np.zeros((r1 - r0, width, 3), dtype=np.uint8)
-            best = np.full((r1 - r0, width), np.inf, dtype=np.float32)
-            for i in members:
-                if decoded[i] is None:
-                    continue
-                ty, tx = top[i]
-                y0, y1 = max(r0, ty), min(r1, ty + th)
-                x0, x1 = max(0, tx), min(width, tx + tw)
-                rows = np.arange(y0, y1, dtype=np.float32) + 0.5 - layout.centre[i, 0]
-                cols = np.arange(x0, x1, dtype=np.float32) + 0.5 - layout.centre[i, 1]
-                dist = rows[:, None] ** 2 + cols[None, :] ** 2
-                region = best[y0 - r0:y1 - r0, x0:x1]
-                nearer = dist < region
-                np.copyto(region, dist, where=nearer)
-                np.copyto(canvas[y0 - r0:y1 - r0, x0:x1],
-                          decoded[i][y0 - ty:y1 - ty, x0 - tx:x1 - tx], where=nearer[..., None])
-            out.write(canvas.tobytes())
-            # Forget tiles that end above the next band.
-            for i in list(decoded):
-                if top[i, 0] + th <= r1:
-                    del decoded[i]
-            if progress is not None:
-                progress(band + 1, n_bands)
+    labels = np.full((r1 - r0, c1 - c0), 255, dtype=np.uint8)
+    best = np.full((r1 - r0, c1 - c0), np.inf, dtype=np.float32)
+    for k, i in enumerate(members):
+        ty, tx = (int(v) for v in layout.top_left[i])
+        y0, y1, x0, x1 = max(r0, ty), min(r1, ty + th), max(c0, tx), min(c1, tx + tw)
+        if y0 >= y1 or x0 >= x1:
+            continue
+        rows = np.arange(y0, y1, dtype=np.float32) + 0.5 - np.float32(layout.centre[i, 0])
+        cols = np.arange(x0, x1, dtype=np.float32) + 0.5 - np.float32(layout.centre[i, 1])
+        dist = rows[:, None] ** 2 + cols[None, :] ** 2
+        region = best[y0 - r0:y1 - r0, x0 - c0:x1 - c0]
+        nearer = dist < region
+        np.copyto(region, dist, where=nearer)
+        labels[y0 - r0:y1 - r0, x0 - c0:x1 - c0][nearer] = k
+    return labels
 
 
-def _exif_bytes(metadata: dict | None, pixel_size_um: float | None, n_tiles: int,
-                extra: dict | None = None) -> bytes:
-    comment = dict(metadata or {})
-    for key in ("stage", "/stage/"):
-        comment.pop(key, None)
-    comment.update({"Notes": "Stitched by ofstitch", "NumberOfImages": n_tiles})
-    if pixel_size_um is not None:
-        comment["pixel_size_um"] = pixel_size_um
-    if extra:
-        comment.update(extra)
-    zeroth: dict = {piexif.ImageIFD.Software: b"ofstitch"}
-    if pixel_size_um:
-        px_per_cm = 1e4 / pixel_size_um
-        rational = (int(round(px_per_cm * 1000)), 1000)
-        zeroth.update({piexif.ImageIFD.XResolution: rational,
-                       piexif.ImageIFD.YResolution: rational,
-                       piexif.ImageIFD.ResolutionUnit: 3})
-    exif = {"0th": zeroth,
-            "Exif": {piexif.ExifIFD.UserComment: json.dumps(comment).encode("utf-8")}}
-    return piexif.dump(exif)
+def _feather_weight(layout: Layout) -> pyvips.Image:
+    """A tile's blending weight: the distance from each pixel centre to the nearest edge."""
+    th, tw = layout.tile_shape
+    xy = pyvips.Image.xyz(tw, th).cast("float")
+    near = xy.linear([1.0, 1.0], [0.5, 0.5]).minpair(
+        xy.linear([-1.0, -1.0], [tw - 0.5, th - 0.5]))
+    return near[0].minpair(near[1]).copy_memory()
 
 
-def _atomic_save(image: pyvips.Image, path: Path, save: Callable[[pyvips.Image, str], None]
-                 ) -> None:
-    with atomic_path(path) as tmp:
-        save(image, tmp)
+def compose_box(tile: Callable[[int], pyvips.Image], layout: Layout,
+                box: tuple[int, int, int, int], members: Sequence[int], *,
+                blend: Blend = "none", weight: pyvips.Image | None = None) -> pyvips.Image:
+    """One rectangle of the mosaic from the tiles ``members`` (in priority order).
 
-
-def write_jpeg(image: pyvips.Image, path: Path, *, metadata: dict | None = None,
-               pixel_size_um: float | None = None, n_tiles: int = 0,
-               quality: int = JPEG_QUALITY, extra: dict | None = None) -> None:
-    """Save ``image`` as a JPEG with ofstitch EXIF (UserComment JSON, resolution)."""
-    if max(image.width, image.height) > JPEG_MAX_SIDE:
-        raise OfstitchError(
-            f"the mosaic is {image.width}x{image.height} px, larger than JPEG allows "
-            f"({JPEG_MAX_SIDE} px per side): use --stitch-tiff or --stitch-dzi, or "
-            "--stitching-mode preview")
-    image = image.copy()
-    image.set_type(pyvips.GValue.blob_type, "exif-data",
-                   _exif_bytes(metadata, pixel_size_um, n_tiles, extra))
-    if pixel_size_um:
-        image = image.copy(xres=1e3 / pixel_size_um, yres=1e3 / pixel_size_um)
-    _atomic_save(image, path, lambda im, p: im.jpegsave(p, Q=quality, keep="exif"))
-
-
-def write_tiff(image: pyvips.Image, path: Path, *, pixel_size_um: float | None,
-               tile_size: int = 256) -> None:
-    """Save a tiled, pyramidal, JPEG-compressed TIFF (BigTIFF)."""
-    if pixel_size_um:
-        image = image.copy(xres=1e3 / pixel_size_um, yres=1e3 / pixel_size_um)
-    _atomic_save(image, path, lambda im, p: im.tiffsave(
-        p, tile=True, pyramid=True, compression="jpeg", Q=JPEG_QUALITY, bigtiff=True,
-        tile_width=tile_size, tile_height=tile_size, resunit="cm"))
-
-
-def write_dzi(image: pyvips.Image, path: Path, *, tile_size: int = 256) -> None:
-    """Save a Deep Zoom pyramid: ``path`` (.dzi) and the ``*_files`` folder beside it."""
-    path = Path(path)
-    base = path.with_suffix("")
-    tmp_dir = Path(tempfile.mkdtemp(prefix=".dzi.", dir=path.parent))
-    try:
-        image.dzsave(str(tmp_dir / base.name), tile_size=tile_size, suffix=".jpg[Q=90]")
-        files_dir = path.parent / f"{base.name}_files"
-        if files_dir.exists():
-            shutil.rmtree(files_dir)
-        os.replace(tmp_dir / f"{base.name}_files", files_dir)
-        os.replace(tmp_dir / f"{base.name}.dzi", path)
-    finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-
-
-def write_tile_configuration(path: Path, names: list[str], positions_px: np.ndarray) -> None:
-    """Fiji TileConfiguration (``name; ; (x, y)``, top-left, pixels)."""
-    lines = ["# Define the number of dimensions used", "dim = 2", "",
-             "# Define the image coordinates"]
-    for name, (row, col) in zip(names, positions_px.tolist(), strict=True):
-        lines.append(f"{name}; ; ({col:.3f}, {row:.3f})")
-    write_text(path, "\n".join(lines) + "\n")
-
-
-def mosaic_image(raw_path: Path, layout: Layout) -> pyvips.Image:
-    """Open a composed raw mosaic as a pyvips image (streamed from disk)."""
-    height, width = layout.size
-    return pyvips.Image.rawload(str(raw_path), width, height, 3).copy(interpretation="srgb")
-
-
-def render(paths: list[Path], positions_px: np.ndarray, tile_shape: tuple[int, int],
-           work_dir: Path, *, scale: float = 1.0, value_scale: float = 1.0,
-           progress: Callable[[int, int], None] | None = None) -> tuple[pyvips.Image, Path]:
-    """Compose the mosaic at ``scale`` into a temporary raw file in ``work_dir``.
-
-    Returns the pyvips image and the raw file's path; delete the file when done.
+    ``tile(i)`` gives tile ``i`` as an 8-bit RGB pyvips image. Without blending,
+    each tile is placed where it is the nearest, with ``case`` on a label image;
+    with feathering, the tiles are averaged with ``weight``.
     """
-    layout = make_layout(positions_px, tile_shape, scale)
-    fd, raw = tempfile.mkstemp(prefix=".ofstitch-mosaic.", suffix=".raw", dir=work_dir)
-    os.close(fd)
+    r0, c0, r1, c1 = box
+    h, w = r1 - r0, c1 - c0
+    th, tw = layout.tile_shape
+    if not len(members):
+        return pyvips.Image.black(w, h, bands=3)
+    placed, weights = [], []
+    for i in members:
+        ty, tx = (int(v) for v in layout.top_left[i])
+        y0, y1, x0, x1 = max(r0, ty), min(r1, ty + th), max(c0, tx), min(c1, tx + tw)
+        part = tile(i).crop(x0 - tx, y0 - ty, x1 - x0, y1 - y0)
+        if blend == "feather":
+            wpart = weight.crop(x0 - tx, y0 - ty, x1 - x0, y1 - y0)
+            part = part.cast("float") * wpart
+            weights.append(wpart.embed(x0 - c0, y0 - r0, w, h) if (y1 - y0, x1 - x0) != (h, w)
+                           else wpart)
+        placed.append(part.embed(x0 - c0, y0 - r0, w, h) if (y1 - y0, x1 - x0) != (h, w)
+                      else part)
+    if blend == "feather":
+        total = placed[0] if len(placed) == 1 else pyvips.Image.sum(placed)
+        norm = weights[0] if len(weights) == 1 else pyvips.Image.sum(weights)
+        covered = norm > 0
+        mean = total / covered.ifthenelse(norm, 1.0)
+        return (mean + 0.5).cast("uchar")
+    if len(members) == 1:
+        return placed[0]
+    # Uncovered pixels (label 255) take the last tile, which is black outside itself.
+    index = pyvips.Image.new_from_array(nearest_labels(layout, box, members))
+    return index.case(placed)
+
+
+class TileSource:
+    """Tiles opened on demand, each kept open while the bands still need it."""
+
+    def __init__(self, paths: Sequence[Path], layout: Layout, value_scale: float) -> None:
+        self.paths, self.layout, self.value_scale = paths, layout, value_scale
+        self.open: dict[int, pyvips.Image] = {}
+
+    def __call__(self, i: int) -> pyvips.Image:
+        if i not in self.open:
+            self.open[i] = tiles.rgb8_image(self.paths[i], self.layout.scale,
+                                            self.layout.tile_shape,
+                                            value_scale=self.value_scale)
+        return self.open[i]
+
+    def forget_above(self, row: int) -> None:
+        """Close the tiles that end above ``row``."""
+        th = self.layout.tile_shape[0]
+        for i in [i for i in self.open if self.layout.top_left[i, 0] + th <= row]:
+            del self.open[i]
+
+
+def compose_band(source: TileSource, layout: Layout, rows: tuple[int, int], *,
+                 blend: Blend = "none", skip: frozenset[int] | set[int] = frozenset(),
+                 weight: pyvips.Image | None = None, max_members: int = 200) -> pyvips.Image:
+    """Rows ``[r0, r1)`` of the mosaic, as a lazy pyvips image."""
+    r0, r1 = rows
+    th, tw = layout.tile_shape
+    width = layout.size[1]
+    top = layout.top_left
+    order = _priority(layout)
+    members = [int(i) for i in order if top[i, 0] < r1 and top[i, 0] + th > r0
+               and int(i) not in skip]
+    # Few enough tiles per piece for an 8-bit label (and a cheap feathered sum).
+    limit = max_members if blend == "none" else 8
+    pieces, c0 = [], 0
+    while c0 < width:
+        c1 = width
+        while True:
+            inside = [i for i in members if top[i, 1] < c1 and top[i, 1] + tw > c0]
+            if len(inside) <= limit or c1 - c0 <= 1:
+                break
+            c1 = c0 + (c1 - c0) // 2
+        pieces.append(compose_box(source, layout, (r0, c0, r1, c1), inside, blend=blend,
+                                  weight=weight))
+        c0 = c1
+    band = pieces[0]
+    for piece in pieces[1:]:
+        band = band.join(piece, "horizontal")
+    return band
+
+
+class _PngStream:
+    """An uncompressed PNG of the mosaic, made band by band as a reader asks for bytes.
+
+    Each band is composed by pyvips from the tiles it touches and evaluated
+    into memory on its own, so that libvips frees everything a band used
+    before the next one starts: memory is bounded by one band.
+    """
+
+    def __init__(self, paths: Sequence[Path], layout: Layout, *, blend: Blend,
+                 value_scale: float, skip: frozenset[int] | set[int],
+                 progress: Callable[[int, int], None] | None, band_height: int) -> None:
+        self.layout, self.blend, self.skip, self.progress = layout, blend, skip, progress
+        self.source = TileSource(paths, layout, value_scale)
+        self.bands = band_rows(layout, band_height)
+        self.weight = _feather_weight(layout) if blend == "feather" else None
+        height, width = layout.size
+        ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+        self.base = self.pos = 0  # absolute offsets of buffer[0] and of the reader
+        self.buffer = bytearray(b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr))
+        self.deflate = zlib.compressobj(0)
+        self.done = False
+        self.error: BaseException | None = None
+        self.queue: queue.Queue = queue.Queue(maxsize=2)
+        self.stopped = threading.Event()
+        self.thread: threading.Thread | None = None
+        self.threads = max(1, min(4, os.cpu_count() or 1))
+        self.pool: ThreadPoolExecutor | None = None
+
+    def read(self, size: int) -> bytes:
+        while self.base + len(self.buffer) < self.pos + size and not self.done:
+            self._next()
+        start = self.pos - self.base
+        out = bytes(self.buffer[start:start + size])
+        self.pos += len(out)
+        if self.pos - self.base > 2 * _KEEP:  # keep a little behind, for a rewind
+            drop = self.pos - self.base - _KEEP
+            del self.buffer[:drop]
+            self.base += drop
+        return out
+
+    def seek(self, offset: int, whence: int) -> int:
+        """Seeks within the bytes still held (libvips rewinds after reading the header).
+
+        Being seekable keeps libvips from saving every byte read for a rewind.
+        """
+        target = {0: offset, 1: self.pos + offset}.get(whence, -1)
+        if not self.base <= target <= self.base + len(self.buffer):
+            return -1
+        self.pos = target
+        return target
+
+    def close(self) -> None:
+        """Stop composing (if the reader gave up early) and release the threads."""
+        self.stopped.set()
+        if self.thread is not None:
+            self.thread.join()
+        if self.pool is not None:
+            self.pool.shutdown()
+
+    def _next(self) -> None:
+        if self.thread is None:
+            self.thread = threading.Thread(target=self._produce, name="ofstitch-bands",
+                                           daemon=True)
+            self.thread.start()
+        item = self.queue.get()
+        if item is None:
+            self.done = True
+        elif isinstance(item, BaseException):  # reported by Mosaic.write
+            self.error, self.done = item, True
+        else:
+            self.buffer += item
+
+    def _put(self, item) -> None:
+        while not self.stopped.is_set():
+            try:
+                self.queue.put(item, timeout=0.2)
+                return
+            except queue.Full:
+                continue
+
+    def _produce(self) -> None:
+        """Compose the bands in order (on this thread, outside libvips' own workers, so
+        that libvips frees each band's memory) and queue their bytes."""
+        try:
+            for k, rows in enumerate(self.bands):
+                if self.stopped.is_set():
+                    return
+                data = self._band_bytes(rows)
+                if self.progress is not None:  # before the reader can have the band
+                    self.progress(k + 1, len(self.bands))
+                self._put(data)
+            self._put(self._idat(self.deflate.flush()) + _png_chunk(b"IEND", b""))
+            self._put(None)
+        except BaseException as exc:
+            self._put(exc)
+
+    def _band_bytes(self, rows: tuple[int, int]) -> bytes:
+        band = compose_band(self.source, self.layout, rows, blend=self.blend, skip=self.skip,
+                            weight=self.weight)
+        # A region fetch, not a sink: a sink would end by "minimising" the tiles
+        # (dropping their sequential read caches), and the next band could not
+        # resume reading them. Fetched in pieces, so that each operation's
+        # buffers stay small.
+        h, w = band.height, band.width
+        scanlines = np.zeros((h, 3 * w + 1), dtype=np.uint8)  # filter type 0 (none)
+        pieces = [(x, min(FETCH_WIDTH, w - x)) for x in range(0, w, FETCH_WIDTH)]
+        n_threads = min(self.threads, len(pieces))
+        per_thread = math.ceil(len(pieces) / n_threads)
+
+        def fetch(share: list[tuple[int, int]]) -> None:  # one region per thread
+            region = pyvips.Region.new(band)
+            for x, n in share:
+                piece = np.frombuffer(region.fetch(x, 0, n, h), dtype=np.uint8)
+                scanlines[:, 1 + 3 * x:1 + 3 * (x + n)] = piece.reshape(h, 3 * n)
+
+        shares = [pieces[k:k + per_thread] for k in range(0, len(pieces), per_thread)]
+        if len(shares) == 1:
+            fetch(shares[0])
+        else:
+            if self.pool is None:  # the same few threads for every band
+                self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="ofstitch-fetch")
+            list(self.pool.map(fetch, shares))
+        data = self._idat(self.deflate.compress(scanlines.data))
+        self.source.forget_above(rows[1])
+        return data
+
+    @staticmethod
+    def _idat(data: bytes) -> bytes:
+        return b"".join(_png_chunk(b"IDAT", data[k:k + (1 << 20)])
+                        for k in range(0, len(data), 1 << 20))
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return (struct.pack(">I", len(data)) + kind + data
+            + struct.pack(">I", zlib.crc32(data, zlib.crc32(kind))))
+
+
+def stream_mosaic(paths: Sequence[Path], layout: Layout, *, blend: Blend = "none",
+                  value_scale: float = 1.0, skip: frozenset[int] | set[int] = frozenset(),
+                  progress: Callable[[int, int], None] | None = None,
+                  band_height: int = 128) -> tuple[pyvips.Image, _PngStream]:
+    """The mosaic as a sequential pyvips image that composes itself band by band.
+
+    Returns the image and its stream (whose ``error`` holds an exception raised
+    while composing, if any). The image can be read once, top to bottom.
+    """
+    if blend not in BLENDS:
+        raise OfstitchError(f"--blend must be one of {', '.join(BLENDS)}, got {blend!r}")
+    stream = _PngStream(paths, layout, blend=blend, value_scale=value_scale, skip=skip,
+                        progress=progress, band_height=band_height)
+    source = pyvips.SourceCustom()
+    source.on_read(stream.read)
+    source.on_seek(stream.seek)
+    image = pyvips.Image.new_from_source(source, "", access="sequential")
+    return image.copy(interpretation="srgb"), stream
+
+
+def compose(paths: Sequence[Path], layout: Layout, *, blend: Blend = "none",
+            value_scale: float = 1.0, skip: frozenset[int] | set[int] = frozenset()
+            ) -> pyvips.Image:
+    """The whole mosaic as one lazy pyvips image of band images (for small mosaics
+    and tests; :func:`stream_mosaic` bounds memory for large ones)."""
+    if blend not in BLENDS:
+        raise OfstitchError(f"--blend must be one of {', '.join(BLENDS)}, got {blend!r}")
+    source = TileSource(paths, layout, value_scale)
+    weight = _feather_weight(layout) if blend == "feather" else None
+    bands = [compose_band(source, layout, rows, blend=blend, skip=skip, weight=weight)
+             for rows in band_rows(layout)]
+    while len(bands) > 1:  # a balanced tree of joins
+        bands = [bands[k].join(bands[k + 1], "vertical") if k + 1 < len(bands) else bands[k]
+                 for k in range(0, len(bands), 2)]
+    return bands[0].copy(interpretation="srgb")
+
+
+def limit_malloc_arenas(n: int = 2) -> None:
+    """Ask glibc for at most ``n`` malloc arenas (a no-op elsewhere).
+
+    libvips computes on many threads; with glibc's default of up to eight arenas
+    per CPU, memory freed by one band stays fragmented across arenas and the
+    process grows (the usual advice for libvips servers is ``MALLOC_ARENA_MAX=2``).
+    The command line calls this; a library user may prefer the variable.
+    """
+    if sys.platform != "linux" or "MALLOC_ARENA_MAX" in os.environ:
+        return
     try:
-        compose_to_raw(paths, layout, Path(raw), value_scale=value_scale, progress=progress)
-    except BaseException:
-        os.unlink(raw)
-        raise
-    return mosaic_image(Path(raw), layout), Path(raw)
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-8, n)  # M_ARENA_MAX
+    except (OSError, AttributeError):
+        pass
 
 
-def write_thumbnail(source: Path, path: Path, size: int = THUMBNAIL_SIZE) -> None:
-    """A small JPEG that fits in ``size`` x ``size``."""
-    image = pyvips.Image.thumbnail(str(source), size, height=size)
-    _atomic_save(image, path, lambda im, p: im.jpegsave(p, Q=85, keep="none"))
+def find_undecodable(paths: Sequence[Path], *, workers: int | None = None) -> set[int]:
+    """Indices of the tiles whose pixels cannot be decoded (slow: decodes every tile)."""
+
+    def bad(i: int) -> bool:
+        try:
+            tiles.rgb8_image(paths[i], 1.0, None).avg()
+        except (pyvips.Error, tiles.TileReadError):
+            return True
+        return False
+
+    with ThreadPoolExecutor(workers) as pool:
+        return {i for i, b in enumerate(pool.map(bad, range(len(paths)))) if b}
+
+
+class Mosaic:
+    """A mosaic to write in one or several formats, leaving out undecodable tiles.
+
+    ``Mosaic(...).write(writer)`` calls ``writer(image)`` with the mosaic as a
+    sequential pyvips image that composes itself band by band (see
+    :func:`stream_mosaic`). If a tile turns out to be undecodable, it is found,
+    left out with a warning, and the output written again.
+    """
+
+    def __init__(self, paths: Sequence[Path], positions_px: np.ndarray,
+                 tile_shape: tuple[int, int], *, scale: float = 1.0, blend: Blend = "none",
+                 value_scale: float = 1.0, skip: set[int] | None = None,
+                 workers: int | None = None, band_height: int = 128) -> None:
+        self.paths = list(paths)
+        self.layout = make_layout(positions_px, tile_shape, scale)
+        self.blend = blend
+        self.value_scale = value_scale
+        self.skip: set[int] = set(skip or ())
+        self.workers = workers
+        self.band_height = band_height
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """``(height, width)`` in pixels."""
+        return self.layout.size
+
+    def _write_once(self, writer: Callable[[pyvips.Image], None],
+                    progress: Callable[[int, int], None] | None) -> None:
+        image, stream = stream_mosaic(self.paths, self.layout, blend=self.blend,
+                                      value_scale=self.value_scale,
+                                      skip=frozenset(self.skip), progress=progress,
+                                      band_height=self.band_height)
+        try:
+            writer(image)
+        except pyvips.Error:
+            if stream.error is not None:
+                raise stream.error from None
+            raise
+        finally:
+            stream.close()
+        if stream.error is not None:
+            raise stream.error
+
+    def write(self, writer: Callable[[pyvips.Image], None], *,
+              progress: Callable[[int, int], None] | None = None) -> None:
+        """Call ``writer(image)``; ``progress(bands done, bands)`` as the mosaic is composed."""
+        try:
+            self._write_once(writer, progress)
+            return
+        except pyvips.Error:
+            bad = find_undecodable(self.paths, workers=self.workers) - self.skip
+            if not bad:
+                raise
+        for i in sorted(bad):
+            # Its neighbours fill its place where they overlap it.
+            warnings.warn(f"leaving out {Path(self.paths[i]).name} from the mosaic: cannot "
+                          "decode it", OfstitchWarning, stacklevel=2)
+        self.skip |= bad
+        self._write_once(writer, progress)

@@ -19,6 +19,9 @@ Thresholding = Literal["automatic", "manual"]
 Priority = Literal["time", "memory"]
 
 STITCHING_MODES = ("all", "preview", "stage", "only-correlate")
+OUTPUT_FORMATS = ("jpeg", "ome-tiff", "dzi", "ome-zarr")
+BLENDS = ("none", "feather")
+TIFF_COMPRESSIONS = ("jpeg", "deflate", "lzw")
 
 
 def _help(text: str) -> dict:
@@ -144,13 +147,27 @@ class StitchSettings:
         "'preview': correlate and place, write only the 1000 px preview; "
         "'stage': write a mosaic from stage positions alone; "
         "'only-correlate': fill the correlation cache and stop."))
+    formats: tuple[str, ...] = field(default=("jpeg",), metadata=_help(
+        "Format of the full-resolution mosaic; repeat the option for several. 'jpeg' "
+        "(the default; at most 65,535 px per side), 'ome-tiff' (tiled pyramidal "
+        "OME-TIFF for QuPath, Fiji/Bio-Formats, napari), 'dzi' (Deep Zoom pyramid "
+        "plus viewer.html, a web page that shows it) or 'ome-zarr' (NGFF multiscale "
+        "image for napari and ome-zarr)."))
+    blend: str = field(default="none", metadata=_help(
+        "How overlapping tiles are combined: 'none' takes each pixel from the tile "
+        "whose centre is nearest (sharp, the OpenFlexure Stitching look); 'feather' "
+        "averages the tiles with weights that ramp linearly across each overlap "
+        "(hides seams from uneven illumination, softens misaligned detail)."))
+    tiff_compression: str = field(default="jpeg", metadata=_help(
+        "Compression of the OME-TIFF tiles: 'jpeg' (small, lossy, quality 90), "
+        "'deflate' or 'lzw' (lossless, several times larger)."))
     stitch_tiff: bool = field(default=False, metadata=_help(
-        "Also write a tiled pyramidal TIFF of the mosaic."))
+        "Also write a pyramidal OME-TIFF (the same as --format ome-tiff)."))
     stitch_dzi: bool = field(default=False, metadata=_help(
-        "Also write a Deep Zoom (DZI) pyramid of the mosaic."))
+        "Also write a Deep Zoom (DZI) pyramid and viewer.html (the same as --format dzi)."))
     tile_size: int | None = field(default=None, metadata=_help(
-        "Tile size, in pixels, of the pyramidal TIFF/DZI outputs (a power of two "
-        "is best). Default: 256 for TIFF and DZI."))
+        "Tile size, in pixels, of the pyramidal OME-TIFF/DZI outputs (a power of two "
+        "is best). Default: 256."))
     device: str = field(default="cpu", metadata=_help(
         "Where correlation and placement run: 'cpu' (NumPy), 'cuda' (CuPy on an "
         "NVIDIA GPU) or 'auto' (CUDA when usable, else the CPU)."))
@@ -174,6 +191,17 @@ class StitchSettings:
         if self.thresholding not in ("automatic", "manual"):
             raise OfstitchError(
                 f"--thresholding must be 'automatic' or 'manual', got {self.thresholding!r}")
+        object.__setattr__(self, "formats", tuple(str(f) for f in self.formats))
+        for name, value, allowed in (("--format", self.formats, OUTPUT_FORMATS),
+                                     ("--blend", (self.blend,), BLENDS),
+                                     ("--tiff-compression", (self.tiff_compression,),
+                                      TIFF_COMPRESSIONS)):
+            for v in value:
+                if v not in allowed:
+                    raise OfstitchError(
+                        f"{name} must be one of {', '.join(allowed)}, got {v!r}")
+        if self.tile_size is not None and not (16 <= self.tile_size <= 8192):
+            raise OfstitchError(f"--tile-size must be between 16 and 8192, got {self.tile_size}")
         if self.placement not in ("robust", "reference"):
             raise OfstitchError(
                 f"--placement must be 'robust' or 'reference', got {self.placement!r}")
@@ -187,6 +215,16 @@ class StitchSettings:
             parse_memory(self.device_memory)  # raises a clear error early
         if self.image_count is not None and self.image_count < 1:
             raise OfstitchError(f"--image-count must be at least 1, got {self.image_count}")
+
+    @property
+    def output_formats(self) -> tuple[str, ...]:
+        """The full-resolution formats to write: ``formats`` plus the --stitch-* aliases."""
+        wanted = list(self.formats)
+        if self.stitch_tiff:
+            wanted.append("ome-tiff")
+        if self.stitch_dzi:
+            wanted.append("dzi")
+        return tuple(f for f in OUTPUT_FORMATS if f in wanted)
 
     def with_correlation(self, **changes) -> StitchSettings:
         """A copy with some correlation settings changed."""

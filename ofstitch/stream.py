@@ -44,13 +44,16 @@ ARRAYS_PER_PAIR = 10
 # Candidate peaks kept per pair, each scored by the normalised cross-correlation of the
 # tiles' overlap at that shift (robust placement chooses among them).
 CANDIDATES = 8
+# Of those, this many are the highest within PRIOR_RADIUS_FRACTION of the tile size (or
+# --corr-mask-radius) of the stage-predicted shift.
+PRIOR_PEAKS = 3
+PRIOR_RADIUS_FRACTION = 0.2
 # A candidate must leave at least this fraction of the stage-predicted overlap.
 MIN_OVERLAP_FRACTION = 0.2
-# Overlaps are scored on tiles high-pass filtered at this sigma (shading and vignetting
-# would otherwise match anywhere on a blank background); SCORE_MARGIN_SIGMAS * sigma
-# pixels at the tiles' edges, where the filter rings, are left out.
-SCORE_HIGH_PASS_SIGMA = 5.0
-SCORE_MARGIN_SIGMAS = 2.0
+# Overlaps are scored on tiles binned SCORE_BINNING times and high-pass filtered at this
+# sigma (binned pixels; see correlate.score_tiles).
+SCORE_BINNING = 2
+SCORE_HIGH_PASS_SIGMA = 8.0
 # Smallest stage-error margin around the predicted overlap, in correlation pixels.
 MIN_MARGIN_PX = 16
 
@@ -175,7 +178,7 @@ def correlate_pairs(
                 first_use.append(t)
             last_use[t] = k
     live_spectra: dict[int, object] = {}
-    live_tiles: dict[int, object] = {}  # the grey tiles, for the overlap NCC of candidates
+    live_tiles: dict[int, object] = {}  # binned, filtered tiles: overlap NCC of candidates
     bad_tiles: set[int] = set()
     stats = stats if stats is not None else {}
     stats.setdefault("max_live_spectra", 0)
@@ -191,8 +194,6 @@ def correlate_pairs(
         weight = xp.sqrt(correlate.high_pass_filter(
             plan.fft_shape, settings.high_pass_sigma, xp=xp, device=backend.device,
             dtype=xp.float32))
-    score_weight = None if strips else \
-        _score_weight(plan.fft_shape, settings.high_pass_sigma, xp, backend.device)
     prefetch_depth = max(2 * workers, 8)
     futures: dict[int, Future] = {}
     next_prefetch = 0
@@ -238,12 +239,11 @@ def correlate_pairs(
                     # Copies, so that the batch arrays are freed with their last tile.
                     live_spectra[t] = xp.asarray(spectra[i, ...], copy=True) if len(ok) > 1 \
                         else spectra[0, ...]
-                filtered = correlate.filtered_tiles(spectra, fft_shape=plan.fft_shape,
-                                                    tile_shape=plan.scaled_shape,
-                                                    weight=score_weight)
+                scored = correlate.score_tiles(stack, high_pass_sigma=SCORE_HIGH_PASS_SIGMA,
+                                               binning=SCORE_BINNING)
                 for i, t in enumerate(ok):
-                    live_tiles[t] = xp.asarray(filtered[i, ...], copy=True)
-                del filtered
+                    live_tiles[t] = xp.asarray(scored[i, ...], copy=True)
+                del scored
                 stats["tiles_transformed"] += len(ok)
             stats["max_live_spectra"] = max(stats["max_live_spectra"], len(live_spectra))
 
@@ -274,7 +274,18 @@ def correlate_pairs(
                     corr, expected_shift=expected,
                     mask_radius=(settings.corr_mask_radius * resize
                                  if settings.corr_mask_radius is not None else None))
-                cand_shift, cand_index = correlate.top_peaks(corr, CANDIDATES)
+                # The highest peaks anywhere, and the highest near the stage prediction
+                # (a weak true peak can rank below repeats or fixed patterns elsewhere).
+                prior = to_device(expected_shift_px[start:stop][good] * resize, backend,
+                                  dtype=xp.float32)
+                radius = (settings.corr_mask_radius * resize
+                          if settings.corr_mask_radius is not None
+                          else PRIOR_RADIUS_FRACTION * min(plan.scaled_shape))
+                global_shift, global_index = correlate.top_peaks(corr, CANDIDATES - PRIOR_PEAKS)
+                near_shift, near_index = correlate.top_peaks(corr, PRIOR_PEAKS,
+                                                             expected_shift=prior, radius=radius)
+                cand_shift = xp.concat([global_shift, near_shift], axis=1)
+                cand_index = xp.concat([global_index, near_index], axis=1)
                 del corr
                 candidates[good] = _score_candidates(
                     sel, to_host(cand_shift).astype(np.float64), to_host(cand_index),
@@ -294,19 +305,6 @@ def correlate_pairs(
             yield BatchResult(np.arange(start, stop), shift, quality, candidates)
 
 
-def _score_weight(fft_shape: tuple[int, int], correlation_sigma: float, xp, device):
-    """What turns the correlation spectra (which carry ``sqrt(H)`` of the correlation
-    high-pass) into spectra high-pass filtered at :data:`SCORE_HIGH_PASS_SIGMA`."""
-    target = correlate.high_pass_filter(fft_shape, SCORE_HIGH_PASS_SIGMA, xp=xp, device=device,
-                                        dtype=xp.float32)
-    if correlation_sigma <= 0:
-        return target
-    carried = xp.sqrt(correlate.high_pass_filter(fft_shape, correlation_sigma, xp=xp,
-                                                 device=device, dtype=xp.float32))
-    safe = xp.where(carried > 1e-6, carried, xp.ones_like(carried))
-    return xp.where(carried > 1e-6, target / safe, xp.zeros_like(carried))
-
-
 def _score_candidates(pairs: np.ndarray, shift: np.ndarray, index: np.ndarray,
                       expected: np.ndarray, live_tiles: dict, plan: CorrelationPlan,
                       pad: bool) -> np.ndarray:
@@ -317,12 +315,11 @@ def _score_candidates(pairs: np.ndarray, shift: np.ndarray, index: np.ndarray,
     :data:`MIN_OVERLAP_FRACTION` of the stage-predicted overlap scores -1.
     """
     h, w = plan.scaled_shape
-    margin = min(int(SCORE_MARGIN_SIGMAS * SCORE_HIGH_PASS_SIGMA), h // 8, w // 8)
-    inner_h, inner_w = h - 2 * margin, w - 2 * margin
+    hb, wb = h // SCORE_BINNING, w // SCORE_BINNING
     out = np.full(shift.shape[:2] + (3,), np.nan)
     for k, (a, b) in enumerate(pairs.tolist()):
-        ey, ex = np.abs(expected[k])
-        expected_area = max(inner_h - ey, 1) * max(inner_w - ex, 1)
+        ey, ex = np.abs(expected[k]) / SCORE_BINNING
+        expected_area = max(hb - ey, 1) * max(wb - ex, 1)
         min_area = max(int(MIN_OVERLAP_FRACTION * expected_area), 2)
         tile_a, tile_b = live_tiles[a], live_tiles[b]
         for c in range(shift.shape[1]):
@@ -334,12 +331,12 @@ def _score_candidates(pairs: np.ndarray, shift: np.ndarray, index: np.ndarray,
                                                     plan.fft_shape))
             scores = []
             for ry, rx in readings:
-                ncc = correlate.overlap_similarity(tile_a, tile_b, (ry, rx), min_area=min_area,
-                                                   margin=margin)
+                by, bx = round(ry / SCORE_BINNING), round(rx / SCORE_BINNING)
+                ncc = correlate.overlap_similarity(tile_a, tile_b, (by, bx), min_area=min_area)
                 # Chance NCCs spread as 1 / sqrt(area): a smaller overlap than the stage
                 # predicts must match better to count as much (the null pairs, searched
                 # around the prediction, set the scale).
-                area = max(inner_h - abs(ry), 0) * max(inner_w - abs(rx), 0)
+                area = max(hb - abs(by), 0) * max(wb - abs(bx), 0)
                 scores.append(ncc * min(1.0, math.sqrt(area / expected_area)) if ncc > 0
                               else ncc)
             best = int(np.argmax(scores))
@@ -355,8 +352,10 @@ def _break_ambiguity(pairs: np.ndarray, index: np.ndarray, shift: np.ndarray,
     for k, (a, b) in enumerate(pairs.tolist()):
         frac = shift[k] - np.round(shift[k])
         candidates = correlate.unwrap_candidates(tuple(int(v) for v in index[k]), fft_shape)
-        scores = [correlate.overlap_similarity(live_tiles[a], live_tiles[b], c)
-                  for c in candidates]
+        # The live tiles are the binned score tiles (correlate.score_tiles).
+        scores = [correlate.overlap_similarity(
+            live_tiles[a], live_tiles[b],
+            (round(c[0] / SCORE_BINNING), round(c[1] / SCORE_BINNING))) for c in candidates]
         out[k] = np.asarray(candidates[int(np.argmax(scores))], dtype=np.float64) + frac
     return out
 

@@ -246,3 +246,28 @@ def read_rgb8_scaled(path: Path, scale: float, out_shape: tuple[int, int], *,
         image = (image.cast("float") * value_scale).cast("uchar")
     arr = _to_array(image, Path(path).name)
     return np.ascontiguousarray(arr[:out_h, :out_w])
+
+
+def rgb8_image(path: Path, scale: float, out_shape: tuple[int, int] | None, *,
+               value_scale: float = 1.0) -> pyvips.Image:
+    """A tile as a lazy 8-bit RGB pyvips image, resized to ``out_shape`` = ``(h, w)``.
+
+    Opened for sequential access (top to bottom), so that a mosaic of thousands
+    of tiles streams; JPEG tiles are shrunk inside libjpeg when ``scale <= 1/2``.
+    Raises :class:`TileReadError` when the header cannot be read; corrupt pixel
+    data raises ``pyvips.Error`` only when the pixels are computed.
+    """
+    shrink = 1
+    if scale < 1:
+        shrink = min(8, 2 ** int(math.floor(math.log2(1 / scale))))
+    image = _colour_bands(_open(path, shrink=shrink))
+    if image.bands == 1:
+        image = image.bandjoin([image, image])
+    if out_shape is not None and (image.height, image.width) != tuple(out_shape):
+        out_h, out_w = out_shape
+        image = image.resize(out_w / image.width, vscale=out_h / image.height)
+        if (image.height, image.width) != (out_h, out_w):
+            image = image.embed(0, 0, out_w, out_h, extend="copy")
+    if image.format != "uchar" or value_scale != 1.0:
+        image = (image.cast("float") * value_scale).cast("uchar")
+    return image

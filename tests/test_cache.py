@@ -80,9 +80,8 @@ def test_second_run_correlates_nothing(scan):
     assert (first.n_correlated, first.n_cached) == (m, 0)
     assert set(read_cache(scan.folder / CACHE_NAME)) == {DEFAULT_KEY}
     # The pairs, and the null pairs (tiles that do not overlap) of robust placement.
-    n_null = len(first.placement.null_score)
-    assert n_null >= 4
-    assert len(read_cache(scan.folder / CACHE_NAME)[DEFAULT_KEY]) == m + n_null
+    assert first.n_null >= 4
+    assert len(read_cache(scan.folder / CACHE_NAME)[DEFAULT_KEY]) == m + first.n_null
 
     second = register(scan.folder)
     assert (second.n_correlated, second.n_cached) == (0, m)
@@ -180,8 +179,7 @@ def test_changed_setting_correlates_everything_and_keeps_both_sets(scan):
     assert (second.n_correlated, second.n_cached) == (m, 0)
     sets = read_cache(scan.folder / CACHE_NAME)
     assert set(sets) == {DEFAULT_KEY, sharper.correlation.key()}
-    n_null = len(first.placement.null_score)
-    assert all(len(entries) == m + n_null for entries in sets.values())
+    assert all(len(entries) == m + first.n_null for entries in sets.values())
     # Both sets stay usable.
     assert register(scan.folder).n_correlated == 0
     assert register(scan.folder, sharper).n_correlated == 0
@@ -277,7 +275,7 @@ def test_corrupt_cache_warns_recomputes_and_is_replaced(scan, kind):
     assert (reg.n_correlated, reg.n_cached) == (m, 0)
     np.testing.assert_allclose(reg.positions_px, first.positions_px, atol=0.05)
     sets = read_cache(path)  # a valid cache again
-    assert len(sets[DEFAULT_KEY]) == m
+    assert len(sets[DEFAULT_KEY]) == m + reg.n_null
     assert register(scan.folder).n_correlated == 0
     assert leftovers(scan.folder) == []
 
@@ -347,7 +345,7 @@ def test_cache_dir_keeps_the_scan_folder_clean(scan, tmp_path):
     assert sorted(p.name for p in scan.folder.iterdir()) == before
     files = list(cache_dir.iterdir())
     assert len(files) == 1 and files[0].name.endswith(CACHE_NAME)
-    assert len(read_cache(files[0])[DEFAULT_KEY]) == len(first.graph.pairs)
+    assert len(read_cache(files[0])[DEFAULT_KEY]) == len(first.graph.pairs) + first.n_null
     assert register(scan.folder, cache_dir=cache_dir).n_correlated == 0
     # The scan folder's own (absent) cache is a different one.
     assert register(scan.folder, use_cache=True).n_cached == 0

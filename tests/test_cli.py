@@ -24,6 +24,7 @@ import pytest
 import pyvips
 from cli_helpers import run_main
 
+import ofstitch
 from ofstitch.cache import CACHE_NAME
 from ofstitch.synthetic import make_scan
 
@@ -33,8 +34,8 @@ STITCH_OPTIONS = (
     "--output-dir --stitching-mode --device --show-cached-settings --use-cached-settings "
     "--csm-matrix --csm-calibration-width --image-count --thresholding "
     "--max-stage-discrepancy --min-peak-quality --pad --no-pad --high-pass-sigma --resize "
-    "--minimum-overlap --priority --corr-mask-radius --stitch-tiff --stitch-dzi --tile-size "
-    "--cache-dir"
+    "--minimum-overlap --priority --corr-mask-radius --format --blend --tiff-compression "
+    "--stitch-tiff --stitch-dzi --tile-size --cache-dir"
 ).split()
 ALL_OUTPUTS = {"preview.jpg", "stitched_thumbnail.jpg", "OFMTileConfiguration.txt",
                "stitching_inputs.png", "stitching_correlations.png",
@@ -223,13 +224,13 @@ def test_stitch_subcommand_tiff_and_dzi(wide_scan, tmp_path):
     out = tmp_path / "out"
     ok(run_cli("stitch", scan.folder, "-o", out, "--stitch-tiff", "--stitch-dzi",
                "--tile-size", "128", "-q"))
-    expected = ALL_OUTPUTS | {"scan_stitched.jpg", "scan_stitched.tiff", "scan_stitched.dzi",
-                              "scan_stitched_files"}
+    expected = ALL_OUTPUTS | {"scan_stitched.jpg", "scan_stitched.ome.tiff",
+                              "scan_stitched.dzi", "scan_stitched_files", "viewer.html"}
     assert set(os.listdir(out)) == expected
     full = pyvips.Image.new_from_file(str(out / "scan_stitched.jpg"))
-    tiff = pyvips.Image.new_from_file(str(out / "scan_stitched.tiff"))
+    tiff = pyvips.Image.new_from_file(str(out / "scan_stitched.ome.tiff"))
     assert (tiff.width, tiff.height) == (full.width, full.height)
-    assert tiff.get("n-pages") > 1  # pyramidal
+    assert tiff.get("n-subifds") > 1  # pyramidal
     dzi = (out / "scan_stitched.dzi").read_text()
     assert 'TileSize="128"' in dzi
     assert f'Width="{full.width}"' in dzi and f'Height="{full.height}"' in dzi
@@ -265,7 +266,11 @@ def test_only_correlate_mode(make_synthetic, tmp_path):
     data = json.loads((scan.folder / CACHE_NAME).read_text())
     assert data["format"] == "ofstitch-correlation-cache"
     assert len(data["sets"]) == 1
-    assert len(next(iter(data["sets"].values()))) == 12  # every pair of a 3x3 grid
+    # Every pair of a 3x3 grid (12), and the 6 null pairs of robust placement (tiles two
+    # steps apart in each row and column), so that a later run correlates nothing.
+    assert len(next(iter(data["sets"].values()))) == 12 + 6
+    reg = ofstitch.register(scan.folder)
+    assert reg.n_correlated == 0 and reg.n_cached == 12 and reg.n_null == 6
 
 
 def test_manual_thresholding_reads_stdin(wide_scan, tmp_path):

@@ -20,8 +20,7 @@ from ofstitch.place import (
 )
 from ofstitch.settings import StitchSettings
 from ofstitch.synthetic import (
-    hard_source,
-    make_scan,
+    make_hard_scan,
     pair_errors,
     synthetic_pair_results,
     textured_pairs,
@@ -184,11 +183,9 @@ def hard_scan(tmp_path_factory):
     shared = SHARED_DATA / "cmu1-he" / "CMU-1-Small-Region.jpg"
     src = load_source(shared if shared.is_file() else None)
     folder = tmp_path_factory.mktemp("hard") / "scan"
-    scan = make_scan(folder, source=hard_source(src, seed=1), grid=(7, 8),
-                     tile_shape=(240, 300), stage_error_px=15.0, rotation_deg=2.0,
-                     backlash_px=10.0, blank_fraction=0.1, vignetting=0.15, noise=3.0,
-                     jpeg_quality=85, seed=1)
-    return scan
+    # The hard scan of the benchmarks (blank areas, 10% blank tiles, dim content, stage
+    # noise 20 px, 2 degree rotation, snake with backlash), on a smaller grid.
+    return make_hard_scan(folder, source=src, grid=(8, 8), seed=1)
 
 
 def _textured_errors(scan, reg):
@@ -221,3 +218,26 @@ def test_cli_placement_option_and_summary(hard_scan, tmp_path, capsys):
     result = run_main(hard_scan.folder, "--stitching-mode", "preview", "-o", out, capsys=capsys)
     assert result.returncode == 0, result.stderr
     assert "re-searched" in result.stdout and "chance level" in result.stdout
+
+
+def test_island_pairs_join_islands_by_their_smaller_overlaps():
+    from ofstitch.pipeline import ISLAND_MIN_OVERLAP, island_pairs
+
+    class Grid:  # the parts of a Scan that island_pairs reads
+        tile_shape = (100, 120)
+        stage_px = np.array([(r * 70.0, c * 84.0) for r in range(3) for c in range(3)])
+
+        def __len__(self):
+            return 9
+
+    scan = Grid()
+    g = graph.find_pairs(scan.stage_px, scan.tile_shape, 0.2)
+    used = np.ones(len(g.pairs), bool)
+    assert len(island_pairs(scan, g, used)) == 0  # one group: nothing to add
+    # Tile 4 (the centre) is an island: none of its pairs was used.
+    used = ~np.any(g.pairs == 4, axis=1)
+    extra = island_pairs(scan, g, used)
+    assert len(extra) == 4  # its four diagonal neighbours
+    assert all(4 in p for p in extra.tolist())
+    overlap = graph.predicted_overlap(scan.stage_px, scan.tile_shape, extra[:, 0], extra[:, 1])
+    assert np.all((overlap > ISLAND_MIN_OVERLAP) & (overlap < 0.2))

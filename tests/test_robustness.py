@@ -49,6 +49,9 @@ EXTENT = (STEP[0] * (GRID[0] - 1) + TILE_SHAPE[0], STEP[1] * (GRID[1] - 1) + TIL
 MARGIN = 64  # around the grid in the tissue crop (make_scan needs room for stage errors)
 DEFAULT_KEY = CorrelationSettings().key()
 N_PAIRS = 12  # pairs of a 3x3 grid at 30% overlap: 6 horizontal, 6 vertical
+# Robust placement also correlates the null pairs: tiles two steps apart, one per row and
+# one per column of a 3x3 grid.
+N_ENTRIES = N_PAIRS + 6
 PLOTS = {"stitching_inputs.png", "stitching_correlations.png",
          "stitching_residuals.png"}
 PREVIEW_OUTPUTS = {"preview.jpg", "stitched_thumbnail.jpg", "OFMTileConfiguration.txt"} | PLOTS
@@ -766,7 +769,7 @@ def test_bad_cache_warns_and_is_rebuilt(case, tmp_path, tissue, capsys):
     assert_skipped(result, CACHE_NAME, "ignoring the correlation cache|cannot read")
     assert placed(out) == set(names)
     sets = read_cache(folder / CACHE_NAME)  # rewritten, whole
-    assert len(sets[DEFAULT_KEY]) == N_PAIRS
+    assert len(sets[DEFAULT_KEY]) == N_ENTRIES
 
 
 def test_cache_that_is_a_folder_warns(tmp_path, tissue, capsys):
@@ -849,7 +852,7 @@ def test_a_full_run_modifies_no_input(tmp_path, tissue):
     after = _snapshot(scan.folder)
     assert {name: after.get(name) for name in before} == before
     new = set(after) - set(before)
-    outputs = PREVIEW_OUTPUTS | {"scan_stitched.jpg", "scan_stitched.tiff"}
+    outputs = PREVIEW_OUTPUTS | {"scan_stitched.jpg", "scan_stitched.ome.tiff"}
     assert outputs <= new
     assert CACHE_NAME in new
     # The cache may keep its (empty) flock file; nothing else may appear.
