@@ -135,7 +135,10 @@ class CorrelationCache:
                          or abs(entry[1]) > tile_shape[1] + 1)):
                 invalid += 1
                 continue
-            if settings.corr_mask_radius is not None:
+            # A masked search, or strips cut around the predicted overlap, depend on
+            # the stage's prediction.
+            if settings.corr_mask_radius is not None or (settings.pad
+                                                          and settings.search_margin > 0):
                 expected = sign * np.asarray(entry[3:5], dtype=float)
                 if not np.allclose(expected, expected_shift_px[k], atol=1.0):
                     continue  # the search region moved: correlate again

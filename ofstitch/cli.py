@@ -253,8 +253,8 @@ def stitch_command(
         "FOLDER and how many tiles each covers, then exit."),
     use_cached_settings: bool = typer.Option(
         False, "--use-cached-settings", help="Take the correlation settings (--pad, --resize, "
-        "--high-pass-sigma, --corr-mask-radius) from the cache, unless given explicitly. "
-        "Fails if the cache holds several sets."),
+        "--high-pass-sigma, --corr-mask-radius, --search-margin) from the cache, unless "
+        "given explicitly. Fails if the cache holds several sets."),
     csm_matrix: str | None = typer.Option(None, "--csm-matrix", help=_s("csm_matrix")),
     csm_calibration_width: int | None = typer.Option(
         None, "--csm-calibration-width", help=_s("csm_calibration_width")),
@@ -278,6 +278,8 @@ def stitch_command(
                                             help=_s("priority")),
     corr_mask_radius: float | None = typer.Option(
         None, "--corr-mask-radius", help=_c("corr_mask_radius")),
+    search_margin: float | None = typer.Option(
+        None, "--search-margin", help=_c("search_margin")),
     output_format: list[FormatChoice] | None = typer.Option(
         None, "--format", "-f", help=_s("formats") + " [default: jpeg]", show_default=False),
     blend: BlendChoice = typer.Option(BlendChoice.none, "--blend", help=_s("blend")),
@@ -310,7 +312,8 @@ def stitch_command(
             resize=base.resize if resize is None else resize,
             high_pass_sigma=base.high_pass_sigma if high_pass_sigma is None else high_pass_sigma,
             corr_mask_radius=base.corr_mask_radius if corr_mask_radius is None
-            else corr_mask_radius)
+            else corr_mask_radius,
+            search_margin=base.search_margin if search_margin is None else search_margin)
         settings = StitchSettings(
             correlation=correlation, minimum_overlap=minimum_overlap,
             csm_matrix=parse_csm(csm_matrix) if csm_matrix is not None else None,

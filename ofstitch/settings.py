@@ -44,6 +44,14 @@ class CorrelationSettings:
         "standard deviation, in FFT pixels, of the Gaussian removed. Larger removes "
         "more of the smooth background (uneven illumination). Try this first if "
         "tiles are badly placed."))
+    search_margin: float = field(default=0.0, metadata=_help(
+        "Correlate only the overlap the stage predicts, plus this margin for stage "
+        "error (a fraction of the tile size, at least 16 px; 0.1 is a good start), "
+        "instead of whole zero-padded tiles: 4-6 times faster correlation in less "
+        "memory. A shift further than the margin from the stage's prediction may be "
+        "missed (the pair then falls back to the stage). Needs --placement reference. "
+        "0 (the default) correlates whole tiles and finds any shift, as "
+        "openflexure-stitching does."))
     corr_mask_radius: float | None = field(default=None, metadata=_help(
         "Only look for the correlation peak within this radius (full-resolution "
         "pixels) of the shift predicted by the stage. Default: no restriction."))
@@ -53,6 +61,7 @@ class CorrelationSettings:
         object.__setattr__(self, "pad", bool(self.pad))
         object.__setattr__(self, "resize", float(self.resize))
         object.__setattr__(self, "high_pass_sigma", float(self.high_pass_sigma))
+        object.__setattr__(self, "search_margin", float(self.search_margin))
         if self.corr_mask_radius is not None:
             object.__setattr__(self, "corr_mask_radius", float(self.corr_mask_radius))
         if not (0 < self.resize <= 1):
@@ -60,6 +69,10 @@ class CorrelationSettings:
         if self.high_pass_sigma < 0:
             raise OfstitchError(
                 f"--high-pass-sigma must be zero or positive, got {self.high_pass_sigma}")
+        if not (0 <= self.search_margin < 1):
+            raise OfstitchError(
+                f"--search-margin must be in [0, 1) (a fraction of the tile size), "
+                f"got {self.search_margin}")
         if self.corr_mask_radius is not None and self.corr_mask_radius <= 0:
             raise OfstitchError(
                 f"--corr-mask-radius must be positive, got {self.corr_mask_radius}")
@@ -192,6 +205,12 @@ class StitchSettings:
         if self.placement not in ("robust", "reference"):
             raise OfstitchError(
                 f"--placement must be 'robust' or 'reference', got {self.placement!r}")
+        robust = self.placement == "robust" and self.thresholding == "automatic" and \
+            self.min_peak_quality is None and self.max_stage_discrepancy is None
+        if self.correlation.search_margin > 0 and self.correlation.pad and robust:
+            raise OfstitchError(
+                "--search-margin scores no candidate peaks for robust placement: add "
+                "--placement reference, or leave --search-margin at 0")
         if self.device_memory is not None:
             parse_memory(self.device_memory)  # raises a clear error early
         if self.image_count is not None and self.image_count < 1:

@@ -54,6 +54,8 @@ MIN_OVERLAP_FRACTION = 0.2
 # sigma (binned pixels; see correlate.score_tiles).
 SCORE_BINNING = 2
 SCORE_HIGH_PASS_SIGMA = 8.0
+# Smallest stage-error margin around the predicted overlap, in correlation pixels.
+MIN_MARGIN_PX = 16
 
 
 @dataclass(frozen=True)
@@ -62,12 +64,21 @@ class CorrelationPlan:
 
     tile_shape: tuple[int, int]  # full resolution (h, w)
     scaled_shape: tuple[int, int]  # after resize
-    fft_shape: tuple[int, int]
+    fft_shape: tuple[int, int]  # whole tiles; with strips, the largest a strip pair can need
     resize: float
+    margin_px: int | None = None  # strips: stage-error margin (scaled px); None: whole tiles
 
     @classmethod
     def make(cls, tile_shape: tuple[int, int], settings: CorrelationSettings) -> CorrelationPlan:
         scaled = tiles.scaled_shape(tile_shape, settings.resize)
+        if settings.pad and settings.search_margin > 0:
+            margin = max(MIN_MARGIN_PX, math.ceil(settings.search_margin * max(scaled)))
+            fft = (scipy.fft.next_fast_len(scaled[0] + 2 * margin + 3, real=True),
+                   scipy.fft.next_fast_len(scaled[1] + 2 * margin + 3, real=True))
+            # Never more than whole padded tiles.
+            fft = (min(fft[0], scipy.fft.next_fast_len(2 * scaled[0], real=True)),
+                   min(fft[1], scipy.fft.next_fast_len(2 * scaled[1], real=True)))
+            return cls(tile_shape, scaled, fft, settings.resize, margin)
         if settings.pad:
             fft = (scipy.fft.next_fast_len(2 * scaled[0], real=True),
                    scipy.fft.next_fast_len(2 * scaled[1], real=True))
@@ -176,8 +187,10 @@ def correlate_pairs(
     def decode(t: int) -> np.ndarray:
         return tiles.read_grey(paths[t], resize, shape=plan.tile_shape)
 
+    strips = plan.margin_px is not None
+    weights: dict = {}  # strips: sqrt(high-pass filter) per FFT shape
     weight = None
-    if settings.high_pass_sigma > 0:
+    if settings.high_pass_sigma > 0 and not strips:
         weight = xp.sqrt(correlate.high_pass_filter(
             plan.fft_shape, settings.high_pass_sigma, xp=xp, device=backend.device,
             dtype=xp.float32))
@@ -209,7 +222,15 @@ def correlate_pairs(
                     warnings.warn(f"{exc}; its pairs are placed from the stage only",
                                   OfstitchWarning, stacklevel=2)
                     bad_tiles.add(t)
-            if ok:
+            if ok and strips:
+                # Strips are cut per pair: keep the tiles themselves (a quarter of a
+                # padded spectrum each).
+                stack = to_device(np.stack(arrays), backend)
+                for i, t in enumerate(ok):
+                    live_spectra[t] = xp.asarray(stack[i, ...], copy=True) if len(ok) > 1 \
+                        else stack[0, ...]
+                stats["tiles_transformed"] += len(ok)
+            elif ok:
                 stack = to_device(np.stack(arrays), backend)
                 spectra = correlate.tile_spectra(stack, fft_shape=plan.fft_shape,
                                                  high_pass_sigma=settings.high_pass_sigma,
@@ -231,7 +252,15 @@ def correlate_pairs(
             shift = np.full((len(batch), 2), np.nan)
             quality = np.full(len(batch), np.nan)
             candidates = np.full((len(batch), CANDIDATES, 3), np.nan)
-            if good.any():
+            if good.any() and strips:
+                # No candidates: strips go with --placement reference.
+                sel = batch[good]
+                sel_shift, sel_quality = _correlate_strips(
+                    sel, expected_shift_px[start:stop][good] * resize, live_spectra, plan,
+                    settings, backend, weights)
+                shift[good] = sel_shift / resize
+                quality[good] = sel_quality
+            elif good.any():
                 sel = batch[good]
                 spec_a = xp.stack([live_spectra[int(a)] for a in sel[:, 0]])
                 spec_b = xp.stack([live_spectra[int(b)] for b in sel[:, 1]])
@@ -329,3 +358,101 @@ def _break_ambiguity(pairs: np.ndarray, index: np.ndarray, shift: np.ndarray,
             (round(c[0] / SCORE_BINNING), round(c[1] / SCORE_BINNING))) for c in candidates]
         out[k] = np.asarray(candidates[int(np.argmax(scores))], dtype=np.float64) + frac
     return out
+
+
+def strip_boxes(expected: np.ndarray, shape: tuple[int, int], margin: int
+                ) -> tuple[tuple[int, int, int, int], tuple[int, int, int, int]] | None:
+    """Crops ``(y0, y1, x0, x1)`` of tiles ``a`` and ``b`` for one pair.
+
+    Each is the overlap that ``expected`` (the shift of ``b`` relative to ``a``) predicts,
+    grown by ``margin`` on every side within its tile. ``None`` when no overlap is
+    predicted.
+    """
+    h, w = shape
+    sy, sx = int(round(float(expected[0]))), int(round(float(expected[1])))
+    ay0, ay1, ax0, ax1 = max(0, sy), min(h, h + sy), max(0, sx), min(w, w + sx)
+    if ay1 <= ay0 or ax1 <= ax0:
+        return None
+
+    def grow(y0: int, y1: int, x0: int, x1: int) -> tuple[int, int, int, int]:
+        return max(0, y0 - margin), min(h, y1 + margin), max(0, x0 - margin), min(w, x1 + margin)
+
+    return grow(ay0, ay1, ax0, ax1), grow(ay0 - sy, ay1 - sy, ax0 - sx, ax1 - sx)
+
+
+def strip_fft_length(len_a: int, len_b: int, centre: float, margin: int) -> int:
+    """FFT length along one axis for crops of ``len_a`` and ``len_b`` pixels whose
+    correlation is searched within ``margin`` of displacement ``centre``, free of
+    wrap-around there (and at the sub-pixel neighbours)."""
+    reach = margin + 2
+    need = max(len_b - centre + reach, len_a + centre + reach, len_a, len_b)
+    return scipy.fft.next_fast_len(int(math.ceil(need)), real=True)
+
+
+def _correlate_strips(pairs: np.ndarray, expected: np.ndarray, live_tiles: dict,
+                      plan: CorrelationPlan, settings: CorrelationSettings, backend: Backend,
+                      weights: dict) -> tuple[np.ndarray, np.ndarray]:
+    """Correlate the predicted overlap strips of ``pairs`` (scaled px in and out).
+
+    For crops at ``o_a`` in ``a`` and ``o_b`` in ``b``, the correlation peaks at
+    ``d = o_a - o_b - s`` for a true shift ``s``, so ``s = (o_a - o_b) + shift`` where
+    ``shift = -d`` is what :func:`correlate.locate_peaks` returns. The FFT sizes keep
+    the correlation free of wrap-around within ``margin`` of the predicted ``d``. The
+    peak is searched over the whole strip correlation (so a wrong peak lands anywhere
+    and placement can reject it by its distance from the stage), or within
+    ``corr_mask_radius`` (at most the margin) when that is set.
+    """
+    xp = backend.xp
+    margin = plan.margin_px
+    radius = None
+    if settings.corr_mask_radius is not None:
+        radius = min(float(margin), settings.corr_mask_radius * plan.resize)
+    shift = np.full((len(pairs), 2), np.nan)
+    quality = np.full(len(pairs), np.nan)
+    groups: dict[tuple, list] = {}
+    for k, ((a, b), e) in enumerate(zip(pairs.tolist(), expected, strict=True)):
+        boxes = strip_boxes(e, plan.scaled_shape, margin)
+        if boxes is None:
+            continue  # no predicted overlap: nothing to correlate, the stage places it
+        (ay0, ay1, ax0, ax1), (by0, by1, bx0, bx1) = boxes
+        offset = np.array([ay0 - by0, ax0 - bx0], dtype=np.float64)
+        centre = offset - e
+        fft = (strip_fft_length(ay1 - ay0, by1 - by0, centre[0], margin),
+               strip_fft_length(ax1 - ax0, bx1 - bx0, centre[1], margin))
+        key = (fft, (ay1 - ay0, ax1 - ax0), (by1 - by0, bx1 - bx0))
+        groups.setdefault(key, []).append((k, a, b, boxes, offset, centre))
+    for (fft, _, _), members in groups.items():
+        weight = None
+        if settings.high_pass_sigma > 0:
+            weight = weights.get(fft)
+            if weight is None:
+                if len(weights) >= 8:
+                    weights.clear()
+                weight = weights[fft] = xp.sqrt(correlate.high_pass_filter(
+                    fft, settings.high_pass_sigma, xp=xp, device=backend.device,
+                    dtype=xp.float32))
+        crops_a = xp.stack([live_tiles[a][y0:y1, x0:x1]
+                            for _, a, _, ((y0, y1, x0, x1), _), _, _ in members])
+        crops_b = xp.stack([live_tiles[b][y0:y1, x0:x1]
+                            for _, _, b, (_, (y0, y1, x0, x1)), _, _ in members])
+        spec_a = correlate.tile_spectra(crops_a, fft_shape=fft,
+                                        high_pass_sigma=settings.high_pass_sigma, weight=weight)
+        del crops_a
+        spec_b = correlate.tile_spectra(crops_b, fft_shape=fft,
+                                        high_pass_sigma=settings.high_pass_sigma, weight=weight)
+        del crops_b
+        corr = correlate.cross_correlate(spec_a, spec_b, fft_shape=fft)
+        del spec_a, spec_b
+        centres = np.stack([m[5] for m in members])
+        if radius is None:
+            peaks = correlate.locate_peaks(corr, exclude_radius=0)
+        else:
+            peaks = correlate.locate_peaks(
+                corr, expected_shift=to_device(-centres, backend, dtype=xp.float32),
+                mask_radius=radius, exclude_radius=0)
+        del corr
+        ids = [m[0] for m in members]
+        offsets = np.stack([m[4] for m in members])
+        shift[ids] = to_host(peaks.shift).astype(np.float64) + offsets
+        quality[ids] = to_host(peaks.quality)
+    return shift, quality

@@ -483,6 +483,10 @@ def test_batch_pairs_grows_with_the_budget():
     # Unpadded spectra are a quarter of the size: about four times the pairs per batch.
     unpadded = CorrelationPlan.make((120, 160), CorrelationSettings(pad=False))
     assert unpadded.batch_pairs(64 * 2**20) >= 3 * plan.batch_pairs(64 * 2**20)
+    # Strips of the predicted overlaps need less than whole padded tiles.
+    strips = CorrelationPlan.make((120, 160), CorrelationSettings(search_margin=0.1))
+    assert strips.margin_px is not None
+    assert strips.batch_pairs(64 * 2**20) > plan.batch_pairs(64 * 2**20)
 
 
 def test_register_passes_the_budget(monkeypatch, tmp_path, source_image):

@@ -16,6 +16,9 @@ def test_notebook_runs(path, monkeypatch, tmp_path):
 
     matplotlib.use("Agg")
     monkeypatch.chdir(tmp_path)
+    # benchmarks.ipynb: run benchmarks/compare.py on two tiny scans instead of loading the
+    # saved results (CI has no reference installed and no time for the real sizes).
+    monkeypatch.setenv("OFSTITCH_BENCH_TINY", "1")
     notebook = json.loads(path.read_text())
     namespace: dict = {"__name__": "__notebook__"}
     cells = [c for c in notebook["cells"] if c["cell_type"] == "code"]
