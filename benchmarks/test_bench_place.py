@@ -1,4 +1,5 @@
-"""Placement (automatic threshold search + least squares) for 100, 1,000 and 10,000 tiles."""
+"""Placement for 100, 1,000 and 10,000 tiles: the reference method (automatic threshold
+search + least squares) and robust placement (the default: candidates, null, loops)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import pytest
 
 from ofstitch.graph import find_pairs
 from ofstitch.place import place
+from ofstitch.synthetic import pair_errors, synthetic_pair_results
 
 TILE = (624, 832)
 
@@ -26,6 +28,19 @@ def _problem(n_tiles: int, seed: int = 0):
     shift[bad] += rng.uniform(-200, 200, size=(bad.sum(), 2))
     quality[bad] = 1 - rng.uniform(1e-2, 1e-1, size=bad.sum())
     return pairs, shift, quality, stage, truth
+
+
+@pytest.mark.parametrize("n_tiles", [100, 1_000, 10_000])
+def test_place_robust(benchmark, n_tiles):
+    side = int(round(np.sqrt(n_tiles)))
+    r = synthetic_pair_results((side, side), seed=0)
+    nan = np.full((len(r.pairs), 2), np.nan)
+    result = benchmark.pedantic(
+        place, args=(r.pairs, nan, nan[:, 0], r.stage_px, np.eye(2)),
+        kwargs=dict(candidates=r.candidates, null_candidates=r.null_candidates,
+                    null_stage_shift=r.null_stage_shift), rounds=3, iterations=1)
+    err = pair_errors(result.positions_px, r.truth_px, r.pairs)
+    assert err[r.kind != "blank"].max() < 1.0
 
 
 @pytest.mark.parametrize("n_tiles", [100, 1_000, 10_000])
