@@ -267,109 +267,82 @@ def locate_peaks(corr: Any, *, expected_shift: Any = None, mask_radius: float | 
 
 
 def top_peaks(corr: Any, k: int, *, exclude_radius: int = ZERO_SHIFT_EXCLUSION_PX,
-              block: int = 4, expected_shift: Any = None, radius: float | None = None,
-              k_near: int = 0) -> tuple[Any, Any]:
-    """The ``k`` highest separate peaks of each correlation, to sub-pixel precision, then
-    the ``k_near`` highest within ``radius`` of ``expected_shift``.
+              separation: int = 4, expected_shift: Any = None, radius: float | None = None
+              ) -> tuple[Any, Any]:
+    """The ``k`` highest separate peaks of each correlation, to sub-pixel precision.
 
-    The correlation is reduced once to the maxima of ``block`` x ``block`` cells (the
-    only pass over it); the searches run on the cells: peaks are taken greedily from
-    the highest cell, each suppressing its 3 x 3 neighbourhood, so the candidates are
-    distinct displacements, not the shoulders of one peak. Each is then located
-    exactly inside its cell and refined by a parabola. Cells that reach within
-    ``exclude_radius`` of zero displacement are never candidates (see
-    :func:`locate_peaks`); nor are the last ``Hp % block`` rows and ``Wp % block``
-    columns (displacements of a few pixels below zero).
+    Peaks are taken greedily from the highest; after each, the values within
+    ``separation`` pixels of it (circularly) are suppressed, so the candidates are
+    distinct displacements, not the shoulders of one peak. Displacements within
+    ``exclude_radius`` of zero are never candidates (see :func:`locate_peaks`).
 
     Parameters
     ----------
     corr : array, shape (n, Hp, Wp)
     k : int
     expected_shift : array, shape (n, 2), optional
-        With ``radius`` and ``k_near``: the stage-predicted shift (correlation pixels).
+        With ``radius``: only look within ``radius`` (correlation pixels) of it.
 
     Returns
     -------
-    shift : array, shape (n, k + k_near, 2), float
+    shift : array, shape (n, k, 2), float
         Candidate shifts ``(y, x)`` of ``b`` relative to ``a`` (correlation pixels),
-        highest peak first; NaN where there are no more (a flat correlation has none).
-    index : array, shape (n, k + k_near, 2), int
+        highest peak first; NaN where the correlation has fewer than ``k`` distinct
+        values above its minimum (a flat correlation has none).
+    index : array, shape (n, k, 2), int
         Integer ``(row, col)`` of each candidate in the correlation array.
     """
     xp = array_namespace(corr)
     dev = device_of(corr)
     n, hp, wp = corr.shape
-    hb, wb = hp // block, wp // block
+    dy = signed_indices(hp, xp=xp, device=dev)
+    dx = signed_indices(wp, xp=xp, device=dev)
     flat_raw = xp.reshape(corr, (n * hp * wp,))
     base = xp.arange(n, device=dev) * (hp * wp)
-    cells = xp.max(xp.reshape(corr[:, :hb * block, :wb * block], (n, hb, block, wb, block)),
-                   axis=(2, 4))
-    lowest = xp.min(xp.reshape(cells, (n, hb * wb)), axis=1)
-    span = xp.max(xp.reshape(cells, (n, hb * wb)), axis=1) - lowest
-    tiny = 1e-6 * xp.max(xp.abs(xp.reshape(cells, (n, hb * wb))), axis=1)
-    low_cells = xp.reshape(lowest, (n, 1, 1))
-
-    def signed(i: Any, size: int) -> Any:
-        return i - size * xp.astype(i >= (size + 1) // 2, i.dtype)
-
-    cy = xp.arange(hb, device=dev)
-    cx = xp.arange(wb, device=dev)
-    # Displacement range of each cell's rows and columns (a cell never wraps near zero).
-    y_lo, y_hi = signed(cy * block, hp), signed(cy * block + block - 1, hp)
-    x_lo, x_hi = signed(cx * block, wp), signed(cx * block + block - 1, wp)
+    lowest = xp.min(corr, axis=(-2, -1), keepdims=True)
+    highest = xp.max(corr, axis=(-2, -1), keepdims=True)
+    work = corr
     if exclude_radius > 0:
-        near_y = (xp.minimum(xp.abs(y_lo), xp.abs(y_hi)) <= exclude_radius) | (y_lo * y_hi < 0)
-        near_x = (xp.minimum(xp.abs(x_lo), xp.abs(x_hi)) <= exclude_radius) | (x_lo * x_hi < 0)
-        cells = xp.where((near_y[:, None] & near_x[None, :])[None, ...], low_cells, cells)
-    offsets = xp.reshape(xp.arange(block, device=dev)[:, None] * wp
-                         + xp.arange(block, device=dev)[None, :], (1, block * block))
-
-    def search(cells: Any, count: int) -> None:
-        for _ in range(count):
-            flat_cells = xp.reshape(cells, (n, hb * wb))
-            j = xp.argmax(flat_cells, axis=1)
-            value = xp.max(flat_cells, axis=1)
-            by, bx = j // wb, j % wb
-            # The exact maximum inside the winning cell.
-            start = base + by * block * wp + bx * block
-            inside = xp.take(flat_raw, xp.reshape(start[:, None] + offsets, (-1,)))
-            m = xp.argmax(xp.reshape(inside, (n, block * block)), axis=1)
-            py, px = by * block + m // block, bx * block + m % block
-
-            def value_at(oy: int, ox: int, py=py, px=px) -> Any:
-                return xp.take(flat_raw, base + ((py + oy) % hp) * wp + (px + ox) % wp)
-
-            centre = value_at(0, 0)
-            sub_y = _parabolic_offset(value_at(-1, 0), centre, value_at(1, 0), xp)
-            sub_x = _parabolic_offset(value_at(0, -1), centre, value_at(0, 1), xp)
-            shift = -xp.stack([xp.astype(signed(py, hp), corr.dtype) + sub_y,
-                               xp.astype(signed(px, wp), corr.dtype) + sub_x], axis=1)
-            # No candidate left: only the minimum remains (or it is flat).
-            none = (value <= lowest) | (span <= tiny)
-            shifts.append(xp.where(none[:, None], xp.asarray(math.nan, dtype=shift.dtype,
-                                                             device=dev), shift))
-            indices.append(xp.stack([py, px], axis=1))
-            # Suppress the 3 x 3 cells around the winner, circularly.
-            ddy = xp.abs(cy[None, :] - by[:, None])
-            ddy = xp.minimum(ddy, hb - ddy)
-            ddx = xp.abs(cx[None, :] - bx[:, None])
-            ddx = xp.minimum(ddx, wb - ddx)
-            cells = xp.where((ddy <= 1)[:, :, None] & (ddx <= 1)[:, None, :], low_cells, cells)
-
-    shifts: list = []
-    indices: list = []
-    search(cells, k)
-    if k_near > 0:
-        if expected_shift is None or radius is None:
-            raise ValueError("k_near needs expected_shift and radius")
-        # The peak of shift s sits at displacement -s; a cell counts when its centre is
-        # within radius (plus half a cell's diagonal) of it.
+        near_zero = ((xp.abs(dy) <= exclude_radius)[:, None]
+                     & (xp.abs(dx) <= exclude_radius)[None, :])
+        work = xp.where(near_zero[None, ...], lowest, work)
+    if expected_shift is not None and radius is not None:
         ey = xp.astype(expected_shift[:, 0], corr.dtype)[:, None, None]
         ex = xp.astype(expected_shift[:, 1], corr.dtype)[:, None, None]
-        fy = xp.astype(y_lo, corr.dtype)[None, :, None] + (block - 1) / 2
-        fx = xp.astype(x_lo, corr.dtype)[None, None, :] + (block - 1) / 2
-        reach = radius + block * 0.71
-        search(xp.where((fy + ey) ** 2 + (fx + ex) ** 2 <= reach**2, cells, low_cells), k_near)
+        fy = xp.astype(dy, corr.dtype)[None, :, None]
+        fx = xp.astype(dx, corr.dtype)[None, None, :]
+        work = xp.where((fy + ey) ** 2 + (fx + ex) ** 2 <= radius**2, work, lowest)
+    span = xp.reshape(highest - lowest, (n,))
+    tiny = 1e-6 * xp.max(xp.abs(xp.reshape(corr, (n, hp * wp))), axis=1)
+    shifts, indices = [], []
+    for _ in range(k):
+        flat = xp.reshape(work, (n, hp * wp))
+        j = xp.argmax(flat, axis=1)
+        value = xp.max(flat, axis=1)
+        py, px = j // wp, j % wp
+
+        def value_at(oy: int, ox: int, py=py, px=px) -> Any:
+            return xp.take(flat_raw, base + ((py + oy) % hp) * wp + (px + ox) % wp)
+
+        centre = value_at(0, 0)
+        sub_y = _parabolic_offset(value_at(-1, 0), centre, value_at(1, 0), xp)
+        sub_x = _parabolic_offset(value_at(0, -1), centre, value_at(0, 1), xp)
+        int_dy = py - hp * xp.astype(py >= (hp + 1) // 2, py.dtype)
+        int_dx = px - wp * xp.astype(px >= (wp + 1) // 2, px.dtype)
+        shift = -xp.stack([xp.astype(int_dy, corr.dtype) + sub_y,
+                           xp.astype(int_dx, corr.dtype) + sub_x], axis=1)
+        # No candidate left: everything remaining sits at the minimum (or it is flat).
+        none = (value <= xp.reshape(lowest, (n,))) | (span <= tiny)
+        shifts.append(xp.where(none[:, None], xp.asarray(math.nan, dtype=shift.dtype,
+                                                         device=dev), shift))
+        indices.append(xp.stack([py, px], axis=1))
+        # Suppress a (2 separation + 1)^2 box around the peak, circularly.
+        ddy = xp.abs(dy[None, :] - int_dy[:, None])
+        ddy = xp.minimum(ddy, hp - ddy)
+        ddx = xp.abs(dx[None, :] - int_dx[:, None])
+        ddx = xp.minimum(ddx, wp - ddx)
+        box = (ddy <= separation)[:, :, None] & (ddx <= separation)[:, None, :]
+        work = xp.where(box, lowest, work)
     return xp.stack(shifts, axis=1), xp.stack(indices, axis=1)
 
 

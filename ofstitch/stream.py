@@ -281,9 +281,11 @@ def correlate_pairs(
                 radius = (settings.corr_mask_radius * resize
                           if settings.corr_mask_radius is not None
                           else PRIOR_RADIUS_FRACTION * min(plan.scaled_shape))
-                cand_shift, cand_index = correlate.top_peaks(
-                    corr, CANDIDATES - PRIOR_PEAKS, expected_shift=prior, radius=radius,
-                    k_near=PRIOR_PEAKS)
+                global_shift, global_index = correlate.top_peaks(corr, CANDIDATES - PRIOR_PEAKS)
+                near_shift, near_index = correlate.top_peaks(corr, PRIOR_PEAKS,
+                                                             expected_shift=prior, radius=radius)
+                cand_shift = xp.concat([global_shift, near_shift], axis=1)
+                cand_index = xp.concat([global_index, near_index], axis=1)
                 del corr
                 candidates[good] = _score_candidates(
                     sel, to_host(cand_shift).astype(np.float64), to_host(cand_index),
