@@ -170,24 +170,23 @@ def _jpeg_luma(path: Path, out_shape: tuple[int, int]) -> np.ndarray | None:
     ``None`` when libjpeg cannot do it (CMYK, 12-bit...): the caller decodes another way.
     Raises :class:`TileReadError` for a file that cannot be decoded.
     """
-    import warnings
-
     from PIL import Image
 
+    # No warnings.catch_warnings() here: this runs on the decode threads, and that context
+    # manager swaps the process-wide warning state, which would swallow (or leak) the
+    # warnings the main thread is reporting at the same time.
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # Pillow's own chatter about bad files
-            with Image.open(path) as pil:
-                if pil.format != "JPEG" or pil.mode not in ("L", "RGB"):
-                    return None
-                if pil.width * pil.height > MAX_TILE_PIXELS:
-                    raise TileReadError(
-                        f"{path.name} claims {pil.width}x{pil.height} pixels, more than a "
-                        "tile can have (a corrupt file or a decompression bomb)")
-                pil.draft("L", (out_shape[1], out_shape[0]))
-                if pil.mode != "L":
-                    return None
-                arr = np.asarray(pil)
+        with Image.open(path) as pil:
+            if pil.format != "JPEG" or pil.mode not in ("L", "RGB"):
+                return None
+            if pil.width * pil.height > MAX_TILE_PIXELS:
+                raise TileReadError(
+                    f"{path.name} claims {pil.width}x{pil.height} pixels, more than a "
+                    "tile can have (a corrupt file or a decompression bomb)")
+            pil.draft("L", (out_shape[1], out_shape[0]))
+            if pil.mode != "L":
+                return None
+            arr = np.asarray(pil)
     except TileReadError:
         raise
     except Exception as exc:
