@@ -9,14 +9,15 @@ import numpy as np
 from .atomic import atomic_path
 
 
-def _figure(figsize: tuple[float, float]):
-    """A figure on the Agg canvas, without pyplot (no global state, faster import)."""
+def _figure(figsize: tuple[float, float], **subplots):
+    """A figure on the Agg canvas, without pyplot (no global state, faster import), and
+    its axes (``fig.subplots(**subplots)``: one by default)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=figsize)
     FigureCanvasAgg(fig)
-    return fig, fig.add_subplot()
+    return fig, fig.subplots(**subplots)
 
 
 def _save(fig, path: Path, **kwargs) -> None:
@@ -98,15 +99,10 @@ def plot_placement(path: Path, placement, quality: np.ndarray, discrepancy: np.n
         plot_correlations(path, quality, discrepancy, placement.accepted,
                           placement.min_peak_quality, placement.max_stage_discrepancy)
         return
-    from matplotlib.figure import Figure
-
     from .place import RESEARCHED, STAGE_ONLY, TRUSTED
 
-    fig = Figure(figsize=(11, 5.5))
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-
-    FigureCanvasAgg(fig)
-    ax_hist, ax_scatter = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1, 1.3]})
+    fig, (ax_hist, ax_scatter) = _figure((11, 5.5), ncols=2,
+                                         gridspec_kw={"width_ratios": [1, 1.3]})
     score = np.nan_to_num(placement.score, nan=-1.0)
     null = placement.null_score[np.isfinite(placement.null_score)] \
         if placement.null_score is not None else np.zeros(0)

@@ -21,7 +21,15 @@ from . import diagnostics, formats, render, tiles
 from .backends import Backend, select_backend
 from .cache import CorrelationCache, cache_path
 from .errors import OfstitchError, OfstitchWarning
-from .graph import OverlapGraph, find_pairs, interleave, null_pairs, require_connected
+from .graph import (
+    OverlapGraph,
+    components,
+    find_pairs,
+    interleave,
+    null_pairs,
+    predicted_overlap,
+    require_connected,
+)
 from .place import Placement, place, stage_placement
 from .scan import Scan, load_scan, require_folder
 from .settings import StitchSettings
@@ -187,8 +195,6 @@ def island_pairs(scan: Scan, graph: OverlapGraph, used: np.ndarray) -> np.ndarra
     """Pairs outside the graph (predicted overlap between :data:`ISLAND_MIN_OVERLAP` and
     ``--minimum-overlap``, such as diagonal neighbours) that could join a tile that the
     used pairs leave out of the largest group to a tile of another group."""
-    from .graph import components
-
     n = len(scan)
     labels = components(n, graph.pairs[used]) if used.any() else np.arange(n)
     main = np.argmax(np.bincount(labels))
@@ -328,8 +334,6 @@ def register(folder: Path | str, settings: StitchSettings | None = None, *,
         scan, graph, settings, backend, cache=cache, progress=progress,
         ask_thresholds=ask_thresholds, plot_dir=out_dir)
     if len(pairs) > len(graph.pairs):  # pairs added for tiles in islands
-        from .graph import predicted_overlap
-
         graph = OverlapGraph(pairs, predicted_overlap(scan.stage_px, scan.tile_shape,
                                                       pairs[:, 0], pairs[:, 1]), len(scan))
     timings.update(seconds)

@@ -142,11 +142,7 @@ def read_grey(path: Path, resize: float = 1.0, *, shape: tuple[int, int] | None 
     if grey is not None:
         image = pyvips.Image.new_from_array(grey)
     else:
-        shrink = 1
-        if resize < 1:
-            shrink = 2 ** int(math.floor(math.log2(1 / resize)))
-            shrink = min(shrink, 8)
-        image = _colour_bands(_open(path, shrink=shrink))
+        image = _colour_bands(_open(path, shrink=_dct_shrink(resize)))
         if image.bands > 1:
             image = image.bandmean()
     image = image.cast("float")
@@ -228,23 +224,20 @@ def focus_measure(path: Path) -> float:
 
 def read_rgb8_scaled(path: Path, scale: float, out_shape: tuple[int, int], *,
                      value_scale: float = 1.0) -> np.ndarray:
-    """Decode a tile as 8-bit RGB resized to exactly ``out_shape`` = ``(h, w)``.
+    """Decode a tile as 8-bit RGB resized to exactly ``out_shape`` = ``(h, w)``
+    (:func:`rgb8_image`, computed).
 
     Uses libjpeg's DCT scaling for JPEG tiles when ``scale <= 1/2``.
     """
-    shrink = 1
-    if scale < 1:
-        shrink = min(8, 2 ** int(math.floor(math.log2(1 / scale))))
-    image = _colour_bands(_open(path, shrink=shrink))
-    if image.bands == 1:
-        image = image.bandjoin([image, image])
-    out_h, out_w = out_shape
-    if (image.height, image.width) != (out_h, out_w):
-        image = image.resize(out_w / image.width, vscale=out_h / image.height)
-    if image.format != "uchar" or value_scale != 1.0:
-        image = (image.cast("float") * value_scale).cast("uchar")
-    arr = _to_array(image, Path(path).name)
-    return np.ascontiguousarray(arr[:out_h, :out_w])
+    image = rgb8_image(path, scale, out_shape, value_scale=value_scale)
+    return np.ascontiguousarray(_to_array(image, Path(path).name))
+
+
+def _dct_shrink(scale: float) -> int:
+    """The libjpeg shrink-on-load factor (1, 2, 4 or 8) for a tile drawn at ``scale``."""
+    if scale >= 1:
+        return 1
+    return min(8, 2 ** int(math.floor(math.log2(1 / scale))))
 
 
 def rgb8_image(path: Path, scale: float, out_shape: tuple[int, int] | None, *,
@@ -256,10 +249,7 @@ def rgb8_image(path: Path, scale: float, out_shape: tuple[int, int] | None, *,
     Raises :class:`TileReadError` when the header cannot be read; corrupt pixel
     data raises ``pyvips.Error`` only when the pixels are computed.
     """
-    shrink = 1
-    if scale < 1:
-        shrink = min(8, 2 ** int(math.floor(math.log2(1 / scale))))
-    image = _colour_bands(_open(path, shrink=shrink))
+    image = _colour_bands(_open(path, shrink=_dct_shrink(scale)))
     if image.bands == 1:
         image = image.bandjoin([image, image])
     if out_shape is not None and (image.height, image.width) != tuple(out_shape):
