@@ -131,7 +131,9 @@ def tile_spectra(tiles: Any, *, fft_shape: tuple[int, int], high_pass_sigma: flo
     if weight is None and high_pass_sigma > 0:
         weight = xp.sqrt(high_pass_filter(fft_shape, high_pass_sigma, xp=xp,
                                           device=device_of(tiles), dtype=tiles.dtype))
-    return spectra if weight is None else spectra * weight
+    if weight is not None:
+        spectra *= weight  # in place: the transform's output is ours
+    return spectra
 
 
 def score_tiles(tiles: Any, *, high_pass_sigma: float, binning: int = 2) -> Any:
@@ -174,7 +176,9 @@ def cross_correlate(spec_a: Any, spec_b: Any, *, fft_shape: tuple[int, int]) -> 
         (circular indices: ``i >= Hp/2`` means ``i - Hp``).
     """
     xp = array_namespace(spec_a, spec_b)
-    return _irfftn(xp.conj(spec_a) * spec_b, fft_shape, xp)
+    product = xp.conj(spec_a)
+    product *= spec_b  # in place: one spectrum-sized temporary, not two
+    return _irfftn(product, fft_shape, xp)
 
 
 def signed_indices(n: int, *, xp: Any, device: Any = None) -> Any:
@@ -209,14 +213,21 @@ def locate_peaks(corr: Any, *, expected_shift: Any = None, mask_radius: float | 
     dy = xp.astype(signed_indices(hp, xp=xp, device=dev), corr.dtype)[None, :, None]
     dx = xp.astype(signed_indices(wp, xp=xp, device=dev), corr.dtype)[None, None, :]
     raw = corr  # sub-pixel neighbours are read from the unmodified correlation
-
-    if exclude_radius > 0:
+    e = exclude_radius
+    fast = (expected_shift is None or mask_radius is None) and 0 < e and 2 * e + 2 <= min(hp, wp)
+    if fast:
+        # No full-size temporaries: the statistics of the correlation with its zero-shift
+        # box set to the mean, from views around the box (the same numbers as below).
+        highest, lowest, quality, py, px, raw_extent = _unmasked_peak(corr, e)
+    elif exclude_radius > 0:
         near_zero = (xp.abs(dy) < exclude_radius) & (xp.abs(dx) < exclude_radius)
         fill = xp.mean(corr, axis=(-2, -1), keepdims=True)
         corr = xp.where(near_zero, fill, corr)
 
-    highest = xp.max(corr, axis=(-2, -1), keepdims=True)
-    if expected_shift is not None and mask_radius is not None:
+    if fast:
+        pass
+    elif expected_shift is not None and mask_radius is not None:
+        highest = xp.max(corr, axis=(-2, -1), keepdims=True)
         # The peak sits at d = -shift.
         ey = xp.astype(expected_shift[:, 0], corr.dtype)[:, None, None]
         ex = xp.astype(expected_shift[:, 1], corr.dtype)[:, None, None]
@@ -230,13 +241,15 @@ def locate_peaks(corr: Any, *, expected_shift: Any = None, mask_radius: float | 
         quality = below / xp.sum(xp.astype(inside, corr.dtype), axis=(-2, -1))
     else:
         searched = corr
+        highest = xp.max(corr, axis=(-2, -1), keepdims=True)
         lowest = xp.min(corr, axis=(-2, -1), keepdims=True)
         level = lowest + QUALITY_LEVEL * (highest - lowest)
         quality = xp.mean(xp.astype(corr < level, corr.dtype), axis=(-2, -1))
-
-    k = xp.argmax(xp.reshape(searched, (n, hp * wp)), axis=1)
-    py = k // wp
-    px = k % wp
+    if not fast:
+        k = xp.argmax(xp.reshape(searched, (n, hp * wp)), axis=1)
+        py = k // wp
+        px = k % wp
+        raw_extent = xp.max(xp.abs(xp.reshape(raw, (n, hp * wp))), axis=1)
     flat_raw = xp.reshape(raw, (n * hp * wp,))
     base = xp.arange(n, device=dev) * (hp * wp)
 
@@ -251,8 +264,7 @@ def locate_peaks(corr: Any, *, expected_shift: Any = None, mask_radius: float | 
     shift = -xp.stack([peak_dy, peak_dx], axis=1)
     # A flat correlation (a blank tile) has no peak: NaN, so placement uses the stage.
     span = xp.reshape(highest - lowest, (n,))
-    peak_range = xp.max(xp.abs(xp.reshape(raw, (n, hp * wp))), axis=1)
-    flat = span <= 1e-6 * peak_range
+    flat = span <= 1e-6 * raw_extent
     # A peak on the rim of the excluded zero-shift box is the tail of the fixed pattern
     # (vignetting, dust) that the box hides, not an alignment: no result either.
     int_dy = py - hp * xp.astype(py >= (hp + 1) // 2, py.dtype)
@@ -266,6 +278,55 @@ def locate_peaks(corr: Any, *, expected_shift: Any = None, mask_radius: float | 
     return Peaks(shift=shift, index=index, quality=quality)
 
 
+def _unmasked_peak(corr: Any, e: int) -> tuple[Any, Any, Any, Any, Any, Any]:
+    """:func:`locate_peaks` without a search mask, its zero-shift box (``|d| < e`` on both
+    axes) counted as holding the mean, computed from views of ``corr`` (no copies).
+
+    Returns ``highest, lowest`` (n, 1, 1), ``quality`` (n,), the peak's ``row, col`` (n,)
+    and the largest magnitude of the raw correlation (n,).
+    """
+    xp = array_namespace(corr)
+    n, hp, wp = corr.shape
+    top, bottom, left, right = e, hp - e + 1, e, wp - e + 1
+    # Outside the box, in flat order: above it (between its corners), the full-width
+    # middle rows, below it.
+    views = [(corr[:, :top, left:right], 0, left), (corr[:, top:bottom, :], top, 0),
+             (corr[:, bottom:, left:right], bottom, left)]
+    corners = [corr[:, :top, :left], corr[:, :top, right:], corr[:, bottom:, :left],
+               corr[:, bottom:, right:]]
+    views = [v for v in views if v[0].shape[1] * v[0].shape[2] > 0]
+    corners = [c for c in corners if c.shape[1] * c.shape[2] > 0]
+    fill = xp.mean(corr, axis=(-2, -1))
+
+    def over(values: list, reduce: Any) -> Any:
+        return xp.stack([reduce(v, axis=(-2, -1)) for v in values], axis=1)
+
+    view_max, view_min = over([v for v, _, _ in views], xp.max), over([v for v, _, _ in views],
+                                                                         xp.min)
+    highest = xp.maximum(xp.max(view_max, axis=1), fill)
+    lowest = xp.minimum(xp.min(view_min, axis=1), fill)
+    level = lowest + QUALITY_LEVEL * (highest - lowest)
+    below = sum(xp.count_nonzero(v < level[:, None, None], axis=(-2, -1)) for v, _, _ in views)
+    boxed = (2 * e - 1) ** 2
+    below = xp.astype(below, corr.dtype) + boxed * xp.astype(fill < level, corr.dtype)
+    quality = below / (hp * wp)
+    # The first maximum in flat order; the box (from index 0) wins ties with the mean.
+    py = xp.zeros((n,), dtype=xp.int64, device=device_of(corr))
+    px = xp.zeros_like(py)
+    best = fill
+    for i, (view, row0, col0) in enumerate(views):
+        vh, vw = view.shape[1:]
+        j = xp.argmax(xp.reshape(view, (n, vh * vw)), axis=1)
+        better = view_max[:, i] > best
+        py = xp.where(better, xp.astype(j // vw, py.dtype) + row0, py)
+        px = xp.where(better, xp.astype(j % vw, px.dtype) + col0, px)
+        best = xp.where(better, view_max[:, i], best)
+    raw_extent = xp.maximum(xp.max(xp.abs(view_max), axis=1), xp.max(xp.abs(view_min), axis=1))
+    for c in corners:
+        raw_extent = xp.maximum(raw_extent, xp.max(xp.abs(c), axis=(-2, -1)))
+    return highest[:, None, None], lowest[:, None, None], quality, py, px, raw_extent
+
+
 def top_peaks(corr: Any, k: int, *, exclude_radius: int = ZERO_SHIFT_EXCLUSION_PX,
               separation: int = 4, expected_shift: Any = None, radius: float | None = None
               ) -> tuple[Any, Any]:
@@ -275,6 +336,12 @@ def top_peaks(corr: Any, k: int, *, exclude_radius: int = ZERO_SHIFT_EXCLUSION_P
     ``separation`` pixels of it (circularly) are suppressed, so the candidates are
     distinct displacements, not the shoulders of one peak. Displacements within
     ``exclude_radius`` of zero are never candidates (see :func:`locate_peaks`).
+
+    The greedy choice only ever looks at the ``(k - 1) (2 separation + 1)^2 + 1``
+    highest values (each pick suppresses at most ``(2 separation + 1)^2`` of them), so
+    those are found in one pass (``argpartition`` where the namespace has it, else a
+    sort) and the picks are made among them. With ``radius``, only the window around
+    the prediction is gathered.
 
     Parameters
     ----------
@@ -295,55 +362,169 @@ def top_peaks(corr: Any, k: int, *, exclude_radius: int = ZERO_SHIFT_EXCLUSION_P
     xp = array_namespace(corr)
     dev = device_of(corr)
     n, hp, wp = corr.shape
-    dy = signed_indices(hp, xp=xp, device=dev)
-    dx = signed_indices(wp, xp=xp, device=dev)
     flat_raw = xp.reshape(corr, (n * hp * wp,))
     base = xp.arange(n, device=dev) * (hp * wp)
     lowest = xp.min(corr, axis=(-2, -1), keepdims=True)
     highest = xp.max(corr, axis=(-2, -1), keepdims=True)
+    span = xp.reshape(highest - lowest, (n,))
+    tiny = 1e-6 * xp.maximum(xp.abs(xp.reshape(highest, (n,))), xp.abs(xp.reshape(lowest, (n,))))
+    # rows, cols: (n, H) and (n, W), the correlation index of each row/column of `work`.
+    work, rows, cols, circular, exclude = _peak_search_region(
+        corr, exclude_radius, separation, expected_shift, radius, lowest)
+    _, h, w = work.shape
+    pos, value = _greedy_peaks(work, k, separation, circular, exclude, lowest)
+    none = (value <= xp.reshape(lowest, (n, 1))) | (span <= tiny)[:, None]
+    row_idx = xp.arange(n, device=dev)[:, None]
+    py = xp.reshape(xp.take(xp.reshape(rows, (-1,)), xp.reshape(row_idx * h + pos // w, (-1,))),
+                    (n, k))
+    px = xp.reshape(xp.take(xp.reshape(cols, (-1,)), xp.reshape(row_idx * w + pos % w, (-1,))),
+                    (n, k))
+
+    def value_at(oy: int, ox: int) -> Any:
+        return xp.take(flat_raw, xp.reshape(base[:, None] + ((py + oy) % hp) * wp
+                                            + (px + ox) % wp, (-1,)))
+
+    centre = value_at(0, 0)
+    sub_y = _parabolic_offset(value_at(-1, 0), centre, value_at(1, 0), xp)
+    sub_x = _parabolic_offset(value_at(0, -1), centre, value_at(0, 1), xp)
+    int_dy = xp.reshape(py - hp * xp.astype(py >= (hp + 1) // 2, py.dtype), (-1,))
+    int_dx = xp.reshape(px - wp * xp.astype(px >= (wp + 1) // 2, px.dtype), (-1,))
+    shift = -xp.stack([xp.astype(int_dy, corr.dtype) + sub_y,
+                       xp.astype(int_dx, corr.dtype) + sub_x], axis=1)
+    shift = xp.where(xp.reshape(none, (-1,))[:, None],
+                     xp.asarray(math.nan, dtype=shift.dtype, device=dev), shift)
+    return xp.reshape(shift, (n, k, 2)), xp.stack([py, px], axis=2)
+
+
+def _peak_search_region(corr: Any, exclude_radius: int, separation: int, expected_shift: Any,
+                        radius: float | None, lowest: Any) -> tuple[Any, Any, Any, bool, int]:
+    """The values :func:`top_peaks` searches, the excluded ones set to ``lowest``.
+
+    Returns ``(work, rows, cols, circular, exclude)``: ``work`` is the whole
+    correlation (``circular``) or, with a radius small enough not to wrap onto itself,
+    the square window around each prediction; ``rows[i, r]``/``cols[i, c]`` are the
+    correlation's row/column at ``work[i, r, c]``. Without a radius ``work`` is ``corr``
+    itself (no full-size copy) and the zero-shift box of half-width ``exclude`` is left
+    for :func:`_greedy_peaks` to drop.
+    """
+    xp = array_namespace(corr)
+    dev = device_of(corr)
+    n, hp, wp = corr.shape
+    windowed = expected_shift is not None and radius is not None
+    half = int(math.ceil(radius)) if windowed else 0
+    if windowed and 2 * half + 1 + 2 * separation < min(hp, wp):
+        ey = xp.astype(expected_shift[:, 0], corr.dtype)
+        ex = xp.astype(expected_shift[:, 1], corr.dtype)
+        offsets = xp.arange(-half, half + 1, device=dev)
+        # The peak for shift s sits at displacement d = -s.
+        rows = (xp.astype(xp.round(-ey), offsets.dtype)[:, None] + offsets[None, :]) % hp
+        cols = (xp.astype(xp.round(-ex), offsets.dtype)[:, None] + offsets[None, :]) % wp
+        flat = xp.reshape(corr, (n * hp * wp,))
+        grid = ((xp.arange(n, device=dev) * (hp * wp))[:, None, None]
+                + rows[:, :, None] * wp + cols[:, None, :])
+        size = 2 * half + 1
+        work = xp.reshape(xp.take(flat, xp.reshape(grid, (-1,))), (n, size, size))
+        dy = xp.astype(rows - hp * xp.astype(rows >= (hp + 1) // 2, rows.dtype), corr.dtype)
+        dx = xp.astype(cols - wp * xp.astype(cols >= (wp + 1) // 2, cols.dtype), corr.dtype)
+        keep = ((dy + ey[:, None]) ** 2)[:, :, None] + ((dx + ex[:, None]) ** 2)[:, None, :] \
+            <= radius**2
+        if exclude_radius > 0:
+            keep = keep & ~((xp.abs(dy) <= exclude_radius)[:, :, None]
+                            & (xp.abs(dx) <= exclude_radius)[:, None, :])
+        return xp.where(keep, work, lowest), rows, cols, False, 0
+    dy = signed_indices(hp, xp=xp, device=dev)
+    dx = signed_indices(wp, xp=xp, device=dev)
     work = corr
-    if exclude_radius > 0:
-        near_zero = ((xp.abs(dy) <= exclude_radius)[:, None]
-                     & (xp.abs(dx) <= exclude_radius)[None, :])
-        work = xp.where(near_zero[None, ...], lowest, work)
-    if expected_shift is not None and radius is not None:
+    if windowed:
+        if exclude_radius > 0:
+            near_zero = ((xp.abs(dy) <= exclude_radius)[:, None]
+                         & (xp.abs(dx) <= exclude_radius)[None, :])
+            work = xp.where(near_zero[None, ...], lowest, work)
         ey = xp.astype(expected_shift[:, 0], corr.dtype)[:, None, None]
         ex = xp.astype(expected_shift[:, 1], corr.dtype)[:, None, None]
         fy = xp.astype(dy, corr.dtype)[None, :, None]
         fx = xp.astype(dx, corr.dtype)[None, None, :]
         work = xp.where((fy + ey) ** 2 + (fx + ex) ** 2 <= radius**2, work, lowest)
-    span = xp.reshape(highest - lowest, (n,))
-    tiny = 1e-6 * xp.max(xp.abs(xp.reshape(corr, (n, hp * wp))), axis=1)
-    shifts, indices = [], []
+        exclude_radius = 0  # done
+    rows = xp.broadcast_to(xp.arange(hp, device=dev)[None, :], (n, hp))
+    cols = xp.broadcast_to(xp.arange(wp, device=dev)[None, :], (n, wp))
+    return work, rows, cols, True, exclude_radius
+
+
+def _greedy_peaks(work: Any, k: int, separation: int, circular: bool, exclude: int,
+                  fill: Any) -> tuple[Any, Any]:
+    """Flat positions and values ``(n, k)`` of the greedy picks of :func:`top_peaks`.
+
+    ``exclude > 0`` (circular ``work`` only): the zero-shift box of that half-width
+    counts as ``fill`` (shape ``(n, 1, 1)``).
+    """
+    xp = array_namespace(work)
+    dev = device_of(work)
+    n, h, w = work.shape
+    size = h * w
+    flat = xp.reshape(work, (n, size))
+    # Each pick suppresses at most (2 separation + 1)^2 values, and the excluded box can
+    # hold more of the highest raw values: the picks are among this many.
+    pool = min((k - 1) * (2 * separation + 1) ** 2 + 1 + (2 * exclude + 1) ** 2, size)
+    pos = _highest(flat, pool)
+    value = xp.take_along_axis(flat, pos, axis=1)
+    if exclude > 0:
+        sy = xp.abs(pos // w - h * xp.astype(pos // w >= (h + 1) // 2, pos.dtype))
+        sx = xp.abs(pos % w - w * xp.astype(pos % w >= (w + 1) // 2, pos.dtype))
+        value = xp.where((sy <= exclude) & (sx <= exclude), xp.reshape(fill, (n, 1)), value)
+    # In ascending position, then stably by descending value: the order in which repeated
+    # argmax over the whole array would visit them.
+    order = xp.argsort(pos, axis=1, stable=True)
+    pos, value = xp.take_along_axis(pos, order, axis=1), xp.take_along_axis(value, order, axis=1)
+    order = xp.argsort(value, axis=1, descending=True, stable=True)
+    pos, value = xp.take_along_axis(pos, order, axis=1), xp.take_along_axis(value, order, axis=1)
+    cy, cx = pos // w, pos % w
+    alive = xp.ones((n, pool), dtype=xp.bool, device=dev)
+    lowest = xp.min(value, axis=1)
+    picks, values = [], []
     for _ in range(k):
-        flat = xp.reshape(work, (n, hp * wp))
-        j = xp.argmax(flat, axis=1)
-        value = xp.max(flat, axis=1)
-        py, px = j // wp, j % wp
+        j = xp.argmax(xp.astype(alive, xp.int8), axis=1)[:, None]  # the first one alive
+        pick = xp.take_along_axis(pos, j, axis=1)[:, 0]
+        # Nothing left alive: report the pool's lowest value, so the pick is "none".
+        val = xp.where(xp.any(alive, axis=1), xp.take_along_axis(value, j, axis=1)[:, 0], lowest)
+        picks.append(pick)
+        values.append(val)
+        ddy = xp.abs(cy - (pick // w)[:, None])
+        ddx = xp.abs(cx - (pick % w)[:, None])
+        if circular:
+            ddy = xp.minimum(ddy, h - ddy)
+            ddx = xp.minimum(ddx, w - ddx)
+        alive = alive & ~((ddy <= separation) & (ddx <= separation))
+    return xp.stack(picks, axis=1), xp.stack(values, axis=1)
 
-        def value_at(oy: int, ox: int, py=py, px=px) -> Any:
-            return xp.take(flat_raw, base + ((py + oy) % hp) * wp + (px + ox) % wp)
 
-        centre = value_at(0, 0)
-        sub_y = _parabolic_offset(value_at(-1, 0), centre, value_at(1, 0), xp)
-        sub_x = _parabolic_offset(value_at(0, -1), centre, value_at(0, 1), xp)
-        int_dy = py - hp * xp.astype(py >= (hp + 1) // 2, py.dtype)
-        int_dx = px - wp * xp.astype(px >= (wp + 1) // 2, px.dtype)
-        shift = -xp.stack([xp.astype(int_dy, corr.dtype) + sub_y,
-                           xp.astype(int_dx, corr.dtype) + sub_x], axis=1)
-        # No candidate left: everything remaining sits at the minimum (or it is flat).
-        none = (value <= xp.reshape(lowest, (n,))) | (span <= tiny)
-        shifts.append(xp.where(none[:, None], xp.asarray(math.nan, dtype=shift.dtype,
-                                                         device=dev), shift))
-        indices.append(xp.stack([py, px], axis=1))
-        # Suppress a (2 separation + 1)^2 box around the peak, circularly.
-        ddy = xp.abs(dy[None, :] - int_dy[:, None])
-        ddy = xp.minimum(ddy, hp - ddy)
-        ddx = xp.abs(dx[None, :] - int_dx[:, None])
-        ddx = xp.minimum(ddx, wp - ddx)
-        box = (ddy <= separation)[:, :, None] & (ddx <= separation)[:, None, :]
-        work = xp.where(box, lowest, work)
-    return xp.stack(shifts, axis=1), xp.stack(indices, axis=1)
+def _highest(flat: Any, count: int) -> Any:
+    """Positions ``(n, count)`` of the ``count`` highest values of each row (any order)."""
+    xp = array_namespace(flat)
+    n, size = flat.shape
+    if count >= size:
+        return xp.broadcast_to(xp.arange(size, device=device_of(flat))[None, :], (n, size))
+    if is_numpy_namespace(xp):
+        import numpy as np
+
+        out = np.empty((n, count), dtype=np.intp)
+        step = size // (8 * count)
+        for i in range(n):
+            row = np.asarray(flat[i])
+            if step >= 2:
+                # The count-th highest of a subsample is at most the row's: every value
+                # above it is a candidate, and there are few of them.
+                sample = row[::step]
+                floor = np.partition(sample, sample.size - count)[sample.size - count]
+                above = np.flatnonzero(row >= floor)
+                out[i] = above[np.argpartition(row[above], above.size - count)[above.size - count:]]
+            else:
+                out[i] = np.argpartition(row, size - count)[size - count:]
+        return xp.asarray(out)
+    argpartition = getattr(xp, "argpartition", None)
+    if argpartition is not None:
+        return argpartition(flat, size - count, axis=1)[:, size - count:]
+    return xp.argsort(flat, axis=1, descending=True, stable=True)[:, :count]
 
 
 def _parabolic_offset(left: Any, centre: Any, right: Any, xp: Any) -> Any:

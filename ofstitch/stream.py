@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import scipy.fft
@@ -262,8 +263,8 @@ def correlate_pairs(
                 quality[good] = sel_quality
             elif good.any():
                 sel = batch[good]
-                spec_a = xp.stack([live_spectra[int(a)] for a in sel[:, 0]])
-                spec_b = xp.stack([live_spectra[int(b)] for b in sel[:, 1]])
+                spec_a = _stack([live_spectra[int(a)] for a in sel[:, 0]], xp)
+                spec_b = _stack([live_spectra[int(b)] for b in sel[:, 1]], xp)
                 corr = correlate.cross_correlate(spec_a, spec_b, fft_shape=plan.fft_shape)
                 del spec_a, spec_b
                 expected = None
@@ -303,6 +304,11 @@ def correlate_pairs(
                     del live_spectra[t]
                     live_tiles.pop(t, None)
             yield BatchResult(np.arange(start, stop), shift, quality, candidates)
+
+
+def _stack(arrays: list, xp: Any) -> Any:
+    """``xp.stack``, without copying a single array."""
+    return arrays[0][None, ...] if len(arrays) == 1 else xp.stack(arrays)
 
 
 def _score_candidates(pairs: np.ndarray, shift: np.ndarray, index: np.ndarray,

@@ -655,3 +655,76 @@ def test_to_device_roundtrip(backend):
     back = to_host(dev)
     assert isinstance(back, np.ndarray)
     np.testing.assert_array_equal(back, host)
+
+
+# ----------------------------------------------------------------------------- peak search
+
+
+def _greedy_peaks_by_repeated_argmax(corr, k, separation, exclude, expected=None, radius=None):
+    """Reference for correlate.top_peaks: argmax, suppress a box around it, repeat."""
+    n, hp, wp = corr.shape
+    dy, dx = _signed(hp)[:, None], _signed(wp)[None, :]
+    out = np.full((n, k, 2), np.nan)
+    for i in range(n):
+        lowest = corr[i].min()
+        work = corr[i].copy()
+        if exclude > 0:
+            work[(np.abs(dy) <= exclude) & (np.abs(dx) <= exclude)] = lowest
+        if radius is not None:
+            work[(dy + expected[i, 0]) ** 2 + (dx + expected[i, 1]) ** 2 > radius**2] = lowest
+        for c in range(k):
+            py, px = np.unravel_index(np.argmax(work), work.shape)
+            if work[py, px] > lowest and corr[i].max() - lowest > 1e-6 * np.abs(corr[i]).max():
+                out[i, c] = -np.array([dy[py, 0], dx[0, px]])  # integer part only
+            ddy = np.abs(dy[:, 0] - dy[py, 0])
+            ddx = np.abs(dx[0, :] - dx[0, px])
+            ddy, ddx = np.minimum(ddy, hp - ddy), np.minimum(ddx, wp - ddx)
+            work[np.ix_(ddy <= separation, ddx <= separation)] = lowest
+    return out
+
+
+@pytest.mark.parametrize("shape", [(2, 48, 64), (1, 240, 300)], ids=["small", "subsampled"])
+@pytest.mark.parametrize("windowed", [False, True], ids=["anywhere", "near-prediction"])
+def test_top_peaks_matches_repeated_argmax(backend, shape, windowed):
+    """The one-pass candidate search picks what repeated argmax and suppression pick."""
+    rng = np.random.default_rng(sum(shape) + windowed)
+    for trial in range(6):
+        corr = rng.standard_normal(shape).astype(np.float32)
+        corr = corr + np.roll(corr, 1, axis=1) + np.roll(corr, 1, axis=2)  # peaks with shoulders
+        if trial == 0:
+            corr[0, 1, 2] = 100.0  # the highest value sits in the excluded zero-shift box
+        k, separation, exclude = 2 + trial, 1 + trial % 4, 2 * (trial % 3)
+        expected = rng.uniform(-20, 20, (shape[0], 2))
+        radius = float(rng.uniform(4, 18)) if windowed else None
+        kwargs = dict(separation=separation, exclude_radius=exclude)
+        if windowed:
+            kwargs.update(expected_shift=backend.asarray(expected.astype(np.float32)),
+                          radius=radius)
+        shift, index = correlate.top_peaks(backend.asarray(corr), k, **kwargs)
+        want = _greedy_peaks_by_repeated_argmax(corr, k, separation, exclude, expected, radius)
+        got = to_host(shift)
+        np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+        # Sub-pixel offsets are within half a pixel of the integer peak.
+        np.testing.assert_allclose(got[~np.isnan(got)], want[~np.isnan(want)], atol=0.5)
+        _assert_on_device(backend, shift, index)
+
+
+@pytest.mark.parametrize("exclude_radius", [1, 3, correlate.ZERO_SHIFT_EXCLUSION_PX])
+def test_locate_peaks_unmasked_matches_the_masked_search(backend, exclude_radius):
+    """Without a mask, peaks come from views around the zero-shift box: the same peak,
+    quality and flags as the masked search over everything."""
+    rng = np.random.default_rng(exclude_radius)
+    corr = rng.standard_normal((4, 40, 56)).astype(np.float32)
+    corr[1, 2, 3] = 50.0  # a peak inside the excluded box
+    corr[2] = 1.5  # flat
+    corr[3, 20, 7] = 30.0
+    fast = correlate.locate_peaks(backend.asarray(corr), exclude_radius=exclude_radius)
+    masked = correlate.locate_peaks(backend.asarray(corr), exclude_radius=exclude_radius,
+                                    expected_shift=backend.asarray(np.zeros((4, 2), np.float32)),
+                                    mask_radius=1e9)
+    np.testing.assert_allclose(to_host(fast.shift), to_host(masked.shift), atol=1e-5)
+    np.testing.assert_allclose(to_host(fast.quality), to_host(masked.quality), atol=1e-6)
+    np.testing.assert_array_equal(to_host(fast.index), to_host(masked.index))
+    np.testing.assert_allclose(to_host(fast.quality), _host_quality(corr, exclude_radius),
+                               atol=1e-6)
+    assert np.isnan(to_host(fast.shift)[2]).all()
