@@ -44,7 +44,8 @@ log = logging.getLogger(__name__)
 
 CACHE_NAME = "ofstitch_cache.json"
 FORMAT = "ofstitch-correlation-cache"
-VERSION = 1
+# 2: tiles are filtered without border steps (correlate.remove_background).
+VERSION = 2
 
 
 def cache_path(folder: Path, cache_dir: Path | None = None) -> Path:

@@ -13,11 +13,13 @@ For two tiles :math:`a` and :math:`b` whose top-left corners sit at
 .. math:: c(d) = \sum_x a(x)\, b(x + d) = \mathcal{F}^{-1}\big[\overline{A}\, B\big](d)
 
 peaks at :math:`d = p_a - p_b`, so the shift of :math:`b` relative to
-:math:`a` is :math:`s = p_b - p_a = -d`. Tiles are mean-subtracted and
-zero-padded to at least twice their size, so that :math:`c` is a linear, not
-circular, correlation, and both spectra are weighted by the square root of a
-Gaussian high-pass filter :math:`H(f) = 1 - \exp(-2\pi^2\sigma^2|f|^2)`, so
-their product carries :math:`H` once. Each tile is transformed once
+:math:`a` is :math:`s = p_b - p_a = -d`. Each tile is first filtered by the
+square root of a Gaussian high-pass filter
+:math:`H(f) = 1 - \exp(-2\pi^2\sigma^2|f|^2)`, extended by reflection so that its
+borders add no steps (:func:`remove_background`), so the product of two spectra
+carries :math:`H` once. Then it is mean-subtracted and zero-padded to at least twice
+its size, so that :math:`c` is a linear, not circular, correlation. Each tile is
+transformed once
 (:func:`tile_spectra`) and reused for all of its pairs; each pair costs one
 inverse transform (:func:`cross_correlate`).
 
@@ -41,6 +43,8 @@ from array_api_compat import device as device_of
 # sensor) correlate there, and neighbouring tiles never sit that close.
 ZERO_SHIFT_EXCLUSION_PX = 8
 QUALITY_LEVEL = 0.9
+# remove_background extends tiles by reflection this many sigma of the high-pass filter.
+REFLECT_SIGMAS = 6.0
 
 
 class Peaks(NamedTuple):
@@ -106,8 +110,7 @@ def _irfftn(x: Any, fft_shape: tuple[int, int], xp: Any) -> Any:
     return xp.fft.irfftn(x, s=fft_shape, axes=(-2, -1))
 
 
-def tile_spectra(tiles: Any, *, fft_shape: tuple[int, int], high_pass_sigma: float,
-                 weight: Any = None) -> Any:
+def tile_spectra(tiles: Any, *, fft_shape: tuple[int, int], high_pass_sigma: float) -> Any:
     """Forward transform of a batch of tiles, ready to correlate.
 
     Parameters
@@ -117,23 +120,64 @@ def tile_spectra(tiles: Any, *, fft_shape: tuple[int, int], high_pass_sigma: flo
     fft_shape : (int, int)
         FFT size ``(Hp, Wp)``; ``>= (2H, 2W)`` for a linear correlation.
     high_pass_sigma : float
-        See :func:`high_pass_filter`; 0 disables the filter.
-    weight : array, shape (Hp, Wp // 2 + 1), optional
-        ``sqrt(high_pass_filter(...))``, precomputed once for many batches.
+        See :func:`high_pass_filter` and :func:`remove_background`; 0 disables the
+        filter (for tiles filtered already).
 
     Returns
     -------
     array, shape (n, Hp, Wp // 2 + 1), complex64
     """
     xp = array_namespace(tiles)
-    centred = tiles - xp.mean(tiles, axis=(-2, -1), keepdims=True)
-    spectra = _rfftn(centred, fft_shape, xp)
-    if weight is None and high_pass_sigma > 0:
-        weight = xp.sqrt(high_pass_filter(fft_shape, high_pass_sigma, xp=xp,
-                                          device=device_of(tiles), dtype=tiles.dtype))
-    if weight is not None:
-        spectra *= weight  # in place: the transform's output is ours
-    return spectra
+    if high_pass_sigma > 0:
+        tiles = remove_background(tiles, high_pass_sigma)
+    return _rfftn(tiles - xp.mean(tiles, axis=(-2, -1), keepdims=True), fft_shape, xp)
+
+
+def remove_background(tiles: Any, high_pass_sigma: float) -> Any:
+    """Tiles filtered by ``sqrt(H)`` (:func:`high_pass_filter`), without border steps.
+
+    Filtering after zero-padding would leave the step from each tile's border to the
+    padding in the spectrum; two tiles' borders then line up at every shift along one
+    axis, a ridge in the correlation that can outrank a weak true peak. Here each tile
+    is extended by reflection by :data:`REFLECT_SIGMAS` sigma on every side, filtered,
+    and cropped back, so only its content is left (and the correlation of two filtered
+    tiles still carries ``H`` once).
+
+    Returns
+    -------
+    array, shape (n, H, W), same dtype
+    """
+    xp = array_namespace(tiles)
+    n, h, w = tiles.shape
+    pad_y = min(math.ceil(REFLECT_SIGMAS * high_pass_sigma), h - 1)
+    pad_x = min(math.ceil(REFLECT_SIGMAS * high_pass_sigma), w - 1)
+    ext = tiles - xp.mean(tiles, axis=(-2, -1), keepdims=True)
+    ext = xp.concat([xp.flip(ext[:, 1:pad_y + 1, :], axis=1), ext,
+                     xp.flip(ext[:, h - pad_y - 1:h - 1, :], axis=1)], axis=1)
+    ext = xp.concat([xp.flip(ext[:, :, 1:pad_x + 1], axis=2), ext,
+                     xp.flip(ext[:, :, w - pad_x - 1:w - 1], axis=2)], axis=2)
+    shape = (_fast_length(h + 2 * pad_y), _fast_length(w + 2 * pad_x))
+    weight = xp.sqrt(high_pass_filter(shape, high_pass_sigma, xp=xp, device=device_of(tiles),
+                                      dtype=tiles.dtype))
+    spectrum = _rfftn(ext, shape, xp)
+    spectrum *= weight
+    return _irfftn(spectrum, shape, xp)[:, pad_y:pad_y + h, pad_x:pad_x + w]
+
+
+def _fast_length(n: int) -> int:
+    """The smallest 2-3-5-smooth number >= ``n`` (a fast FFT length everywhere)."""
+    best = 2 * n
+    p5 = 1
+    while p5 < best:
+        p35 = p5
+        while p35 < best:
+            p = p35
+            while p < n:
+                p *= 2
+            best = min(best, p)
+            p35 *= 3
+        p5 *= 5
+    return best
 
 
 def score_tiles(tiles: Any, *, high_pass_sigma: float, binning: int = 2) -> Any:

@@ -61,8 +61,11 @@ MIN_RESEARCH_RADIUS_PX = 4.0
 MIN_GATE_RADIUS_PX = 12.0
 LOOP_TOLERANCE_PX = 1.0  # a trusted pair disagreeing more with its loops is pruned...
 LOOP_SIGMAS = 4.0  # ... when it is also this many robust sigmas out
-MAX_PRUNE_ROUNDS = 50
+MAX_PRUNE_ROUNDS = 200
 LOOP_GROUP_RATIO = 0.6
+# One wrong pair bends every loop near it: a round only prunes the groups whose largest
+# residual is at least this fraction of the round's largest, then solves again.
+PRUNE_FRACTION = 0.5
 
 
 @dataclass(frozen=True)
@@ -553,6 +556,9 @@ def _loop_breakers(pairs: np.ndarray, residual: np.ndarray, conflict: np.ndarray
     wrong. Pairs in conflict that touch each other with residuals within a factor
     :data:`LOOP_GROUP_RATIO` of the largest are one group, taken largest first; the
     group drops its weakest pair: the lowest score (the overlap matches least well).
+    Only groups led by a residual within :data:`PRUNE_FRACTION` of the largest drop a
+    pair in a round: the smaller conflicts are often the larger ones' error spread over
+    neighbouring loops, and disappear once the culprit is gone.
     """
     out = np.zeros(len(pairs), bool)
     idx = np.flatnonzero(conflict)
@@ -563,7 +569,11 @@ def _loop_breakers(pairs: np.ndarray, residual: np.ndarray, conflict: np.ndarray
         for t in pairs[k].tolist():
             by_tile.setdefault(t, []).append(k)
     done: set[int] = set()
-    for k in idx[np.argsort(-residual[idx])].tolist():
+    order = idx[np.argsort(-residual[idx])].tolist()
+    lead = PRUNE_FRACTION * residual[order[0]]
+    for k in order:
+        if residual[k] < lead:
+            break  # smaller conflicts may only be echoes of the larger ones
         if k in done:
             continue
         floor = LOOP_GROUP_RATIO * residual[k]

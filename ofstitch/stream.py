@@ -189,12 +189,6 @@ def correlate_pairs(
         return tiles.read_grey(paths[t], resize, shape=plan.tile_shape)
 
     strips = plan.margin_px is not None
-    weights: dict = {}  # strips: sqrt(high-pass filter) per FFT shape
-    weight = None
-    if settings.high_pass_sigma > 0 and not strips:
-        weight = xp.sqrt(correlate.high_pass_filter(
-            plan.fft_shape, settings.high_pass_sigma, xp=xp, device=backend.device,
-            dtype=xp.float32))
     prefetch_depth = max(2 * workers, 8)
     futures: dict[int, Future] = {}
     next_prefetch = 0
@@ -225,8 +219,10 @@ def correlate_pairs(
                     bad_tiles.add(t)
             if ok and strips:
                 # Strips are cut per pair: keep the tiles themselves (a quarter of a
-                # padded spectrum each).
+                # padded spectrum each), filtered once here.
                 stack = to_device(np.stack(arrays), backend)
+                if settings.high_pass_sigma > 0:
+                    stack = correlate.remove_background(stack, settings.high_pass_sigma)
                 for i, t in enumerate(ok):
                     live_spectra[t] = xp.asarray(stack[i, ...], copy=True) if len(ok) > 1 \
                         else stack[0, ...]
@@ -234,8 +230,7 @@ def correlate_pairs(
             elif ok:
                 stack = to_device(np.stack(arrays), backend)
                 spectra = correlate.tile_spectra(stack, fft_shape=plan.fft_shape,
-                                                 high_pass_sigma=settings.high_pass_sigma,
-                                                 weight=weight)
+                                                 high_pass_sigma=settings.high_pass_sigma)
                 for i, t in enumerate(ok):
                     # Copies, so that the batch arrays are freed with their last tile.
                     live_spectra[t] = xp.asarray(spectra[i, ...], copy=True) if len(ok) > 1 \
@@ -258,7 +253,7 @@ def correlate_pairs(
                 sel = batch[good]
                 sel_shift, sel_quality = _correlate_strips(
                     sel, expected_shift_px[start:stop][good] * resize, live_spectra, plan,
-                    settings, backend, weights)
+                    settings, backend)
                 shift[good] = sel_shift / resize
                 quality[good] = sel_quality
             elif good.any():
@@ -397,7 +392,7 @@ def strip_fft_length(len_a: int, len_b: int, centre: float, margin: int) -> int:
 
 def _correlate_strips(pairs: np.ndarray, expected: np.ndarray, live_tiles: dict,
                       plan: CorrelationPlan, settings: CorrelationSettings, backend: Backend,
-                      weights: dict) -> tuple[np.ndarray, np.ndarray]:
+                      ) -> tuple[np.ndarray, np.ndarray]:
     """Correlate the predicted overlap strips of ``pairs`` (scaled px in and out).
 
     For crops at ``o_a`` in ``a`` and ``o_b`` in ``b``, the correlation peaks at
@@ -428,24 +423,14 @@ def _correlate_strips(pairs: np.ndarray, expected: np.ndarray, live_tiles: dict,
         key = (fft, (ay1 - ay0, ax1 - ax0), (by1 - by0, bx1 - bx0))
         groups.setdefault(key, []).append((k, a, b, boxes, offset, centre))
     for (fft, _, _), members in groups.items():
-        weight = None
-        if settings.high_pass_sigma > 0:
-            weight = weights.get(fft)
-            if weight is None:
-                if len(weights) >= 8:
-                    weights.clear()
-                weight = weights[fft] = xp.sqrt(correlate.high_pass_filter(
-                    fft, settings.high_pass_sigma, xp=xp, device=backend.device,
-                    dtype=xp.float32))
         crops_a = xp.stack([live_tiles[a][y0:y1, x0:x1]
                             for _, a, _, ((y0, y1, x0, x1), _), _, _ in members])
         crops_b = xp.stack([live_tiles[b][y0:y1, x0:x1]
                             for _, _, b, (_, (y0, y1, x0, x1)), _, _ in members])
-        spec_a = correlate.tile_spectra(crops_a, fft_shape=fft,
-                                        high_pass_sigma=settings.high_pass_sigma, weight=weight)
+        # The live tiles are filtered already (see correlate_pairs).
+        spec_a = correlate.tile_spectra(crops_a, fft_shape=fft, high_pass_sigma=0)
         del crops_a
-        spec_b = correlate.tile_spectra(crops_b, fft_shape=fft,
-                                        high_pass_sigma=settings.high_pass_sigma, weight=weight)
+        spec_b = correlate.tile_spectra(crops_b, fft_shape=fft, high_pass_sigma=0)
         del crops_b
         corr = correlate.cross_correlate(spec_a, spec_b, fft_shape=fft)
         del spec_a, spec_b
