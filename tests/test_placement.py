@@ -143,6 +143,22 @@ def test_a_wrong_pair_that_beats_the_null_is_dropped_by_its_loops():
     assert _errors(r, p).max() < 1.0
 
 
+def test_one_far_wrong_pair_costs_no_right_pairs():
+    """A wrong pair far off bends the loops around it: the echoes in its neighbours'
+    residuals go away once it is dropped, and no right pair is dropped with it."""
+    r = synthetic_pair_results((8, 8), blank_fraction=0.0, repeat_fraction=0.0, seed=3)
+    cands = r.candidates.copy()
+    k = 40
+    true_shift = r.truth_px[r.pairs[k, 1]] - r.truth_px[r.pairs[k, 0]]
+    cands[k, :, 2] = np.minimum(cands[k, :, 2], 0.1)
+    cands[k, 0] = [true_shift[0] + 30.0, true_shift[1] - 30.0, 0.5]  # wrong by 42 px
+    p = place_robust(r.pairs, cands, r.stage_px, np.eye(2),
+                     null_candidates=r.null_candidates, null_stage_shift=r.null_stage_shift)
+    dropped = np.flatnonzero(p.status == STAGE_ONLY)
+    assert dropped.tolist() == [k]
+    assert _errors(r, p).max() < 1.0
+
+
 def test_a_blank_island_is_placed_by_the_stage_and_does_not_bend_the_rest():
     r = synthetic_pair_results((6, 7), blank_fraction=0.0, repeat_fraction=0.0, seed=4)
     cands = r.candidates.copy()
