@@ -14,6 +14,7 @@ Only the per-pair results come back to the host: the highest peak's shift and qu
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -57,6 +58,13 @@ SCORE_BINNING = 2
 SCORE_HIGH_PASS_SIGMA = 8.0
 # Smallest stage-error margin around the predicted overlap, in correlation pixels.
 MIN_MARGIN_PX = 16
+# Coarse to fine: whole tiles whose shorter side is at least this many pixels are
+# correlated binned 2x2 (a quarter of the work), and the candidates that could be used
+# are refined on the full-resolution overlaps, within REFINE_MARGIN_PX.
+COARSE_MIN_SIDE = 800
+REFINE_MARGIN_PX = 4
+REFINE_MIN_SCORE = 0.2  # candidates scoring below this are never used (place.MIN_SCORE)
+REFINE_PER_PAIR = 3  # at most this many candidates per pair, the best scored
 
 
 @dataclass(frozen=True)
@@ -68,6 +76,7 @@ class CorrelationPlan:
     fft_shape: tuple[int, int]  # whole tiles; with strips, the largest a strip pair can need
     resize: float
     margin_px: int | None = None  # strips: stage-error margin (scaled px); None: whole tiles
+    refine: bool = False  # coarse to fine: binned 2x2 tiles, refined at full resolution
 
     @classmethod
     def make(cls, tile_shape: tuple[int, int], settings: CorrelationSettings) -> CorrelationPlan:
@@ -80,12 +89,15 @@ class CorrelationPlan:
             fft = (min(fft[0], scipy.fft.next_fast_len(2 * scaled[0], real=True)),
                    min(fft[1], scipy.fft.next_fast_len(2 * scaled[1], real=True)))
             return cls(tile_shape, scaled, fft, settings.resize, margin)
+        refine = settings.pad and settings.resize == 1.0 and min(tile_shape) >= COARSE_MIN_SIDE
+        if refine:
+            scaled = (tile_shape[0] // 2, tile_shape[1] // 2)
         if settings.pad:
             fft = (scipy.fft.next_fast_len(2 * scaled[0], real=True),
                    scipy.fft.next_fast_len(2 * scaled[1], real=True))
         else:
             fft = scaled
-        return cls(tile_shape, scaled, fft, settings.resize)
+        return cls(tile_shape, scaled, fft, 0.5 if refine else settings.resize, refine=refine)
 
     def batch_pairs(self, budget_bytes: int) -> int:
         per_pair = ARRAYS_PER_PAIR * 4 * self.fft_shape[0] * self.fft_shape[1]
@@ -185,8 +197,17 @@ def correlate_pairs(
     stats.setdefault("max_live_spectra", 0)
     stats.setdefault("tiles_transformed", 0)
 
-    def decode(t: int) -> np.ndarray:
+    def decode(t: int) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+        if plan.refine:  # the full tile, and its 2x2 bins for the coarse search
+            full = tiles.read_grey(paths[t], 1.0, shape=plan.tile_shape)
+            h, w = plan.scaled_shape
+            return full, full[:2 * h, :2 * w].reshape(h, 2, w, 2).mean(axis=(1, 3))
         return tiles.read_grey(paths[t], resize, shape=plan.tile_shape)
+
+    live_full: dict[int, object] = {}  # coarse to fine: filtered full-resolution tiles
+    fine_plan = CorrelationPlan(plan.tile_shape, plan.tile_shape, plan.tile_shape, 1.0,
+                                REFINE_MARGIN_PX)
+    fine_settings = dataclasses.replace(settings, corr_mask_radius=float(REFINE_MARGIN_PX))
 
     strips = plan.margin_px is not None
     prefetch_depth = max(2 * workers, 8)
@@ -217,6 +238,15 @@ def correlate_pairs(
                     warnings.warn(f"{exc}; its pairs are placed from the stage only",
                                   OfstitchWarning, stacklevel=2)
                     bad_tiles.add(t)
+            if plan.refine and ok:
+                full = to_device(np.stack([f for f, _ in arrays]), backend)
+                if settings.high_pass_sigma > 0:
+                    full = correlate.remove_background(full, settings.high_pass_sigma / resize)
+                for i, t in enumerate(ok):
+                    live_full[t] = xp.asarray(full[i, ...], copy=True) if len(ok) > 1 \
+                        else full[0, ...]
+                del full
+                arrays = [coarse for _, coarse in arrays]
             if ok and strips:
                 # Strips are cut per pair: keep the tiles themselves (a quarter of a
                 # padded spectrum each), filtered once here.
@@ -293,12 +323,70 @@ def correlate_pairs(
                                                  live_tiles, plan.fft_shape)
                 shift[good] = sel_shift / resize
                 quality[good] = to_host(peaks.quality)
+                if plan.refine:
+                    shift[good], candidates[good] = _refine(
+                        sel, shift[good], candidates[good], live_full, fine_plan,
+                        fine_settings, backend)
             # Free spectra whose last pair is done.
             for t in list(live_spectra):
                 if last_use[t] < stop:
                     del live_spectra[t]
                     live_tiles.pop(t, None)
+                    live_full.pop(t, None)
             yield BatchResult(np.arange(start, stop), shift, quality, candidates)
+
+
+def _refine(pairs: np.ndarray, shift: np.ndarray, candidates: np.ndarray, live_full: dict,
+            plan: CorrelationPlan, settings: CorrelationSettings, backend: Backend
+            ) -> tuple[np.ndarray, np.ndarray]:
+    """Coarse to fine: the shifts found on binned tiles, measured again on the
+    full-resolution overlaps within ``plan.margin_px`` (full-resolution pixels in and
+    out). Refined are each pair's :data:`REFINE_PER_PAIR` best-scored candidates that
+    could be used (score at least :data:`REFINE_MIN_SCORE`) and its highest peak
+    (``shift``, for the threshold search); the others keep their coarse values.
+    """
+    shift, candidates = shift.copy(), candidates.copy()
+    # (pair, candidate), candidate -1 being `shift`; one job per distinct reading.
+    jobs: list[tuple[int, int]] = []
+    same: list[tuple[int, int, int]] = []  # (pair, candidate, job it repeats)
+    for k in range(len(pairs)):
+        score = np.where(np.isfinite(candidates[k, :, 2]), candidates[k, :, 2], -np.inf)
+        wanted = [int(c) for c in np.argsort(-score, kind="stable")[:REFINE_PER_PAIR]
+                  if score[c] >= REFINE_MIN_SCORE]
+        if np.isfinite(shift[k]).all():
+            wanted.append(-1)
+        mine: list[int] = []
+        for c in wanted:
+            reading = shift[k] if c < 0 else candidates[k, c, :2]
+            twin = next((j for j in mine if np.abs(_reading(jobs[j], shift, candidates)
+                                                   - reading).max() < 1.0), None)
+            if twin is None:
+                mine.append(len(jobs))
+                jobs.append((k, c))
+            else:
+                same.append((k, c, twin))
+    if not jobs:
+        return shift, candidates
+    guess = np.array([_reading(job, shift, candidates) for job in jobs])
+    fine, _ = _correlate_strips(np.array([pairs[k] for k, _ in jobs]), guess, live_full,
+                                plan, settings, backend)
+    # A refinement that lands on the margin's edge found no peak inside: keep the coarse.
+    inside = np.isfinite(fine).all(axis=1) & (
+        np.abs(fine - guess).max(axis=1) < plan.margin_px - 0.5)
+    for (k, c), j in [(job, j) for j, job in enumerate(jobs)] + [((k, c), j)
+                                                                for k, c, j in same]:
+        if not inside[j]:
+            continue
+        if c < 0:
+            shift[k] = fine[j]
+        else:
+            candidates[k, c, :2] = fine[j]
+    return shift, candidates
+
+
+def _reading(job: tuple[int, int], shift: np.ndarray, candidates: np.ndarray) -> np.ndarray:
+    k, c = job
+    return shift[k] if c < 0 else candidates[k, c, :2]
 
 
 def _stack(arrays: list, xp: Any) -> Any:
