@@ -164,7 +164,8 @@ def correlate_pairs(
     backend : Backend
         Where the kernels run.
     stats : dict, optional
-        Filled with ``max_live_spectra`` and ``tiles_transformed`` (for tests).
+        Filled with ``max_live_spectra``, ``tiles_transformed`` and
+        ``max_prefetched`` (for tests).
 
     Yields
     ------
@@ -182,20 +183,21 @@ def correlate_pairs(
 
     # Last pair index at which each tile is needed: free its spectrum after that.
     last_use: dict[int, int] = {}
-    first_use: list[int] = []
-    first_pos: dict[int, int] = {}
+    first_use: list[int] = []  # tiles in the order they are first needed
+    used_by = np.zeros(m, dtype=np.int64)  # len(first_use) once pairs[:k + 1] are done
     for k, (a, b) in enumerate(pairs.tolist()):
         for t in (a, b):
             if t not in last_use:
-                first_pos[t] = len(first_use)
                 first_use.append(t)
             last_use[t] = k
+        used_by[k] = len(first_use)
     live_spectra: dict[int, object] = {}
     live_tiles: dict[int, object] = {}  # binned, filtered tiles: overlap NCC of candidates
     bad_tiles: set[int] = set()
     stats = stats if stats is not None else {}
     stats.setdefault("max_live_spectra", 0)
     stats.setdefault("tiles_transformed", 0)
+    stats.setdefault("max_prefetched", 0)  # tiles decoded (or decoding) ahead of use
 
     def decode(t: int) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
         if plan.refine:  # the full tile, and its 2x2 bins for the coarse search
@@ -228,7 +230,10 @@ def correlate_pairs(
             batch = pairs[start:stop]
             needed = [t for t in dict.fromkeys(batch.ravel().tolist())
                       if t not in live_spectra and t not in bad_tiles]
-            prefetch((first_pos[needed[-1]] + 1 if needed else next_prefetch) + prefetch_depth)
+            # Decoded tiles wait in memory: look ahead a fixed number of tiles past this
+            # batch's, never further (a batch of live tiles must not move the window).
+            prefetch(int(used_by[stop - 1]) + prefetch_depth)
+            stats["max_prefetched"] = max(stats["max_prefetched"], len(futures))
             arrays, ok = [], []
             for t in needed:
                 try:

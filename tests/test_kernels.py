@@ -538,8 +538,21 @@ def test_stream_working_set_is_bounded(backend, tall_scan):
     # About two scan rows plus one batch's new tiles, never the whole scan.
     assert stats["max_live_spectra"] <= 2 * cols + 2 * batch
     assert stats["max_live_spectra"] <= n_tiles // 4
+    assert stats["max_prefetched"] <= 8 + 2 * batch
     np.testing.assert_allclose(shift, expected, atol=0.5)
     assert np.all(quality > 0.99)
+
+
+def test_stream_decodes_a_fixed_distance_ahead(tall_scan):
+    """Decoded tiles wait in memory for their pairs: a fixed look-ahead, not the rest of
+    the scan. Batches whose tiles are all live already (here every pair comes three
+    times) used to move the window on by the look-ahead each time."""
+    scan, paths, pairs, expected = tall_scan
+    stats = {}
+    _stream(paths, np.repeat(pairs, 3, axis=0), np.repeat(expected, 3, axis=0), NUMPY,
+            batch_pairs=1, stats=stats)
+    assert stats["max_prefetched"] <= 8 + 2
+    assert stats["max_live_spectra"] <= 2 * 3 + 2
 
 
 def test_stream_working_set_bounded_on_strip(backend, strip_scan):
