@@ -49,7 +49,7 @@ class CorrelationSettings:
         "error (a fraction of the tile size, at least 16 px; 0.1 is a good start), "
         "instead of whole zero-padded tiles: 4-6 times faster correlation in less "
         "memory. A shift further than the margin from the stage's prediction may be "
-        "missed (the pair then falls back to the stage). Needs --placement reference. "
+        "missed (the pair then falls back to the stage). "
         "0 (the default) correlates whole tiles and finds any shift, as "
         "openflexure-stitching does."))
     corr_mask_radius: float | None = field(default=None, metadata=_help(
@@ -205,12 +205,6 @@ class StitchSettings:
         if self.placement not in ("robust", "reference"):
             raise OfstitchError(
                 f"--placement must be 'robust' or 'reference', got {self.placement!r}")
-        robust = self.placement == "robust" and self.thresholding == "automatic" and \
-            self.min_peak_quality is None and self.max_stage_discrepancy is None
-        if self.correlation.search_margin > 0 and self.correlation.pad and robust:
-            raise OfstitchError(
-                "--search-margin scores no candidate peaks for robust placement: add "
-                "--placement reference, or leave --search-margin at 0")
         if self.device_memory is not None:
             parse_memory(self.device_memory)  # raises a clear error early
         if self.image_count is not None and self.image_count < 1:

@@ -256,11 +256,15 @@ def correlate_pairs(
                 # Strips are cut per pair: keep the tiles themselves (a quarter of a
                 # padded spectrum each), filtered once here.
                 stack = to_device(np.stack(arrays), backend)
+                scored = correlate.score_tiles(stack, high_pass_sigma=SCORE_HIGH_PASS_SIGMA,
+                                               binning=SCORE_BINNING)
                 if settings.high_pass_sigma > 0:
                     stack = correlate.remove_background(stack, settings.high_pass_sigma)
                 for i, t in enumerate(ok):
                     live_spectra[t] = xp.asarray(stack[i, ...], copy=True) if len(ok) > 1 \
                         else stack[0, ...]
+                    live_tiles[t] = xp.asarray(scored[i, ...], copy=True)
+                del scored
                 stats["tiles_transformed"] += len(ok)
             elif ok:
                 stack = to_device(np.stack(arrays), backend)
@@ -284,13 +288,15 @@ def correlate_pairs(
             quality = np.full(len(batch), np.nan)
             candidates = np.full((len(batch), CANDIDATES, 3), np.nan)
             if good.any() and strips:
-                # No candidates: strips go with --placement reference.
                 sel = batch[good]
-                sel_shift, sel_quality = _correlate_strips(
-                    sel, expected_shift_px[start:stop][good] * resize, live_spectra, plan,
-                    settings, backend)
+                sel_expected = expected_shift_px[start:stop][good] * resize
+                sel_shift, sel_quality, cand_shift = _correlate_strips(
+                    sel, sel_expected, live_spectra, plan, settings, backend, candidates=True)
                 shift[good] = sel_shift / resize
                 quality[good] = sel_quality
+                candidates[good] = _score_candidates(
+                    sel, cand_shift, np.zeros(cand_shift.shape, np.int64), sel_expected,
+                    live_tiles, plan, True) / np.array([resize, resize, 1.0])
             elif good.any():
                 sel = batch[good]
                 spec_a = _stack([live_spectra[int(a)] for a in sel[:, 0]], xp)
@@ -485,7 +491,7 @@ def strip_fft_length(len_a: int, len_b: int, centre: float, margin: int) -> int:
 
 def _correlate_strips(pairs: np.ndarray, expected: np.ndarray, live_tiles: dict,
                       plan: CorrelationPlan, settings: CorrelationSettings, backend: Backend,
-                      ) -> tuple[np.ndarray, np.ndarray]:
+                      candidates: bool = False) -> tuple[np.ndarray, ...]:
     """Correlate the predicted overlap strips of ``pairs`` (scaled px in and out).
 
     For crops at ``o_a`` in ``a`` and ``o_b`` in ``b``, the correlation peaks at
@@ -495,6 +501,11 @@ def _correlate_strips(pairs: np.ndarray, expected: np.ndarray, live_tiles: dict,
     peak is searched over the whole strip correlation (so a wrong peak lands anywhere
     and placement can reject it by its distance from the stage), or within
     ``corr_mask_radius`` (at most the margin) when that is set.
+
+    With ``candidates``, also returns ``(pairs, CANDIDATES, 2)`` candidate shifts, as
+    for whole tiles: the highest peaks of the strip correlation, and the highest
+    within ``PRIOR_RADIUS_FRACTION`` of the tile (at most the margin) of the
+    prediction; NaN where there are fewer.
     """
     xp = backend.xp
     margin = plan.margin_px
@@ -503,6 +514,10 @@ def _correlate_strips(pairs: np.ndarray, expected: np.ndarray, live_tiles: dict,
         radius = min(float(margin), settings.corr_mask_radius * plan.resize)
     shift = np.full((len(pairs), 2), np.nan)
     quality = np.full(len(pairs), np.nan)
+    cand_shift = np.full((len(pairs), CANDIDATES, 2), np.nan)
+    prior_radius = min(float(margin), PRIOR_RADIUS_FRACTION * min(plan.scaled_shape))
+    if radius is not None:
+        prior_radius = radius
     groups: dict[tuple, list] = {}
     for k, ((a, b), e) in enumerate(zip(pairs.tolist(), expected, strict=True)):
         boxes = strip_boxes(e, plan.scaled_shape, margin)
@@ -534,9 +549,16 @@ def _correlate_strips(pairs: np.ndarray, expected: np.ndarray, live_tiles: dict,
             peaks = correlate.locate_peaks(
                 corr, expected_shift=to_device(-centres, backend, dtype=xp.float32),
                 mask_radius=radius, exclude_radius=0)
-        del corr
         ids = [m[0] for m in members]
         offsets = np.stack([m[4] for m in members])
+        if candidates:
+            prior = to_device(-centres, backend, dtype=xp.float32)
+            found, _ = correlate.top_peaks(corr, CANDIDATES - PRIOR_PEAKS, exclude_radius=0)
+            near, _ = correlate.top_peaks(corr, PRIOR_PEAKS, exclude_radius=0,
+                                          expected_shift=prior, radius=prior_radius)
+            cand_shift[ids] = to_host(xp.concat([found, near], axis=1)).astype(np.float64) \
+                + offsets[:, None, :]
+        del corr
         shift[ids] = to_host(peaks.shift).astype(np.float64) + offsets
         quality[ids] = to_host(peaks.quality)
-    return shift, quality
+    return (shift, quality, cand_shift) if candidates else (shift, quality)
