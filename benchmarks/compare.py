@@ -9,9 +9,9 @@ of the tiles (no correlation cache, no outputs):
 - ``floor``: decode every tile once (pyvips, all cores) and JPEG-encode a mosaic of the
   scan's size once. Any stitcher has to do at least this.
 - ``ofstitch``: ``ofstitch.stitch`` in mode ``all`` (correlate, place, plots, preview,
-  thumbnail, full mosaic), default settings; ``ofstitch-strips`` the same with
-  ``--search-margin 0.1 --placement reference`` (only the predicted overlaps are
-  correlated).
+  thumbnail, full mosaic), default settings (whole zero-padded tiles, coarse to fine for
+  large tiles, robust placement); ``ofstitch-strips`` the same with ``--search-margin
+  0.1`` (only the predicted overlaps plus a 10% margin are correlated).
 - ``reference``: ``openflexure_stitching.load_tile_and_stitch`` in mode ``all``, default
   settings, from its own virtual environment.
 
@@ -63,9 +63,8 @@ REF_CANDIDATES = (Path("/opt/refvenv"), HERE / ".refvenv")
 MARK = "@@RESULT@@"
 BEGIN, END = "<!-- compare.py: begin -->", "<!-- compare.py: end -->"
 PROGRAMS = ("floor", "ofstitch", "ofstitch-strips", "reference")
-# Correlation settings of the ofstitch variants (defaults, and overlap strips).
-VARIANTS = {"ofstitch": ({}, {}),
-            "ofstitch-strips": ({"placement": "reference"}, {"search_margin": 0.1})}
+# Settings and correlation settings of the ofstitch variants (defaults, overlap strips).
+VARIANTS = {"ofstitch": ({}, {}), "ofstitch-strips": ({}, {"search_margin": 0.1})}
 DEFAULT_SIZES = (25, 100, 400)
 DEFAULT_TILES = ((624, 832), (1232, 1640))  # (h, w): 832x624 and 1640x1232 px
 
@@ -548,13 +547,13 @@ def write_results_md(records: list[dict], path: Path = RESULTS_MD) -> None:
         "once); 'ref ÷ this' is the reference's time over this program's; 'correlate' is "
         "metadata + decode + correlation (the reference's `load_and_cache_correlated_image_set`, "
         "ofstitch's `load_connected_scan` + `correlate_scan`). 'ofstitch' runs with default "
-        "settings (whole padded tiles, robust placement), 'ofstitch-strips' with "
-        "`--search-margin 0.1 --placement reference` (only the predicted overlaps plus a "
-        "10% margin; the reference's threshold search). Errors are of each overlapping "
-        "pair's relative placement against the truth: over the pairs whose overlap has "
-        "texture, and over all pairs (blank overlaps can only be placed from the stage "
-        "unless a correlation finds them). Peak RSS is the "
-        "subprocess's (`os.wait4`); the floor holds the whole mosaic in memory, so its RSS is "
+        "settings (whole zero-padded tiles, robust placement; tiles with a short side of "
+        "800 px or more searched binned 2x2, then refined), 'ofstitch-strips' with "
+        "`--search-margin 0.1` (only the predicted overlaps plus a 10% margin). Errors are of each "
+        "overlapping pair's relative placement against the truth: over the pairs whose overlap "
+        "has texture, and over all pairs (blank overlaps can only be placed from the stage unless"
+        " a correlation finds them). Peak RSS is the subprocess's (`os.wait4`); the floor holds "
+        "the whole mosaic in memory, so its RSS is "
         "not a floor. Regenerate with `python benchmarks/compare.py --write`.",
         "",
         markdown(records),

@@ -37,6 +37,8 @@ from .stream import CANDIDATES, CorrelationPlan, correlate_pairs, memory_budget
 
 log = logging.getLogger(__name__)
 
+FLUSH_INTERVAL_S = 0.5  # the correlation cache's journal is appended at most this often
+
 Progress = Callable[[str, int, int], None]
 
 
@@ -146,6 +148,7 @@ def correlate_scan(scan: Scan, pairs: np.ndarray, expected: np.ndarray,
         plan = CorrelationPlan.make(scan.tile_shape, cs)
         budget = memory_budget(backend, settings.device_memory, settings.priority)
         done = 0
+        flushed = time.monotonic()
         for batch in correlate_pairs(scan.paths, pairs[todo], expected[todo], cs, plan, backend,
                                      batch_pairs=settings.batch_pairs, budget_bytes=budget,
                                      workers=settings.workers):
@@ -158,7 +161,12 @@ def correlate_scan(scan: Scan, pairs: np.ndarray, expected: np.ndarray,
             if cache is not None:
                 cache.add(cs, keys, pairs[ids], batch.shift_px, batch.quality, expected[ids],
                           batch.candidates)
-                cache.flush()  # a killed run keeps every finished batch
+                if time.monotonic() - flushed >= FLUSH_INTERVAL_S:
+                    # A killed run keeps every batch finished before the last flush; an
+                    # fsync per batch cost up to a tenth of the correlation (more on an
+                    # SD card).
+                    cache.flush()
+                    flushed = time.monotonic()
         if cache is not None:
             cache.save()
     return shift, quality, candidates, len(todo), int(found.sum())

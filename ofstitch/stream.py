@@ -1,8 +1,11 @@
 """Streaming pair correlation: the one place for batching, memory budgets and transfer.
 
-Tiles are decoded on a thread pool (grey float32 at the requested resize) ahead
-of need, uploaded to the device once and transformed once. A tile's spectrum
-stays on the device only while it still has unprocessed pairs. Pairs are taken
+Tiles are decoded on a thread pool (grey float32 at the requested resize) a fixed
+number of tiles ahead of need, uploaded to the device once and filtered once. With
+whole tiles (the default) each tile is transformed once, and large tiles are searched
+binned 2x2 and refined at full resolution; with ``search_margin > 0`` each pair
+correlates the overlap strips the stage predicts. A tile stays on the device only
+while it still has unprocessed pairs. Pairs are taken
 in the graph's order (by first tile, in capture order), so for a raster or
 snake scan the live set stays about one scan row wide (one column for a
 column-first scan), and go through the kernels in batches sized from a memory

@@ -132,19 +132,21 @@ def test_blank_region_does_not_pull_in_wrong_pairs(tmp_path):
 
 
 def test_large_tiles_coarse_to_fine(make_synthetic, source_image):
-    """Tiles with a short side of 800 px or more are searched binned 2x2 and refined on
-    the full-resolution overlaps: as accurate as whole tiles at full resolution."""
+    """Whole tiles (--search-margin 0) with a short side of 800 px or more are searched
+    binned 2x2 and refined on the full-resolution overlaps: as accurate as whole tiles
+    at full resolution."""
     from ofstitch.stream import CorrelationPlan
     from ofstitch.synthetic import load_source
 
     src = load_source(source_image) if not isinstance(source_image, np.ndarray) else source_image
     src = np.concatenate([src, src[:, ::-1]], axis=1)  # wide enough for 2x2 big tiles
-    plan = CorrelationPlan.make((800, 1000), CorrelationSettings())
+    whole = CorrelationSettings(search_margin=0.0)
+    plan = CorrelationPlan.make((800, 1000), whole)
     assert plan.refine and plan.scaled_shape == (400, 500) and plan.resize == 0.5
-    assert not CorrelationPlan.make((624, 832), CorrelationSettings()).refine
+    assert not CorrelationPlan.make((624, 832), whole).refine
     synth = make_synthetic(source=src, grid=(2, 2), tile_shape=(800, 1000),
                            stage_error_px=6.0, rotation_deg=0.7, seed=2)
-    reg = ofstitch.register(synth.folder, use_cache=False)
+    reg = ofstitch.register(synth.folder, StitchSettings(correlation=whole), use_cache=False)
     errors, textured = _errors(synth, reg)
     assert textured.sum() >= 2
     # Binned 2x2 alone is off by up to ~0.5 px here; refined, it is full-resolution work.

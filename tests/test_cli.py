@@ -273,6 +273,23 @@ def test_only_correlate_mode(make_synthetic, tmp_path):
     assert reg.n_correlated == 0 and reg.n_cached == 12 and reg.n_null == 6
 
 
+def test_search_margin_selects_strips_for_any_placement(make_synthetic):
+    """Whole tiles by default; --search-margin correlates overlap strips, with robust
+    placement (the default) as with the reference method."""
+    scan = make_synthetic(grid=(2, 3), tile_shape=TILE_SHAPE)
+
+    def margins(*options):
+        (scan.folder / CACHE_NAME).unlink(missing_ok=True)
+        ok(run_cli("stitch", scan.folder, "--stitching-mode", "only-correlate", "-q",
+                   *options))
+        keys = json.loads((scan.folder / CACHE_NAME).read_text())["sets"]
+        return [json.loads(k)["search_margin"] for k in keys]
+
+    assert margins() == [0.0]
+    assert margins("--search-margin", "0.1") == [0.1]
+    assert margins("--placement", "reference", "--search-margin", "0.2") == [0.2]
+
+
 def test_manual_thresholding_reads_stdin(wide_scan, tmp_path):
     scan, hashes = wide_scan
     out = tmp_path / "out"

@@ -445,7 +445,10 @@ def _reference_lookup(entries: dict, settings_: CorrelationSettings, k: int):
     no_peak = entry[0] is None and entry[1] is None
     if not (no_peak or (_number(entry[0]) and _number(entry[1]))):
         return None
-    if settings_.corr_mask_radius is not None and not np.allclose(
+    # A masked search and strips (the default) depend on the stage's prediction.
+    depends = settings_.corr_mask_radius is not None or (settings_.pad
+                                                         and settings_.search_margin > 0)
+    if depends and not np.allclose(
             sign * np.asarray(entry[3:5], float), EXPECTED[k], atol=1.0):
         return None
     shift = (np.nan, np.nan) if no_peak else (sign * entry[0], sign * entry[1])
