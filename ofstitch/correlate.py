@@ -156,28 +156,15 @@ def remove_background(tiles: Any, high_pass_sigma: float) -> Any:
                      xp.flip(ext[:, h - pad_y - 1:h - 1, :], axis=1)], axis=1)
     ext = xp.concat([xp.flip(ext[:, :, 1:pad_x + 1], axis=2), ext,
                      xp.flip(ext[:, :, w - pad_x - 1:w - 1], axis=2)], axis=2)
-    shape = (_fast_length(h + 2 * pad_y), _fast_length(w + 2 * pad_x))
+    import scipy.fft  # next_fast_len only: sizes, not arrays
+
+    shape = (scipy.fft.next_fast_len(h + 2 * pad_y, real=True),
+             scipy.fft.next_fast_len(w + 2 * pad_x, real=True))
     weight = xp.sqrt(high_pass_filter(shape, high_pass_sigma, xp=xp, device=device_of(tiles),
                                       dtype=tiles.dtype))
     spectrum = _rfftn(ext, shape, xp)
     spectrum *= weight
     return _irfftn(spectrum, shape, xp)[:, pad_y:pad_y + h, pad_x:pad_x + w]
-
-
-def _fast_length(n: int) -> int:
-    """The smallest 2-3-5-smooth number >= ``n`` (a fast FFT length everywhere)."""
-    best = 2 * n
-    p5 = 1
-    while p5 < best:
-        p35 = p5
-        while p35 < best:
-            p = p35
-            while p < n:
-                p *= 2
-            best = min(best, p)
-            p35 *= 3
-        p5 *= 5
-    return best
 
 
 def score_tiles(tiles: Any, *, high_pass_sigma: float, binning: int = 2) -> Any:

@@ -246,42 +246,29 @@ def correlate_pairs(
                     warnings.warn(f"{exc}; its pairs are placed from the stage only",
                                   OfstitchWarning, stacklevel=2)
                     bad_tiles.add(t)
-            if plan.refine and ok:
-                full = to_device(np.stack([f for f, _ in arrays]), backend)
-                if settings.high_pass_sigma > 0:
-                    full = correlate.remove_background(full, settings.high_pass_sigma / resize)
-                for i, t in enumerate(ok):
-                    live_full[t] = xp.asarray(full[i, ...], copy=True) if len(ok) > 1 \
-                        else full[0, ...]
-                del full
-                arrays = [coarse for _, coarse in arrays]
-            if ok and strips:
-                # Strips are cut per pair: keep the tiles themselves (a quarter of a
-                # padded spectrum each), filtered once here.
+            if ok:
+                if plan.refine:
+                    full = to_device(np.stack([f for f, _ in arrays]), backend)
+                    if settings.high_pass_sigma > 0:
+                        full = correlate.remove_background(full,
+                                                           settings.high_pass_sigma / resize)
+                    _keep(live_full, ok, full, xp)
+                    del full
+                    arrays = [coarse for _, coarse in arrays]
                 stack = to_device(np.stack(arrays), backend)
-                scored = correlate.score_tiles(stack, high_pass_sigma=SCORE_HIGH_PASS_SIGMA,
-                                               binning=SCORE_BINNING)
-                if settings.high_pass_sigma > 0:
-                    stack = correlate.remove_background(stack, settings.high_pass_sigma)
-                for i, t in enumerate(ok):
-                    live_spectra[t] = xp.asarray(stack[i, ...], copy=True) if len(ok) > 1 \
-                        else stack[0, ...]
-                    live_tiles[t] = xp.asarray(scored[i, ...], copy=True)
-                del scored
-                stats["tiles_transformed"] += len(ok)
-            elif ok:
-                stack = to_device(np.stack(arrays), backend)
-                spectra = correlate.tile_spectra(stack, fft_shape=plan.fft_shape,
-                                                 high_pass_sigma=settings.high_pass_sigma)
-                for i, t in enumerate(ok):
-                    # Copies, so that the batch arrays are freed with their last tile.
-                    live_spectra[t] = xp.asarray(spectra[i, ...], copy=True) if len(ok) > 1 \
-                        else spectra[0, ...]
-                scored = correlate.score_tiles(stack, high_pass_sigma=SCORE_HIGH_PASS_SIGMA,
-                                               binning=SCORE_BINNING)
-                for i, t in enumerate(ok):
-                    live_tiles[t] = xp.asarray(scored[i, ...], copy=True)
-                del scored
+                _keep(live_tiles, ok, correlate.score_tiles(
+                    stack, high_pass_sigma=SCORE_HIGH_PASS_SIGMA, binning=SCORE_BINNING), xp)
+                if strips:
+                    # Strips are cut per pair: keep the tiles themselves (a quarter of a
+                    # padded spectrum each), filtered once here.
+                    if settings.high_pass_sigma > 0:
+                        stack = correlate.remove_background(stack, settings.high_pass_sigma)
+                    _keep(live_spectra, ok, stack, xp)
+                else:
+                    _keep(live_spectra, ok, correlate.tile_spectra(
+                        stack, fft_shape=plan.fft_shape,
+                        high_pass_sigma=settings.high_pass_sigma), xp)
+                del stack
                 stats["tiles_transformed"] += len(ok)
             stats["max_live_spectra"] = max(stats["max_live_spectra"], len(live_spectra))
 
@@ -298,8 +285,8 @@ def correlate_pairs(
                 shift[good] = sel_shift / resize
                 quality[good] = sel_quality
                 candidates[good] = _score_candidates(
-                    sel, cand_shift, np.zeros(cand_shift.shape, np.int64), sel_expected,
-                    live_tiles, plan, True) / np.array([resize, resize, 1.0])
+                    sel, cand_shift, None, sel_expected, live_tiles, plan,
+                    True) / np.array([resize, resize, 1.0])
             elif good.any():
                 sel = batch[good]
                 spec_a = _stack([live_spectra[int(a)] for a in sel[:, 0]], xp)
@@ -403,18 +390,26 @@ def _reading(job: tuple[int, int], shift: np.ndarray, candidates: np.ndarray) ->
     return shift[k] if c < 0 else candidates[k, c, :2]
 
 
+def _keep(store: dict, tiles_: list[int], batch: Any, xp: Any) -> None:
+    """``store[t] = batch[i]`` for the ``i``-th of ``tiles_``: copies, so that the batch
+    array is freed with its last tile (a batch of one is kept as it is)."""
+    for i, t in enumerate(tiles_):
+        store[t] = xp.asarray(batch[i, ...], copy=True) if len(tiles_) > 1 else batch[0, ...]
+
+
 def _stack(arrays: list, xp: Any) -> Any:
     """``xp.stack``, without copying a single array."""
     return arrays[0][None, ...] if len(arrays) == 1 else xp.stack(arrays)
 
 
-def _score_candidates(pairs: np.ndarray, shift: np.ndarray, index: np.ndarray,
+def _score_candidates(pairs: np.ndarray, shift: np.ndarray, index: np.ndarray | None,
                       expected: np.ndarray, live_tiles: dict, plan: CorrelationPlan,
                       pad: bool) -> np.ndarray:
     """``(pairs, CANDIDATES, 3)``: each candidate's sub-pixel shift and its overlap NCC.
 
-    Without padding, a circular peak stands for up to four shifts: the one whose
-    overlap matches best is kept. A shift that leaves less than
+    Without padding, a circular peak (at ``index``, unused with padding) stands for up
+    to four shifts: the one whose overlap matches best is kept. A shift that leaves less
+    than
     :data:`MIN_OVERLAP_FRACTION` of the stage-predicted overlap scores -1.
     """
     h, w = plan.scaled_shape
