@@ -104,9 +104,9 @@ from ofstitch import StitchSettings
 cfg = json.loads(sys.argv[1])
 for module, attr, phase in [
         ("ofstitch.pipeline", "load_connected_scan", "load"),
-        ("ofstitch.pipeline", "correlate_scan", "correlate"),
-        ("ofstitch.pipeline", "place", "place"),
-        ("ofstitch.pipeline", "_render_jpeg", "render"),  # preview
+        ("ofstitch.registration", "correlate", "correlate"),
+        ("ofstitch.registration", "place", "place"),
+        ("ofstitch.pipeline", "write_preview", "render"),
         ("ofstitch.pipeline", "write_full_resolution", "render"),
         ("ofstitch.formats", "write_thumbnail", "render")]:
     wrap(module, attr, phase)
@@ -546,8 +546,8 @@ def write_results_md(records: list[dict], path: Path = RESULTS_MD) -> None:
         "'× floor' is wall time over the floor's (decode every tile once, encode the mosaic "
         "once); 'ref ÷ this' is the reference's time over this program's; 'correlate' is "
         "metadata + decode + correlation (the reference's `load_and_cache_correlated_image_set`, "
-        "ofstitch's `load_connected_scan` + `correlate_scan`). 'ofstitch' runs with default "
-        "settings (whole zero-padded tiles, robust placement; tiles with a short side of "
+        "ofstitch's `load_connected_scan` + `registration.correlate`). 'ofstitch' runs with "
+        "default settings (whole zero-padded tiles, robust placement; tiles with a short side of "
         "800 px or more searched binned 2x2, then refined), 'ofstitch-strips' with "
         "`--search-margin 0.1` (only the predicted overlaps plus a 10% margin). Errors are of each "
         "overlapping pair's relative placement against the truth: over the pairs whose overlap "

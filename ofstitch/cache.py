@@ -33,6 +33,7 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -81,6 +82,25 @@ def pair_key(file_a: str, file_b: str) -> str:
     return f"{file_a}::{file_b}"
 
 
+class CacheHit(NamedTuple):
+    """What the cache holds for ``m`` pairs.
+
+    Attributes
+    ----------
+    found : ndarray, shape (m,), bool
+    shift_px : ndarray, shape (m, 2)
+        NaN where not found, or where the correlation found no peak.
+    quality : ndarray, shape (m,)
+    candidates : ndarray, shape (m, K, 3)
+        ``(dy, dx, overlap NCC)`` of each candidate peak, NaN-padded.
+    """
+
+    found: np.ndarray
+    shift_px: np.ndarray
+    quality: np.ndarray
+    candidates: np.ndarray
+
+
 @dataclass
 class CorrelationCache:
     """In-memory view of the cache file.
@@ -105,14 +125,13 @@ class CorrelationCache:
         return cls(path, sets)
 
     def lookup(self, settings: CorrelationSettings, file_keys: list[str], pairs: np.ndarray,
-               expected_shift_px: np.ndarray, tile_shape: tuple[int, int] | None = None,
-               *, with_candidates: bool = False) -> tuple:
-        """Cached results for ``pairs``: ``(found mask, shift (m, 2), quality (m,))``.
+               expected_shift_px: np.ndarray, tile_shape: tuple[int, int] | None = None
+               ) -> CacheHit:
+        """Cached results for ``pairs``.
 
         With ``tile_shape``, a shift no correlation can produce (beyond the tile size
-        plus the sub-pixel step) counts as malformed. With
-        ``with_candidates``, a fourth item holds the candidates ``(m, K, 3)``
-        (NaN-padded), and entries without candidates count as not found.
+        plus the sub-pixel step) counts as malformed. Entries without candidate
+        peaks (written by older versions) count as not found.
         """
         from .stream import CANDIDATES
         entries = self.sets.get(settings.key(), {})
@@ -143,11 +162,10 @@ class CorrelationCache:
                 expected = sign * np.asarray(entry[3:5], dtype=float)
                 if not np.allclose(expected, expected_shift_px[k], atol=1.0):
                     continue  # the search region moved: correlate again
-            if with_candidates:
-                if len(entry) < 6:
-                    continue  # written before candidates were kept: correlate again
-                cands = np.asarray(entry[5], dtype=float).reshape(-1, 3)[:CANDIDATES]
-                candidates[k, :len(cands)] = cands * np.array([sign, sign, 1.0])
+            if len(entry) < 6:
+                continue  # written before candidates were kept: correlate again
+            cands = np.asarray(entry[5], dtype=float).reshape(-1, 3)[:CANDIDATES]
+            candidates[k, :len(cands)] = cands * np.array([sign, sign, 1.0])
             found[k] = True
             if entry[0] is not None:
                 shift[k] = sign * np.asarray(entry[0:2], dtype=float)
@@ -156,9 +174,7 @@ class CorrelationCache:
             warnings.warn(f"ignoring {invalid} malformed entries of the correlation cache "
                           f"{self.path.name}; correlating those pairs again", OfstitchWarning,
                           stacklevel=2)
-        if with_candidates:
-            return found, shift, quality, candidates
-        return found, shift, quality
+        return CacheHit(found, shift, quality, candidates)
 
     def add(self, settings: CorrelationSettings, file_keys: list[str], pairs: np.ndarray,
             shift: np.ndarray, quality: np.ndarray, expected_shift_px: np.ndarray,

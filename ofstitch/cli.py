@@ -25,10 +25,23 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from . import __version__
 from .backends import list_devices, select_backend
 from .cache import CorrelationCache, cache_path
-from .errors import OfstitchError, OfstitchWarning
+from .errors import OfstitchError, OfstitchWarning, SettingError
 from .pipeline import StitchResult, stitch
 from .scan import find_image_files, load_scan, parse_csm, require_folder
-from .settings import CorrelationSettings, StitchSettings, WatchSettings, help_text
+from .settings import (
+    BLENDS,
+    DEVICES,
+    OUTPUT_FORMATS,
+    PLACEMENT_METHODS,
+    PRIORITIES,
+    STITCHING_MODES,
+    THRESHOLDING_METHODS,
+    TIFF_COMPRESSIONS,
+    CorrelationSettings,
+    StitchSettings,
+    WatchSettings,
+    help_text,
+)
 
 COMMANDS = ("stitch", "watch", "demo", "devices")
 err_console = Console(stderr=True, soft_wrap=True)
@@ -48,50 +61,20 @@ app = typer.Typer(
 )
 
 
-class Mode(str, Enum):
-    all = "all"
-    preview = "preview"
-    stage = "stage"
-    only_correlate = "only-correlate"
+def _choices(name: str, values: tuple[str, ...]) -> type[Enum]:
+    """A typer choice type for one of the choice sets of :mod:`ofstitch.settings`."""
+    return Enum(name, [(v.replace("-", "_"), v) for v in values], type=str)
 
 
-class PlacementChoice(str, Enum):
-    robust = "robust"
-    reference = "reference"
-
-
-class ThresholdMethod(str, Enum):
-    automatic = "automatic"
-    manual = "manual"
-
-
-class PriorityChoice(str, Enum):
-    time = "time"
-    memory = "memory"
-
-
-class FormatChoice(str, Enum):
-    jpeg = "jpeg"
-    ome_tiff = "ome-tiff"
-    dzi = "dzi"
-    ome_zarr = "ome-zarr"
-
-
-class BlendChoice(str, Enum):
-    none = "none"
-    feather = "feather"
-
-
-class CompressionChoice(str, Enum):
-    jpeg = "jpeg"
-    deflate = "deflate"
-    lzw = "lzw"
-
-
-class DeviceChoice(str, Enum):
-    cpu = "cpu"
-    cuda = "cuda"
-    auto = "auto"
+Mode = _choices("Mode", STITCHING_MODES)
+PlacementChoice = _choices("PlacementChoice", PLACEMENT_METHODS)
+ThresholdMethod = _choices("ThresholdMethod", THRESHOLDING_METHODS)
+PriorityChoice = _choices("PriorityChoice", PRIORITIES)
+FormatChoice = _choices("FormatChoice", OUTPUT_FORMATS)
+BlendChoice = _choices("BlendChoice", BLENDS)
+CompressionChoice = _choices("CompressionChoice", TIFF_COMPRESSIONS)
+DeviceChoice = _choices("DeviceChoice", DEVICES)
+FinalMode = _choices("FinalMode", ("all", "preview"))
 
 
 def _s(name: str) -> str:
@@ -139,14 +122,24 @@ def _warning_line(message, category, filename, lineno, file=None, line=None) -> 
 
 @contextlib.contextmanager
 def _user_errors(debug: bool):
-    """Turn user errors into one line on stderr and exit code 2."""
+    """The CLI's scope: warnings as one line each, ofstitch's log on stderr, and user errors
+    as one line on stderr with exit code 2. Everything it changes is restored on exit."""
+    shown, handler = warnings.showwarning, logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    loggers = {name: logging.getLogger(name) for name in ("ofstitch", "pyvips")}
+    levels = {name: lg.level for name, lg in loggers.items()}
     warnings.showwarning = _warning_line
+    loggers["ofstitch"].addHandler(handler)
+    loggers["ofstitch"].setLevel(logging.DEBUG if debug else logging.WARNING)
+    # libvips reports every decoding problem of a skipped file; our warning says it once.
+    loggers["pyvips"].setLevel(logging.DEBUG if debug else logging.ERROR)
     try:
         yield
     except OfstitchError as exc:
         if debug:
             raise
-        err_console.print(f"[red]ofstitch: error:[/red] {escape(str(exc))}", highlight=False)
+        message = exc.for_cli() if isinstance(exc, SettingError) else str(exc)
+        err_console.print(f"[red]ofstitch: error:[/red] {escape(message)}", highlight=False)
         raise typer.Exit(2) from None
     except KeyboardInterrupt:
         err_console.print("ofstitch: interrupted; the cache keeps the pairs already done")
@@ -157,13 +150,11 @@ def _user_errors(debug: bool):
         err_console.print("[red]ofstitch: error:[/red] out of memory: try --priority memory, "
                           "--resize 0.5 or --stitching-mode preview")
         raise typer.Exit(2) from None
-
-
-def _configure_logging(debug: bool) -> None:
-    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
-    # libvips reports every decoding problem of a skipped file; our warning says it once.
-    logging.getLogger("pyvips").setLevel(logging.DEBUG if debug else logging.ERROR)
+    finally:
+        warnings.showwarning = shown
+        loggers["ofstitch"].removeHandler(handler)
+        for name, lg in loggers.items():
+            lg.setLevel(levels[name])
 
 
 def _ask_thresholds() -> tuple[float, float]:
@@ -240,7 +231,10 @@ def _summary(result: StitchResult, seconds: float) -> None:
     out_console.print(f"Done in {seconds:.1f} s.", highlight=False)
 
 
-@app.command("stitch", no_args_is_help=True)
+@app.command("stitch", no_args_is_help=True, epilog=(
+    "Other commands: 'ofstitch watch FOLDER' (a live preview while a scan is captured; "
+    "'ofstitch watch --help'), 'ofstitch demo' (stitch a synthetic scan), 'ofstitch devices' "
+    "(what can run the kernels), 'ofstitch --version'."))
 def stitch_command(
     folder: Path = typer.Argument(..., help="The folder that holds the scan's tiles."),
     output_dir: Path | None = typer.Option(
@@ -300,7 +294,6 @@ def stitch_command(
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks and debug logs."),
 ) -> None:
     """Stitch the tiles in FOLDER into one mosaic (ofstitch FOLDER does the same)."""
-    _configure_logging(debug)
     with _user_errors(debug):
         if show_cached_settings:
             _show_cached_settings(folder, cache_dir)
@@ -338,11 +331,6 @@ def stitch_command(
             _summary(result, time.perf_counter() - start)
 
 
-class FinalMode(str, Enum):
-    all = "all"
-    preview = "preview"
-
-
 @app.command("watch", no_args_is_help=True)
 def watch_command(
     folder: Path = typer.Argument(..., help="The folder the microscope writes the tiles into."),
@@ -376,6 +364,9 @@ def watch_command(
     minimum_overlap: float = typer.Option(0.2, "--minimum-overlap", help=_s("minimum_overlap")),
     corr_mask_radius: float | None = typer.Option(
         None, "--corr-mask-radius", help=_c("corr_mask_radius")),
+    search_margin: float = typer.Option(0.0, "--search-margin", help=_c("search_margin")),
+    priority: PriorityChoice = typer.Option(PriorityChoice.time, "--priority",
+                                            help=_s("priority")),
     stitch_tiff: bool = typer.Option(False, "--stitch-tiff/--no-stitch-tiff",
                                      help=_s("stitch_tiff") + " (with --final)"),
     tile_size: int | None = typer.Option(None, "--tile-size", help=_s("tile_size")),
@@ -398,20 +389,19 @@ def watch_command(
 
     from .live import watch
 
-    _configure_logging(debug)
     with _user_errors(debug):
-        if settle_time < 0:
-            raise OfstitchError(f"--settle-time must be zero or positive, got {settle_time}")
-        if idle_timeout is not None and idle_timeout <= 0:
-            raise OfstitchError(f"--idle-timeout must be positive, got {idle_timeout}")
+        options = WatchSettings(settle_time=settle_time, idle_timeout=idle_timeout,
+                                preview_width=preview_width, final=final, dzi=dzi,
+                                polling=polling)
         correlation = CorrelationSettings(pad=pad, resize=resize, high_pass_sigma=high_pass_sigma,
-                                          corr_mask_radius=corr_mask_radius)
+                                          corr_mask_radius=corr_mask_radius,
+                                          search_margin=search_margin)
         settings = StitchSettings(
             correlation=correlation, minimum_overlap=minimum_overlap,
             csm_matrix=parse_csm(csm_matrix) if csm_matrix is not None else None,
             csm_calibration_width=csm_calibration_width, placement=placement.value,
             min_peak_quality=min_peak_quality, max_stage_discrepancy=max_stage_discrepancy,
-            stitching_mode=stitching_mode.value,
+            priority=priority.value, stitching_mode=stitching_mode.value,
             stitch_tiff=stitch_tiff, stitch_dzi=dzi, tile_size=tile_size, device=device.value,
             workers=workers, device_memory=device_memory)
         stop = threading.Event()
@@ -441,10 +431,8 @@ def watch_command(
         reporter = _Reporter(enabled=not quiet and err_console.is_terminal)
         try:
             with reporter.progress:
-                result = watch(folder, settings, output_dir=output_dir, cache_dir=cache_dir,
-                               settle_time=settle_time, idle_timeout=idle_timeout,
-                               preview_width=preview_width, dzi=dzi, final=final,
-                               polling=polling, stop=stop, on_update=on_update,
+                result = watch(folder, settings, options, output_dir=output_dir,
+                               cache_dir=cache_dir, stop=stop, on_update=on_update,
                                progress=reporter)
         finally:
             for sig, handler in previous.items():
@@ -467,7 +455,6 @@ def demo_command(
     """Cut a synthetic 28-tile scan from the bundled H&E sample, stitch it, and report accuracy."""
     from .synthetic import make_scan, pair_errors, textured_pairs
 
-    _configure_logging(debug)
     with _user_errors(debug):
         scan_dir = output / "demo-scan"
         if scan_dir.exists() and any(find_image_files(scan_dir)):
@@ -519,7 +506,12 @@ def main(argv: list[str] | None = None) -> None:
     pyvips.cache_set_max(0)
     limit_malloc_arenas()
     args = list(sys.argv[1:] if argv is None else argv)
-    if args and args[0] not in COMMANDS + ("version",) and args[0] not in ("-h", "--help"):
+    if args and args[0] in ("-V", "--version"):
+        args = ["version"]
+    elif args in (["-h"], ["--help"]):
+        # The default command's options, with the other commands listed in its help.
+        args = ["stitch", "--help"]
+    elif args and args[0] not in COMMANDS + ("version",):
         args.insert(0, "stitch")
     app(args=args, prog_name="ofstitch")
 

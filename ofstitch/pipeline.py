@@ -12,279 +12,44 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyvips
 
-from . import diagnostics, formats, render, tiles
+from . import diagnostics, formats, preview, render, tiles
 from .backends import Backend, select_backend
 from .cache import CorrelationCache, cache_path
 from .errors import OfstitchError, OfstitchWarning
-from .graph import (
-    OverlapGraph,
-    components,
-    find_pairs,
-    interleave,
-    null_pairs,
-    predicted_overlap,
-    require_connected,
+from .graph import OverlapGraph, find_pairs, require_connected
+from .place import stage_placement
+from .registration import (
+    Progress,
+    Registration,
+    correlate,
+    expected_shifts,
+    no_progress,
+    plan_pairs,
+    register_scan,
 )
-from .place import Placement, place, stage_placement
 from .scan import Scan, load_scan, require_folder
 from .settings import StitchSettings
-from .stream import CANDIDATES, CorrelationPlan, correlate_pairs, memory_budget
+
+__all__ = ["Progress", "Registration", "StitchResult", "register", "stitch"]
 
 log = logging.getLogger(__name__)
-
-FLUSH_INTERVAL_S = 0.5  # the correlation cache's journal is appended at most this often
-
-Progress = Callable[[str, int, int], None]
-
-
-@dataclass(frozen=True)
-class Registration:
-    """Where every tile goes, and how that was decided.
-
-    Attributes
-    ----------
-    scan : Scan
-    graph : OverlapGraph
-    shift_px : ndarray, shape (m, 2)
-        Correlation shift of each pair (NaN where it failed or was not computed).
-    quality : ndarray, shape (m,)
-    placement : Placement
-    n_correlated, n_cached : int
-        Pairs correlated in this run and pairs taken from the cache.
-    device : str
-        The backend that ran the kernels.
-    timings_s : dict
-    """
-
-    scan: Scan
-    graph: OverlapGraph
-    shift_px: np.ndarray
-    quality: np.ndarray
-    placement: Placement
-    n_correlated: int
-    n_cached: int
-    device: str
-    timings_s: dict = field(default_factory=dict)
-
-    @property
-    def names(self) -> list[str]:
-        return [f.name for f in self.scan.files]
-
-    @property
-    def positions_px(self) -> np.ndarray:
-        """``(row, col)`` of each tile's top-left corner, smallest at 0."""
-        return self.placement.positions_px
-
-    def positions(self) -> dict[str, tuple[float, float]]:
-        """``{file name: (row, col)}``."""
-        return {n: (float(r), float(c)) for n, (r, c) in
-                zip(self.names, self.positions_px.tolist(), strict=True)}
-
-    @property
-    def n_null(self) -> int:
-        """Null pairs (tiles that do not overlap) correlated for robust placement."""
-        score = self.placement.null_score
-        return 0 if score is None else len(score)
-
-    def suggested_csm(self) -> np.ndarray:
-        """The improved camera-to-sample matrix, at the scan's calibration width.
-
-        Pass it back as ``--csm-matrix`` together with ``--csm-calibration-width``
-        set to :attr:`Scan.csm_calibration_width` (when that is not ``None``).
-        """
-        m = self.placement.csm
-        width = self.scan.csm_calibration_width
-        return m * self.scan.tile_shape[1] / width if width else m
 
 
 @dataclass(frozen=True)
 class StitchResult:
-    """What :func:`stitch` did: the registration (``None`` in stage mode) and the files."""
+    """What :func:`stitch` did: the registration (``None`` in stage and only-correlate
+    modes) and the files written."""
 
     registration: Registration | None
     outputs: dict[str, Path]
     positions_px: np.ndarray
     names: list[str]
-
-
-def _noop(stage: str, done: int, total: int) -> None:
-    pass
-
-
-def _expected_shifts(scan: Scan, pairs: np.ndarray) -> np.ndarray:
-    return scan.stage_px[pairs[:, 1]] - scan.stage_px[pairs[:, 0]]
-
-
-def correlate_scan(scan: Scan, pairs: np.ndarray, expected: np.ndarray,
-                   settings: StitchSettings, backend: Backend, *,
-                   cache: CorrelationCache | None, progress: Progress = _noop,
-                   found_out: dict | None = None
-                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, int]:
-    """Correlate ``pairs`` (searched around ``expected`` shifts), reusing and filling the cache.
-
-    Returns ``(shift_px, quality, candidates, n_correlated, n_cached)``; ``found_out``,
-    if given, receives ``"found"``: which pairs came from the cache.
-    """
-    keys = [f.key for f in scan.files]
-    cs = settings.correlation
-    m = len(pairs)
-    if cache is not None:
-        found, shift, quality, candidates = cache.lookup(cs, keys, pairs, expected,
-                                                         scan.tile_shape, with_candidates=True)
-    else:
-        found = np.zeros(m, bool)
-        shift, quality = np.full((m, 2), np.nan), np.full(m, np.nan)
-        candidates = np.full((m, CANDIDATES, 3), np.nan)
-    todo = np.flatnonzero(~found)
-    if found_out is not None:
-        found_out["found"] = found.copy()
-    progress("correlate", 0, len(todo))
-    if len(todo):
-        plan = CorrelationPlan.make(scan.tile_shape, cs)
-        budget = memory_budget(backend, settings.device_memory, settings.priority)
-        done = 0
-        flushed = time.monotonic()
-        for batch in correlate_pairs(scan.paths, pairs[todo], expected[todo], cs, plan, backend,
-                                     batch_pairs=settings.batch_pairs, budget_bytes=budget,
-                                     workers=settings.workers):
-            ids = todo[batch.pair_ids]
-            shift[ids] = batch.shift_px
-            quality[ids] = batch.quality
-            candidates[ids] = batch.candidates
-            done += len(ids)
-            progress("correlate", done, len(todo))
-            if cache is not None:
-                cache.add(cs, keys, pairs[ids], batch.shift_px, batch.quality, expected[ids],
-                          batch.candidates)
-                if time.monotonic() - flushed >= FLUSH_INTERVAL_S:
-                    # A killed run keeps every batch finished before the last flush; an
-                    # fsync per batch cost up to a tenth of the correlation (more on an
-                    # SD card).
-                    cache.flush()
-                    flushed = time.monotonic()
-        if cache is not None:
-            cache.save()
-    return shift, quality, candidates, len(todo), int(found.sum())
-
-
-def placement_method(settings: StitchSettings) -> str:
-    """The placement method: the reference's whenever one of its options is asked for."""
-    if settings.placement == "reference" or settings.thresholding == "manual" or (
-            settings.min_peak_quality is not None or settings.max_stage_discrepancy is not None):
-        return "reference"
-    return "robust"
-
-
-def pairs_to_correlate(scan: Scan, graph: OverlapGraph, settings: StitchSettings
-                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """The graph's pairs plus, for robust placement, the null pairs, in streaming order.
-
-    Returns ``(pairs, expected shifts, order, null_shift)``: ``order[i]`` is the index,
-    in the graph's pairs followed by the null pairs, of the ``i``-th pair to correlate.
-    """
-    pairs = graph.pairs
-    null, null_shift = np.zeros((0, 2), np.int64), np.zeros((0, 2))
-    if placement_method(settings) == "robust":
-        null, null_shift = null_pairs(scan.stage_px, scan.tile_shape, pairs)
-    order = interleave(pairs, null)
-    expected = np.concatenate([_expected_shifts(scan, pairs), null_shift])[order]
-    return np.concatenate([pairs, null])[order], expected, order, null_shift
-
-
-ISLAND_MIN_OVERLAP = 0.02  # extra pairs for tiles in islands: overlap above this fraction
-
-
-def island_pairs(scan: Scan, graph: OverlapGraph, used: np.ndarray) -> np.ndarray:
-    """Pairs outside the graph (predicted overlap between :data:`ISLAND_MIN_OVERLAP` and
-    ``--minimum-overlap``, such as diagonal neighbours) that could join a tile that the
-    used pairs leave out of the largest group to a tile of another group."""
-    n = len(scan)
-    labels = components(n, graph.pairs[used]) if used.any() else np.arange(n)
-    main = np.argmax(np.bincount(labels))
-    if np.all(labels == main):
-        return np.zeros((0, 2), np.int64)
-    wider = find_pairs(scan.stage_px, scan.tile_shape, ISLAND_MIN_OVERLAP).pairs
-    known = {tuple(p) for p in graph.pairs.tolist()}
-    keep = [(a, b) for a, b in wider.tolist() if (a, b) not in known
-            and labels[a] != labels[b] and (labels[a] != main or labels[b] != main)]
-    return np.asarray(keep, dtype=np.int64).reshape(-1, 2)
-
-
-def correlate_and_place(scan: Scan, graph: OverlapGraph, settings: StitchSettings,
-                        backend: Backend, *, cache: CorrelationCache | None,
-                        progress: Progress = _noop,
-                        ask_thresholds: Callable[[], tuple[float, float]] | None = None,
-                        plot_dir: Path | None = None) -> tuple:
-    """Correlate the graph's pairs (and, for robust placement, the null pairs), then place.
-
-    Returns ``(shift, quality, placement, n_correlated, n_cached, seconds, pairs)``
-    where ``seconds`` maps "correlate" and "place" to their durations and ``pairs`` are
-    the pairs placed: the graph's, then any added for tiles in islands
-    (:func:`island_pairs`).
-    """
-    method = placement_method(settings)
-    pairs = graph.pairs
-    expected = _expected_shifts(scan, pairs)
-    all_pairs, all_expected, order, null_shift = pairs_to_correlate(scan, graph, settings)
-    t0 = time.perf_counter()
-    m = len(pairs)
-    stats: dict = {}
-    shift_all, quality_all, cand_all, _, _ = correlate_scan(
-        scan, all_pairs, all_expected, settings, backend, cache=cache, progress=progress,
-        found_out=stats)
-    back = np.argsort(order)  # position of each original index in the correlated order
-    # Counts of the scan's pairs (the null pairs are extra correlations, not pairs).
-    n_cached = int(stats["found"][back[:m]].sum())
-    n_new = m - n_cached
-    shift, quality = shift_all[back[:m]], quality_all[back[:m]]
-    candidates, null_candidates = cand_all[back[:m]], cand_all[back[m:]]
-    t1 = time.perf_counter()
-    ask = None
-    if settings.thresholding == "manual":
-        if ask_thresholds is None:
-            raise OfstitchError("--thresholding manual needs someone to answer: run it from "
-                                "the command line, or pass ask_thresholds")
-        if plot_dir is not None:
-            diagnostics.plot_correlations(plot_dir / "stitching_correlations.png", quality,
-                                          np.linalg.norm(shift - expected, axis=1))
-        ask = ask_thresholds
-    if method == "robust":
-        placement = place(pairs, shift, quality, scan.stage_px, scan.csm, method="robust",
-                          candidates=candidates, null_candidates=null_candidates,
-                          null_stage_shift=null_shift,
-                          search_radius=settings.correlation.corr_mask_radius)
-        extra = island_pairs(scan, graph, placement.accepted)
-        if len(extra):
-            # Tiles left in islands: try their smaller overlaps (diagonal neighbours) too.
-            log.info("%d extra pairs for tiles in islands", len(extra))
-            x_expected = _expected_shifts(scan, extra)
-            stats = {}
-            x_shift, x_quality, x_cand, _, _ = correlate_scan(
-                scan, extra, x_expected, settings, backend, cache=cache, progress=progress,
-                found_out=stats)
-            n_cached += int(stats["found"].sum())
-            n_new += int((~stats["found"]).sum())
-            pairs = np.concatenate([pairs, extra])
-            shift = np.concatenate([shift, x_shift])
-            quality = np.concatenate([quality, x_quality])
-            candidates = np.concatenate([candidates, x_cand])
-            placement = place(pairs, shift, quality, scan.stage_px, scan.csm, method="robust",
-                              candidates=candidates, null_candidates=null_candidates,
-                              null_stage_shift=null_shift,
-                              search_radius=settings.correlation.corr_mask_radius)
-    else:
-        placement = place(pairs, shift, quality, scan.stage_px, scan.csm, method="reference",
-                          thresholding=settings.thresholding,
-                          min_peak_quality=settings.min_peak_quality,
-                          max_stage_discrepancy=settings.max_stage_discrepancy,
-                          ask_thresholds=ask)
-    return shift, quality, placement, n_new, n_cached, {
-        "correlate": t1 - t0, "place": time.perf_counter() - t1}, pairs
 
 
 def load_connected_scan(folder: Path, settings: StitchSettings) -> tuple[Scan, OverlapGraph]:
@@ -297,7 +62,7 @@ def load_connected_scan(folder: Path, settings: StitchSettings) -> tuple[Scan, O
 
 def register(folder: Path | str, settings: StitchSettings | None = None, *,
              output_dir: Path | str | None = None, cache_dir: Path | str | None = None,
-             use_cache: bool = True, progress: Progress = _noop,
+             use_cache: bool = True, progress: Progress = no_progress,
              ask_thresholds: Callable[[], tuple[float, float]] | None = None,
              plots: bool = False, backend: Backend | None = None) -> Registration:
     """Find the position of every tile of the scan in ``folder``, without rendering.
@@ -327,32 +92,25 @@ def register(folder: Path | str, settings: StitchSettings | None = None, *,
     """
     settings = settings or StitchSettings()
     folder = Path(folder)
-    timings = {}
     t0 = time.perf_counter()
     backend = backend or select_backend(settings.device)
     scan, graph = load_connected_scan(folder, settings)
-    timings["load"] = time.perf_counter() - t0
+    loaded = time.perf_counter() - t0
     out_dir = Path(output_dir) if output_dir is not None else folder
     if plots:
         diagnostics.plot_inputs(out_dir / "stitching_inputs.png", scan.stage_px,
                                 scan.tile_shape, graph.pairs)
-
     cache = CorrelationCache.load(cache_path(folder, cache_dir)) if use_cache else None
-    shift, quality, placement, n_new, n_cached, seconds, pairs = correlate_and_place(
-        scan, graph, settings, backend, cache=cache, progress=progress,
-        ask_thresholds=ask_thresholds, plot_dir=out_dir)
-    if len(pairs) > len(graph.pairs):  # pairs added for tiles in islands
-        graph = OverlapGraph(pairs, predicted_overlap(scan.stage_px, scan.tile_shape,
-                                                      pairs[:, 0], pairs[:, 1]), len(scan))
-    timings.update(seconds)
-    if plots and len(graph.pairs):
-        stage_shift = _expected_shifts(scan, graph.pairs)
-        diagnostics.plot_placement(out_dir / "stitching_correlations.png", placement, quality,
-                                   np.linalg.norm(shift - stage_shift, axis=1))
-        diagnostics.plot_residuals(out_dir / "stitching_residuals.png", placement,
-                                   graph.pairs, scan.tile_shape)
-    return Registration(scan, graph, shift, quality, placement, n_new, n_cached,
-                        backend.describe(), timings)
+    reg = register_scan(scan, graph, settings, backend, cache=cache, progress=progress,
+                        ask_thresholds=ask_thresholds, plot_dir=out_dir)
+    reg.timings_s["load"] = loaded
+    if plots and len(reg.graph.pairs):
+        stage_shift = expected_shifts(scan, reg.graph.pairs)
+        diagnostics.plot_placement(out_dir / "stitching_correlations.png", reg.placement,
+                                   reg.quality, np.linalg.norm(reg.shift_px - stage_shift, axis=1))
+        diagnostics.plot_residuals(out_dir / "stitching_residuals.png", reg.placement,
+                                   reg.graph.pairs, scan.tile_shape)
+    return reg
 
 
 def output_prefix(folder: Path) -> str:
@@ -388,22 +146,20 @@ def value_scale(scan: Scan, sample: int = 8) -> float:
     return 255.0 / peak if peak > 0 else 1.0
 
 
-def _render_jpeg(scan: Scan, positions: np.ndarray, path: Path, scale: float,
-                 work_dir: Path | None, progress: Progress, label: str,
-                 extra: dict | None = None, *, blend: str = "none",
-                 skip: set[int] | None = None) -> set[int]:
-    """Render the mosaic at ``scale`` into the JPEG ``path``.
-
-    ``work_dir`` is unused (the mosaic streams straight into the encoder). Returns
-    the tiles left out because they could not be decoded.
-    """
-    mosaic = render.Mosaic(scan.paths, positions, scan.tile_shape, scale=scale, blend=blend,
-                           value_scale=value_scale(scan), skip=skip)
+def write_preview(scan: Scan, positions: np.ndarray, path: Path, *,
+                  extra: dict | None = None, width: int = render.PREVIEW_WIDTH) -> set[int]:
+    """Write the mosaic at most ``width`` px wide as the JPEG ``path`` (as live stitching
+    draws it, :func:`ofstitch.preview.preview_image`). Returns the tiles left out
+    because they could not be decoded."""
+    image, _, left_out = preview.preview_image(
+        scan.paths, [f.key for f in scan.files], positions, scan.tile_shape, width,
+        preview.PreviewTiles(value_scale(scan)))
+    scale = image.shape[1] / preview.scan_width(positions, scan.tile_shape)
     pixel = scan.pixel_size_um / scale if scan.pixel_size_um else None
-    mosaic.write(lambda image: formats.write_jpeg(
-        image, path, metadata=scan.metadata, pixel_size_um=pixel, n_tiles=len(scan),
-        extra=extra), progress=lambda d, t: progress(label, d, t))
-    return mosaic.skip
+    formats.write_jpeg(pyvips.Image.new_from_array(image).copy(interpretation="srgb"), path,
+                       metadata=scan.metadata, pixel_size_um=pixel, n_tiles=len(scan),
+                       extra=extra)
+    return left_out
 
 
 def full_resolution_formats(settings: StitchSettings, size: tuple[int, int]) -> tuple[str, ...]:
@@ -425,7 +181,7 @@ def full_resolution_formats(settings: StitchSettings, size: tuple[int, int]) -> 
 def write_full_resolution(scan: Scan, positions: np.ndarray, out: Path, prefix: str,
                           settings: StitchSettings, wanted: tuple[str, ...], *,
                           extra: dict | None = None, skip: set[int] | None = None,
-                          progress: Progress = _noop) -> dict[str, Path]:
+                          progress: Progress = no_progress) -> dict[str, Path]:
     """Write the full-resolution mosaic in each format of ``wanted``; returns the files."""
     mosaic = render.Mosaic(scan.paths, positions, scan.tile_shape, blend=settings.blend,
                            value_scale=value_scale(scan), skip=skip, workers=settings.workers)
@@ -463,8 +219,9 @@ def write_full_resolution(scan: Scan, positions: np.ndarray, out: Path, prefix: 
 
 def stitch(folder: Path | str, settings: StitchSettings | None = None, *,
            output_dir: Path | str | None = None, cache_dir: Path | str | None = None,
-           progress: Progress = _noop,
-           ask_thresholds: Callable[[], tuple[float, float]] | None = None) -> StitchResult:
+           progress: Progress = no_progress,
+           ask_thresholds: Callable[[], tuple[float, float]] | None = None,
+           backend: Backend | None = None) -> StitchResult:
     """Stitch the scan in ``folder`` and write the outputs of ``settings.stitching_mode``.
 
     Outputs (in ``output_dir``, default the scan folder; inputs are never modified):
@@ -490,32 +247,28 @@ def stitch(folder: Path | str, settings: StitchSettings | None = None, *,
         scan = load_scan(folder, settings)
         placement = stage_placement(scan.stage_px, scan.csm)
         path = out / "stitched_from_stage.jpg"
-        scale = render.scale_for_width(placement.positions_px, scan.tile_shape,
-                                       render.PREVIEW_WIDTH)
-        _render_jpeg(scan, placement.positions_px, path, scale, out, progress, "render",
-                     blend=settings.blend)
+        write_preview(scan, placement.positions_px, path)
         outputs["stage"] = path
         return StitchResult(None, outputs, placement.positions_px, [f.name for f in scan.files])
 
     if mode == "only-correlate":
-        backend = select_backend(settings.device)
+        backend = backend or select_backend(settings.device)
         scan, graph = load_connected_scan(folder, settings)
         cache = CorrelationCache.load(cache_path(folder, cache_dir))
-        if placement_method(settings) == "robust":
+        if settings.placement == "robust":
             # Placing finds the extra pairs of tiles left in islands: correlate them too,
             # so that a later run correlates nothing.
-            correlate_and_place(scan, graph, settings, backend, cache=cache,
-                                progress=progress)
+            register_scan(scan, graph, settings, backend, cache=cache, progress=progress)
         else:
-            all_pairs, all_expected, _, _ = pairs_to_correlate(scan, graph, settings)
-            correlate_scan(scan, all_pairs, all_expected, settings, backend, cache=cache,
-                           progress=progress)
+            plan = plan_pairs(scan, graph, settings)
+            correlate(scan, plan.stream_pairs, plan.stream_expected, settings, backend,
+                      cache=cache, progress=progress)
         outputs["cache"] = cache.path
         return StitchResult(None, outputs, scan.stage_px - scan.stage_px.min(axis=0),
                             [f.name for f in scan.files])
 
     reg = register(folder, settings, output_dir=out, cache_dir=cache_dir, progress=progress,
-                   ask_thresholds=ask_thresholds, plots=True)
+                   ask_thresholds=ask_thresholds, plots=True, backend=backend)
     outputs["inputs_plot"] = out / "stitching_inputs.png"
     if len(reg.graph.pairs):
         outputs["correlations_plot"] = out / "stitching_correlations.png"
@@ -531,13 +284,11 @@ def stitch(folder: Path | str, settings: StitchSettings | None = None, *,
     if mode == "all":  # refuse an impossible JPEG before spending time on the preview
         wanted = full_resolution_formats(
             settings, render.make_layout(positions, scan.tile_shape).size)
-    preview = out / "preview.jpg"
-    scale = render.scale_for_width(positions, scan.tile_shape, render.PREVIEW_WIDTH)
-    skip = _render_jpeg(scan, positions, preview, scale, out, progress, "preview", extra,
-                        blend=settings.blend)
-    outputs["preview"] = preview
+    preview_path = out / "preview.jpg"
+    skip = write_preview(scan, positions, preview_path, extra=extra)
+    outputs["preview"] = preview_path
     thumb = out / "stitched_thumbnail.jpg"
-    formats.write_thumbnail(preview, thumb)
+    formats.write_thumbnail(preview_path, thumb)
     outputs["thumbnail"] = thumb
 
     if mode == "all":

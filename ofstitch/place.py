@@ -41,6 +41,7 @@ from array_api_compat import array_namespace
 
 from .backends import solve_laplacian
 from .errors import OfstitchError, OfstitchWarning
+from .settings import PLACEMENT_METHODS
 
 log = logging.getLogger(__name__)
 
@@ -589,9 +590,6 @@ def _loop_breakers(pairs: np.ndarray, residual: np.ndarray, conflict: np.ndarray
                         todo.append(i)
         out[min(group, key=lambda j: (score[j], -residual[j]))] = True
     return out
-
-
-PLACEMENT_METHODS = ("robust", "reference")
 
 
 def place(pairs: np.ndarray, shift: np.ndarray, quality: np.ndarray, stage_px: np.ndarray,

@@ -47,12 +47,12 @@ import numpy as np
 import pyvips
 
 from . import tiles
-from .errors import OfstitchError, OfstitchWarning
+from .errors import OfstitchError, OfstitchWarning, SettingError
+from .settings import BLENDS
 
 log = logging.getLogger(__name__)
 
 Blend = Literal["none", "feather"]
-BLENDS = ("none", "feather")
 
 PREVIEW_WIDTH = 1000
 FETCH_WIDTH = 256  # columns of a band computed at a time
@@ -116,7 +116,7 @@ def band_rows(layout: Layout, band_height: int = 128) -> list[tuple[int, int]]:
     return [(r, min(height, r + band_height)) for r in range(0, height, band_height)]
 
 
-def _priority(layout: Layout) -> np.ndarray:
+def priority_order(layout: Layout) -> np.ndarray:
     """Tile indices in priority order: higher in the mosaic first, then the earlier tile."""
     return np.argsort(layout.top_left[:, 0], kind="stable")
 
@@ -225,7 +225,7 @@ def compose_band(source: TileSource, layout: Layout, rows: tuple[int, int], *,
     th, tw = layout.tile_shape
     width = layout.size[1]
     top = layout.top_left
-    order = _priority(layout)
+    order = priority_order(layout)
     members = [int(i) for i in order if top[i, 0] < r1 and top[i, 0] + th > r0
                and int(i) not in skip]
     # Few enough tiles per piece for an 8-bit label (and a cheap feathered sum).
@@ -394,7 +394,7 @@ def stream_mosaic(paths: Sequence[Path], layout: Layout, *, blend: Blend = "none
     while composing, if any). The image can be read once, top to bottom.
     """
     if blend not in BLENDS:
-        raise OfstitchError(f"--blend must be one of {', '.join(BLENDS)}, got {blend!r}")
+        raise SettingError("blend", f"must be one of {', '.join(BLENDS)}, got {blend!r}")
     stream = _PngStream(paths, layout, blend=blend, value_scale=value_scale, skip=skip,
                         progress=progress, band_height=band_height)
     source = pyvips.SourceCustom()
@@ -410,7 +410,7 @@ def compose(paths: Sequence[Path], layout: Layout, *, blend: Blend = "none",
     """The whole mosaic as one lazy pyvips image of band images (for small mosaics
     and tests; :func:`stream_mosaic` bounds memory for large ones)."""
     if blend not in BLENDS:
-        raise OfstitchError(f"--blend must be one of {', '.join(BLENDS)}, got {blend!r}")
+        raise SettingError("blend", f"must be one of {', '.join(BLENDS)}, got {blend!r}")
     source = TileSource(paths, layout, value_scale)
     weight = _feather_weight(layout) if blend == "feather" else None
     bands = [compose_band(source, layout, rows, blend=blend, skip=skip, weight=weight)

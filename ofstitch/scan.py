@@ -50,7 +50,8 @@ IGNORED_PHRASES = ("stitched", "comparison", "fused", "stage", "stitching", "pre
 DEFAULT_OPENFLEXURE_CSM_WIDTH = 832
 # Not OFMTileConfiguration.txt: that is an output (optimised positions) and must not feed back.
 TILE_CONFIG_NAMES = ("TileConfiguration.txt", "tile_config.txt")
-SWAP_AXES = np.array([[0.0, 1.0], [1.0, 0.0]])
+SWAP_AXES = np.array([[0.0, 1.0], [1.0, 0.0]])  # x = column, y = row, when no CSM is known
+SWAP_AXES.flags.writeable = False
 
 _FILENAME_POSITION = re.compile(
     r"(?:^|[_\s])(-?\d+(?:\.\d+)?)_(-?\d+(?:\.\d+)?)(?:_(-?\d+(?:\.\d+)?))?$")

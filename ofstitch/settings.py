@@ -12,16 +12,22 @@ import math
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Literal
 
-from .errors import OfstitchError
+from .errors import SettingError
 
 StitchingMode = Literal["all", "preview", "stage", "only-correlate"]
 Thresholding = Literal["automatic", "manual"]
 Priority = Literal["time", "memory"]
 
+# Each choice set is spelled here once; the CLI's choices and the modules that use
+# them take it from here.
 STITCHING_MODES = ("all", "preview", "stage", "only-correlate")
 OUTPUT_FORMATS = ("jpeg", "ome-tiff", "dzi", "ome-zarr")
 BLENDS = ("none", "feather")
 TIFF_COMPRESSIONS = ("jpeg", "deflate", "lzw")
+PLACEMENT_METHODS = ("robust", "reference")
+THRESHOLDING_METHODS = ("automatic", "manual")
+PRIORITIES = ("time", "memory")
+DEVICES = ("cpu", "cuda", "auto")
 
 
 def _help(text: str) -> dict:
@@ -66,17 +72,16 @@ class CorrelationSettings:
         if self.corr_mask_radius is not None:
             object.__setattr__(self, "corr_mask_radius", float(self.corr_mask_radius))
         if not (0 < self.resize <= 1):
-            raise OfstitchError(f"--resize must be in (0, 1], got {self.resize}")
+            raise SettingError("resize", f"must be in (0, 1], got {self.resize}")
         if self.high_pass_sigma < 0:
-            raise OfstitchError(
-                f"--high-pass-sigma must be zero or positive, got {self.high_pass_sigma}")
+            raise SettingError("high_pass_sigma",
+                               f"must be zero or positive, got {self.high_pass_sigma}")
         if not (0 <= self.search_margin < 1):
-            raise OfstitchError(
-                f"--search-margin must be in [0, 1) (a fraction of the tile size), "
-                f"got {self.search_margin}")
+            raise SettingError("search_margin", f"must be in [0, 1) (a fraction of the tile "
+                               f"size), got {self.search_margin}")
         if self.corr_mask_radius is not None and self.corr_mask_radius <= 0:
-            raise OfstitchError(
-                f"--corr-mask-radius must be positive, got {self.corr_mask_radius}")
+            raise SettingError("corr_mask_radius",
+                               f"must be positive, got {self.corr_mask_radius}")
 
     def key(self) -> str:
         """A canonical JSON string of the settings, used as the cache key."""
@@ -183,33 +188,33 @@ class StitchSettings:
 
     def __post_init__(self) -> None:
         if not (0 <= self.minimum_overlap < 1):
-            raise OfstitchError(
-                f"--minimum-overlap must be in [0, 1), got {self.minimum_overlap}")
-        if self.stitching_mode not in STITCHING_MODES:
-            raise OfstitchError(
-                f"--stitching-mode must be one of {', '.join(STITCHING_MODES)}, "
-                f"got {self.stitching_mode!r}")
-        if self.thresholding not in ("automatic", "manual"):
-            raise OfstitchError(
-                f"--thresholding must be 'automatic' or 'manual', got {self.thresholding!r}")
+            raise SettingError("minimum_overlap", f"must be in [0, 1), got {self.minimum_overlap}")
+        if isinstance(self.formats, str):  # one format, not one per letter
+            object.__setattr__(self, "formats", (self.formats,))
         object.__setattr__(self, "formats", tuple(str(f) for f in self.formats))
-        for name, value, allowed in (("--format", self.formats, OUTPUT_FORMATS),
-                                     ("--blend", (self.blend,), BLENDS),
-                                     ("--tiff-compression", (self.tiff_compression,),
-                                      TIFF_COMPRESSIONS)):
-            for v in value:
+        for name, values, allowed in (
+                ("stitching_mode", (self.stitching_mode,), STITCHING_MODES),
+                ("thresholding", (self.thresholding,), THRESHOLDING_METHODS),
+                ("placement", (self.placement,), PLACEMENT_METHODS),
+                ("formats", self.formats, OUTPUT_FORMATS),
+                ("blend", (self.blend,), BLENDS),
+                ("tiff_compression", (self.tiff_compression,), TIFF_COMPRESSIONS),
+                ("priority", (self.priority,), PRIORITIES),
+                ("device", (self.device,), DEVICES)):
+            for v in values:
                 if v not in allowed:
-                    raise OfstitchError(
-                        f"{name} must be one of {', '.join(allowed)}, got {v!r}")
+                    raise SettingError(name, f"must be one of {', '.join(allowed)}, got {v!r}")
         if self.tile_size is not None and not (16 <= self.tile_size <= 8192):
-            raise OfstitchError(f"--tile-size must be between 16 and 8192, got {self.tile_size}")
-        if self.placement not in ("robust", "reference"):
-            raise OfstitchError(
-                f"--placement must be 'robust' or 'reference', got {self.placement!r}")
+            raise SettingError("tile_size", f"must be between 16 and 8192, got {self.tile_size}")
         if self.device_memory is not None:
             parse_memory(self.device_memory)  # raises a clear error early
         if self.image_count is not None and self.image_count < 1:
-            raise OfstitchError(f"--image-count must be at least 1, got {self.image_count}")
+            raise SettingError("image_count", f"must be at least 1, got {self.image_count}")
+        # The placement method, resolved once: the reference's whenever one of its
+        # options is asked for.
+        if self.thresholding == "manual" or self.min_peak_quality is not None or \
+                self.max_stage_discrepancy is not None:
+            object.__setattr__(self, "placement", "reference")
 
     @property
     def output_formats(self) -> tuple[str, ...]:
@@ -246,8 +251,8 @@ def parse_memory(text: str) -> tuple[str, float]:
         return "fraction", value
     if unit in _UNITS and value > 0 and math.isfinite(value * _UNITS[unit]):
         return "bytes", value * _UNITS[unit]
-    raise OfstitchError(
-        f"--device-memory must be an amount such as '512MB' or '2GiB', or a fraction of the "
+    raise SettingError(
+        "device_memory", f"must be an amount such as '512MB' or '2GiB', or a fraction of the "
         f"free memory such as '0.5', got {text!r}")
 
 
@@ -281,3 +286,13 @@ class WatchSettings:
     polling: bool = field(default=False, metadata=_help(
         "Poll the folder for changes instead of using the operating system's file "
         "events (for network folders, where events do not arrive)."))
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.settle_time) and self.settle_time >= 0):
+            raise SettingError("settle_time", f"must be zero or positive, got {self.settle_time}")
+        if self.idle_timeout is not None and not (
+                math.isfinite(self.idle_timeout) and self.idle_timeout > 0):
+            raise SettingError("idle_timeout",
+                               f"must be a positive number of seconds, got {self.idle_timeout}")
+        if self.preview_width < 1:
+            raise SettingError("preview_width", f"must be positive, got {self.preview_width}")

@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 import scipy.fft
+from array_api_compat import array_namespace
 
 from . import correlate, tiles
 from .backends import Backend, free_memory_bytes, to_device, to_host
@@ -409,52 +410,78 @@ def _score_candidates(pairs: np.ndarray, shift: np.ndarray, index: np.ndarray | 
 
     Without padding, a circular peak (at ``index``, unused with padding) stands for up
     to four shifts: the one whose overlap matches best is kept. A shift that leaves less
-    than
-    :data:`MIN_OVERLAP_FRACTION` of the stage-predicted overlap scores -1.
+    than :data:`MIN_OVERLAP_FRACTION` of the stage-predicted overlap scores -1. The
+    overlap NCCs of the whole batch come back to the host in one transfer.
     """
     h, w = plan.scaled_shape
     hb, wb = h // SCORE_BINNING, w // SCORE_BINNING
     out = np.full(shift.shape[:2] + (3,), np.nan)
+    jobs = []  # (k, c, reading, factor or None for too small) per overlap to score
+    nccs = []  # their NCCs, on the device
     for k, (a, b) in enumerate(pairs.tolist()):
         ey, ex = np.abs(expected[k]) / SCORE_BINNING
         expected_area = max(hb - ey, 1) * max(wb - ex, 1)
         min_area = max(int(MIN_OVERLAP_FRACTION * expected_area), 2)
-        tile_a, tile_b = live_tiles[a], live_tiles[b]
         for c in range(shift.shape[1]):
             if not np.isfinite(shift[k, c, 0]):
                 continue
-            frac = shift[k, c] - np.round(shift[k, c])
             readings = ([tuple(int(v) for v in np.round(shift[k, c]))] if pad else
                         correlate.unwrap_candidates(tuple(int(v) for v in index[k, c]),
                                                     plan.fft_shape))
-            scores = []
             for ry, rx in readings:
-                by, bx = round(ry / SCORE_BINNING), round(rx / SCORE_BINNING)
-                ncc = correlate.overlap_similarity(tile_a, tile_b, (by, bx), min_area=min_area)
+                binned = (round(ry / SCORE_BINNING), round(rx / SCORE_BINNING))
+                area = correlate.overlap_area((hb, wb), binned)
+                if area < min_area:
+                    jobs.append((k, c, (ry, rx), None))
+                    continue
                 # Chance NCCs spread as 1 / sqrt(area): a smaller overlap than the stage
                 # predicts must match better to count as much (the null pairs, searched
                 # around the prediction, set the scale).
-                area = max(hb - abs(by), 0) * max(wb - abs(bx), 0)
-                scores.append(ncc * min(1.0, math.sqrt(area / expected_area)) if ncc > 0
-                              else ncc)
-            best = int(np.argmax(scores))
-            out[k, c, :2] = np.asarray(readings[best], dtype=np.float64) + frac
-            out[k, c, 2] = scores[best]
+                jobs.append((k, c, (ry, rx), min(1.0, math.sqrt(area / expected_area))))
+                nccs.append(correlate.overlap_ncc(live_tiles[a], live_tiles[b], binned))
+    if not jobs:
+        return out
+    values = iter(_to_host_list(nccs, live_tiles))
+    best: dict[tuple[int, int], tuple[float, tuple[int, int]]] = {}
+    for k, c, reading, factor in jobs:
+        if factor is None:
+            score = -1.0
+        else:
+            ncc = next(values)
+            score = ncc * factor if ncc > 0 else ncc
+        if (k, c) not in best or score > best[(k, c)][0]:  # the first of equal scores wins
+            best[(k, c)] = (score, reading)
+    for (k, c), (score, reading) in best.items():
+        frac = shift[k, c] - np.round(shift[k, c])
+        out[k, c, :2] = np.asarray(reading, dtype=np.float64) + frac
+        out[k, c, 2] = score
     return out
+
+
+def _to_host_list(values: list, live_tiles: dict) -> list[float]:
+    """0-d device arrays -> Python floats, in one transfer."""
+    if not values:
+        return []
+    xp = array_namespace(next(iter(live_tiles.values())))
+    return to_host(xp.stack([xp.reshape(xp.asarray(v), ()) for v in values])).tolist()
 
 
 def _break_ambiguity(pairs: np.ndarray, index: np.ndarray, shift: np.ndarray,
                      live_tiles: dict, fft_shape: tuple[int, int]) -> np.ndarray:
-    """Without padding, pick the wrap-around reading whose overlap matches best."""
+    """Without padding, pick the wrap-around reading whose overlap matches best (the NCCs
+    of the batch come back in one transfer)."""
     out = shift.copy()
-    for k, (a, b) in enumerate(pairs.tolist()):
+    readings = [correlate.unwrap_candidates(tuple(int(v) for v in index[k]), fft_shape)
+                for k in range(len(pairs))]
+    # The live tiles are the binned score tiles (correlate.score_tiles).
+    nccs = [correlate.overlap_ncc(live_tiles[a], live_tiles[b],
+                                  (round(r[0] / SCORE_BINNING), round(r[1] / SCORE_BINNING)))
+            for (a, b), rs in zip(pairs.tolist(), readings, strict=True) for r in rs]
+    values = iter(_to_host_list(nccs, live_tiles))
+    for k, rs in enumerate(readings):
+        scores = [next(values) for _ in rs]
         frac = shift[k] - np.round(shift[k])
-        candidates = correlate.unwrap_candidates(tuple(int(v) for v in index[k]), fft_shape)
-        # The live tiles are the binned score tiles (correlate.score_tiles).
-        scores = [correlate.overlap_similarity(
-            live_tiles[a], live_tiles[b],
-            (round(c[0] / SCORE_BINNING), round(c[1] / SCORE_BINNING))) for c in candidates]
-        out[k] = np.asarray(candidates[int(np.argmax(scores))], dtype=np.float64) + frac
+        out[k] = np.asarray(rs[int(np.argmax(scores))], dtype=np.float64) + frac
     return out
 
 

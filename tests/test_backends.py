@@ -19,7 +19,6 @@ from pathlib import Path
 import array_api_compat
 import numpy as np
 import pytest
-import scipy.ndimage as ndi
 from cli_helpers import run_main
 
 import ofstitch
@@ -34,13 +33,11 @@ from ofstitch.backends import (
     to_host,
 )
 from ofstitch.errors import DeviceUnavailableError, OfstitchError
-from ofstitch.graph import find_pairs
 from ofstitch.settings import CorrelationSettings, StitchSettings, parse_memory
 from ofstitch.stream import (
     ARRAYS_PER_PAIR,
     DEFAULT_BUDGET_BYTES,
     CorrelationPlan,
-    correlate_pairs,
     memory_budget,
 )
 from ofstitch.synthetic import make_scan, pair_errors
@@ -357,14 +354,14 @@ def test_parse_memory_fractions(text, want):
                                   "GB", "nan", "inf", "50%", "1.2.3MB",
                                   "4096"])  # a bare number above 1: which unit? refuse
 def test_parse_memory_rejects(text):
-    with pytest.raises(OfstitchError, match="--device-memory") as info:
+    with pytest.raises(OfstitchError, match="^device_memory") as info:
         parse_memory(text)
     assert repr(text) in str(info.value)
 
 
 @pytest.mark.parametrize("text", ["1e999", "1e999GB"])
 def test_parse_memory_rejects_infinite_amounts(text):
-    with pytest.raises(OfstitchError, match="--device-memory"):
+    with pytest.raises(OfstitchError, match="^device_memory"):
         parse_memory(text)
 
 
@@ -376,7 +373,7 @@ def test_cli_infinite_device_memory_is_a_user_error(tiny_scan, capsys):
 
 @pytest.mark.parametrize("text", ["abc", "0", "-1"])
 def test_stitch_settings_check_device_memory(text):
-    with pytest.raises(OfstitchError, match="--device-memory"):
+    with pytest.raises(OfstitchError, match="^device_memory"):
         StitchSettings(device_memory=text)
     assert StitchSettings(device_memory="2GiB").device_memory == "2GiB"
 
@@ -491,16 +488,16 @@ def test_batch_pairs_grows_with_the_budget():
 
 def test_register_passes_the_budget(monkeypatch, tmp_path, source_image):
     """--device-memory and --priority reach the streaming correlation as its budget."""
-    from ofstitch import pipeline
+    from ofstitch import registration
 
     seen = []
-    real = pipeline.correlate_pairs
+    real = registration.correlate_pairs
 
     def spy(*args, **kwargs):
         seen.append((kwargs.get("budget_bytes"), kwargs.get("batch_pairs")))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(pipeline, "correlate_pairs", spy)
+    monkeypatch.setattr(registration, "correlate_pairs", spy)
     folder = make_scan(tmp_path / "scan", source=source_image, grid=(2, 2),
                        tile_shape=(96, 128)).folder
     for settings, want in [(StitchSettings(), (64 * 2**20, None)),
@@ -554,116 +551,6 @@ def test_register_default_backend_comes_from_settings(hide_cupy, scan_3x3):
     assert reg.device == "cpu (numpy)"
     with pytest.raises(DeviceUnavailableError):
         ofstitch.register(scan_3x3.folder, StitchSettings(device="cuda"), use_cache=False)
-
-
-# ----------------------------------------------------------------------------- streaming
-
-STRIP_TILE = (48, 64)
-
-
-@pytest.fixture(scope="module")
-def strip_source() -> np.ndarray:
-    rng = np.random.default_rng(12)
-    tex = ndi.gaussian_filter(rng.normal(size=(1300, 1300)), 1.5)
-    grey = np.clip(128 + 40 * tex / tex.std(), 0, 255).astype(np.uint8)
-    return np.repeat(grey[..., None], 3, axis=2)
-
-
-@pytest.fixture(scope="module")
-def strips(tmp_path_factory, strip_source):
-    """PNG strips, keyed by grid: paths, pairs (row-major) and expected shifts."""
-    root = tmp_path_factory.mktemp("strips")
-    out = {}
-    for grid in [(6, 2), (24, 2), (2, 6), (2, 24)]:
-        scan = make_scan(root / f"s{grid[0]}x{grid[1]}", source=strip_source, grid=grid,
-                         tile_shape=STRIP_TILE, overlap=0.3, stage_error_px=1.0,
-                         rotation_deg=0.0, vignetting=0.0, noise=0.0, layout="none",
-                         extension=".png", seed=grid[0])
-        paths = [scan.folder / n for n in scan.names]
-        pairs = find_pairs(scan.truth_px, STRIP_TILE, 0.15).pairs
-        expected = scan.truth_px[pairs[:, 1]] - scan.truth_px[pairs[:, 0]]
-        out[grid] = (paths, pairs, expected)
-    return out
-
-
-def _stream(strip, backend, *, batch_pairs=None, budget_bytes=None, settings=None):
-    paths, pairs, expected = strip
-    settings = settings or CorrelationSettings()
-    plan = CorrelationPlan.make(STRIP_TILE, settings)
-    limit = batch_pairs or plan.batch_pairs(budget_bytes or DEFAULT_BUDGET_BYTES["time"])
-    stats: dict = {}
-    shift = np.full((len(pairs), 2), np.nan)
-    quality = np.full(len(pairs), np.nan)
-    seen = np.zeros(len(pairs), int)
-    for batch in correlate_pairs(paths, pairs, expected, settings, plan, backend,
-                                 batch_pairs=batch_pairs, budget_bytes=budget_bytes,
-                                 workers=2, stats=stats):
-        assert len(batch.pair_ids) <= limit
-        assert isinstance(batch.shift_px, np.ndarray) and isinstance(batch.quality, np.ndarray)
-        seen[batch.pair_ids] += 1
-        shift[batch.pair_ids] = batch.shift_px
-        quality[batch.pair_ids] = batch.quality
-    assert np.all(seen == 1)
-    assert stats["tiles_transformed"] == len(paths)  # each tile transformed once
-    return shift, quality, stats
-
-
-@pytest.mark.parametrize("batch", [1, 4])
-def test_live_spectra_do_not_grow_with_the_scan(backend, strips, batch):
-    """A 6x2 and a 24x2 strip: four times the tiles, the same live set."""
-    _, _, short = _stream(strips[(6, 2)], backend, batch_pairs=batch)
-    _, _, long = _stream(strips[(24, 2)], backend, batch_pairs=batch)
-    assert len(strips[(24, 2)][0]) == 4 * len(strips[(6, 2)][0])
-    assert long["max_live_spectra"] <= short["max_live_spectra"] + 1
-    assert long["max_live_spectra"] <= 2 * 2 + 2 * batch  # two scan rows plus a batch
-    assert long["max_live_spectra"] < len(strips[(24, 2)][0]) // 4
-
-
-def test_live_spectra_bounded_by_the_budget_not_the_scan(strips):
-    paths, pairs, _ = strips[(24, 2)]
-    plan = CorrelationPlan.make(STRIP_TILE, CorrelationSettings())
-    per_pair = ARRAYS_PER_PAIR * 4 * plan.fft_shape[0] * plan.fft_shape[1]
-    lives = {}
-    for k in (1, 3, 8):
-        _, _, stats = _stream(strips[(24, 2)], NUMPY, budget_bytes=k * per_pair)
-        lives[k] = stats["max_live_spectra"]
-        assert lives[k] <= 2 * 2 + 2 * k
-    assert lives[1] <= lives[3] <= lives[8] < len(paths)
-
-
-def test_wide_strip_live_set_is_about_one_row(strips):
-    """Row-major order: a wide scan keeps about one scan row live (by design)."""
-    for cols, batch in [(6, 1), (24, 1), (24, 4)]:
-        _, _, stats = _stream(strips[(2, cols)], NUMPY, batch_pairs=batch)
-        assert stats["max_live_spectra"] <= cols + batch + 2
-
-
-@pytest.mark.parametrize("settings", [CorrelationSettings(), CorrelationSettings(pad=False),
-                                      CorrelationSettings(corr_mask_radius=10.0)],
-                         ids=["pad", "no-pad", "mask"])
-def test_results_do_not_depend_on_the_batch_size(backend, strips, settings):
-    strip = strips[(6, 2)]
-    s1, q1, _ = _stream(strip, backend, batch_pairs=1, settings=settings)
-    s8, q8, _ = _stream(strip, backend, batch_pairs=8, settings=settings)
-    sb, qb, _ = _stream(strip, backend, budget_bytes=1, settings=settings)  # batch of one
-    np.testing.assert_allclose(s8, s1, atol=1e-4, rtol=0)
-    np.testing.assert_allclose(q8, q1, atol=1e-6, rtol=0)
-    np.testing.assert_array_equal(sb, s1)
-    np.testing.assert_array_equal(qb, q1)
-    if settings.pad:  # unpadded 48x64 tiles are too small to be reliable
-        _, _, expected = strip
-        assert np.abs(s1 - expected).max() < 1.0
-
-
-def test_results_identical_whatever_the_batch_size_numpy(strips):
-    strip = strips[(24, 2)]
-    s1, q1, _ = _stream(strip, NUMPY, batch_pairs=1)
-    s8, q8, _ = _stream(strip, NUMPY, batch_pairs=8)
-    sall, qall, _ = _stream(strip, NUMPY, batch_pairs=len(strip[1]))
-    np.testing.assert_array_equal(s8, s1)
-    np.testing.assert_array_equal(q8, q1)
-    np.testing.assert_array_equal(sall, s1)
-    np.testing.assert_array_equal(qall, q1)
 
 
 # ----------------------------------------------------------------------------- Laplacian

@@ -498,11 +498,19 @@ def _option_line(help_text: str, option: str) -> str:
     raise AssertionError(f"{option} is not listed in --help")
 
 
-def test_top_level_help_lists_commands():
+def test_top_level_help_shows_the_default_command_and_lists_the_others():
     text = ok(run_cli("--help")).stdout
-    for command in ("stitch", "demo", "devices"):
-        assert re.search(rf"^\W*{command}\s+\w", text, re.M), command
+    assert "--stitching-mode" in text and "--device" in text  # the options of 'ofstitch FOLDER'
+    for command in ("watch", "demo", "devices"):
+        assert f"ofstitch {command}" in text, command
     assert "FOLDER" in text
+
+
+def test_version():
+    import ofstitch
+
+    for flag in ("--version", "-V"):
+        assert ok(run_cli(flag)).stdout.strip() == ofstitch.__version__
 
 
 def test_help_lists_every_option_with_help_text(stitch_help):

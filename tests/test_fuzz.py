@@ -329,7 +329,7 @@ def _parse_memory_or_error(text: str):
     try:
         kind, value = parse_memory(text)
     except OfstitchError as exc:
-        assert "--device-memory" in str(exc)
+        assert "device_memory" in str(exc)
         return None
     assert kind in ("fraction", "bytes")
     assert isinstance(value, float) and math.isfinite(value) and value > 0, (kind, value)
@@ -415,10 +415,12 @@ PAIR_KEYS = [pair_key(FILE_KEYS[a], FILE_KEYS[b]) for a, b in PAIRS.tolist()] + 
             [pair_key(FILE_KEYS[b], FILE_KEYS[a]) for a, b in PAIRS.tolist()]
 ENTRY_LEAVES = (st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=5)
                 | st.sampled_from([0.0, 112.0, -112.0, 84.0, -84.0, 0.5, 10**30, 10**400]))
-GOOD_ENTRIES = st.builds(  # [dy, dx, quality, ey, ex], or [null, null, ...] for no peak
-    lambda shift, q, e: [*shift, q, *e],
+GOOD_ENTRIES = st.builds(  # [dy, dx, quality, ey, ex, candidates], or [null, null, ...]
+    lambda shift, q, e, c: [*shift, q, *e, *c],
     st.tuples(st.floats(-200, 200), st.floats(-200, 200)) | st.just((None, None)),
-    st.floats(0, 1), st.sampled_from([(0.0, 112.0), (-84.0, -112.0), (84.0, 0.5), (3.0, 4.0)]))
+    st.floats(0, 1), st.sampled_from([(0.0, 112.0), (-84.0, -112.0), (84.0, 0.5), (3.0, 4.0)]),
+    st.just(()) | st.tuples(st.lists(st.lists(st.floats(-200, 200), min_size=3, max_size=3),
+                                     max_size=3)))
 ENTRIES = (GOOD_ENTRIES | st.lists(ENTRY_LEAVES, min_size=5, max_size=5)
            | st.lists(ENTRY_LEAVES, max_size=7) | json_values(ENTRY_LEAVES, max_leaves=8))
 SET_KEYS = st.sampled_from([CorrelationSettings().key(), MASKED.key()]) | st.text(max_size=8)
@@ -435,12 +437,17 @@ def _number(v) -> bool:
 
 
 def _reference_lookup(entries: dict, settings_: CorrelationSettings, k: int):
-    """What lookup should return for pair ``k``: ``None`` (not found) or (shift, quality)."""
+    """What lookup should return for pair ``k``: ``None`` (not found) or (shift, quality).
+
+    Entries without candidate peaks (older versions wrote them) count as not found."""
     a, b = PAIRS[k]
     sign, entry = 1.0, entries.get(pair_key(FILE_KEYS[a], FILE_KEYS[b]))
     if entry is None:
         sign, entry = -1.0, entries.get(pair_key(FILE_KEYS[b], FILE_KEYS[a]))
-    if not (isinstance(entry, list) and len(entry) == 5 and all(_number(v) for v in entry[2:])):
+    if not (isinstance(entry, list) and len(entry) == 6 and all(_number(v) for v in entry[2:5])
+            and isinstance(entry[5], list) and all(
+                isinstance(c, list) and len(c) == 3 and all(_number(v) for v in c)
+                for c in entry[5])):
         return None
     no_peak = entry[0] is None and entry[1] is None
     if not (no_peak or (_number(entry[0]) and _number(entry[1]))):
@@ -473,7 +480,7 @@ def test_lookup_in_any_cache(sets, masked):
     cache = _load(_envelope(sets))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        found, shift, quality = cache.lookup(settings_, FILE_KEYS, PAIRS, EXPECTED)
+        found, shift, quality, _ = cache.lookup(settings_, FILE_KEYS, PAIRS, EXPECTED)
     assert all(issubclass(w.category, OfstitchWarning) for w in caught)
     assert found.dtype == bool and found.shape == (len(PAIRS),)
     assert shift.shape == (len(PAIRS), 2) and quality.shape == (len(PAIRS),)
@@ -491,9 +498,9 @@ def test_lookup_in_any_cache(sets, masked):
 
 def test_lookup_with_a_huge_integer_ignores_the_entry():
     """np.isfinite(10**30) used to raise TypeError out of lookup; 10**400 is no float."""
-    entry = [10**400, 0, 0.5, 0, 112]
+    entry = [10**400, 0, 0.5, 0, 112, []]
     cache = _load(_envelope({CorrelationSettings().key(): {PAIR_KEYS[0]: entry}}))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", OfstitchWarning)
-        found, _, _ = cache.lookup(CorrelationSettings(), FILE_KEYS, PAIRS, EXPECTED)
+        found = cache.lookup(CorrelationSettings(), FILE_KEYS, PAIRS, EXPECTED).found
     assert not found[0]

@@ -13,18 +13,15 @@ import ast
 import math
 from pathlib import Path
 
-import array_api_compat
 import numpy as np
 import pytest
 import scipy.ndimage as ndi
+from array_helpers import assert_array, texture
 
 import ofstitch
 from ofstitch import correlate, place
-from ofstitch.backends import NUMPY, Backend, solve_laplacian, to_device, to_host
+from ofstitch.backends import Backend, solve_laplacian, to_device, to_host
 from ofstitch.graph import find_pairs
-from ofstitch.settings import CorrelationSettings
-from ofstitch.stream import CorrelationPlan, correlate_pairs
-from ofstitch.synthetic import make_scan
 
 TILE = (64, 80)
 FFT = (128, 160)  # >= 2x the tile: a linear correlation
@@ -32,18 +29,6 @@ PACKAGE_DIR = Path(ofstitch.__file__).resolve().parent
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def _texture(shape=(320, 360), sigma=1.0, seed=0) -> np.ndarray:
-    """Smooth random texture (float32, unit-ish variance).
-
-    ``sigma`` ~ 1 px keeps the correlation peak sharp, so that the overlap-area
-    slope of an unnormalised correlation biases the parabolic sub-pixel fit by
-    only a few hundredths of a pixel.
-    """
-    rng = np.random.default_rng(seed)
-    tex = ndi.gaussian_filter(rng.normal(size=shape), sigma)
-    return (tex / tex.std()).astype(np.float32)
 
 
 def _crop(image: np.ndarray, top_left, shape=TILE) -> np.ndarray:
@@ -73,14 +58,6 @@ def _correlate(backend: Backend, a: np.ndarray, b: np.ndarray, *, fft_shape=FFT,
     return spec_a, spec_b, correlate.cross_correlate(spec_a, spec_b, fft_shape=fft_shape)
 
 
-def _assert_on_device(backend: Backend, *arrays) -> None:
-    for arr in arrays:
-        assert array_api_compat.array_namespace(arr) is array_api_compat.array_namespace(
-            backend.asarray(np.zeros(1)))
-        if backend.device is not None:
-            assert array_api_compat.device(arr) == backend.device
-
-
 def _signed(n: int) -> np.ndarray:
     i = np.arange(n)
     return np.where(i >= (n + 1) // 2, i - n, i)
@@ -107,7 +84,7 @@ SUBPIXEL_SHIFTS = [(10.5, 20.25), (-15.3, 24.6), (12.75, -30.4), (-20.2, -17.7),
 
 @pytest.mark.parametrize("shifts", [INTEGER_SHIFTS, SUBPIXEL_SHIFTS], ids=["integer", "subpixel"])
 def test_recovers_known_shifts(backend, shifts):
-    image = _texture()
+    image = texture()
     a, b = _pair_stacks(image, shifts)
     spec_a, spec_b, corr = _correlate(backend, a, b)
     peaks = correlate.locate_peaks(corr)
@@ -118,13 +95,13 @@ def test_recovers_known_shifts(backend, shifts):
 
 
 def test_outputs_stay_on_device_and_float32(backend):
-    image = _texture()
+    image = texture()
     a, b = _pair_stacks(image, INTEGER_SHIFTS[:3])
     spec_a, spec_b, corr = _correlate(backend, a, b)
     peaks = correlate.locate_peaks(corr)
     expected = backend.asarray(np.asarray(INTEGER_SHIFTS[:3], np.float32))
     masked = correlate.locate_peaks(corr, expected_shift=expected, mask_radius=5.0)
-    _assert_on_device(backend, spec_a, corr, *peaks, *masked)
+    assert_array(backend, spec_a, corr, *peaks, *masked)
     xp = backend.xp
     assert spec_a.shape == (3, FFT[0], FFT[1] // 2 + 1)
     assert spec_a.dtype == xp.complex64
@@ -142,7 +119,7 @@ def test_outputs_stay_on_device_and_float32(backend):
 
 def test_unfiltered_spectra_and_correlation(backend):
     """high_pass_sigma=0 skips the filter; the mean is still removed (DC = 0)."""
-    image = _texture(seed=3)
+    image = texture(seed=3)
     a, b = _pair_stacks(image, [(14, -22), (-9, 31)])
     spec_a, _, corr = _correlate(backend, a, b, high_pass_sigma=0)
     dc = to_host(spec_a)[:, 0, 0]
@@ -179,7 +156,7 @@ def test_mask_radius_selects_candidate_near_expected_shift(backend):
 
 
 def test_empty_mask_searches_everywhere(backend):
-    image = _texture(seed=7)
+    image = texture(seed=7)
     a, b = _pair_stacks(image, [(10, 25)])
     _, _, corr = _correlate(backend, a, b)
     far = backend.asarray(np.array([[1e6, 1e6]]))  # the mask covers no correlation pixel
@@ -188,7 +165,7 @@ def test_empty_mask_searches_everywhere(backend):
 
 
 def test_subpixel_not_biased_by_mask_edge(backend):
-    image = _texture(seed=1)
+    image = texture(seed=1)
     a, b = _pair_stacks(image, [(10, 25)] * 3)
     _, _, corr = _correlate(backend, a, b)
     free = to_host(correlate.locate_peaks(corr).shift)
@@ -201,7 +178,7 @@ def test_subpixel_not_biased_by_mask_edge(backend):
 
 def test_peak_quality_real_overlap_vs_unrelated_noise(backend):
     rng = np.random.default_rng(11)
-    image = _texture(seed=11)
+    image = texture(seed=11)
     shifts = [(10, 25), (-14, 30), (20, -12), (-25, -20)]
     a, b = _pair_stacks(image, shifts)
     unrelated = ndi.gaussian_filter(rng.normal(size=b.shape), (0, 1, 1)).astype(np.float32)
@@ -220,7 +197,7 @@ def test_peak_quality_real_overlap_vs_unrelated_noise(backend):
 @pytest.mark.parametrize("exclude_radius", [0, correlate.ZERO_SHIFT_EXCLUSION_PX])
 def test_peak_quality_is_fraction_below_90_percent_of_range(backend, exclude_radius):
     rng = np.random.default_rng(2)
-    image = _texture(seed=2)
+    image = texture(seed=2)
     a, b = _pair_stacks(image, [(10, 25), (-14, 30)])
     b = np.concatenate([b, ndi.gaussian_filter(rng.normal(size=b.shape), (0, 1, 1))
                         .astype(np.float32)])
@@ -266,7 +243,7 @@ def test_high_pass_filter(backend):
     xp = backend.xp
     hp, wp = 96, 130
     filt = correlate.high_pass_filter((hp, wp), 4.0, xp=xp, device=backend.device)
-    _assert_on_device(backend, filt)
+    assert_array(backend, filt)
     assert filt.shape == (hp, wp // 2 + 1)
     assert filt.dtype == xp.float32
     f = to_host(filt)
@@ -300,7 +277,7 @@ def test_unwrap_candidates():
 
 @pytest.mark.parametrize("true_shift", [(20, -50), (-12, 45), (30, 10), (-25, -35)])
 def test_no_pad_ambiguity_breaking(backend, true_shift):
-    image = _texture(seed=13)
+    image = texture(seed=13)
     a, b = _pair_stacks(image, [true_shift], origin=(120, 140))
     _, _, corr = _correlate(backend, a, b, fft_shape=TILE)  # circular correlation
     peaks = correlate.locate_peaks(corr)
@@ -315,7 +292,7 @@ def test_no_pad_ambiguity_breaking(backend, true_shift):
 
 
 def test_overlap_similarity_edge_cases(backend):
-    image = _texture(seed=17)
+    image = texture(seed=17)
     a = backend.asarray(_crop(image, (50, 60)))
     b = backend.asarray(_crop(image, (60, 90)))
     assert correlate.overlap_similarity(a, b, (10, 30)) == pytest.approx(1.0, abs=1e-5)
@@ -361,7 +338,7 @@ def test_fit_affine_recovers_matrix(backend):
     stage = rng.uniform(-200, 200, size=(60, 2))
     image = stage @ t_true + rng.normal(0, 0.2, size=stage.shape)
     fitted = place.fit_affine(backend.asarray(stage), backend.asarray(image))
-    _assert_on_device(backend, fitted)
+    assert_array(backend, fitted)
     assert fitted.shape == (2, 2)
     np.testing.assert_allclose(to_host(fitted), t_true, atol=2e-3)
 
@@ -375,7 +352,7 @@ def test_solve_positions_exact_with_repeated_weighted_edges(backend):
     shifts = truth[pairs[:, 1]] - truth[pairs[:, 0]]
     got = place.solve_positions(backend.asarray(pairs), backend.asarray(shifts),
                                 backend.asarray(weights), n)
-    _assert_on_device(backend, got)
+    assert_array(backend, got)
     got = to_host(got)
     assert got.shape == (n, 2)
     np.testing.assert_allclose(got.mean(axis=0), 0, atol=1e-9)
@@ -394,7 +371,7 @@ def test_solve_laplacian_weighted_inconsistent_repeats(backend):
     rhs = np.concatenate([shifts, shifts[:, :1] * 2], axis=1)
     got = solve_laplacian(backend.asarray(pairs[:, 0]), backend.asarray(pairs[:, 1]),
                           backend.asarray(weights), backend.asarray(rhs), n)
-    _assert_on_device(backend, got)
+    assert_array(backend, got)
     want = _dense_weighted_solution(pairs, weights, rhs, n)
     np.testing.assert_allclose(to_host(got), want, atol=1e-8)
 
@@ -484,136 +461,6 @@ def test_place_every_pair_of_one_tile_failed():
     assert np.linalg.norm(rel[lone]) < 15
 
 
-# ----------------------------------------------------------------------------- streaming
-
-
-def _png_scan(folder: Path, grid: tuple[int, int], source_shape: tuple[int, int], seed: int):
-    """A scan of small PNG tiles cut from a smooth texture; pairs in row-major order."""
-    tex = _texture(shape=source_shape, sigma=1.0, seed=seed)
-    grey = np.clip(128 + 40 * tex, 0, 255).astype(np.uint8)
-    source = np.repeat(grey[..., None], 3, axis=2)
-    scan = make_scan(folder, source=source, grid=grid, tile_shape=TILE, overlap=0.3,
-                     stage_error_px=2.0, rotation_deg=0.0, vignetting=0.0, noise=0.0,
-                     layout="none", extension=".png", seed=seed)
-    paths = [scan.folder / name for name in scan.names]
-    pairs = find_pairs(scan.truth_px, TILE, 0.15).pairs
-    expected = scan.truth_px[pairs[:, 1]] - scan.truth_px[pairs[:, 0]]
-    return scan, paths, pairs, expected
-
-
-@pytest.fixture(scope="module")
-def tall_scan(tmp_path_factory):
-    """A long scan: 20 rows x 3 columns (60 tiles, snake order)."""
-    return _png_scan(tmp_path_factory.mktemp("tall") / "scan", (20, 3), (1100, 360), 31)
-
-
-@pytest.fixture(scope="module")
-def strip_scan(tmp_path_factory):
-    """A long one-row strip of 40 tiles."""
-    return _png_scan(tmp_path_factory.mktemp("strip") / "scan", (1, 40), (130, 2400), 37)
-
-
-def _stream(paths, pairs, expected, backend, settings=None, batch_pairs=4, stats=None):
-    settings = settings or CorrelationSettings()
-    plan = CorrelationPlan.make(TILE, settings)
-    shift = np.full((len(pairs), 2), np.nan)
-    quality = np.full(len(pairs), np.nan)
-    seen = np.zeros(len(pairs), int)
-    for batch in correlate_pairs(paths, pairs, expected, settings, plan, backend,
-                                 batch_pairs=batch_pairs, workers=2, stats=stats):
-        assert len(batch.pair_ids) <= batch_pairs
-        seen[batch.pair_ids] += 1
-        shift[batch.pair_ids] = batch.shift_px
-        quality[batch.pair_ids] = batch.quality
-    assert np.all(seen == 1)
-    return shift, quality
-
-
-def test_stream_working_set_is_bounded(backend, tall_scan):
-    scan, paths, pairs, expected = tall_scan
-    n_tiles, cols, batch = len(paths), 3, 4
-    stats = {}
-    shift, quality = _stream(paths, pairs, expected, backend, batch_pairs=batch, stats=stats)
-    assert stats["tiles_transformed"] == n_tiles == len(np.unique(pairs))
-    # About two scan rows plus one batch's new tiles, never the whole scan.
-    assert stats["max_live_spectra"] <= 2 * cols + 2 * batch
-    assert stats["max_live_spectra"] <= n_tiles // 4
-    assert stats["max_prefetched"] <= 8 + 2 * batch
-    np.testing.assert_allclose(shift, expected, atol=0.5)
-    assert np.all(quality > 0.99)
-
-
-def test_stream_decodes_a_fixed_distance_ahead(tall_scan):
-    """Decoded tiles wait in memory for their pairs: a fixed look-ahead, not the rest of
-    the scan. Batches whose tiles are all live already (here every pair comes three
-    times) used to move the window on by the look-ahead each time."""
-    scan, paths, pairs, expected = tall_scan
-    stats = {}
-    _stream(paths, np.repeat(pairs, 3, axis=0), np.repeat(expected, 3, axis=0), NUMPY,
-            batch_pairs=1, stats=stats)
-    assert stats["max_prefetched"] <= 8 + 2
-    assert stats["max_live_spectra"] <= 2 * 3 + 2
-
-
-def test_stream_working_set_bounded_on_strip(backend, strip_scan):
-    scan, paths, pairs, expected = strip_scan
-    batch = 4
-    stats = {}
-    shift, _ = _stream(paths, pairs, expected, backend, batch_pairs=batch, stats=stats)
-    assert stats["tiles_transformed"] == len(paths) == 40
-    # One row: only the tiles of the current batch (and the one before it) are live.
-    assert stats["max_live_spectra"] <= batch + 2
-    np.testing.assert_allclose(shift, expected, atol=0.5)
-
-
-def test_stream_backend_matches_numpy(backend, tall_scan):
-    scan, paths, pairs, expected = tall_scan
-    sub = slice(0, 20)
-    ref_shift, ref_quality = _stream(paths, pairs[sub], expected[sub], NUMPY)
-    shift, quality = _stream(paths, pairs[sub], expected[sub], backend)
-    np.testing.assert_allclose(shift, ref_shift, atol=2e-3)
-    np.testing.assert_allclose(quality, ref_quality, atol=2e-4)
-
-
-def _settings_id(settings: CorrelationSettings) -> str:
-    if not settings.pad:
-        return "no-pad"
-    return "resize" if settings.resize < 1 else "mask"
-
-
-@pytest.mark.parametrize("settings", [
-    CorrelationSettings(pad=False),
-    CorrelationSettings(corr_mask_radius=12.0),
-    CorrelationSettings(resize=0.5),
-], ids=["no-pad", "mask", "resize"])
-def test_stream_settings(backend, tall_scan, settings):
-    scan, paths, pairs, expected = tall_scan
-    sub = slice(0, 16)
-    stats = {}
-    shift, quality = _stream(paths, pairs[sub], expected[sub], backend, settings=settings,
-                             stats=stats)
-    # Without padding, 70% of each circular correlation is wrapped, unrelated content:
-    # the integer reading is still right but the sub-pixel part is noisier on 64x80 tiles.
-    tol = {"no-pad": 0.75, "mask": 0.5, "resize": 1.0}[_settings_id(settings)]
-    np.testing.assert_allclose(shift, expected[sub], atol=tol)
-    assert stats["tiles_transformed"] == len(np.unique(pairs[sub]))
-
-
-def test_stream_unreadable_tile_gives_nan(backend, tall_scan, tmp_path):
-    scan, paths, pairs, expected = tall_scan
-    sub = slice(0, 12)
-    broken = tmp_path / "broken.png"
-    broken.write_bytes(b"not a png")
-    paths = list(paths)
-    victim = int(pairs[0, 1])
-    paths[victim] = broken
-    with pytest.warns(ofstitch.errors.OfstitchWarning):
-        shift, quality = _stream(paths, pairs[sub], expected[sub], backend)
-    hit = (pairs[sub] == victim).any(axis=1)
-    assert np.all(np.isnan(shift[hit])) and np.all(np.isnan(quality[hit]))
-    np.testing.assert_allclose(shift[~hit], expected[sub][~hit], atol=0.5)
-
-
 # ----------------------------------------------------------------------------- static checks
 
 
@@ -663,7 +510,7 @@ def test_no_cupy_import_outside_backends():
 def test_to_device_roundtrip(backend):
     host = np.arange(12, dtype=np.float32).reshape(3, 4)
     dev = to_device(host, backend)
-    _assert_on_device(backend, dev)
+    assert_array(backend, dev)
     assert to_device(host, backend, dtype=backend.xp.float64).dtype == backend.xp.float64
     back = to_host(dev)
     assert isinstance(back, np.ndarray)
@@ -719,7 +566,7 @@ def test_top_peaks_matches_repeated_argmax(backend, shape, windowed):
         np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
         # Sub-pixel offsets are within half a pixel of the integer peak.
         np.testing.assert_allclose(got[~np.isnan(got)], want[~np.isnan(want)], atol=0.5)
-        _assert_on_device(backend, shift, index)
+        assert_array(backend, shift, index)
 
 
 @pytest.mark.parametrize("exclude_radius", [1, 3, correlate.ZERO_SHIFT_EXCLUSION_PX])

@@ -17,10 +17,12 @@ import piexif
 import pytest
 
 import ofstitch
-from ofstitch import live as live_module
-from ofstitch import pipeline
+from ofstitch import registration
 from ofstitch.errors import OfstitchError, OfstitchWarning
+from ofstitch.graph import find_pairs
 from ofstitch.live import AddStatus, LiveStitcher, shrink_for
+from ofstitch.live import thresholds as thresholds_module
+from ofstitch.live import watcher as watch_module
 from ofstitch.scan import parse_usercomment, read_tile_configuration
 
 REPO = Path(__file__).resolve().parents[1]
@@ -47,13 +49,13 @@ def _max_difference(a: dict, b: dict) -> float:
 def counted(monkeypatch):
     """Wrap the correlation stream; record the tile names of every pair it is given."""
     seen: list[set[frozenset[str]]] = []
-    original = pipeline.correlate_pairs
+    original = registration.correlate_pairs
 
     def wrapper(paths, pairs, *args, **kwargs):
         seen.append({frozenset((paths[a].name, paths[b].name)) for a, b in pairs.tolist()})
         yield from original(paths, pairs, *args, **kwargs)
 
-    monkeypatch.setattr(pipeline, "correlate_pairs", wrapper)
+    monkeypatch.setattr(registration, "correlate_pairs", wrapper)
     return seen
 
 
@@ -108,7 +110,7 @@ def test_quick_placement_reuses_thresholds_then_refines_to_the_batch_result(
         scan, tmp_path, monkeypatch):
     # Reference placement; pretend its threshold search is slow: updates reuse the last
     # thresholds.
-    monkeypatch.setattr(live_module, "SYNC_SEARCH_S", -1.0)
+    monkeypatch.setattr(thresholds_module, "SYNC_SEARCH_S", -1.0)
     settings = ofstitch.StitchSettings(placement="reference")
     folder = tmp_path / "live"
     folder.mkdir()
@@ -388,7 +390,7 @@ def test_grey_png_tiles_positioned_by_file_name(make_synthetic, tmp_path):
 
 
 def test_pacer_leaves_refine_steps_to_the_gaps_between_tiles():
-    pacer = live_module._Pacer()
+    pacer = watch_module._Pacer()
     assert not pacer.has_time()  # no pace known yet
     now = time.monotonic()
     pacer.tile_added(now - 2.0)
@@ -415,6 +417,8 @@ def test_blank_tiles_islands_and_the_batch_result(make_synthetic, tmp_path):
         live.refine()
         live.close()
         reg = ofstitch.register(folder)
-    assert len(reg.graph.pairs) > len(live.snapshot().pairs)  # islands joined by extra pairs
+    overlap_graph = find_pairs(reg.scan.stage_px, reg.scan.tile_shape, 0.2)
+    assert len(reg.graph.pairs) > len(overlap_graph.pairs)  # islands joined by extra pairs
+    np.testing.assert_array_equal(live.snapshot().pairs, reg.graph.pairs)  # the same ones
     assert reg.n_correlated == 0  # the live path correlated those too
     assert _max_difference(live.positions(), reg.positions()) < 1e-6

@@ -352,9 +352,11 @@ def test_cli_rejects_unknown_choices(exact_scan, tmp_path, capsys, args, message
 
 
 def test_settings_validate_formats():
-    with pytest.raises(OfstitchError, match="--format must be one of"):
+    with pytest.raises(OfstitchError, match="^formats must be one of") as caught:
         StitchSettings(formats=("tiff",))
-    with pytest.raises(OfstitchError, match="--blend must be one of"):
+    assert caught.value.for_cli().startswith("--format must be one of")
+    with pytest.raises(OfstitchError, match="^blend must be one of"):
         StitchSettings(blend="average")
+    assert StitchSettings(formats="ome-tiff").formats == ("ome-tiff",)
     assert StitchSettings(formats=("dzi",), stitch_tiff=True).output_formats == \
         ("ome-tiff", "dzi")

@@ -240,7 +240,7 @@ def test_cli_placement_option_and_summary(hard_scan, tmp_path, capsys):
 
 
 def test_island_pairs_join_islands_by_their_smaller_overlaps():
-    from ofstitch.pipeline import ISLAND_MIN_OVERLAP, island_pairs
+    from ofstitch.registration import ISLAND_MIN_OVERLAP, island_pairs
 
     class Grid:  # the parts of a Scan that island_pairs reads
         tile_shape = (100, 120)
