@@ -30,8 +30,29 @@ PRIORITIES = ("time", "memory")
 DEVICES = ("cpu", "cuda", "auto")
 
 
+MIN_RESIZE = 0.01  # below this no tile of any size keeps enough pixels to correlate
+MAX_HIGH_PASS_SIGMA = 1e4
+
+
 def _help(text: str) -> dict:
     return {"help": text}
+
+
+def _check(setting: str, value: object, *, allowed: str, low: float | None = None,
+           high: float | None = None, low_open: bool = False, high_open: bool = False,
+           integer: bool = False) -> None:
+    """Raise :class:`SettingError` unless ``value`` is a finite number in range (NaN,
+    infinities, booleans and text never are); ``allowed`` says what is."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if ok:
+        v = float(value)
+        ok = math.isfinite(v) and (not integer or v == int(v))
+        if ok and low is not None:
+            ok = v > low if low_open else v >= low
+        if ok and high is not None:
+            ok = v < high if high_open else v <= high
+    if not ok:
+        raise SettingError(setting, f"must be {allowed}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -71,17 +92,15 @@ class CorrelationSettings:
         object.__setattr__(self, "search_margin", float(self.search_margin))
         if self.corr_mask_radius is not None:
             object.__setattr__(self, "corr_mask_radius", float(self.corr_mask_radius))
-        if not (0 < self.resize <= 1):
-            raise SettingError("resize", f"must be in (0, 1], got {self.resize}")
-        if self.high_pass_sigma < 0:
-            raise SettingError("high_pass_sigma",
-                               f"must be zero or positive, got {self.high_pass_sigma}")
-        if not (0 <= self.search_margin < 1):
-            raise SettingError("search_margin", f"must be in [0, 1) (a fraction of the tile "
-                               f"size), got {self.search_margin}")
-        if self.corr_mask_radius is not None and self.corr_mask_radius <= 0:
-            raise SettingError("corr_mask_radius",
-                               f"must be positive, got {self.corr_mask_radius}")
+        _check("resize", self.resize, low=MIN_RESIZE, high=1.0,
+               allowed=f"in [{MIN_RESIZE}, 1]")
+        _check("high_pass_sigma", self.high_pass_sigma, low=0.0, high=MAX_HIGH_PASS_SIGMA,
+               allowed=f"between 0 and {MAX_HIGH_PASS_SIGMA:g} (FFT pixels)")
+        _check("search_margin", self.search_margin, low=0.0, high=1.0, high_open=True,
+               allowed="in [0, 1) (a fraction of the tile size)")
+        if self.corr_mask_radius is not None:
+            _check("corr_mask_radius", self.corr_mask_radius, low=0.0, low_open=True,
+                   allowed="a positive number of pixels")
 
     def key(self) -> str:
         """A canonical JSON string of the settings, used as the cache key."""
@@ -187,8 +206,26 @@ class StitchSettings:
         "Threads for decoding tiles and for CPU FFTs. Default: the number of CPUs."))
 
     def __post_init__(self) -> None:
-        if not (0 <= self.minimum_overlap < 1):
-            raise SettingError("minimum_overlap", f"must be in [0, 1), got {self.minimum_overlap}")
+        _check("minimum_overlap", self.minimum_overlap, low=0.0, high=1.0, high_open=True,
+               allowed="in [0, 1) (a fraction of the tile area)")
+        for name, value, allowed, low, high in (
+                ("min_peak_quality", self.min_peak_quality, "in [0, 1]", 0.0, 1.0),
+                ("max_stage_discrepancy", self.max_stage_discrepancy,
+                 "a number of pixels, zero or more", 0.0, None),
+                ("csm_calibration_width", self.csm_calibration_width,
+                 "a width in pixels, 0 to 100000 (0: leave the matrix unscaled)", 0, 100_000),
+                ("image_count", self.image_count, "at least 1", 1, None),
+                ("tile_size", self.tile_size, "between 16 and 8192", 16, 8192),
+                ("batch_pairs", self.batch_pairs, "at least 1", 1, None),
+                ("workers", self.workers, "between 1 and 1024", 1, 1024)):
+            if value is not None:
+                _check(name, value, low=low, high=high, allowed=allowed,
+                       integer=name not in ("min_peak_quality", "max_stage_discrepancy"))
+        if self.csm_matrix is not None:
+            flat = [v for row in self.csm_matrix for v in row]
+            for v in flat:
+                _check("csm_matrix", v, allowed="2x2 finite numbers, at most 1e6 in size",
+                       low=-1e6, high=1e6)
         if isinstance(self.formats, str):  # one format, not one per letter
             object.__setattr__(self, "formats", (self.formats,))
         object.__setattr__(self, "formats", tuple(str(f) for f in self.formats))
@@ -204,12 +241,8 @@ class StitchSettings:
             for v in values:
                 if v not in allowed:
                     raise SettingError(name, f"must be one of {', '.join(allowed)}, got {v!r}")
-        if self.tile_size is not None and not (16 <= self.tile_size <= 8192):
-            raise SettingError("tile_size", f"must be between 16 and 8192, got {self.tile_size}")
         if self.device_memory is not None:
             parse_memory(self.device_memory)  # raises a clear error early
-        if self.image_count is not None and self.image_count < 1:
-            raise SettingError("image_count", f"must be at least 1, got {self.image_count}")
         # The placement method, resolved once: the reference's whenever one of its
         # options is asked for.
         if self.thresholding == "manual" or self.min_peak_quality is not None or \
@@ -288,11 +321,10 @@ class WatchSettings:
         "events (for network folders, where events do not arrive)."))
 
     def __post_init__(self) -> None:
-        if not (math.isfinite(self.settle_time) and self.settle_time >= 0):
-            raise SettingError("settle_time", f"must be zero or positive, got {self.settle_time}")
-        if self.idle_timeout is not None and not (
-                math.isfinite(self.idle_timeout) and self.idle_timeout > 0):
-            raise SettingError("idle_timeout",
-                               f"must be a positive number of seconds, got {self.idle_timeout}")
-        if self.preview_width < 1:
-            raise SettingError("preview_width", f"must be positive, got {self.preview_width}")
+        _check("settle_time", self.settle_time, low=0.0, high=3600.0,
+               allowed="between 0 and 3600 seconds")
+        if self.idle_timeout is not None:
+            _check("idle_timeout", self.idle_timeout, low=0.0, low_open=True,
+                   allowed="a finite, positive number of seconds")
+        _check("preview_width", self.preview_width, low=1, high=65_535, integer=True,
+               allowed="between 1 and 65535 pixels")

@@ -704,7 +704,35 @@ OPTION_VALUES = [  # a bad option value: arguments, fragment of the error line
     pytest.param(["--device-memory", "lots"], "--device-memory", id="device-memory-words"),
     pytest.param(["--device-memory", "1e308TB"], "--device-memory",
                  id="device-memory-overflowing"),
+    # Absurd numbers: each names its option and the range it allows.
+    pytest.param(["--resize", "1e-9"], "--resize must be in [0.01, 1]", id="resize-tiny"),
+    pytest.param(["--resize", "0.05"], "too small to correlate", id="resize-tiles-too-small"),
+    pytest.param(["--high-pass-sigma", "inf"], "--high-pass-sigma", id="sigma-inf"),
+    pytest.param(["--high-pass-sigma", "nan"], "--high-pass-sigma", id="sigma-nan"),
+    pytest.param(["--high-pass-sigma", "1e308"], "--high-pass-sigma", id="sigma-huge"),
+    pytest.param(["--corr-mask-radius", "nan"], "--corr-mask-radius", id="mask-nan"),
+    pytest.param(["--corr-mask-radius", "inf"], "--corr-mask-radius", id="mask-inf"),
+    pytest.param(["--workers", "-1"], "--workers must be between 1", id="workers-negative"),
+    pytest.param(["--min-peak-quality", "-1"], "--min-peak-quality must be in [0, 1]",
+                 id="quality-negative"),
+    pytest.param(["--csm-calibration-width", "1000000000"], "--csm-calibration-width",
+                 id="calibration-width-huge"),
+    pytest.param(["--csm-matrix", "[[0, 1e7], [1e7, 0]]"], "--csm-matrix", id="csm-huge"),
+    pytest.param(["--minimum-overlap", "nan"], "--minimum-overlap", id="overlap-nan"),
 ]
+
+
+@pytest.mark.parametrize("args, fragment", [
+    pytest.param(["--idle-timeout", "nan"], "--idle-timeout", id="idle-nan"),
+    pytest.param(["--idle-timeout", "inf"], "--idle-timeout", id="idle-inf"),
+    pytest.param(["--high-pass-sigma", "inf"], "--high-pass-sigma", id="sigma-inf"),
+    pytest.param(["--settle-time", "-1"], "--settle-time", id="settle-negative"),
+])
+def test_bad_watch_option_value_stops(args, fragment, tmp_path, tissue, capsys):
+    folder = tmp_path / "scan"
+    write_grid(folder, tissue)
+    result = run_main("watch", folder, *args, "-q", capsys=capsys)
+    assert_user_error(result, fragment)
 
 
 @pytest.mark.parametrize("args, fragment", OPTION_VALUES)
