@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pyvips
 
-from . import diagnostics, formats, preview, render, tiles
+from . import atomic, diagnostics, formats, preview, render, tiles
 from .backends import Backend, select_backend
 from .cache import CorrelationCache, cache_path
 from .errors import OfstitchError, OfstitchWarning
@@ -113,11 +113,15 @@ def register(folder: Path | str, settings: StitchSettings | None = None, *,
     return reg
 
 
+MAX_PREFIX_BYTES = 200  # room for "_stitched.ome.zarr" and a temporary name within 255
+
+
 def output_prefix(folder: Path) -> str:
-    """The name outputs start with: the scan folder's name (skipping 'images' and 'use')."""
+    """The name outputs start with: the scan folder's name (skipping 'images' and 'use'),
+    shortened to :data:`MAX_PREFIX_BYTES` so that every output name fits a file system."""
     for part in reversed(Path(folder).resolve().parts):
         if part not in ("images", "use", "/", ""):
-            return part
+            return atomic.shorten_name(part, MAX_PREFIX_BYTES)
     return "scan"
 
 

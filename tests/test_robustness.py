@@ -889,3 +889,16 @@ def test_a_full_run_modifies_no_input(tmp_path, tissue):
     parent_after = _snapshot(tmp_path)
     assert set(parent_after) == set(parent_before)
     assert parent_after["scan_truth.json"] == parent_before["scan_truth.json"]
+
+
+def test_a_scan_folder_with_a_very_long_name(tmp_path, tissue, capsys):
+    """A 240-character folder name: every output name (and its temporary name) still fits
+    the file system's 255 bytes; the prefix is shortened, nothing fails after the work."""
+    folder = tmp_path / ("long" * 60)
+    write_grid(folder, tissue)
+    result = run_main(folder, "-q", "--format", "jpeg", "--format", "ome-zarr", capsys=capsys)
+    assert result.returncode == 0, result.stderr
+    stitched = [p.name for p in folder.iterdir() if "_stitched" in p.name]
+    assert len(stitched) == 2 and all(len(os.fsencode(n)) <= 255 for n in stitched)
+    assert all(n.startswith("long" * 50) for n in stitched)
+    assert not [p for p in folder.iterdir() if p.name.startswith(".")]  # no temporaries left
