@@ -22,6 +22,7 @@ CSM, ``M`` swaps the axes: stage ``x`` is the column and ``y`` the row.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -72,17 +73,48 @@ class TileMetadata:
     usercomment: dict | None = field(default=None, compare=False, repr=False)
 
 
+SAMPLE_EDGE_BYTES = 16 << 10  # the content fingerprint reads the first and last 16 KiB
+SAMPLE_BLOCKS, SAMPLE_BLOCK_BYTES = 8, 4 << 10  # ... and 8 blocks of 4 KiB between them
+
+
+def content_digest(path: Path, size: int) -> str:
+    """A fast fingerprint of a file's content (64 KiB read at most): a file replaced by
+    another of the same size with its modification time kept (``cp -p``, ``rsync -a``)
+    gets another one. Empty when the file cannot be read."""
+    h = hashlib.blake2b(digest_size=8)
+    try:
+        with open(path, "rb") as fh:
+            h.update(fh.read(SAMPLE_EDGE_BYTES))
+            if size > 2 * SAMPLE_EDGE_BYTES:
+                for k in range(1, SAMPLE_BLOCKS + 1):
+                    fh.seek(k * (size - SAMPLE_BLOCK_BYTES) // (SAMPLE_BLOCKS + 1))
+                    h.update(fh.read(SAMPLE_BLOCK_BYTES))
+                fh.seek(max(size - SAMPLE_EDGE_BYTES, 0))
+                h.update(fh.read(SAMPLE_EDGE_BYTES))
+    except OSError:
+        return ""
+    return h.hexdigest()
+
+
 @dataclass(frozen=True)
 class TileFile:
-    """A tile file's identity: what the cache checks to know a file is unchanged."""
+    """A tile file's identity: what the cache checks to know a file is unchanged (its name,
+    size, modification time and a fingerprint of its content)."""
 
     name: str
     size: int
     mtime_ns: int
+    digest: str = ""
 
     @property
     def key(self) -> str:
-        return f"{self.name}|{self.size}|{self.mtime_ns}"
+        base = f"{self.name}|{self.size}|{self.mtime_ns}"
+        return f"{base}|{self.digest}" if self.digest else base
+
+    @classmethod
+    def of(cls, record: TileRecord) -> TileFile:
+        return cls(record.path.name, record.stat.st_size, record.stat.st_mtime_ns,
+                   record.digest)
 
 
 @dataclass(frozen=True)
@@ -167,14 +199,35 @@ def find_image_files(folder: Path) -> list[Path]:
         entries = sorted(os.scandir(folder), key=lambda e: e.name)
     except PermissionError:
         raise OfstitchError(f"cannot read the folder {folder}: check its permissions") from None
-    out = []
+    out, ignored = [], []
     for entry in entries:
         try:
-            if entry.is_file() and is_tile_name(entry.name):
-                out.append(Path(entry.path))
+            if not entry.is_file():
+                continue
         except OSError:  # a dangling link or a symlink loop
             continue
+        if is_tile_name(entry.name):
+            out.append(Path(entry.path))
+        elif _looks_like_a_tile_with_an_output_word(entry.name):
+            ignored.append(entry.name)
+    if ignored:
+        word = next(p for p in IGNORED_PHRASES if p in ignored[0].lower())
+        warnings.warn(
+            f"leaving out {len(ignored)} image file(s) whose names mark them as outputs, "
+            f"e.g. {ignored[0]!r} (it contains {word!r}): rename them to stitch them",
+            OfstitchWarning, stacklevel=2)
     return out
+
+
+_OUTPUT_NAME = re.compile(r"stitched|^preview|^stitching_|^thumbnail", re.IGNORECASE)
+
+
+def _looks_like_a_tile_with_an_output_word(name: str) -> bool:
+    """An image whose name holds an output word (so it is left out) but is not named like
+    the outputs of ofstitch or openflexure-stitching (which are left out in silence)."""
+    lower = name.lower()
+    return (not name.startswith(".") and lower.endswith(IMAGE_EXTENSIONS)
+            and any(p in lower for p in IGNORED_PHRASES) and not _OUTPUT_NAME.search(name))
 
 
 # ----------------------------------------------------------------------------- metadata
@@ -380,6 +433,7 @@ class TileRecord(NamedTuple):
     bands: int
     format: str
     meta: TileMetadata
+    digest: str = ""  # content_digest of the file
 
 
 def tile_configuration(folder: Path) -> dict[str, tuple[float, float]]:
@@ -422,7 +476,7 @@ def read_tile(path: Path, tile_config: dict[str, tuple[float, float]] | None = N
             "(expected OpenFlexure EXIF, a TileConfiguration.txt, or name_X_Y.jpg)",
             OfstitchWarning, stacklevel=2)
         return None
-    return TileRecord(path, stat, (h, w), bands, fmt, meta)
+    return TileRecord(path, stat, (h, w), bands, fmt, meta, content_digest(path, stat.st_size))
 
 
 def load_scan(folder: Path, settings: StitchSettings | None = None) -> Scan:
@@ -524,7 +578,7 @@ def scan_from_tiles(folder: Path, records: list[TileRecord],
     um = next((r[5].um_per_px for r in records if r[5].um_per_px is not None), None)
     bit_depth = 8 if _is_8bit(records[0][4]) else 16
     sources = Counter(r[5].position_source for r in records)
-    files = tuple(TileFile(r[0].name, r[1].st_size, r[1].st_mtime_ns) for r in records)
+    files = tuple(TileFile.of(r) for r in records)
     log.info("scan %s: %d tiles of %dx%d px, positions from %s", folder, len(files), tile_w,
              tile_h, dict(sources))
     return Scan(folder=folder, files=files, tile_shape=tile_shape,

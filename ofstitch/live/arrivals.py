@@ -133,7 +133,7 @@ class Arrivals:
         if problem:
             return self._skip(name, stat, problem)
         try:
-            self.decode(path, TileFile(name, stat.st_size, stat.st_mtime_ns).key, record.shape)
+            self.decode(path, TileFile.of(record).key, record.shape)
         except tiles.TileReadError as exc:
             if "truncated" in str(exc).lower() or "premature" in str(exc).lower():
                 return AddStatus.WAITING
