@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pyvips
 
 from . import atomic, diagnostics, formats, preview, render, tiles
 from .backends import Backend, select_backend
@@ -152,18 +151,11 @@ def value_scale(scan: Scan, sample: int = 8) -> float:
 
 def write_preview(scan: Scan, positions: np.ndarray, path: Path, *,
                   extra: dict | None = None, width: int = render.PREVIEW_WIDTH) -> set[int]:
-    """Write the mosaic at most ``width`` px wide as the JPEG ``path`` (as live stitching
-    draws it, :func:`ofstitch.preview.preview_image`). Returns the tiles left out
+    """Write the mosaic at most ``width`` px wide as the JPEG ``path``, drawn as live
+    stitching draws it (:func:`ofstitch.preview.draw`). Returns the tiles left out
     because they could not be decoded."""
-    image, _, left_out = preview.preview_image(
-        scan.paths, [f.key for f in scan.files], positions, scan.tile_shape, width,
-        preview.PreviewTiles(value_scale(scan)))
-    scale = image.shape[1] / preview.scan_width(positions, scan.tile_shape)
-    pixel = scan.pixel_size_um / scale if scan.pixel_size_um else None
-    formats.write_jpeg(pyvips.Image.new_from_array(image).copy(interpretation="srgb"), path,
-                       metadata=scan.metadata, pixel_size_um=pixel, n_tiles=len(scan),
-                       extra=extra)
-    return left_out
+    return preview.draw(scan, positions, width, preview.PreviewTiles(value_scale(scan)),
+                        jpeg=path, extra=extra)[1]
 
 
 def full_resolution_formats(settings: StitchSettings, size: tuple[int, int]) -> tuple[str, ...]:
