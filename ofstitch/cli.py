@@ -43,7 +43,7 @@ from .settings import (
     help_text,
 )
 
-COMMANDS = ("stitch", "watch", "demo", "devices")
+COMMANDS = ("stitch", "watch", "batch", "demo", "devices")
 err_console = Console(stderr=True, soft_wrap=True)
 out_console = Console(soft_wrap=True)
 
@@ -233,8 +233,9 @@ def _summary(result: StitchResult, seconds: float) -> None:
 
 @app.command("stitch", no_args_is_help=True, epilog=(
     "Other commands: 'ofstitch watch FOLDER' (a live preview while a scan is captured; "
-    "'ofstitch watch --help'), 'ofstitch demo' (stitch a synthetic scan), 'ofstitch devices' "
-    "(what can run the kernels), 'ofstitch --version'."))
+    "'ofstitch watch --help'), 'ofstitch batch FOLDER...' (many scans, locally or on a Dask "
+    "cluster), 'ofstitch demo' (stitch a synthetic scan), 'ofstitch devices' (what can run "
+    "the kernels), 'ofstitch --version'."))
 def stitch_command(
     folder: Path = typer.Argument(..., help="The folder that holds the scan's tiles."),
     output_dir: Path | None = typer.Option(
@@ -290,6 +291,8 @@ def stitch_command(
     device_memory: str | None = typer.Option(None, "--device-memory",
                                              help=_s("device_memory")),
     workers: int | None = typer.Option(None, "--workers", help=_s("workers")),
+    scheduler: str | None = typer.Option(None, "--scheduler", envvar="OFSTITCH_SCHEDULER",
+                                         help=_s("scheduler")),
     quiet: bool = typer.Option(False, "-q", "--quiet", help="No progress bars or summary."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks and debug logs."),
 ) -> None:
@@ -318,7 +321,7 @@ def stitch_command(
             formats=tuple(f.value for f in output_format) if output_format else ("jpeg",),
             blend=blend.value, tiff_compression=tiff_compression.value,
             stitch_dzi=stitch_dzi, tile_size=tile_size, device=device.value, workers=workers,
-            device_memory=device_memory)
+            device_memory=device_memory, scheduler=scheduler or None)
         if device == DeviceChoice.auto and not quiet:
             err_console.print(f"Using {select_backend('auto').describe()}", highlight=False,
                               markup=False)
@@ -376,6 +379,8 @@ def watch_command(
     device_memory: str | None = typer.Option(None, "--device-memory",
                                              help=_s("device_memory")),
     workers: int | None = typer.Option(None, "--workers", help=_s("workers")),
+    scheduler: str | None = typer.Option(None, "--scheduler", envvar="OFSTITCH_SCHEDULER",
+                                         help=_s("scheduler")),
     quiet: bool = typer.Option(False, "-q", "--quiet", help="No progress lines or summary."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks and debug logs."),
 ) -> None:
@@ -403,7 +408,7 @@ def watch_command(
             min_peak_quality=min_peak_quality, max_stage_discrepancy=max_stage_discrepancy,
             priority=priority.value, stitching_mode=stitching_mode.value,
             stitch_tiff=stitch_tiff, stitch_dzi=dzi, tile_size=tile_size, device=device.value,
-            workers=workers, device_memory=device_memory)
+            workers=workers, device_memory=device_memory, scheduler=scheduler or None)
         stop = threading.Event()
 
         def request_stop(signum, frame) -> None:
@@ -442,6 +447,63 @@ def watch_command(
             out_console.print(f"Watched {result.n_tiles} tiles ({why}).", highlight=False)
             if isinstance(result.final, StitchResult):
                 _summary(result.final, result.final_seconds)
+
+
+@app.command("batch", no_args_is_help=True)
+def batch_command(
+    folders: list[Path] = typer.Argument(..., help="Scan folders (a shell glob such as "
+                                         "'scans/*' gives many)."),
+    output_dir: Path | None = typer.Option(
+        None, "-o", "--output-dir", help="Write each scan's outputs into OUTPUT_DIR/<name of "
+        "the scan folder>. Default: each scan's own folder."),
+    jobs: int = typer.Option(1, "-j", "--jobs", min=1, max=256,
+                             help="Scans stitched at once on this machine (processes)."),
+    scheduler: str | None = typer.Option(
+        None, "--scheduler", envvar="OFSTITCH_SCHEDULER", help="Address of a Dask scheduler: "
+        "each scan is stitched by one of its workers (the scans must be on a file system "
+        "the workers share). Default: this machine, --jobs at a time."),
+    stitching_mode: Mode = typer.Option(Mode.all, "--stitching-mode", help=_s("stitching_mode")),
+    output_format: list[FormatChoice] | None = typer.Option(
+        None, "--format", "-f", help=_s("formats") + " [default: jpeg]", show_default=False),
+    placement: PlacementChoice = typer.Option(PlacementChoice.robust, "--placement",
+                                              help=_s("placement")),
+    minimum_overlap: float = typer.Option(0.2, "--minimum-overlap", help=_s("minimum_overlap")),
+    search_margin: float = typer.Option(0.0, "--search-margin", help=_c("search_margin")),
+    device: DeviceChoice = typer.Option(DeviceChoice.cpu, "--device", help=_s("device")),
+    quiet: bool = typer.Option(False, "-q", "--quiet", help="Only the table at the end."),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks and debug logs."),
+) -> None:
+    """Stitch many scans, each as 'ofstitch FOLDER' would: a line per scan as it finishes and
+    a table at the end. One failing scan does not stop the others; the exit code is 2 when
+    any failed."""
+    from rich.table import Table
+
+    from .distributed import stitch_many
+
+    with _user_errors(debug):
+        settings = StitchSettings(
+            correlation=CorrelationSettings(search_margin=search_margin),
+            minimum_overlap=minimum_overlap, placement=placement.value,
+            stitching_mode=stitching_mode.value, device=device.value,
+            formats=tuple(f.value for f in output_format) if output_format else ("jpeg",))
+        outcomes = []
+        for outcome in stitch_many(folders, settings, output_root=output_dir, jobs=jobs,
+                                   scheduler=scheduler or None):
+            outcomes.append(outcome)
+            if not quiet:
+                what = f"{outcome.n_tiles} tiles" if outcome.ok else f"failed: {outcome.error}"
+                out_console.print(f"{outcome.folder}: {what} ({outcome.seconds:.1f} s)",
+                                  highlight=False, markup=False)
+        table = Table("scan", "result", "tiles", "seconds", title="ofstitch batch")
+        for o in sorted(outcomes, key=lambda o: str(o.folder)):
+            table.add_row(str(o.folder), "ok" if o.ok else f"failed: {o.error}",
+                          str(o.n_tiles) if o.ok else "", f"{o.seconds:.1f}")
+        out_console.print(table)
+        failed = sum(not o.ok for o in outcomes)
+        if failed:
+            err_console.print(f"ofstitch: {failed} of {len(outcomes)} scans failed",
+                              highlight=False, markup=False)
+            raise typer.Exit(2)
 
 
 @app.command("demo")

@@ -124,9 +124,17 @@ def correlate(scan: Scan, pairs: np.ndarray, expected: np.ndarray, settings: Sti
     budget = memory_budget(backend, settings.device_memory, settings.priority)
     done = 0
     flushed = time.monotonic()
-    for batch in correlate_pairs(scan.paths, pairs[todo], expected[todo], cs, plan, backend,
-                                 batch_pairs=settings.batch_pairs, budget_bytes=budget,
-                                 workers=settings.workers):
+    if settings.scheduler:
+        from .distributed import correlate_on_cluster
+
+        batches = correlate_on_cluster(settings.scheduler, scan.paths, pairs[todo],
+                                       expected[todo], cs, scan.tile_shape,
+                                       batch_pairs=settings.batch_pairs, budget_bytes=budget)
+    else:
+        batches = correlate_pairs(scan.paths, pairs[todo], expected[todo], cs, plan, backend,
+                                  batch_pairs=settings.batch_pairs, budget_bytes=budget,
+                                  workers=settings.workers)
+    for batch in batches:
         ids = todo[batch.pair_ids]
         readings.shift_px[ids] = batch.shift_px
         readings.quality[ids] = batch.quality

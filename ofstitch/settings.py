@@ -204,6 +204,11 @@ class StitchSettings:
         "Pairs correlated per batch. Default: sized from a memory budget."))
     workers: int | None = field(default=None, metadata=_help(
         "Threads for decoding tiles and for CPU FFTs. Default: the number of CPUs."))
+    scheduler: str | None = field(default=None, metadata=_help(
+        "Address of a Dask scheduler (such as tcp://head:8786; also the environment "
+        "variable OFSTITCH_SCHEDULER): the pairs are correlated by its workers, which read "
+        "the tiles from a shared file system; placement and outputs stay here. Needs "
+        "pip install \"ofstitch[dask]\". Default: correlate on this machine."))
 
     def __post_init__(self) -> None:
         _check("minimum_overlap", self.minimum_overlap, low=0.0, high=1.0, high_open=True,
