@@ -25,6 +25,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from . import __version__
 from .backends import list_devices, select_backend
 from .cache import CorrelationCache, cache_path
+from .compat import HELP_LINE, ProgressLines, rewrite_argv
 from .errors import OfstitchError, OfstitchWarning
 from .pipeline import StitchResult, stitch
 from .scan import find_image_files, load_scan, parse_csm, require_folder
@@ -107,20 +108,26 @@ def _w(name: str) -> str:
 
 
 class _Reporter:
-    """Progress bars for the pipeline's stages (silent when not a terminal or --quiet)."""
+    """Progress of the pipeline's stages: bars on a terminal (stderr), and plain lines on
+    stdout when it is not a terminal (a log that a program such as the OpenFlexure server
+    reads line by line); silent with --quiet."""
 
     LABELS = {"correlate": "Correlating pairs", "preview": "Rendering preview",
               "render": "Rendering mosaic", "write-jpeg": "Writing JPEG",
               "write-ome-tiff": "Writing OME-TIFF", "write-dzi": "Writing DZI",
               "write-ome-zarr": "Writing OME-Zarr"}
 
-    def __init__(self, enabled: bool) -> None:
+    def __init__(self, enabled: bool, *, quiet: bool = False) -> None:
         self.progress = Progress(TextColumn("{task.description:<20}"), BarColumn(),
                                  MofNCompleteColumn(), TimeElapsedColumn(),
                                  console=err_console, disable=not enabled, transient=False)
         self.tasks: dict[str, int] = {}
+        self.lines = None if quiet or out_console.is_terminal else ProgressLines(
+            lambda line: out_console.print(line, markup=False, highlight=False))
 
     def __call__(self, stage: str, done: int, total: int) -> None:
+        if self.lines is not None:
+            self.lines(self.LABELS.get(stage, stage), done, total)
         if stage not in self.tasks:
             if total == 0:
                 return
@@ -240,7 +247,8 @@ def _summary(result: StitchResult, seconds: float) -> None:
     out_console.print(f"Done in {seconds:.1f} s.", highlight=False)
 
 
-@app.command("stitch", no_args_is_help=True)
+@app.command("stitch", no_args_is_help=True, help="Stitch the tiles in FOLDER into one mosaic "
+             "(ofstitch FOLDER does the same).\n\n" + HELP_LINE)
 def stitch_command(
     folder: Path = typer.Argument(..., help="The folder that holds the scan's tiles."),
     output_dir: Path | None = typer.Option(
@@ -290,6 +298,8 @@ def stitch_command(
     stitch_dzi: bool = typer.Option(False, "--stitch-dzi/--no-stitch-dzi",
                                     help=_s("stitch_dzi")),
     tile_size: int | None = typer.Option(None, "--tile-size", help=_s("tile_size")),
+    preview_name: str = typer.Option("preview.jpg", "--preview-name", help=_s("preview_name"),
+                                     hidden=True),
     cache_dir: Path | None = typer.Option(
         None, "--cache-dir", help="Keep the correlation cache in this folder instead of the "
         "scan folder (for read-only scans)."),
@@ -325,12 +335,12 @@ def stitch_command(
             formats=tuple(f.value for f in output_format) if output_format else ("jpeg",),
             blend=blend.value, tiff_compression=tiff_compression.value,
             stitch_dzi=stitch_dzi, tile_size=tile_size, device=device.value, workers=workers,
-            device_memory=device_memory)
+            device_memory=device_memory, preview_name=preview_name)
         if device == DeviceChoice.auto and not quiet:
             err_console.print(f"Using {select_backend('auto').describe()}", highlight=False,
                               markup=False)
         start = time.perf_counter()
-        reporter = _Reporter(enabled=not quiet and err_console.is_terminal)
+        reporter = _Reporter(enabled=not quiet and err_console.is_terminal, quiet=quiet)
         with reporter.progress:
             result = stitch(folder, settings, output_dir=output_dir, cache_dir=cache_dir,
                             progress=reporter, ask_thresholds=_ask_thresholds)
@@ -438,7 +448,7 @@ def watch_command(
 
         if not quiet:
             err_console.print(f"Watching {folder} (Ctrl-C to stop) ...", markup=False)
-        reporter = _Reporter(enabled=not quiet and err_console.is_terminal)
+        reporter = _Reporter(enabled=not quiet and err_console.is_terminal, quiet=quiet)
         try:
             with reporter.progress:
                 result = watch(folder, settings, output_dir=output_dir, cache_dir=cache_dir,
@@ -478,7 +488,7 @@ def demo_command(
                           stage_error_px=4.0, rotation_deg=0.7, seed=1)
         settings = StitchSettings(device=device.value)
         start = time.perf_counter()
-        reporter = _Reporter(enabled=not quiet and err_console.is_terminal)
+        reporter = _Reporter(enabled=not quiet and err_console.is_terminal, quiet=quiet)
         with reporter.progress:
             result = stitch(scan_dir, settings, output_dir=output, progress=reporter)
         _summary(result, time.perf_counter() - start)
@@ -521,7 +531,35 @@ def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     if args and args[0] not in COMMANDS + ("version",) and args[0] not in ("-h", "--help"):
         args.insert(0, "stitch")
-    app(args=args, prog_name="ofstitch")
+    sys.exit(_run(args))
+
+
+def _run(args: list[str]) -> int:
+    """Run the app on ``args`` (openflexure-stitch spellings accepted); returns the exit code.
+
+    A usage error (an unknown option, a wrong value) is one line on stderr, exit code 2.
+    """
+    try:
+        args = rewrite_argv(args)
+    except OfstitchError as exc:
+        err_console.print(f"[red]ofstitch: error:[/red] {escape(str(exc))}", highlight=False)
+        return 2
+    command = typer.main.get_command(app)
+    try:
+        code = command.main(args=args, prog_name="ofstitch", standalone_mode=False)
+    except typer.Abort:
+        err_console.print("Aborted!", markup=False)
+        return 1
+    except typer.exceptions.TyperException as exc:  # click's usage errors
+        if type(exc).__name__ == "NoArgsIsHelpError" or not hasattr(exc, "format_message"):
+            exc.show()
+            return getattr(exc, "exit_code", 2)
+        message = exc.format_message().replace("Value error, ", "")
+        if type(exc).__name__ == "NoSuchOption" and "Possible options" not in message:
+            message += f" (see '{exc.ctx.command_path if exc.ctx else 'ofstitch'} --help')"
+        err_console.print(f"[red]ofstitch: error:[/red] {escape(message)}", highlight=False)
+        return getattr(exc, "exit_code", 2)
+    return code if isinstance(code, int) else 0
 
 
 if __name__ == "__main__":

@@ -531,7 +531,7 @@ def stitch(folder: Path | str, settings: StitchSettings | None = None, *,
     if mode == "all":  # refuse an impossible JPEG before spending time on the preview
         wanted = full_resolution_formats(
             settings, render.make_layout(positions, scan.tile_shape).size)
-    preview = out / "preview.jpg"
+    preview = out / settings.preview_name
     scale = render.scale_for_width(positions, scan.tile_shape, render.PREVIEW_WIDTH)
     skip = _render_jpeg(scan, positions, preview, scale, out, progress, "preview", extra,
                         blend=settings.blend)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
 from typing import Literal
 
 from .errors import OfstitchError
@@ -22,6 +23,24 @@ STITCHING_MODES = ("all", "preview", "stage", "only-correlate")
 OUTPUT_FORMATS = ("jpeg", "ome-tiff", "dzi", "ome-zarr")
 BLENDS = ("none", "feather")
 TIFF_COMPRESSIONS = ("jpeg", "deflate", "lzw")
+
+# Other spellings of the choices above that the command line accepts (in any case):
+# openflexure-stitch's mode names, and the format names ASHLAR and Fiji users type.
+STITCHING_MODE_ALIASES = {"preview_stitch": "preview", "stage_stitch": "stage",
+                          "only_correlate": "only-correlate"}
+OUTPUT_FORMAT_ALIASES = {"jpg": "jpeg", "tif": "ome-tiff", "tiff": "ome-tiff",
+                         "ome.tif": "ome-tiff", "ome.tiff": "ome-tiff", "ome-tif": "ome-tiff",
+                         "ometiff": "ome-tiff", "zarr": "ome-zarr", "ome.zarr": "ome-zarr",
+                         "omezarr": "ome-zarr"}
+
+
+def canonical_choice(value: str, choices: tuple[str, ...], aliases: dict[str, str]) -> str:
+    """``value`` as one of ``choices`` when it is one of them or of their ``aliases`` (any
+    case); otherwise ``value`` unchanged, for the caller's error to list the choices."""
+    key = str(value).strip().lower()
+    if key in choices:
+        return key
+    return aliases.get(key, value)
 
 
 def _help(text: str) -> dict:
@@ -166,6 +185,10 @@ class StitchSettings:
         "Also write a pyramidal OME-TIFF (the same as --format ome-tiff)."))
     stitch_dzi: bool = field(default=False, metadata=_help(
         "Also write a Deep Zoom (DZI) pyramid and viewer.html (the same as --format dzi)."))
+    preview_name: str = field(default="preview.jpg", metadata=_help(
+        "File name of the 1000 px preview (the OpenFlexure server's live-preview call, "
+        "openflexure-stitch's --stitching_mode only_stage_stitch, names it "
+        "stitched_from_stage.jpg)."))
     tile_size: int | None = field(default=None, metadata=_help(
         "Tile size, in pixels, of the pyramidal OME-TIFF/DZI outputs (a power of two "
         "is best). Default: 256."))
@@ -185,6 +208,8 @@ class StitchSettings:
         if not (0 <= self.minimum_overlap < 1):
             raise OfstitchError(
                 f"--minimum-overlap must be in [0, 1), got {self.minimum_overlap}")
+        object.__setattr__(self, "stitching_mode", canonical_choice(
+            self.stitching_mode, STITCHING_MODES, STITCHING_MODE_ALIASES))
         if self.stitching_mode not in STITCHING_MODES:
             raise OfstitchError(
                 f"--stitching-mode must be one of {', '.join(STITCHING_MODES)}, "
@@ -192,7 +217,8 @@ class StitchSettings:
         if self.thresholding not in ("automatic", "manual"):
             raise OfstitchError(
                 f"--thresholding must be 'automatic' or 'manual', got {self.thresholding!r}")
-        object.__setattr__(self, "formats", tuple(str(f) for f in self.formats))
+        object.__setattr__(self, "formats", tuple(
+            canonical_choice(str(f), OUTPUT_FORMATS, OUTPUT_FORMAT_ALIASES) for f in self.formats))
         for name, value, allowed in (("--format", self.formats, OUTPUT_FORMATS),
                                      ("--blend", (self.blend,), BLENDS),
                                      ("--tiff-compression", (self.tiff_compression,),
@@ -208,6 +234,9 @@ class StitchSettings:
                 f"--placement must be 'robust' or 'reference', got {self.placement!r}")
         if self.device_memory is not None:
             parse_memory(self.device_memory)  # raises a clear error early
+        name = self.preview_name
+        if Path(name).name != name or not name.lower().endswith((".jpg", ".jpeg")):
+            raise OfstitchError(f"--preview-name must be a file name ending in .jpg, got {name!r}")
         if self.image_count is not None and self.image_count < 1:
             raise OfstitchError(f"--image-count must be at least 1, got {self.image_count}")
 
