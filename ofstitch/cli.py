@@ -27,6 +27,7 @@ from .backends import list_devices, select_backend
 from .cache import CorrelationCache, cache_path
 from .compat import HELP_LINE, ProgressLines, rewrite_argv
 from .errors import OfstitchError, OfstitchWarning
+from .layout import grid_from_options
 from .pipeline import StitchResult, stitch
 from .scan import find_image_files, load_scan, parse_csm, require_folder
 from .settings import CorrelationSettings, StitchSettings, WatchSettings, help_text
@@ -267,6 +268,16 @@ def stitch_command(
     csm_calibration_width: int | None = typer.Option(
         None, "--csm-calibration-width", help=_s("csm_calibration_width")),
     image_count: int | None = typer.Option(None, "--image-count", help=_s("image_count")),
+    layout: Path | None = typer.Option(None, "--layout", help=_s("layout")),
+    grid: str | None = typer.Option(None, "--grid", help=_s("grid")),
+    grid_order: str | None = typer.Option(
+        None, "--grid-order", help="With --grid: 'row' (row by row, the default), 'column', "
+        "'snake-row' or 'snake-column' (every other row or column reversed), from the "
+        "top-left tile."),
+    grid_overlap: float | None = typer.Option(
+        None, "--grid-overlap", help="With --grid: the nominal overlap of neighbouring tiles, "
+        "a fraction of the tile size (default 0.2, as in Fiji); correlation finds the "
+        "exact shifts."),
     placement: PlacementChoice = typer.Option(PlacementChoice.robust, "--placement",
                                               help=_s("placement")),
     thresholding: ThresholdMethod = typer.Option(
@@ -281,7 +292,8 @@ def stitch_command(
     high_pass_sigma: float | None = typer.Option(
         None, "--high-pass-sigma", help=_c("high_pass_sigma") + " [default: 10]"),
     resize: float | None = typer.Option(None, "--resize", help=_c("resize") + " [default: 1]"),
-    minimum_overlap: float = typer.Option(0.2, "--minimum-overlap", help=_s("minimum_overlap")),
+    minimum_overlap: float | None = typer.Option(None, "--minimum-overlap",
+                                                 help=_s("minimum_overlap")),
     priority: PriorityChoice = typer.Option(PriorityChoice.time, "--priority",
                                             help=_s("priority")),
     corr_mask_radius: float | None = typer.Option(
@@ -328,7 +340,8 @@ def stitch_command(
             correlation=correlation, minimum_overlap=minimum_overlap,
             csm_matrix=parse_csm(csm_matrix) if csm_matrix is not None else None,
             csm_calibration_width=csm_calibration_width, image_count=image_count,
-            placement=placement.value,
+            layout=None if layout is None else str(layout),
+            grid=grid_from_options(grid, grid_order, grid_overlap), placement=placement.value,
             thresholding=thresholding.value, min_peak_quality=min_peak_quality,
             max_stage_discrepancy=max_stage_discrepancy, priority=priority.value,
             stitching_mode=stitching_mode.value, stitch_tiff=stitch_tiff,
@@ -383,7 +396,8 @@ def watch_command(
     pad: bool = typer.Option(True, "--pad/--no-pad", help=_c("pad")),
     high_pass_sigma: float = typer.Option(10.0, "--high-pass-sigma", help=_c("high_pass_sigma")),
     resize: float = typer.Option(1.0, "--resize", help=_c("resize")),
-    minimum_overlap: float = typer.Option(0.2, "--minimum-overlap", help=_s("minimum_overlap")),
+    minimum_overlap: float | None = typer.Option(None, "--minimum-overlap",
+                                                 help=_s("minimum_overlap")),
     corr_mask_radius: float | None = typer.Option(
         None, "--corr-mask-radius", help=_c("corr_mask_radius")),
     stitch_tiff: bool = typer.Option(False, "--stitch-tiff/--no-stitch-tiff",

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Literal
 
 from .errors import OfstitchError
+from .layout import Grid
 
 StitchingMode = Literal["all", "preview", "stage", "only-correlate"]
 Thresholding = Literal["automatic", "manual"]
@@ -120,10 +121,11 @@ class StitchSettings:
     """Every setting of a stitch run. ``correlation`` keys the cache."""
 
     correlation: CorrelationSettings = field(default_factory=CorrelationSettings)
-    minimum_overlap: float = field(default=0.2, metadata=_help(
+    minimum_overlap: float | None = field(default=None, metadata=_help(
         "Minimum overlap, as a fraction of the tile area predicted from the stage "
-        "positions, for two tiles to be correlated. Lower it if your scan has small "
-        "overlaps and ofstitch reports disconnected tiles."))
+        "positions, for two tiles to be correlated. Default: 0.2, or half the scan's "
+        "nominal overlap when 0.2 would leave tiles unconnected (0.05 for a grid of "
+        "10% overlap)."))
     csm_matrix: tuple[tuple[float, float], tuple[float, float]] | None = field(
         default=None, metadata=_help(
             "Camera-to-sample (image-to-stage displacement) matrix, as "
@@ -134,6 +136,15 @@ class StitchSettings:
         "rescaled to the tiles' width. Default: for a matrix from the metadata, the "
         "width it records, or 832 for OpenFlexure images that do not; a --csm-matrix "
         "is used as given. 0 leaves the matrix unscaled."))
+    layout: str | None = field(default=None, metadata=_help(
+        "A Fiji layout file (TileConfiguration.txt, TileConfiguration.registered.txt, "
+        "'name.tif; ; (x, y)' lines in pixels) giving the tile positions, instead of "
+        "the tiles' metadata and names. A TileConfiguration[.registered].txt beside the "
+        "tiles is read without it."))
+    grid: Grid | None = field(default=None, metadata=_help(
+        "Place the tiles on a ROWSxCOLS grid (such as 3x4), in natural file-name order "
+        "(2.tif before 10.tif), as Fiji's Grid/Collection stitching does: for tiles whose "
+        "names hold grid indices or a sequence number."))
     image_count: int | None = field(default=None, metadata=_help(
         "Use only the first N images after sorting by capture time (for trying "
         "settings on part of a scan)."))
@@ -205,7 +216,7 @@ class StitchSettings:
         "Threads for decoding tiles and for CPU FFTs. Default: the number of CPUs."))
 
     def __post_init__(self) -> None:
-        if not (0 <= self.minimum_overlap < 1):
+        if self.minimum_overlap is not None and not (0 <= self.minimum_overlap < 1):
             raise OfstitchError(
                 f"--minimum-overlap must be in [0, 1), got {self.minimum_overlap}")
         object.__setattr__(self, "stitching_mode", canonical_choice(
