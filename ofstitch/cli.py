@@ -28,6 +28,7 @@ from .cache import CorrelationCache, cache_path
 from .compat import HELP_LINE, ProgressLines, rewrite_argv
 from .errors import OfstitchError, OfstitchWarning
 from .layout import grid_from_options
+from .outfile import output_file_format, stitch_to_file
 from .pipeline import StitchResult, stitch
 from .scan import find_image_files, load_scan, parse_csm, require_folder
 from .settings import CorrelationSettings, StitchSettings, WatchSettings, help_text
@@ -254,7 +255,8 @@ def stitch_command(
     folder: Path = typer.Argument(..., help="The folder that holds the scan's tiles."),
     output_dir: Path | None = typer.Option(
         None, "-o", "--output-dir", help="Folder for the outputs, created if needed. Default: "
-        "the scan folder. Input files are never modified."),
+        "the scan folder. Input files are never modified. A file name ending in .jpg, "
+        ".ome.tif(f), .ome.zarr or .dzi writes just the mosaic, to that file."),
     stitching_mode: Mode = typer.Option(Mode.all, "--stitching-mode", help=_s("stitching_mode")),
     device: DeviceChoice = typer.Option(DeviceChoice.cpu, "--device", help=_s("device")),
     show_cached_settings: bool = typer.Option(
@@ -354,9 +356,14 @@ def stitch_command(
                               markup=False)
         start = time.perf_counter()
         reporter = _Reporter(enabled=not quiet and err_console.is_terminal, quiet=quiet)
+        to_file = output_file_format(output_dir) is not None
         with reporter.progress:
-            result = stitch(folder, settings, output_dir=output_dir, cache_dir=cache_dir,
-                            progress=reporter, ask_thresholds=_ask_thresholds)
+            if to_file:
+                result = stitch_to_file(folder, settings, output_dir, cache_dir=cache_dir,
+                                        progress=reporter, ask_thresholds=_ask_thresholds)
+            else:
+                result = stitch(folder, settings, output_dir=output_dir, cache_dir=cache_dir,
+                                progress=reporter, ask_thresholds=_ask_thresholds)
         if not quiet:
             _summary(result, time.perf_counter() - start)
 
