@@ -353,7 +353,8 @@ def test_cli_rejects_unknown_choices(exact_scan, tmp_path, capsys, args, message
 
 def test_settings_validate_formats():
     with pytest.raises(OfstitchError, match="--format must be one of"):
-        StitchSettings(formats=("tiff",))
+        StitchSettings(formats=("bmp",))
+    assert StitchSettings(formats=("TIFF", "jpg")).formats == ("ome-tiff", "jpeg")  # spellings
     with pytest.raises(OfstitchError, match="--blend must be one of"):
         StitchSettings(blend="average")
     assert StitchSettings(formats=("dzi",), stitch_tiff=True).output_formats == \
