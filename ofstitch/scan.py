@@ -332,11 +332,15 @@ def read_tile_configuration(path: Path) -> dict[str, tuple[float, float]]:
 
 
 def parse_csm(text: str) -> tuple[tuple[float, float], tuple[float, float]]:
-    """Parse ``--csm-matrix`` text such as ``[[0, 1], [1, 0]]``."""
+    """Parse ``--csm-matrix`` text such as ``[[0, 1], [1, 0]]``, or NumPy's printing of
+    a matrix, ``[[0.  1.5]\n [1.5 0. ]]`` (without commas)."""
+    text = text.replace("(", "[").replace(")", "]")
     try:
-        value = json.loads(text.replace("(", "[").replace(")", "]"))
+        value = json.loads(text)
     except (ValueError, RecursionError):
-        value = None
+        rows = re.fullmatch(r"\s*\[\s*\[([^\[\]]*)\]\s*,?\s*\[([^\[\]]*)\]\s*\]\s*", text)
+        value = None if rows is None else \
+            [[v for v in re.split(r"[\s,]+", row.strip()) if v] for row in rows.groups()]
     matrix = _matrix(value)
     if matrix is None:
         raise OfstitchError(

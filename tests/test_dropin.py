@@ -486,3 +486,27 @@ def test_output_file_refusals(tiny, tmp_path, capsys):
                            (["-o", tmp_path / "m.jpg", "--stitch-tiff"], "drop --format")):
         result = run_main(tiny, *args, capsys=capsys)
         assert result.returncode == 2 and fragment in result.stderr, result.stderr
+
+
+def test_grid_and_layout_beat_openflexure_metadata(tiny):
+    """Given positions are pixels: neither the EXIF positions nor its matrix apply."""
+    from ofstitch.layout import Grid
+    from ofstitch.scan import load_scan
+    from ofstitch.settings import StitchSettings
+
+    names = sorted(p.name for p in tiny.glob("*.jpg"))
+    scan = load_scan(tiny, StitchSettings(grid=Grid(2, 2, "column", 0.25)))
+    h, w = TILE_SHAPE
+    want = {names[0]: (0, 0), names[1]: (0.75 * h, 0), names[2]: (0, 0.75 * w),
+            names[3]: (0.75 * h, 0.75 * w)}
+    got = {f.name: tuple(scan.stage_px[i].tolist()) for i, f in enumerate(scan.files)}
+    assert got == want
+    np.testing.assert_allclose(scan.csm, [[0, 1], [1, 0]])
+    assert scan.position_source == "tile-configuration"
+
+
+def test_csm_matrix_as_numpy_prints_it():
+    """An older server passes str(numpy matrix): no commas."""
+    from ofstitch.scan import parse_csm
+
+    assert parse_csm(str(np.array([[0.0, 1.5], [-1.5, 0.0]]))) == ((0.0, 1.5), (-1.5, 0.0))
