@@ -29,6 +29,10 @@ function of the argument list:
 
 A mode value that is none of these stops with one line that lists the valid
 values.
+
+The server reads the stitcher's output line by line into its log:
+:class:`ProgressLines` writes progress as plain lines for it (the CLI uses it
+whenever stdout is not a terminal).
 """
 
 from __future__ import annotations
