@@ -43,7 +43,7 @@ def _number(text: str | None) -> float | None:
     return value if np.isfinite(value) else None
 
 
-def read_layout(path: Path) -> dict[str, tuple[float, float]]:
+def read_layout(path: Path, *, refuse_3d: bool = True) -> dict[str, tuple[float, float]]:
     """Positions ``{file name: (x, y)}`` (pixels, top-left) from a Fiji layout file.
 
     Lines that cannot be read are left out; an unreadable file gives ``{}``.
@@ -51,7 +51,7 @@ def read_layout(path: Path) -> dict[str, tuple[float, float]]:
     Raises
     ------
     MetadataError
-        A 3D layout (``dim = 3``): ofstitch stitches 2D tiles.
+        With ``refuse_3d``, a 3D layout (``dim = 3``): ofstitch stitches 2D tiles.
     """
     path = Path(path)
     out: dict[str, tuple[float, float]] = {}
@@ -61,7 +61,7 @@ def read_layout(path: Path) -> dict[str, tuple[float, float]]:
         return out
     for line in text.splitlines():
         dim = _DIM.match(line)
-        if dim and int(dim.group(1)) != 2:
+        if refuse_3d and dim and int(dim.group(1)) != 2:
             raise MetadataError(
                 f"{path.name} is a {dim.group(1)}D layout (dim = {dim.group(1)}): ofstitch "
                 "stitches 2D tiles; give a 2D layout (dim = 2, positions (x, y)), or stitch "

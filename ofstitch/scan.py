@@ -48,7 +48,6 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".gif")
 IGNORED_PHRASES = ("stitched", "comparison", "fused", "stage", "stitching", "preview",
                    "thumbnail")
 DEFAULT_OPENFLEXURE_CSM_WIDTH = 832
-TILE_CONFIG_NAMES = layout.LAYOUT_NAMES
 SWAP_AXES = np.array([[0.0, 1.0], [1.0, 0.0]])
 
 _FILENAME_POSITION = re.compile(
@@ -326,9 +325,10 @@ def position_from_filename(name: str) -> tuple[float, float, float] | None:
 def read_tile_configuration(path: Path) -> dict[str, tuple[float, float]]:
     """Positions ``{file name: (x, y)}`` (pixels, top-left) from a Fiji TileConfiguration.
 
-    See :func:`ofstitch.layout.read_layout` (a 3D layout is refused).
+    Never raises (:func:`ofstitch.layout.read_layout` without its ``dim = 3`` check;
+    the scan's loaders refuse 3D layouts).
     """
-    return layout.read_layout(path)
+    return layout.read_layout(path, refuse_3d=False)
 
 
 def parse_csm(text: str) -> tuple[tuple[float, float], tuple[float, float]]:
