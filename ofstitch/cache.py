@@ -1,6 +1,6 @@
 """The correlation cache: pair results persisted beside the scan.
 
-One JSON file, ``ofstitch_cache.json``, in the scan folder (or ``--cache-dir``).
+One JSON file, ``ofstitch_tiling_cache.json``, in the scan folder (or ``--cache-dir``).
 Results are grouped by the correlation settings that produced them
 (:meth:`CorrelationSettings.key`) and keyed by the identity of both files
 (name, size, modification time), so a changed or replaced tile is correlated
@@ -9,7 +9,7 @@ again.
 Crash safety and concurrency:
 
 - While correlating, each batch of results is appended to a journal beside the
-  cache (``ofstitch_cache.json.journal``, one JSON line per batch, fsynced). A
+  cache (``ofstitch_tiling_cache.json.journal``, one JSON line per batch, fsynced). A
   run killed at any point (even ``kill -9``) loses at most the batch in flight:
   the next run replays the journal and skips the pairs already done. A torn
   last line is ignored.
@@ -44,7 +44,9 @@ from .settings import CorrelationSettings
 
 log = logging.getLogger(__name__)
 
-CACHE_NAME = "ofstitch_cache.json"
+# "tiling_cache" in the name: the OpenFlexure server zips such files only once a scan is
+# finished (a file it zipped mid-scan would stay stale in the zip).
+CACHE_NAME = "ofstitch_tiling_cache.json"
 FORMAT = "ofstitch-correlation-cache"
 # 2: tiles are filtered without border steps (correlate.remove_background).
 # 3: file keys carry a fingerprint of the content (scan.content_digest).

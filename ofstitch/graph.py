@@ -7,13 +7,17 @@ pairs, or some tiles could not be placed relative to the others.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 from scipy.sparse import coo_matrix
-from scipy.sparse.csgraph import connected_components
+from scipy.sparse.csgraph import connected_components, minimum_spanning_tree
 
 from .errors import DisconnectedScanError
+
+DEFAULT_MINIMUM_OVERLAP = 0.2  # the reference's; lowered for scans that overlap less
+LOWEST_ADAPTED_OVERLAP = 0.02  # the default never adapts below this
 
 
 @dataclass(frozen=True)
@@ -27,11 +31,22 @@ class OverlapGraph:
     overlap_fraction : ndarray, shape (m,), float64
         Predicted overlap area over tile area.
     n_tiles : int
+    minimum_overlap : float
+        The threshold the pairs were chosen with.
+    nominal_overlap : float or None
+        The scan's overlap between neighbours, from the positions: the median over
+        tiles of each tile's largest predicted overlap (``None`` for a single tile).
+    connecting_overlap : float or None
+        The largest threshold below which the pairs connect every tile (the smallest
+        overlap on the path of largest overlaps), or ``None`` when no threshold does.
     """
 
     pairs: np.ndarray
     overlap_fraction: np.ndarray
     n_tiles: int
+    minimum_overlap: float = DEFAULT_MINIMUM_OVERLAP
+    nominal_overlap: float | None = None
+    connecting_overlap: float | None = None
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -45,14 +60,13 @@ def predicted_overlap(stage_px: np.ndarray, tile_shape: tuple[int, int], a: np.n
     return extent[:, 0] * extent[:, 1] / (size[0] * size[1])
 
 
-def find_pairs(stage_px: np.ndarray, tile_shape: tuple[int, int], minimum_overlap: float
-               ) -> OverlapGraph:
-    """All pairs whose predicted overlap exceeds ``minimum_overlap``.
+def _candidates(stage_px: np.ndarray, tile_shape: tuple[int, int]
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every pair of tiles in neighbouring tile-sized cells, and its predicted overlap.
 
     Uses a grid of tile-sized cells, so the cost grows with the number of tiles,
     not its square.
     """
-    n = len(stage_px)
     size = np.asarray(tile_shape, dtype=np.float64)
     cells = np.floor(stage_px / size).astype(np.int64)
     buckets: dict[tuple[int, int], list[int]] = {}
@@ -70,11 +84,61 @@ def find_pairs(stage_px: np.ndarray, tile_shape: tuple[int, int], minimum_overla
     a = np.asarray(a_list, dtype=np.int64)
     b = np.asarray(b_list, dtype=np.int64)
     frac = predicted_overlap(stage_px, tile_shape, a, b) if len(a) else np.zeros(0)
+    return a, b, frac
+
+
+def nominal_overlap(n_tiles: int, a: np.ndarray, b: np.ndarray, frac: np.ndarray
+                    ) -> float | None:
+    """The median over tiles of each tile's largest overlap (``None`` for one tile)."""
+    if n_tiles < 2:
+        return None
+    best = np.zeros(n_tiles)
+    np.maximum.at(best, a, frac)
+    np.maximum.at(best, b, frac)
+    return float(np.median(best))
+
+
+def connecting_overlap(n_tiles: int, a: np.ndarray, b: np.ndarray, frac: np.ndarray
+                       ) -> float | None:
+    """The largest threshold that still connects all tiles, or ``None`` if none does.
+
+    It is the smallest overlap on the maximum spanning tree of the overlap graph.
+    """
+    if n_tiles < 2:
+        return None
+    keep = frac > 0
+    a, b, frac = a[keep], b[keep], frac[keep]
+    if len(np.unique(components(n_tiles, np.stack([a, b], axis=1)))) > 1:
+        return None
+    weights = coo_matrix((2.0 - frac, (a, b)), shape=(n_tiles, n_tiles)).tocsr()
+    tree = minimum_spanning_tree(weights).tocoo()
+    return float(2.0 - tree.data.max()) if tree.nnz else None
+
+
+def find_pairs(stage_px: np.ndarray, tile_shape: tuple[int, int],
+               minimum_overlap: float | None = None) -> OverlapGraph:
+    """All pairs whose predicted overlap exceeds ``minimum_overlap``.
+
+    ``None`` (the default) adapts to the scan: :data:`DEFAULT_MINIMUM_OVERLAP` when
+    the scan is connected by it, else half the scan's nominal overlap (a 10%-overlap
+    grid is correlated at 0.05), down to :data:`LOWEST_ADAPTED_OVERLAP`.
+    """
+    n = len(stage_px)
+    a, b, frac = _candidates(stage_px, tile_shape)
+    nominal = nominal_overlap(n, a, b, frac)
+    connecting = connecting_overlap(n, a, b, frac)
+    if minimum_overlap is None:
+        minimum_overlap = DEFAULT_MINIMUM_OVERLAP
+        unconnected = connecting is None or connecting <= DEFAULT_MINIMUM_OVERLAP
+        if unconnected and nominal is not None and nominal / 2 >= LOWEST_ADAPTED_OVERLAP:
+            minimum_overlap = round(min(DEFAULT_MINIMUM_OVERLAP, nominal / 2), 3)
     keep = frac > minimum_overlap
     pairs = np.stack([a[keep], b[keep]], axis=1) if keep.any() else np.zeros((0, 2), np.int64)
     frac = frac[keep]
     order = np.lexsort((pairs[:, 1], pairs[:, 0])) if len(pairs) else np.zeros(0, np.int64)
-    return OverlapGraph(pairs=pairs[order], overlap_fraction=frac[order], n_tiles=n)
+    return OverlapGraph(pairs=pairs[order], overlap_fraction=frac[order], n_tiles=n,
+                        minimum_overlap=float(minimum_overlap), nominal_overlap=nominal,
+                        connecting_overlap=connecting)
 
 
 def components(n_tiles: int, pairs: np.ndarray) -> np.ndarray:
@@ -86,8 +150,13 @@ def components(n_tiles: int, pairs: np.ndarray) -> np.ndarray:
     return connected_components(adj, directed=False)[1]
 
 
-def require_connected(graph: OverlapGraph, names: list[str], minimum_overlap: float) -> None:
-    """Raise :class:`DisconnectedScanError` listing the tiles cut off from the largest group."""
+def require_connected(graph: OverlapGraph, names: list[str],
+                      minimum_overlap: float | None = None) -> None:
+    """Raise :class:`DisconnectedScanError` listing the tiles cut off from the largest group.
+
+    The message gives the scan's nominal overlap, measured from the positions, and
+    the ``--minimum-overlap`` that would connect it, if one would.
+    """
     if graph.n_tiles <= 1:
         return
     labels = components(graph.n_tiles, graph.pairs)
@@ -97,10 +166,20 @@ def require_connected(graph: OverlapGraph, names: list[str], minimum_overlap: fl
     main = int(np.argmax(counts))
     lost = [names[i] for i in np.flatnonzero(labels != main)]
     shown = ", ".join(lost[:8]) + (f" and {len(lost) - 8} more" if len(lost) > 8 else "")
+    threshold = graph.minimum_overlap if minimum_overlap is None else minimum_overlap
+    measured = "" if graph.nominal_overlap is None else \
+        f"; neighbouring tiles overlap by {graph.nominal_overlap:.3g} at their positions"
+    if graph.connecting_overlap is not None and graph.connecting_overlap > 0.001:
+        suggestion = max(0.001, math.floor(graph.connecting_overlap * 900) / 1000)
+        advice = (f"--minimum-overlap {suggestion:g} would connect them (a smaller value "
+                  "correlates more, less reliable pairs); or check the stage positions and "
+                  "--csm-matrix, or remove those tiles")
+    else:
+        advice = ("no --minimum-overlap connects them: check the stage positions and "
+                  "--csm-matrix, or remove those tiles")
     raise DisconnectedScanError(
         f"{len(lost)} of {graph.n_tiles} tiles do not overlap the rest of the scan "
-        f"(minimum overlap {minimum_overlap:g}): {shown}. Lower --minimum-overlap, check the "
-        "stage positions and --csm-matrix, or remove those tiles")
+        f"(minimum overlap {threshold:g}{measured}): {shown}. {advice}")
 
 
 MAX_NULL_PAIRS = 200

@@ -177,8 +177,12 @@ def full_resolution_formats(settings: StitchSettings, size: tuple[int, int]) -> 
 def write_full_resolution(scan: Scan, positions: np.ndarray, out: Path, prefix: str,
                           settings: StitchSettings, wanted: tuple[str, ...], *,
                           extra: dict | None = None, skip: set[int] | None = None,
-                          progress: Progress = no_progress) -> dict[str, Path]:
-    """Write the full-resolution mosaic in each format of ``wanted``; returns the files."""
+                          progress: Progress = no_progress,
+                          paths: dict[str, Path] | None = None) -> dict[str, Path]:
+    """Write the full-resolution mosaic in each format of ``wanted``; returns the files.
+
+    Each goes to ``out/<prefix>_stitched<suffix>``, or to ``paths[format]`` if given.
+    """
     mosaic = render.Mosaic(scan.paths, positions, scan.tile_shape, blend=settings.blend,
                            value_scale=value_scale(scan), skip=skip, workers=settings.workers)
     tile_size = settings.tile_size or formats.TILE_SIZE
@@ -186,7 +190,8 @@ def write_full_resolution(scan: Scan, positions: np.ndarray, out: Path, prefix: 
     base = out / f"{prefix}_stitched"
     outputs: dict[str, Path] = {}
     for fmt in wanted:
-        path = Path(f"{base}{formats.SUFFIXES[fmt]}")
+        path = Path(paths[fmt]) if paths and fmt in paths else \
+            Path(f"{base}{formats.SUFFIXES[fmt]}")
 
         def report(done: int, total: int, fmt: str = fmt) -> None:
             progress(f"write-{fmt}", done, total)
@@ -205,7 +210,7 @@ def write_full_resolution(scan: Scan, positions: np.ndarray, out: Path, prefix: 
             mosaic.write(lambda im, p=path: formats.write_dzi(
                 im, p, tile_size=tile_size, pixel_size_um=um), progress=report)
             outputs["dzi"] = path
-            outputs["viewer"] = out / formats.VIEWER_NAME
+            outputs["viewer"] = path.parent / formats.VIEWER_NAME
         elif fmt == "ome-zarr":
             mosaic.write(lambda im, p=path: formats.write_ome_zarr(
                 im, p, pixel_size_um=um, name=prefix), progress=report)
@@ -280,7 +285,7 @@ def stitch(folder: Path | str, settings: StitchSettings | None = None, *,
     if mode == "all":  # refuse an impossible JPEG before spending time on the preview
         wanted = full_resolution_formats(
             settings, render.make_layout(positions, scan.tile_shape).size)
-    preview_path = out / "preview.jpg"
+    preview_path = out / settings.preview_name
     skip = write_preview(scan, positions, preview_path, extra=extra)
     outputs["preview"] = preview_path
     thumb = out / "stitched_thumbnail.jpg"

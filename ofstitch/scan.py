@@ -38,7 +38,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import piexif
 
-from . import tiles
+from . import layout, tiles
 from .errors import MetadataError, NoImagesError, OfstitchError, OfstitchWarning
 from .settings import StitchSettings
 
@@ -49,8 +49,6 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".gif")
 IGNORED_PHRASES = ("stitched", "comparison", "fused", "stage", "stitching", "preview",
                    "thumbnail")
 DEFAULT_OPENFLEXURE_CSM_WIDTH = 832
-# Not OFMTileConfiguration.txt: that is an output (optimised positions) and must not feed back.
-TILE_CONFIG_NAMES = ("TileConfiguration.txt", "tile_config.txt")
 SWAP_AXES = np.array([[0.0, 1.0], [1.0, 0.0]])  # x = column, y = row, when no CSM is known
 SWAP_AXES.flags.writeable = False
 
@@ -379,29 +377,24 @@ def position_from_filename(name: str) -> tuple[float, float, float] | None:
 
 
 def read_tile_configuration(path: Path) -> dict[str, tuple[float, float]]:
-    """Positions ``{file name: (x, y)}`` (pixels, top-left) from a Fiji TileConfiguration."""
-    out: dict[str, tuple[float, float]] = {}
-    pattern = re.compile(
-        r"^\s*([^;#]+?)\s*;\s*[^;]*;\s*\(\s*([^,]+?)\s*,\s*([^,)]+?)\s*(?:,[^)]*)?\)")
-    try:
-        text = Path(path).read_text(errors="replace")
-    except OSError:
-        return out
-    for line in text.splitlines():
-        match = pattern.match(line)
-        if match:
-            x, y = _finite_float(match.group(2)), _finite_float(match.group(3))
-            if x is not None and y is not None:
-                out[match.group(1)] = (x, y)
-    return out
+    """Positions ``{file name: (x, y)}`` (pixels, top-left) from a Fiji TileConfiguration.
+
+    Never raises (:func:`ofstitch.layout.read_layout` without its ``dim = 3`` check;
+    the scan's loaders refuse 3D layouts).
+    """
+    return layout.read_layout(path, refuse_3d=False)
 
 
 def parse_csm(text: str) -> tuple[tuple[float, float], tuple[float, float]]:
-    """Parse ``--csm-matrix`` text such as ``[[0, 1], [1, 0]]``."""
+    """Parse ``--csm-matrix`` text such as ``[[0, 1], [1, 0]]``, or NumPy's printing of
+    a matrix, ``[[0.  1.5]\n [1.5 0. ]]`` (without commas)."""
+    text = text.replace("(", "[").replace(")", "]")
     try:
-        value = json.loads(text.replace("(", "[").replace(")", "]"))
+        value = json.loads(text)
     except (ValueError, RecursionError):
-        value = None
+        rows = re.fullmatch(r"\s*\[\s*\[([^\[\]]*)\]\s*,?\s*\[([^\[\]]*)\]\s*\]\s*", text)
+        value = None if rows is None else \
+            [[v for v in re.split(r"[\s,]+", row.strip()) if v] for row in rows.groups()]
     matrix = _matrix(value)
     if matrix is None:
         raise OfstitchError(
@@ -438,17 +431,16 @@ class TileRecord(NamedTuple):
 
 def tile_configuration(folder: Path) -> dict[str, tuple[float, float]]:
     """Positions from the Fiji tile configuration beside the tiles, if there is one."""
-    for name in TILE_CONFIG_NAMES:
-        if (Path(folder) / name).is_file():
-            config = read_tile_configuration(Path(folder) / name)
-            if config:
-                return config
-    return {}
+    return layout.layout_beside(folder)
 
 
-def read_tile(path: Path, tile_config: dict[str, tuple[float, float]] | None = None
-              ) -> TileRecord | None:
-    """Read one tile file's header and position; ``None`` (with a warning) if it is unusable."""
+def read_tile(path: Path, tile_config: dict[str, tuple[float, float]] | None = None, *,
+              override: bool = False) -> TileRecord | None:
+    """Read one tile file's header and position; ``None`` (with a warning) if it is unusable.
+
+    The position comes from the file's metadata, else ``tile_config``, else its name;
+    with ``override`` (a layout the user gave), from ``tile_config`` first.
+    """
     path = Path(path)
     try:
         stat = path.stat()
@@ -461,6 +453,10 @@ def read_tile(path: Path, tile_config: dict[str, tuple[float, float]] | None = N
         warnings.warn(f"skipping {path.name}: {exc}", OfstitchWarning, stacklevel=2)
         return None
     meta = read_metadata(path)
+    if override and tile_config and path.name in tile_config:
+        # Pixel positions: the metadata's position and camera-to-sample matrix do not apply.
+        meta = TileMetadata(**{**meta.__dict__, "stage_xyz": None, "csm": None,
+                               "csm_width": None, "csm_unreadable": False})
     if meta.stage_xyz is None and tile_config and path.name in tile_config:
         x, y = tile_config[path.name]
         meta = TileMetadata(**{**meta.__dict__, "stage_xyz": (x, y, 0.0),
@@ -499,12 +495,55 @@ def load_scan(folder: Path, settings: StitchSettings | None = None) -> Scan:
         raise NoImagesError(
             f"no tile images (jpg, png, tif, bmp, gif) found in {folder}: give the folder "
             "that holds the scan's tiles")
-    tile_config = tile_configuration(folder)
-    records = [r for r in (read_tile(path, tile_config) for path in paths) if r is not None]
+    settings = settings or StitchSettings()
+    tile_config, override = _given_layout(paths, settings)
+    if tile_config is None:
+        tile_config, override = tile_configuration(folder), False
+    records = [r for r in (read_tile(path, tile_config, override=override) for path in paths)
+               if r is not None]
     if not records:
+        hint = "" if tile_config else (": if their names hold grid indices or a sequence "
+                                       "number, give the layout with --grid ROWSxCOLS or "
+                                       "--layout FILE")
         raise NoImagesError(f"none of the {len(paths)} image files in {folder} can be used "
-                            "as a tile (see the warnings above)")
+                            f"as a tile (see the warnings above){hint}")
     return scan_from_tiles(folder, records, settings)
+
+
+def _given_layout(paths: list[Path], settings: StitchSettings
+                  ) -> tuple[dict[str, tuple[float, float]] | None, bool]:
+    """The layout given by ``--layout`` or ``--grid`` (it beats the tiles' metadata)."""
+    if settings.layout is not None and settings.grid is not None:
+        raise OfstitchError("--layout and --grid both give the tile positions: give one")
+    if settings.layout is not None:
+        return layout.read_layout_option(Path(settings.layout)), True
+    if settings.grid is not None:
+        shapes = []
+        for path in paths[:5]:
+            try:
+                shapes.append(tiles.header(path)[:2])
+            except (OSError, tiles.TileReadError):
+                continue
+        if not shapes:
+            return None, False  # every file is unreadable: read_tile says why
+        shape = Counter(shapes).most_common(1)[0][0]
+        return settings.grid.positions([p.name for p in paths], shape), True
+    return None, False
+
+
+def _refuse_index_names(records: list[TileRecord], tile_shape: tuple[int, int]) -> None:
+    """Stop when the numbers in the tiles' names are grid indices, not pixel positions."""
+    named = [r for r in records if r[5].position_source == "filename"]
+    if len(named) < 2 or len(named) < len(records) / 2:
+        return
+    why = layout.index_like(np.array([r[5].stage_xyz[:2] for r in named]), tile_shape)
+    if why is None:
+        return
+    examples = ", ".join(r[0].name for r in named[:2])
+    raise MetadataError(
+        f"the numbers in the tile names ({examples}, ...) look like grid indices or "
+        f"sequence numbers, not pixel positions: {why}. Give the layout with --grid "
+        "ROWSxCOLS (and --grid-order, --grid-overlap), or a Fiji layout with --layout FILE")
 
 
 def scan_from_tiles(folder: Path, records: list[TileRecord],
@@ -539,6 +578,7 @@ def scan_from_tiles(folder: Path, records: list[TileRecord],
             f"tiles are {'8' if majority_8bit else '16'}-bit", OfstitchWarning, stacklevel=2)
     records = [r for r in records if _is_8bit(r[4]) == majority_8bit]
 
+    _refuse_index_names(records, tile_shape)
     records = _keep_sharpest_of_stacks(records)
 
     # Capture order: EXIF time when every tile has one, else modification time.

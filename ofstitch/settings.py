@@ -10,9 +10,11 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
 from typing import Literal
 
 from .errors import SettingError
+from .layout import Grid
 
 StitchingMode = Literal["all", "preview", "stage", "only-correlate"]
 Thresholding = Literal["automatic", "manual"]
@@ -32,6 +34,24 @@ DEVICES = ("cpu", "cuda", "auto")
 
 MIN_RESIZE = 0.01  # below this no tile of any size keeps enough pixels to correlate
 MAX_HIGH_PASS_SIGMA = 1e4
+
+# Other spellings of the choices above that the command line accepts (in any case):
+# openflexure-stitch's mode names, and the format names ASHLAR and Fiji users type.
+STITCHING_MODE_ALIASES = {"preview_stitch": "preview", "stage_stitch": "stage",
+                          "only_correlate": "only-correlate"}
+OUTPUT_FORMAT_ALIASES = {"jpg": "jpeg", "tif": "ome-tiff", "tiff": "ome-tiff",
+                         "ome.tif": "ome-tiff", "ome.tiff": "ome-tiff", "ome-tif": "ome-tiff",
+                         "ometiff": "ome-tiff", "zarr": "ome-zarr", "ome.zarr": "ome-zarr",
+                         "omezarr": "ome-zarr"}
+
+
+def canonical_choice(value: str, choices: tuple[str, ...], aliases: dict[str, str]) -> str:
+    """``value`` as one of ``choices`` when it is one of them or of their ``aliases`` (any
+    case); otherwise ``value`` unchanged, for the caller's error to list the choices."""
+    key = str(value).strip().lower()
+    if key in choices:
+        return key
+    return aliases.get(key, value)
 
 
 def _help(text: str) -> dict:
@@ -125,10 +145,11 @@ class StitchSettings:
     """Every setting of a stitch run. ``correlation`` keys the cache."""
 
     correlation: CorrelationSettings = field(default_factory=CorrelationSettings)
-    minimum_overlap: float = field(default=0.2, metadata=_help(
+    minimum_overlap: float | None = field(default=None, metadata=_help(
         "Minimum overlap, as a fraction of the tile area predicted from the stage "
-        "positions, for two tiles to be correlated. Lower it if your scan has small "
-        "overlaps and ofstitch reports disconnected tiles."))
+        "positions, for two tiles to be correlated. Default: 0.2, or half the scan's "
+        "nominal overlap when 0.2 would leave tiles unconnected (0.05 for a grid of "
+        "10% overlap)."))
     csm_matrix: tuple[tuple[float, float], tuple[float, float]] | None = field(
         default=None, metadata=_help(
             "Camera-to-sample (image-to-stage displacement) matrix, as "
@@ -139,6 +160,15 @@ class StitchSettings:
         "rescaled to the tiles' width. Default: for a matrix from the metadata, the "
         "width it records, or 832 for OpenFlexure images that do not; a --csm-matrix "
         "is used as given. 0 leaves the matrix unscaled."))
+    layout: str | None = field(default=None, metadata=_help(
+        "A Fiji layout file (TileConfiguration.txt, TileConfiguration.registered.txt, "
+        "'name.tif; ; (x, y)' lines in pixels) giving the tile positions, instead of "
+        "the tiles' metadata and names. A TileConfiguration[.registered].txt beside the "
+        "tiles is read without it."))
+    grid: Grid | None = field(default=None, metadata=_help(
+        "Place the tiles on a ROWSxCOLS grid (such as 3x4), in natural file-name order "
+        "(2.tif before 10.tif), as Fiji's Grid/Collection stitching does: for tiles whose "
+        "names hold grid indices or a sequence number."))
     image_count: int | None = field(default=None, metadata=_help(
         "Use only the first N images after sorting by capture time (for trying "
         "settings on part of a scan)."))
@@ -190,6 +220,10 @@ class StitchSettings:
         "Also write a pyramidal OME-TIFF (the same as --format ome-tiff)."))
     stitch_dzi: bool = field(default=False, metadata=_help(
         "Also write a Deep Zoom (DZI) pyramid and viewer.html (the same as --format dzi)."))
+    preview_name: str = field(default="preview.jpg", metadata=_help(
+        "File name of the 1000 px preview (the OpenFlexure server's live-preview call, "
+        "openflexure-stitch's --stitching_mode only_stage_stitch, names it "
+        "stitched_from_stage.jpg)."))
     tile_size: int | None = field(default=None, metadata=_help(
         "Tile size, in pixels, of the pyramidal OME-TIFF/DZI outputs (a power of two "
         "is best). Default: 256."))
@@ -211,8 +245,9 @@ class StitchSettings:
         "pip install \"ofstitch[dask]\". Default: correlate on this machine."))
 
     def __post_init__(self) -> None:
-        _check("minimum_overlap", self.minimum_overlap, low=0.0, high=1.0, high_open=True,
-               allowed="in [0, 1) (a fraction of the tile area)")
+        if self.minimum_overlap is not None:
+            _check("minimum_overlap", self.minimum_overlap, low=0.0, high=1.0, high_open=True,
+                   allowed="in [0, 1) (a fraction of the tile area)")
         for name, value, allowed, low, high in (
                 ("min_peak_quality", self.min_peak_quality, "in [0, 1]", 0.0, 1.0),
                 ("max_stage_discrepancy", self.max_stage_discrepancy,
@@ -231,9 +266,13 @@ class StitchSettings:
             for v in flat:
                 _check("csm_matrix", v, allowed="2x2 finite numbers, at most 1e6 in size",
                        low=-1e6, high=1e6)
+        object.__setattr__(self, "stitching_mode", canonical_choice(
+            self.stitching_mode, STITCHING_MODES, STITCHING_MODE_ALIASES))
         if isinstance(self.formats, str):  # one format, not one per letter
             object.__setattr__(self, "formats", (self.formats,))
-        object.__setattr__(self, "formats", tuple(str(f) for f in self.formats))
+        object.__setattr__(self, "formats", tuple(
+            canonical_choice(str(f), OUTPUT_FORMATS, OUTPUT_FORMAT_ALIASES)
+            for f in self.formats))
         for name, values, allowed in (
                 ("stitching_mode", (self.stitching_mode,), STITCHING_MODES),
                 ("thresholding", (self.thresholding,), THRESHOLDING_METHODS),
@@ -248,6 +287,10 @@ class StitchSettings:
                     raise SettingError(name, f"must be one of {', '.join(allowed)}, got {v!r}")
         if self.device_memory is not None:
             parse_memory(self.device_memory)  # raises a clear error early
+        name = self.preview_name
+        if Path(name).name != name or not name.lower().endswith((".jpg", ".jpeg")):
+            raise SettingError("preview_name",
+                               f"must be a file name ending in .jpg, got {name!r}")
         # The placement method, resolved once: the reference's whenever one of its
         # options is asked for.
         if self.thresholding == "manual" or self.min_peak_quality is not None or \

@@ -2,7 +2,7 @@
 
 A pair is correlated again exactly when one of its files changed (name, size or
 modification time) or the correlation settings changed; everything else comes
-from ``ofstitch_cache.json``. A corrupt cache warns and is rebuilt; a failed
+from ``ofstitch_tiling_cache.json``. A corrupt cache warns and is rebuilt; a failed
 write leaves the previous cache intact.
 """
 

@@ -775,7 +775,7 @@ def read_cache(path: Path) -> dict:
     return data["sets"]
 
 
-CACHES = {  # what is found in ofstitch_cache.json
+CACHES = {  # what is found in ofstitch_tiling_cache.json
     "another-version": json.dumps({"format": FORMAT, "version": VERSION + 1,
                                    "sets": {DEFAULT_KEY: {"a::b": [0, 0, 1, 0, 0]}}}).encode(),
     "another-program": json.dumps({"format": "something-else", "version": VERSION}).encode(),

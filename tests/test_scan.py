@@ -597,12 +597,13 @@ def test_tile_configuration_positions(tmp_path, texture, config_name):
     np.testing.assert_allclose(scan.stage_px, [(y, x) for x, y in positions.values()])
 
 
-def test_tile_configuration_beats_filename_and_accepts_3d(tmp_path, texture):
-    # The names carry positions too; the configuration must win.
+def test_tile_configuration_beats_filename(tmp_path, texture):
+    # The names carry positions too; the configuration must win. (A 3D layout,
+    # dim = 3, is refused: tests/test_dropin.py.)
     (tmp_path / "TileConfiguration.txt").write_text(
-        "dim = 3\n"
-        "tile_500_500.png; ; (10.0, 20.0, 0.0)\n"
-        "tile_600_600.png;;(70.0,25.0,0.0)\n")
+        "dim = 2\n"
+        "tile_500_500.png; ; (10.0, 20.0)\n"
+        "tile_600_600.png;;(70.0,25.0)\n")
     for k, name in enumerate(["tile_500_500.png", "tile_600_600.png"]):
         write_png(tmp_path / name, texture(k))
     set_mtimes([tmp_path / "tile_500_500.png", tmp_path / "tile_600_600.png"])
