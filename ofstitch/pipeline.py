@@ -257,7 +257,8 @@ def correlate_and_place(scan: Scan, graph: OverlapGraph, settings: StitchSetting
         placement = place(pairs, shift, quality, scan.stage_px, scan.csm, method="robust",
                           candidates=candidates, null_candidates=null_candidates,
                           null_stage_shift=null_shift,
-                          search_radius=settings.correlation.corr_mask_radius)
+                          search_radius=settings.correlation.corr_mask_radius,
+                          tile_shape=scan.tile_shape, warn=False)
         extra = island_pairs(scan, graph, placement.accepted)
         if len(extra):
             # Tiles left in islands: try their smaller overlaps (diagonal neighbours) too.
@@ -276,7 +277,11 @@ def correlate_and_place(scan: Scan, graph: OverlapGraph, settings: StitchSetting
             placement = place(pairs, shift, quality, scan.stage_px, scan.csm, method="robust",
                               candidates=candidates, null_candidates=null_candidates,
                               null_stage_shift=null_shift,
-                              search_radius=settings.correlation.corr_mask_radius)
+                              search_radius=settings.correlation.corr_mask_radius,
+                              tile_shape=scan.tile_shape, warn=False)
+        # Issue 14: a doubtful placement says so, once, in one line.
+        if placement.report is not None and placement.report.doubtful:
+            warnings.warn(placement.report.warning(), OfstitchWarning, stacklevel=3)
     else:
         placement = place(pairs, shift, quality, scan.stage_px, scan.csm, method="reference",
                           thresholding=settings.thresholding,
