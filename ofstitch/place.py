@@ -448,6 +448,8 @@ def place(pairs: np.ndarray, shift: np.ndarray, quality: np.ndarray, stage_px: n
         warnings.warn("no pair could be correlated (blank or unreadable tiles): placing every "
                       "tile from the stage alone", OfstitchWarning, stacklevel=2)
         return stage_placement(stage_px, csm, len(pairs))
+    from .robust import place_robust
+
     result = place_robust(pairs, candidates, stage_px, csm, null_candidates=null_candidates,
                           null_stage_shift=null_stage_shift, search_radius=search_radius,
                           tile_shape=tile_shape)
@@ -456,10 +458,14 @@ def place(pairs: np.ndarray, shift: np.ndarray, quality: np.ndarray, stage_px: n
     return result
 
 
-# Robust placement lives in its own module; its names are part of this one's API.
-from .robust import (  # noqa: E402, F401
-    NULL_FPR,
-    fit_stage_model,
-    null_threshold,
-    place_robust,
-)
+# Robust placement lives in its own module (which imports this one); its names are part of
+# this module's API, looked up on first use.
+_ROBUST_NAMES = ("NULL_FPR", "MIN_SCORE", "fit_stage_model", "null_threshold", "place_robust")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _ROBUST_NAMES:
+        from . import robust
+
+        return getattr(robust, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

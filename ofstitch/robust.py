@@ -68,6 +68,7 @@ AFFINE_TOLERANCE = 0.1
 # GUARD_MIN_PX) from the stage model, after the best overall translation, is suspect ...
 GUARD_SIGMAS = 6.0
 GUARD_MIN_PX = 20.0
+MAX_GUARD_ROUNDS = 30  # pairs the guard drops one by one before it falls back to the stage
 # ... and the mosaic's extent must stay within this ratio of the stage layout's.
 GUARD_EXTENT_RATIO = 1.2
 # Doubtful: more than this fraction of the tiles placed by stage only.
@@ -100,14 +101,28 @@ def _near(candidates: np.ndarray, around: np.ndarray, radius: float) -> np.ndarr
     return d <= radius
 
 
+def _chance_scores(null_candidates: np.ndarray, allowed: np.ndarray | None = None
+                   ) -> np.ndarray:
+    """The best score of each chance-level pair within ``allowed`` (NaN: none), leaving out
+    readings whose rivals lie along a line: an edge that both tiles share matches all
+    along it, and the camera's fixed pattern matches itself along a row or column. Such
+    readings are judged by their rivals (never located), not against chance."""
+    shift, best = _best_candidate(null_candidates, allowed)
+    if allowed is None:
+        allowed = np.ones(null_candidates.shape[:2], bool)
+    _, _, _, line = reading_uncertainty(null_candidates, shift, best, MIN_SCORE, allowed)
+    return np.where(line, np.nan, best)
+
+
 def _window_threshold(null_candidates: np.ndarray, around: np.ndarray, radius: float,
-                      fpr: float) -> float:
-    """The chance level of a search within ``radius`` of the prediction: the chance-level
-    pairs' best within the same window (none there counts as a score of -1)."""
+                      fpr: float, overall: float) -> float:
+    """The chance level of a search within ``radius`` of the prediction, from the
+    chance-level pairs' best within the same window; never above ``overall`` (a search
+    over fewer shifts cannot find more by chance)."""
     if len(null_candidates) == 0:
-        return MIN_SCORE
-    _, best = _best_candidate(null_candidates, _near(null_candidates, around, radius))
-    return null_threshold(np.where(np.isfinite(best), best, -1.0), fpr)
+        return min(MIN_SCORE, overall)
+    best = _chance_scores(null_candidates, _near(null_candidates, around, radius))
+    return min(null_threshold(best, fpr), overall)
 
 
 def _spread(stage_shift: np.ndarray) -> tuple[int, int]:
@@ -263,9 +278,10 @@ def place_robust(pairs: np.ndarray, candidates: np.ndarray, stage_px: np.ndarray
     # 1. Significance, overall and in the first window.
     best_shift, best_score = _best_candidate(candidates)
     _, null_best = _best_candidate(null_candidates)
-    threshold = null_threshold(null_best, fpr)
+    threshold = null_threshold(_chance_scores(null_candidates), fpr)
     win_shift, win_score = _best_candidate(candidates, _near(candidates, stage_shift, window))
-    win_threshold = _window_threshold(null_candidates, null_stage_shift, window, fpr)
+    win_threshold = _window_threshold(null_candidates, null_stage_shift, window, fpr,
+                                      threshold)
     first = np.where((win_score > win_threshold)[:, None], win_shift, best_shift)
     seed = (win_score > win_threshold) | (best_score > threshold)
 
@@ -280,11 +296,11 @@ def place_robust(pairs: np.ndarray, candidates: np.ndarray, stage_px: np.ndarray
     null_predicted = null_stage_shift @ affine
     in_gate = _near(candidates, predicted, gate)
     gate_shift, gate_score = _best_candidate(candidates, in_gate)
-    gate_threshold = max(_window_threshold(null_candidates, null_predicted, gate, fpr),
-                         MIN_SCORE)
+    gate_threshold = _window_threshold(null_candidates, null_predicted, gate, fpr, threshold)
     in_radius = _near(candidates, predicted, radius)
     near_shift, near_score = _best_candidate(candidates, in_radius)
-    near_threshold = _window_threshold(null_candidates, null_predicted, radius, fpr)
+    near_threshold = _window_threshold(null_candidates, null_predicted, radius, fpr,
+                                       gate_threshold)
     trusted = gate_score > gate_threshold
     log.info("chance levels: overall %.3f, window %.1f px %.3f, gate %.1f px %.3f, constrained "
              "search %.1f px %.3f; stage sigma %.2f px", threshold, window, win_threshold, gate,
@@ -297,7 +313,7 @@ def place_robust(pairs: np.ndarray, candidates: np.ndarray, stage_px: np.ndarray
     # Rivals: anywhere in the window the reading came from, and near the reading itself
     # (a ridge along an edge runs on past the gate; a repeat a period away does not count).
     allowed = allowed | _near(candidates, np.nan_to_num(shift), gate)
-    weight, located, one_way = reading_uncertainty(candidates, shift, score, pair_threshold,
+    weight, located, one_way, _ = reading_uncertainty(candidates, shift, score, pair_threshold,
                                                    allowed)
     used = (trusted | researched) & (located | one_way)
     located &= used
@@ -316,13 +332,18 @@ def place_robust(pairs: np.ndarray, candidates: np.ndarray, stage_px: np.ndarray
                                                            predicted, sigma, anchor, n)
     suspect = _guard(positions, anchor, sigma, stage_px)
     if suspect is not None:
-        # Drop the used pairs that touch a suspect tile and read far from the stage.
-        far = np.linalg.norm(shift - predicted, axis=1) > 3 * sigma
-        drop = used & far & (suspect[pairs[:, 0]] | suspect[pairs[:, 1]])
-        used &= ~drop
-        positions, residual, whitened, used = _solve_and_prune(
-            pairs, shift, weight, used, score, predicted, sigma, anchor, n)
-        if _guard(positions, anchor, sigma, stage_px) is not None:
+        # Drop, one at a time, the used pair that disagrees most with the stage model (in
+        # the directions its reading locates) until the guard passes; else the stage.
+        disagreement = np.sqrt(np.maximum(np.einsum(
+            "ki,kij,kj->k", shift - predicted, weight, np.nan_to_num(shift - predicted)), 0.0))
+        for _ in range(MAX_GUARD_ROUNDS):
+            if suspect is None or not used.any():
+                break
+            used[np.argmax(np.where(used, disagreement, -np.inf))] = False
+            positions, residual, whitened, used = _solve_and_prune(
+                pairs, shift, weight, used, score, predicted, sigma, anchor, n)
+            suspect = _guard(positions, anchor, sigma, stage_px)
+        if suspect is not None:
             used[:] = False
             positions, residual, whitened, used = _solve_and_prune(
                 pairs, shift, weight, used, score, predicted, sigma, anchor, n)

@@ -25,7 +25,8 @@ scoring about as well as the best (*rivals*). :func:`reading_uncertainty` turns 
 rivals into a 2x2 covariance: none, the reading is *located* (isotropic, sigma
 :data:`LOCATED_SIGMA_PX`); rivals along one line, it is located across that line only
 (the variance along it is :data:`UNLOCATED_SIGMA_PX` squared); rivals in every
-direction, it is not located at all.
+direction, it is not located at all. A line of rivals through zero shift is the camera's
+own fixed pattern (shading, sensor rows) matching itself: not a reading either.
 
 References: R. A. Fisher (1915), *Biometrika* 10, 507, doi:10.2307/2331838 (the z
 transform); E. J. Gumbel (1958), *Statistics of Extremes*.
@@ -44,9 +45,17 @@ MIN_CHANCE_SAMPLES = 3  # fewer chance-level pairs: only the floor applies
 MIN_Z_SCALE = 0.02  # a fitted Gumbel scale (in z) is never below this
 LOCATED_SIGMA_PX = 0.5  # sigma of a located reading
 UNLOCATED_SIGMA_PX = 1e3  # sigma along a direction the reading does not locate
-RIVAL_MARGIN = 0.15  # a rival scores within this fraction of (best - threshold) of the best
+# A rival scores within this much of the best in Fisher z, or within RIVAL_R in NCC (z
+# magnifies differences near 1): NCCs that close cannot be told apart. A ridge along an
+# edge, or a fixed pattern along a row, drops by less than 0.1 in z; the shoulder of even a
+# broad, elongated peak by 0.25 or more.
+RIVAL_Z = 0.2
+RIVAL_R = 0.015
 RIVAL_MIN_DISTANCE_PX = 2.5  # nearer candidates are the same peak
 LINE_RATIO = 0.12  # rivals whose spread across their main direction is below this: a line
+# A line of rivals that passes this close to zero shift is the camera's fixed pattern
+# (shading, sensor rows) matching itself, not the sample: not a reading at all.
+FIXED_PATTERN_PX = 1.5
 
 
 def fisher_z(score: np.ndarray) -> np.ndarray:
@@ -86,7 +95,7 @@ def chance_threshold(chance_scores: np.ndarray, fpr: float, floor: float) -> flo
 
 def reading_uncertainty(candidates: np.ndarray, chosen: np.ndarray, best: np.ndarray,
                         threshold: np.ndarray | float, allowed: np.ndarray
-                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Weight matrix (inverse covariance) of each pair's reading, from its rivals.
 
     Parameters
@@ -98,7 +107,7 @@ def reading_uncertainty(candidates: np.ndarray, chosen: np.ndarray, best: np.nda
     best : ndarray, shape (m,)
         Its score.
     threshold : float or ndarray, shape (m,)
-        The score a reading must beat (the rivals' margin is measured from it).
+        The score a reading must beat (kept for the record; rivals are judged in Fisher z).
     allowed : ndarray, shape (m, K), bool
         Candidates that could have been chosen (within the stage window).
 
@@ -111,17 +120,23 @@ def reading_uncertainty(candidates: np.ndarray, chosen: np.ndarray, best: np.nda
         Localised in both directions (no rival).
     one_way : ndarray, shape (m,), bool
         Localised across a line only (rivals along one line: an edge).
+    line : ndarray, shape (m,), bool
+        Rivals along one line, whether an edge (``one_way``) or the camera's fixed pattern.
     """
     m = len(candidates)
     weight = np.zeros((m, 2, 2))
     located = np.zeros(m, bool)
     one_way = np.zeros(m, bool)
+    line = np.zeros(m, bool)
     threshold = np.broadcast_to(np.asarray(threshold, dtype=np.float64), (m,))
     score = np.where(allowed & np.isfinite(candidates[..., 2]), candidates[..., 2], -np.inf)
     offset = candidates[..., :2] - chosen[:, None, :]
     dist = np.linalg.norm(np.nan_to_num(offset, nan=np.inf), axis=2)
-    margin = RIVAL_MARGIN * np.maximum(best - threshold, 0.0)
-    rival = (score >= (best - margin)[:, None]) & (dist > RIVAL_MIN_DISTANCE_PX)
+    z_score = np.where(np.isfinite(score), fisher_z(np.where(np.isfinite(score), score, 0.0)),
+                       -np.inf)
+    close = (z_score >= fisher_z(np.nan_to_num(best))[:, None] - RIVAL_Z) | \
+        (score >= np.nan_to_num(best)[:, None] - RIVAL_R)
+    rival = close & (dist > RIVAL_MIN_DISTANCE_PX)
     ratio = (LOCATED_SIGMA_PX / UNLOCATED_SIGMA_PX) ** 2
     for k in range(m):
         if not np.isfinite(best[k]) or not np.isfinite(chosen[k]).all():
@@ -138,6 +153,9 @@ def reading_uncertainty(candidates: np.ndarray, chosen: np.ndarray, best: np.nda
             continue  # rivals in every direction: not located
         along = evecs[:, 1]
         across = evecs[:, 0]
+        line[k] = True
+        if abs(float(chosen[k] @ across)) < FIXED_PATTERN_PX:
+            continue  # the line runs through zero shift: a fixed pattern
         weight[k] = np.outer(across, across) + ratio * np.outer(along, along)
         one_way[k] = True
-    return weight, located, one_way
+    return weight, located, one_way, line
