@@ -9,9 +9,10 @@ predicts :math:`e_k = s_k T` (stage shift :math:`s_k`, affine :math:`T`) with th
 repeatability :math:`\sigma`. Positions :math:`x` minimise
 
 .. math:: \sum_{k\ \mathrm{used}} (x_b - x_a - d_k)^\top W_k (x_b - x_a - d_k)
-          + \sum_k \frac{\sigma_0^2}{\sigma^2} \lVert x_b - x_a - e_k \rVert^2
+          + \sum_k \lambda \frac{\sigma_0^2}{\sigma^2} \lVert x_b - x_a - e_k \rVert^2
 
-(:func:`solve_weighted`, :math:`\sigma_0` the sigma of a located reading): a located
+(:func:`solve_weighted`, :math:`\sigma_0` the sigma of a located reading, :math:`\lambda`
+:data:`STAGE_LINK_FACTOR`): a located
 reading holds its tiles, a straight edge holds them across the edge only, and the stage
 holds whatever no reading does. The promises, in order:
 
@@ -55,6 +56,10 @@ GATE_SIGMAS = 5.0  # a reading further than this from the stage model is a repea
 MIN_RESEARCH_RADIUS_PX = 4.0
 MIN_GATE_RADIUS_PX = 12.0
 MIN_SIGMA_PX = 1.0
+# Stage links weigh this fraction of their inverse variance: the stage's pair errors are not
+# independent (each tile's error is shared by its pairs), and the links are there to place
+# what no reading locates, not to pull on what readings hold.
+STAGE_LINK_FACTOR = 0.01
 LOOP_TOLERANCE_PX = 1.0  # a used pair disagreeing more with its loops is pruned...
 LOOP_SIGMAS = 4.0  # ... when it is also this many robust sigmas out
 MAX_PRUNE_ROUNDS = 200
@@ -399,7 +404,7 @@ def _solve_and_prune(pairs: np.ndarray, shift: np.ndarray, weight: np.ndarray,
     pair's target, and the residual in the directions its reading locates.
     """
     used = used.copy()
-    w_stage = (LOCATED_SIGMA_PX / sigma) ** 2
+    w_stage = STAGE_LINK_FACTOR * (LOCATED_SIGMA_PX / sigma) ** 2
     eye = np.broadcast_to(np.eye(2), (len(pairs), 2, 2))
     both = np.concatenate([pairs, pairs])
     for _ in range(MAX_PRUNE_ROUNDS):

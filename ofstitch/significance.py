@@ -52,6 +52,10 @@ UNLOCATED_SIGMA_PX = 1e3  # sigma along a direction the reading does not locate
 RIVAL_Z = 0.2
 RIVAL_R = 0.015
 RIVAL_MIN_DISTANCE_PX = 2.5  # nearer candidates are the same peak
+# Rivals spanning less than this (with the reading) are the top of one broad peak, not a
+# ridge: the reading is located. Candidates are at least 5 px apart, so a ridge of three
+# candidates spans about 10 px.
+MIN_RIDGE_SPAN_PX = 8.0
 LINE_RATIO = 0.12  # rivals whose spread across their main direction is below this: a line
 # A line of rivals that passes this close to zero shift is the camera's fixed pattern
 # (shading, sensor rows) matching itself, not the sample: not a reading at all.
@@ -146,6 +150,11 @@ def reading_uncertainty(candidates: np.ndarray, chosen: np.ndarray, best: np.nda
             located[k] = True
             continue
         v = np.concatenate([offset[k, rival[k]], np.zeros((1, 2))])
+        span = np.linalg.norm(v[:, None, :] - v[None, :, :], axis=2).max()
+        if span < MIN_RIDGE_SPAN_PX:
+            weight[k] = np.eye(2)
+            located[k] = True
+            continue
         v = v - v.mean(axis=0)
         scatter = v.T @ v
         evals, evecs = np.linalg.eigh(scatter)  # ascending
