@@ -57,8 +57,8 @@ RIVAL_MIN_DISTANCE_PX = 2.5  # nearer candidates are the same peak
 # candidates spans about 10 px.
 MIN_RIDGE_SPAN_PX = 8.0
 LINE_RATIO = 0.12  # rivals whose spread across their main direction is below this: a line
-# A line of rivals that passes this close to zero shift is the camera's fixed pattern
-# (shading, sensor rows) matching itself, not the sample: not a reading at all.
+# A line of rivals along the row (or column) through zero shift, within this many pixels, is
+# the camera's fixed pattern (shading, sensor rows) matching itself, not the sample.
 FIXED_PATTERN_PX = 1.5
 
 
@@ -151,20 +151,21 @@ def reading_uncertainty(candidates: np.ndarray, chosen: np.ndarray, best: np.nda
             continue
         v = np.concatenate([offset[k, rival[k]], np.zeros((1, 2))])
         span = np.linalg.norm(v[:, None, :] - v[None, :, :], axis=2).max()
-        if span < MIN_RIDGE_SPAN_PX:
-            weight[k] = np.eye(2)
-            located[k] = True
-            continue
         v = v - v.mean(axis=0)
-        scatter = v.T @ v
-        evals, evecs = np.linalg.eigh(scatter)  # ascending
-        if evals[1] <= 0 or evals[0] > LINE_RATIO**2 * evals[1]:
+        evals, evecs = np.linalg.eigh(v.T @ v)  # ascending
+        along, across = evecs[:, 1], evecs[:, 0]
+        if evals[1] > 0 and evals[0] <= LINE_RATIO**2 * evals[1]:
+            line[k] = True
+            points = np.concatenate([candidates[k, rival[k], :2], chosen[k][None, :]])
+            if np.any(np.all(np.abs(points) < FIXED_PATTERN_PX, axis=0)):
+                continue  # a row or column through zero shift: a fixed pattern
+        if span < MIN_RIDGE_SPAN_PX:
+            weight[k] = np.eye(2)  # the top of one broad peak
+            located[k] = True
+            line[k] = False
+            continue
+        if not line[k]:
             continue  # rivals in every direction: not located
-        along = evecs[:, 1]
-        across = evecs[:, 0]
-        line[k] = True
-        if abs(float(chosen[k] @ across)) < FIXED_PATTERN_PX:
-            continue  # the line runs through zero shift: a fixed pattern
         weight[k] = np.outer(across, across) + ratio * np.outer(along, along)
         one_way[k] = True
     return weight, located, one_way, line
