@@ -69,6 +69,9 @@ PRUNE_FRACTION = 0.5
 MIN_AFFINE_PAIRS = 4
 # ... and kept only when no element strays further than this from the stage's own matrix.
 AFFINE_TOLERANCE = 0.1
+# ... and only when it shrinks the residual variance by this many times its 4 parameters'
+# share of the pairs (a model selection test: a fit on noisy pairs always "explains" some).
+AFFINE_GAIN = 3.0
 # Never worse than the stage: a tile further than this many stage sigmas (at least
 # GUARD_MIN_PX) from the stage model, after the best overall translation, is suspect ...
 GUARD_SIGMAS = 6.0
@@ -380,7 +383,14 @@ def _stage_model(stage_shift: np.ndarray, shift: np.ndarray, use: np.ndarray,
     if min(along) >= MIN_AFFINE_PAIRS:
         candidate, _ = fit_stage_model(stage_shift[use], shift[use],
                                        min_pairs=MIN_AFFINE_PAIRS)
-        if np.abs(candidate - np.eye(2)).max() <= AFFINE_TOLERANCE:
+        # Only worth it when it explains clearly more than the stage's own matrix does
+        # (four parameters from this many pairs), and only near that matrix.
+        sigma_own = _robust_sigma(shift[use] - stage_shift[use])
+        sigma_fit = _robust_sigma(shift[use] - stage_shift[use] @ candidate)
+        better = sigma_own**2 >= (1 + AFFINE_GAIN * 4 / use.sum()) * max(sigma_fit, 1e-3)**2
+        if not better:
+            pass
+        elif np.abs(candidate - np.eye(2)).max() <= AFFINE_TOLERANCE:
             affine, fitted = candidate, True
         else:
             doubts = ("the located pairs suggest a stage scale or rotation far from the "
