@@ -139,8 +139,7 @@ def null_pairs(stage_px: np.ndarray, tile_shape: tuple[int, int], pairs: np.ndar
     # order): pairs are taken in the order of their tiles' stage positions, each from
     # its tile with the smaller position (row, then column), and ties between equally
     # near partners go to the smaller position too.
-    rank = np.empty(len(stage_px), np.int64)
-    rank[np.lexsort((stage_px[:, 1], stage_px[:, 0]))] = np.arange(len(stage_px))
+    rank = stage_order(stage_px)
     oriented = np.where((rank[pairs[:, 0]] <= rank[pairs[:, 1]])[:, None], pairs,
                         pairs[:, ::-1])
     oriented = oriented[np.lexsort((rank[oriented[:, 1]], rank[oriented[:, 0]]))]
@@ -174,6 +173,25 @@ def null_pairs(stage_px: np.ndarray, tile_shape: tuple[int, int], pairs: np.ndar
         pick = np.unique(np.round(np.linspace(0, len(null_arr) - 1, max_pairs)).astype(int))
         null_arr, shift_arr = null_arr[pick], shift_arr[pick]
     return null_arr, shift_arr
+
+
+def stage_order(stage_px: np.ndarray) -> np.ndarray:
+    """Rank of each tile by stage position (row, then column): an order of the tiles that
+    does not depend on their numbering."""
+    rank = np.empty(len(stage_px), np.int64)
+    rank[np.lexsort((stage_px[:, 1], stage_px[:, 0]))] = np.arange(len(stage_px))
+    return rank
+
+
+def canonical_flip(stage_px: np.ndarray, pairs: np.ndarray) -> np.ndarray:
+    """Which pairs to correlate the other way round, so that every pair is correlated from
+    its tile with the smaller stage position: the same arrays in the same order whatever
+    the file order, so the same floating-point results (a correlation and its mirror agree
+    only to rounding, and rounding can tip a choice between two near-equal peaks)."""
+    if len(pairs) == 0:
+        return np.zeros(0, bool)
+    rank = stage_order(stage_px)
+    return rank[pairs[:, 0]] > rank[pairs[:, 1]]
 
 
 def interleave(pairs: np.ndarray, extra: np.ndarray) -> np.ndarray:

@@ -23,6 +23,7 @@ from .cache import CorrelationCache, cache_path
 from .errors import OfstitchError, OfstitchWarning
 from .graph import (
     OverlapGraph,
+    canonical_flip,
     components,
     find_pairs,
     interleave,
@@ -130,6 +131,11 @@ def correlate_scan(scan: Scan, pairs: np.ndarray, expected: np.ndarray,
     Returns ``(shift_px, quality, candidates, n_correlated, n_cached)``; ``found_out``,
     if given, receives ``"found"``: which pairs came from the cache.
     """
+    # Issue 14: each pair is correlated from its tile with the smaller stage position,
+    # so the results do not depend on the file order; flipped back at the end.
+    flip = canonical_flip(scan.stage_px, pairs)
+    pairs = np.where(flip[:, None], pairs[:, ::-1], pairs)
+    expected = np.where(flip[:, None], -expected, expected)
     keys = [f.key for f in scan.files]
     cs = settings.correlation
     m = len(pairs)
@@ -169,6 +175,8 @@ def correlate_scan(scan: Scan, pairs: np.ndarray, expected: np.ndarray,
                     flushed = time.monotonic()
         if cache is not None:
             cache.save()
+    shift = np.where(flip[:, None], -shift, shift)
+    candidates[flip, :, :2] *= -1
     return shift, quality, candidates, len(todo), int(found.sum())
 
 

@@ -145,9 +145,8 @@ def fit_stage_model(stage_shift: np.ndarray, shift: np.ndarray, rounds: int = 4,
 
     Iteratively refitted on the pairs within 3 robust sigmas of the last fit, so a few
     wrong correlations do not tilt it. The repeatability ``sigma`` is 1.4826 times the
-    median absolute deviation of the residuals (per axis, the larger of the two), in
-    pixels. The identity, and the spread around it, when fewer than ``min_pairs`` pairs
-    lie along each axis.
+    median absolute residual (per axis, the larger of the two), in pixels. The identity,
+    and the spread around it, when fewer than ``min_pairs`` pairs lie along each axis.
     """
     if len(shift) == 0:
         return np.eye(2), float("inf")
@@ -162,17 +161,18 @@ def fit_stage_model(stage_shift: np.ndarray, shift: np.ndarray, rounds: int = 4,
         affine = fitted
         residual = shift - stage_shift @ affine
         sigma = _robust_sigma(residual[keep])
-        keep = np.all(np.abs(residual - np.median(residual[keep], axis=0)) <= 3 * sigma + 0.5,
-                      axis=1)
+        keep = np.all(np.abs(residual) <= 3 * sigma + 0.5, axis=1)
     residual = shift - stage_shift @ affine
     return affine, _robust_sigma(residual[keep] if keep.any() else residual)
 
 
 def _robust_sigma(residual: np.ndarray) -> float:
+    """1.4826 times the median absolute residual (the larger axis). Measured from zero, not
+    the median: a pair read the other way round has the opposite residual, and the answer
+    must not depend on which way round the files made it."""
     if len(residual) == 0:
         return float("inf")
-    mad = np.median(np.abs(residual - np.median(residual, axis=0)), axis=0)
-    return float(1.4826 * np.max(mad))
+    return float(1.4826 * np.max(np.median(np.abs(residual), axis=0)))
 
 
 def solve_weighted(pairs: np.ndarray, target: np.ndarray, weight: np.ndarray, n: int,
