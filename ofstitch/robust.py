@@ -338,7 +338,7 @@ def place_robust(pairs: np.ndarray, candidates: np.ndarray, stage_px: np.ndarray
     fell_back = False
     positions, residual, whitened, used = _solve_and_prune(pairs, shift, weight, used, score,
                                                            predicted, sigma, anchor, n)
-    suspect = _guard(positions, anchor, sigma, stage_px)
+    suspect = _guard(positions, anchor, sigma, size)
     if suspect is not None:
         # Drop, one at a time, the used pair that disagrees most with the stage model (in
         # the directions its reading locates) until the guard passes; else the stage.
@@ -350,7 +350,7 @@ def place_robust(pairs: np.ndarray, candidates: np.ndarray, stage_px: np.ndarray
             used[np.argmax(np.where(used, disagreement, -np.inf))] = False
             positions, residual, whitened, used = _solve_and_prune(
                 pairs, shift, weight, used, score, predicted, sigma, anchor, n)
-            suspect = _guard(positions, anchor, sigma, stage_px)
+            suspect = _guard(positions, anchor, sigma, size)
         if suspect is not None:
             used[:] = False
             positions, residual, whitened, used = _solve_and_prune(
@@ -437,21 +437,22 @@ def _solve_and_prune(pairs: np.ndarray, shift: np.ndarray, weight: np.ndarray,
     return positions, residual, whitened, used
 
 
-def _guard(positions: np.ndarray, anchor: np.ndarray, sigma: float, stage_px: np.ndarray
+def _guard(positions: np.ndarray, anchor: np.ndarray, sigma: float, size: float
            ) -> np.ndarray | None:
     """Tiles that stray from the stage model far beyond its repeatability, or ``None``.
 
     After the best translation, a tile further than ``GUARD_SIGMAS`` sigma (at least
     :data:`GUARD_MIN_PX`) from the stage model is suspect; so is every tile when the
     mosaic's extent along an axis differs from the stage layout's by more than
-    :data:`GUARD_EXTENT_RATIO` (scaled or collapsed columns).
+    :data:`GUARD_EXTENT_RATIO` (scaled or collapsed columns), along the axes it spans by
+    more than two tiles (``size``).
     """
     d = positions - anchor
     d = d - np.median(d, axis=0)
     off = np.linalg.norm(d, axis=1) > max(GUARD_SIGMAS * sigma, GUARD_MIN_PX)
     extent = np.ptp(positions, axis=0)
     expected = np.ptp(anchor, axis=0)
-    wide = expected > 4 * max(GUARD_SIGMAS * sigma, GUARD_MIN_PX)
+    wide = expected > 2 * size  # an axis the scan spans (not the width of a strip)
     ratio = np.where(wide, (extent + 1.0) / (expected + 1.0), 1.0)
     if np.any((ratio > GUARD_EXTENT_RATIO) | (ratio < 1 / GUARD_EXTENT_RATIO)):
         return np.ones(len(positions), bool)
