@@ -259,7 +259,9 @@ def place_robust(pairs: np.ndarray, candidates: np.ndarray, stage_px: np.ndarray
         The stage shift each chance-level pair was searched around.
     search_radius : float, optional
         The user's bound on the stage error (``--corr-mask-radius``): candidates further
-        than this from the stage shift are ignored, and it is the search window.
+        than this from the stage shift are ignored, it is the search window, and the best
+        reading within it is taken as located (its repeats are not rivals): for periodic
+        samples.
     tile_shape : (int, int), optional
         Bounds the stage error believed (see above); without it, the pairs' stage shifts
         stand in for the tile size.
@@ -309,6 +311,11 @@ def place_robust(pairs: np.ndarray, candidates: np.ndarray, stage_px: np.ndarray
     near_shift, near_score = _best_candidate(candidates, in_radius)
     near_threshold = _window_threshold(null_candidates, null_predicted, radius, fpr,
                                        gate_threshold)
+    if search_radius is not None:
+        # The user bounds the stage error (periodic samples, where a repeat scores as well
+        # as the overlap and chance cannot tell them apart): the best within it, as the
+        # reference method does, when it scores at least MIN_SCORE.
+        near_threshold = MIN_SCORE
     trusted = gate_score > gate_threshold
     log.info("chance levels: overall %.3f, window %.1f px %.3f, gate %.1f px %.3f, constrained "
              "search %.1f px %.3f; stage sigma %.2f px", threshold, window, win_threshold, gate,
@@ -322,7 +329,11 @@ def place_robust(pairs: np.ndarray, candidates: np.ndarray, stage_px: np.ndarray
     # (a ridge along an edge runs on past the gate; a repeat a period away does not count).
     allowed = allowed | _near(candidates, np.nan_to_num(shift), gate)
     weight, located, one_way, _ = reading_uncertainty(candidates, shift, score, pair_threshold,
-                                                   allowed)
+                                                      allowed)
+    if search_radius is not None:  # ... and its repeats within the radius are not rivals
+        readable = np.isfinite(shift).all(axis=1)
+        weight = np.where(readable[:, None, None], np.eye(2), 0.0)
+        located, one_way = readable, np.zeros(m, bool)
     used = (trusted | researched) & (located | one_way)
     located &= used
     one_way &= used
