@@ -21,6 +21,12 @@ Usage::
     python benchmarks/placement_hard.py                      # ofstitch only
     python benchmarks/placement_hard.py --ref-python /opt/refvenv/bin/python
     python benchmarks/placement_hard.py --keep-program       # reuse the program's rows
+    python benchmarks/placement_hard.py --issue14 --label before --ref-python ...
+    python benchmarks/placement_hard.py --issue14 --label after --robust-only
+
+The issue-14 scans (:data:`ISSUE14`: small tiles, a strip, a straight tissue edge, texture
+near one corner, small grids; each also against the stage alone) go to
+``results/placement14_<label>.json`` and a before/after table in ``RESULTS.md``.
 """
 
 from __future__ import annotations
@@ -251,7 +257,9 @@ def markdown14(before: dict, after: dict | None) -> str:
         ref = arow.get("reference", row.get("reference"))
         program = arow.get("program", row.get("program"))
         warn = (arow.get("robust") or {}).get("warning", "")
-        warn = warn.split(":")[0] if warn else "none"
+        if warn:  # the reasons, without the advice
+            warn = warn.split("doubtful: ", 1)[-1].split(". Try")[0]
+        warn = warn or "none"
         lines.append(f"| {name} | {row['stage'].get('textured_pairs', '—')} | "
                      f"{fmt_short(row['robust'])} | {fmt_short(arow.get('robust'))} | "
                      f"{fmt_short(ref)} | {fmt_short(program)} | {fmt_short(row['stage'])} | "
@@ -328,6 +336,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--robust-only", action="store_true",
                         help="--issue14: robust placement and the stage only")
     args = parser.parse_args(argv)
+    if args.issue14 and args.table_only:
+        saved = HERE / "results"
+        after = saved / "placement14_after.json"
+        write_section(markdown14(json.loads((saved / "placement14_before.json").read_text()),
+                                 json.loads(after.read_text()) if after.is_file() else None),
+                      BEGIN14, END14)
+        return 0
     if args.issue14:
         if args.ref_python and (problem := check_reference(args.ref_python)):
             print(f"the reference program is not usable: {problem}", file=sys.stderr)
