@@ -121,7 +121,8 @@ def errors_of(scan, positions: dict[str, tuple[float, float]]) -> dict:
     if len(err) == 0:
         return {"error": "no textured pair"}
     return {"textured_pairs": int(len(err)), "max_px": float(err.max()),
-            "rms_px": float(np.sqrt(np.mean(err**2))), "over_2px": int((err > 2).sum())}
+            "rms_px": float(np.sqrt(np.mean(err**2))), "over_2px": int((err > 2).sum()),
+            "errors_px": [round(float(e), 3) for e in err]}
 
 
 def stage_errors(scan) -> dict:
@@ -250,8 +251,9 @@ def markdown14(before: dict, after: dict | None) -> str:
              "the robust placement at the start of issue 14; the threshold search and the "
              "program are on the same scans.", "",
              "| scan | textured pairs | robust, before | robust, after | --placement reference "
-             "| openflexure-stitching 0.3.1 | stage alone | warning (after) |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| openflexure-stitching 0.3.1 | stage alone | pairs worse than the stage (after, "
+             "by > 0.5 px) | warning (after) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for name, row in before["scans"].items():
         arow = (after or {}).get("scans", {}).get(name, {})
         ref = arow.get("reference", row.get("reference"))
@@ -260,10 +262,15 @@ def markdown14(before: dict, after: dict | None) -> str:
         if warn:  # the reasons, without the advice
             warn = warn.split("doubtful: ", 1)[-1].split(". Try")[0]
         warn = warn or "none"
+        worse = "—"
+        robust_after, stage = arow.get("robust") or {}, arow.get("stage") or row["stage"]
+        if "errors_px" in robust_after and "errors_px" in stage:
+            worse = str(int(np.sum(np.asarray(robust_after["errors_px"])
+                                   > np.asarray(stage["errors_px"]) + 0.5)))
         lines.append(f"| {name} | {row['stage'].get('textured_pairs', '—')} | "
                      f"{fmt_short(row['robust'])} | {fmt_short(arow.get('robust'))} | "
                      f"{fmt_short(ref)} | {fmt_short(program)} | {fmt_short(row['stage'])} | "
-                     f"{warn} |")
+                     f"{worse} | {warn} |")
     lines += ["", END14]
     return "\n".join(lines)
 

@@ -642,7 +642,9 @@ class LiveStitcher:
                 return place(pairs, shift, quality, stage_px, csm, method="robust",
                              candidates=cands, null_candidates=corr.null_candidates,
                              null_stage_shift=corr.null_shift,
-                             search_radius=s.correlation.corr_mask_radius)
+                             search_radius=s.correlation.corr_mask_radius,
+                             tile_shape=corr.scan.tile_shape,
+                             warn=False)  # issue 14: previews carry placement.report
 
             placement = robust()
             if index is None:  # the whole scan: as a batch run, try to join its islands
