@@ -19,7 +19,6 @@ from ofstitch.significance import chance_threshold, reading_uncertainty
 from ofstitch.synthetic import (
     corner_content,
     edge_content,
-    make_hard_scan,
     pair_errors,
     synthetic_pair_results,
     textured_pairs,
@@ -134,16 +133,27 @@ def test_report_of_an_easy_result_has_no_doubt():
 
 
 @pytest.fixture(scope="module")
-def hard_source():
+def hard_scan_of(tmp_path_factory):
+    """``hard_scan_of(name, seed=..., **make_scan_kwargs)``: a hard scan (the benchmarks'
+    settings) cut from the harder source, which is built once per seed (it is large)."""
     from conftest import SHARED_DATA
 
-    from ofstitch.synthetic import load_source
+    from ofstitch.synthetic import HARD_SCAN, hard_source, load_source, make_scan
 
     shared = SHARED_DATA / "cmu1-he" / "CMU-1-Small-Region.jpg"
     if not shared.is_file():
         pytest.skip("the hard scans are cut from the full-size CMU-1 image in "
                     "../shared/data/cmu1-he (the bundled copy is downscaled)")
-    return load_source(shared)
+    src = load_source(shared)
+    sources: dict[int, np.ndarray] = {}
+
+    def make(name: str, *, seed: int = 0, **kwargs):
+        if seed not in sources:
+            sources[seed] = hard_source(src, seed=seed)
+        folder = tmp_path_factory.mktemp("hard") / name
+        return make_scan(folder, source=sources[seed], seed=seed, **{**HARD_SCAN, **kwargs})
+
+    return make
 
 
 def _register(folder, **settings):
@@ -172,10 +182,8 @@ def _errors(scan, reg):
 
 @pytest.mark.parametrize("shape, grid", [((48, 64), (6, 7)), ((120, 160), (6, 7))],
                          ids=["48x64", "120x160"])
-def test_small_tiles_are_never_worse_than_the_stage_and_say_so(hard_source, tmp_path, shape,
-                                                               grid):
-    scan = make_hard_scan(tmp_path / "scan", source=hard_source, grid=grid, tile_shape=shape,
-                          stage_error_px=0.08 * shape[0], seed=0)
+def test_small_tiles_are_never_worse_than_the_stage_and_say_so(hard_scan_of, shape, grid):
+    scan = hard_scan_of("small", grid=grid, tile_shape=shape, stage_error_px=0.08 * shape[0])
     reg, doubts = _register(scan.folder)
     err, stage = _errors(scan, reg)
     assert len(err) >= 5
@@ -191,10 +199,9 @@ def test_small_tiles_are_never_worse_than_the_stage_and_say_so(hard_source, tmp_
     assert reg.placement.report.n_tiles_stage_only > 0
 
 
-def test_a_straight_edge_locates_across_only_and_says_so(hard_source, tmp_path):
-    scan = make_hard_scan(tmp_path / "scan", source=hard_source, grid=(4, 5),
-                          tile_shape=(240, 320), stage_error_px=10.0, blank_fraction=0.0,
-                          content=edge_content(), seed=0)
+def test_a_straight_edge_locates_across_only_and_says_so(hard_scan_of):
+    scan = hard_scan_of("edge", grid=(4, 5), tile_shape=(240, 320), stage_error_px=10.0,
+                        blank_fraction=0.0, content=edge_content())
     reg, doubts = _register(scan.folder)
     err, stage = _errors(scan, reg)
     assert err.max() <= 2.0 and np.sqrt(np.mean(err**2)) <= 0.5, err.round(2)
@@ -210,10 +217,9 @@ def test_a_straight_edge_locates_across_only_and_says_so(hard_source, tmp_path):
     assert len(doubts) == 1 and "straight edge" in doubts[0]
 
 
-def test_texture_near_one_corner_keeps_the_corner_exact(hard_source, tmp_path):
-    scan = make_hard_scan(tmp_path / "scan", source=hard_source, grid=(4, 6),
-                          tile_shape=(240, 320), stage_error_px=10.0, blank_fraction=0.0,
-                          content=corner_content(0.4), seed=1)
+def test_texture_near_one_corner_keeps_the_corner_exact(hard_scan_of):
+    scan = hard_scan_of("corner", grid=(4, 6), tile_shape=(240, 320), stage_error_px=10.0,
+                        blank_fraction=0.0, content=corner_content(0.4), seed=1)
     reg, doubts = _register(scan.folder)
     err, stage = _errors(scan, reg)
     assert len(err) >= 3
@@ -241,11 +247,10 @@ def _reorder(folder, dest, order_seed):
     return dest
 
 
-def test_the_same_positions_in_five_file_orders(hard_source, tmp_path):
+def test_the_same_positions_in_five_file_orders(hard_scan_of, tmp_path):
     # No EXIF (file-name positions): capture order is the files' modification time.
-    scan = make_hard_scan(tmp_path / "scan", source=hard_source, grid=(4, 5),
-                          tile_shape=(120, 160), stage_error_px=8.0, layout="filename",
-                          seed=2)
+    scan = hard_scan_of("orders", grid=(4, 5), tile_shape=(120, 160), stage_error_px=8.0,
+                        layout="filename", seed=2)
     results = []
     for k in range(5):
         folder = _reorder(scan.folder, tmp_path / f"order{k}", k)
