@@ -23,6 +23,10 @@ freedom of the positions removed) plus a penalty of twice the median
 discrepancy times the fraction of pairs that fell back to the stage, as
 OpenFlexure Stitching does.
 
+Robust placement (the default) is :mod:`ofstitch.robust`: it weights each reading by its
+own 2x2 uncertainty, never strays from the stage beyond its repeatability, and reports how
+far it can be trusted (:class:`PlacementReport`).
+
 The kernels (:func:`fit_affine`, :func:`solve_positions`, :func:`fit_error`)
 take arrays of any array-API namespace; the sparse solve sits behind
 :func:`ofstitch.backends.solve_laplacian`.
@@ -152,7 +156,16 @@ class Placement:
     csm : ndarray, shape (2, 2)
         The improved effective camera-to-sample matrix ``inv(T) @ M``.
     rms_error_px : float
-        RMS residual of the trusted pairs at the final positions.
+        RMS residual of the trusted pairs at the final positions (robust: in the
+        directions each reading locates).
+    located : ndarray, shape (m,), bool, optional
+        Robust: pairs placed by a reading localised in both directions.
+    weight : ndarray, shape (m, 2, 2), optional
+        Robust: the inverse covariance each used reading was weighted by, in units of a
+        located reading (the identity); an edge-only reading weighs across the edge only.
+    report : PlacementReport, optional
+        Robust: how far the result can be trusted, in plain words, with the reasons it is
+        doubtful (:meth:`PlacementReport.warning`).
     """
 
     positions_px: np.ndarray
