@@ -217,13 +217,15 @@ def _summary(result: StitchResult, seconds: float) -> None:
         out_console.print(
             f"Placed {len(reg.names)} tiles from {m} pairs ({reg.n_correlated} correlated "
             f"now, {reg.n_cached} from the cache; {c['trusted']} trusted, "
-            f"{c['re-searched']} re-searched, {c['stage-only']} stage-only) on {reg.device}.",
-            highlight=False)
+            f"{c['re-searched']} re-searched, {c['stage-only']} placed by stage only) on "
+            f"{reg.device}.", highlight=False)
         if m and p.method == "robust":
             out_console.print(
                 f"Robust placement: score (overlap NCC) > {p.score_threshold:.3f} (chance "
                 f"level of this scan), stage repeatability {p.stage_sigma_px:.1f} px; RMS "
                 f"residual {p.rms_error_px:.2f} px.", highlight=False)
+            for line in (p.report.lines() if p.report is not None else []):  # issue 14
+                out_console.print(line, highlight=False)
         elif m:
             out_console.print(
                 f"Thresholds: peak quality >= {p.min_peak_quality:.6f}, stage discrepancy <= "

@@ -194,7 +194,8 @@ def null_pairs(stage_px: np.ndarray, tile_shape: tuple[int, int], pairs: np.ndar
     overlaps ``a``: a tile of the same scan, with the same content statistics, that
     is searched as if it sat where ``b`` does (around ``e``). Up to ``max_pairs``
     (default: a fifth of the pairs, at least 30 where the scan has them, at most
-    :data:`MAX_NULL_PAIRS`), spread evenly over ``pairs``.
+    :data:`MAX_NULL_PAIRS`), spread evenly over ``pairs`` in stage order. The choice does
+    not depend on the tiles' numbering, so the result does not depend on the file order.
 
     Returns
     -------
@@ -213,8 +214,16 @@ def null_pairs(stage_px: np.ndarray, tile_shape: tuple[int, int], pairs: np.ndar
     h, w = tile_shape
     tree = cKDTree(stage_px / np.array([h, w]))
     known = {(int(a), int(b)) for a, b in pairs} | {(int(b), int(a)) for a, b in pairs}
+    # The same chance-level pairs whatever the tile numbering (capture order, file
+    # order): pairs are taken in the order of their tiles' stage positions, each from
+    # its tile with the smaller position (row, then column), and ties between equally
+    # near partners go to the smaller position too.
+    rank = stage_order(stage_px)
+    oriented = np.where((rank[pairs[:, 0]] <= rank[pairs[:, 1]])[:, None], pairs,
+                        pairs[:, ::-1])
+    oriented = oriented[np.lexsort((rank[oriented[:, 1]], rank[oriented[:, 0]]))]
     null, shifts, seen = [], [], set()
-    for a, b in pairs.tolist():
+    for a, b in oriented.tolist():
         e = stage_px[b] - stage_px[a]
         for j in range(2, 6):
             if abs(j * e[0]) >= h or abs(j * e[1]) >= w:
@@ -222,9 +231,13 @@ def null_pairs(stage_px: np.ndarray, tile_shape: tuple[int, int], pairs: np.ndar
         else:
             continue
         target = (stage_px[a] + j * e) / np.array([h, w])
-        dist, c = tree.query(target)
-        c = int(c)
-        if dist > 0.25 or c in (a, b) or (a, c) in known or (min(a, c), max(a, c)) in seen:
+        near = tree.query_ball_point(target, 0.25)
+        if not near:
+            continue
+        dist = np.linalg.norm(stage_px[near] / np.array([h, w]) - target, axis=1)
+        c = int(min(zip(np.round(dist, 9).tolist(), rank[near].tolist(), near,
+                        strict=True))[2])
+        if c in (a, b) or (a, c) in known or (min(a, c), max(a, c)) in seen:
             continue
         gap = np.abs(stage_px[c] - stage_px[a])
         if gap[0] < h and gap[1] < w:
@@ -239,6 +252,25 @@ def null_pairs(stage_px: np.ndarray, tile_shape: tuple[int, int], pairs: np.ndar
         pick = np.unique(np.round(np.linspace(0, len(null_arr) - 1, max_pairs)).astype(int))
         null_arr, shift_arr = null_arr[pick], shift_arr[pick]
     return null_arr, shift_arr
+
+
+def stage_order(stage_px: np.ndarray) -> np.ndarray:
+    """Rank of each tile by stage position (row, then column): an order of the tiles that
+    does not depend on their numbering."""
+    rank = np.empty(len(stage_px), np.int64)
+    rank[np.lexsort((stage_px[:, 1], stage_px[:, 0]))] = np.arange(len(stage_px))
+    return rank
+
+
+def canonical_flip(stage_px: np.ndarray, pairs: np.ndarray) -> np.ndarray:
+    """Which pairs to correlate the other way round, so that every pair is correlated from
+    its tile with the smaller stage position: the same arrays in the same order whatever
+    the file order, so the same floating-point results (a correlation and its mirror agree
+    only to rounding, and rounding can tip a choice between two near-equal peaks)."""
+    if len(pairs) == 0:
+        return np.zeros(0, bool)
+    rank = stage_order(stage_px)
+    return rank[pairs[:, 0]] > rank[pairs[:, 1]]
 
 
 def interleave(pairs: np.ndarray, extra: np.ndarray) -> np.ndarray:

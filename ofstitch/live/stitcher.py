@@ -230,7 +230,8 @@ class LiveStitcher:
             else None
         reg = register_scan(scan, graph, self.settings, self.backend, cache=self._cache,
                             progress=self.progress,
-                            nulls=NullRequest(null_budget, self._null_tried), thresholds=reuse)
+                            nulls=NullRequest(null_budget, self._null_tried), thresholds=reuse,
+                            warn=False)  # the report is on each placement; finish() warns
         self._null_tried |= reg.null_tried
         self._n_correlated += reg.n_correlated
         if self.settings.placement == "reference":
