@@ -149,7 +149,8 @@ def run_ofstitch(scan, method: str, **correlation) -> dict:
         caught = [w for w in caught if issubclass(w.category, ofstitch.OfstitchWarning)]
         wall = time.perf_counter() - t0
     out = errors_of(scan, reg.positions())
-    out.update(wall_s=wall, place_s=reg.timings_s.get("place"), counts=reg.placement.counts())
+    out.update(wall_s=wall, place_s=reg.timings_s.get("place"),
+               counts=reg.placement.counts()._asdict())
     if caught:
         out["warning"] = str(caught[-1].message)
     return out

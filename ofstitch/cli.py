@@ -216,8 +216,8 @@ def _summary(result: StitchResult, seconds: float) -> None:
         c = p.counts()
         out_console.print(
             f"Placed {len(reg.names)} tiles from {m} pairs ({reg.n_correlated} correlated "
-            f"now, {reg.n_cached} from the cache; {c['trusted']} trusted, "
-            f"{c['re-searched']} re-searched, {c['stage-only']} placed by stage only) on "
+            f"now, {reg.n_cached} from the cache; {c.trusted} trusted, "
+            f"{c.researched} re-searched, {c.stage_only} placed by stage only) on "
             f"{reg.device}.", highlight=False)
         if m and p.method == "robust":
             out_console.print(

@@ -38,7 +38,7 @@ import logging
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from array_api_compat import array_namespace
@@ -139,6 +139,14 @@ class PlacementReport:
                 + (f". Try {self.advice}" if self.advice else ""))
 
 
+class PairCounts(NamedTuple):
+    """How the pairs of a placement were used."""
+
+    trusted: int  # placed by their correlation
+    researched: int  # by a candidate found again near the stage model's prediction
+    stage_only: int  # placed by the stage only
+
+
 @dataclass(frozen=True)
 class Placement:
     """The result of placement.
@@ -150,7 +158,8 @@ class Placement:
     accepted : ndarray, shape (m,), bool
         Pairs placed by their correlation (the rest by the corrected stage).
     min_peak_quality, max_stage_discrepancy : float
-        The thresholds used.
+        Reference placement: the thresholds used (NaN for robust placement, whose
+        thresholds are ``score_threshold`` and ``gate_px``).
     affine : ndarray, shape (2, 2)
         ``T`` such that ``stage_shift_px @ T`` best matches the correlation
         shifts (identity when it could not be fitted).
@@ -187,20 +196,20 @@ class Placement:
     located: np.ndarray | None = None  # per pair: reading localised in both directions
     weight: np.ndarray | None = None  # per pair (2, 2): inverse covariance of the reading
     report: PlacementReport | None = None  # robust placement: how far it can be trusted
+    gate_px: float = float("nan")  # robust: a reading this far from the stage model is a repeat
 
     @property
     def n_accepted(self) -> int:
         return int(self.accepted.sum())
 
-    def counts(self) -> dict[str, int]:
+    def counts(self) -> PairCounts:
         """How many pairs were trusted, re-searched near the stage, or placed by the stage."""
         if self.status is None:
             n = len(self.accepted)
-            return {"trusted": self.n_accepted, "re-searched": 0,
-                    "stage-only": n - self.n_accepted}
-        return {"trusted": int(np.sum(self.status == TRUSTED)),  # keys kept for the API
-                "re-searched": int(np.sum(self.status == RESEARCHED)),
-                "stage-only": int(np.sum(self.status == STAGE_ONLY))}
+            return PairCounts(self.n_accepted, 0, n - self.n_accepted)
+        return PairCounts(int(np.sum(self.status == TRUSTED)),
+                          int(np.sum(self.status == RESEARCHED)),
+                          int(np.sum(self.status == STAGE_ONLY)))
 
 
 # ----------------------------------------------------------------------------- kernels

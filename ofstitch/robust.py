@@ -376,8 +376,9 @@ def place_robust(pairs: np.ndarray, candidates: np.ndarray, stage_px: np.ndarray
     target = np.where(used[:, None], shift, predicted)
     report = _report(n, pairs, weight, used, located, one_way, sigma, whitened, threshold,
                      affine_fitted, fell_back, doubts)
-    return Placement(positions - positions.min(axis=0), used, float(threshold), float(gate),
+    return Placement(positions - positions.min(axis=0), used, float("nan"), float("nan"),
                      affine, np.linalg.inv(affine) @ csm, rms, method="robust",
+                     gate_px=float(gate),
                      status=status, shift_px=target, score=score, null_score=null_best,
                      score_threshold=float(threshold), stage_sigma_px=float(sigma),
                      residual_px=residual, located=located,
@@ -490,7 +491,7 @@ def _report(n: int, pairs: np.ndarray, weight: np.ndarray, used: np.ndarray,
                    "hold only a straight edge)",)
         advice.append("more overlap, so that overlaps reach texture beyond the edge")
     if doubts:
-        advice.append("see stitching_correlations.png (--plots)")
+        advice.append("see stitching_correlations.png and stitching_residuals.png")
     max_loop = float(whitened[used].max()) if used.any() else 0.0
     return PlacementReport(
         n_pairs=len(pairs), n_located=int(located.sum()), n_one_way=int(one_way.sum()),

@@ -130,8 +130,8 @@ def test_robust_placement_of_synthetic_results_is_exact_where_there_is_content()
     # Blank pairs are placed by the stage model: within the stage's error, not lost.
     assert err[~content].max() < 6 * 20
     counts = p.counts()
-    assert counts["trusted"] > 0.8 * len(r.pairs)
-    assert sum(counts.values()) == len(r.pairs)
+    assert counts.trusted > 0.8 * len(r.pairs)
+    assert sum(counts) == len(r.pairs)
     assert set(np.unique(p.status)) <= {TRUSTED, RESEARCHED, STAGE_ONLY}
 
 
