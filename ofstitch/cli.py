@@ -26,6 +26,7 @@ from .console import (
     cached_correlation,
     err_console,
     out_console,
+    print_cached_settings,
     print_summary,
     user_errors,
 )
@@ -177,7 +178,7 @@ def stitch_command(
     """Stitch the tiles in FOLDER into one mosaic (ofstitch FOLDER does the same)."""
     with user_errors(debug):
         if show_cached_settings:
-            show_cached_settings(folder, cache_dir)
+            print_cached_settings(folder, cache_dir)
             return
         base = cached_correlation(folder, cache_dir) if use_cached_settings else \
             CorrelationSettings()

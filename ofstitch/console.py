@@ -108,7 +108,7 @@ def ask_thresholds() -> tuple[float, float]:
     return q, d
 
 
-def show_cached_settings(folder: Path, cache_dir: Path | None) -> None:
+def print_cached_settings(folder: Path, cache_dir: Path | None) -> None:
     require_folder(folder)
     cache = CorrelationCache.load(cache_path(folder, cache_dir))
     keys = None
