@@ -93,12 +93,13 @@ def correlate_on_cluster(address: str, paths: Sequence[Path], pairs: np.ndarray,
                          expected: np.ndarray, settings: CorrelationSettings,
                          tile_shape: tuple[int, int], *, batch_pairs: int | None = None,
                          budget_bytes: int | None = None,
-                         chunk_pairs: int = CHUNK_PAIRS) -> Iterator[BatchResult]:
+                         chunk_pairs: int | None = None) -> Iterator[BatchResult]:
     """As :func:`ofstitch.stream.correlate_pairs`, with the work done by the cluster's
     workers: results arrive chunk by chunk, in the order the chunks finish."""
     from dask.distributed import as_completed as dask_completed
 
     client = connect(address)
+    chunk_pairs = chunk_pairs or CHUNK_PAIRS
     futures, start_of = [], {}
     for start in range(0, len(pairs), chunk_pairs):
         chunk = pairs[start:start + chunk_pairs]

@@ -54,6 +54,33 @@ def test_positions_equal_a_local_run_and_the_work_is_the_clusters(cluster, scan_
     assert {t["worker"] for t in chunks} <= set(client.scheduler_info()["workers"])
 
 
+def test_a_worker_killed_mid_run_changes_nothing(cluster, scan_3x4, monkeypatch):
+    """Kill a worker process while its chunks run: Dask runs them again elsewhere (its
+    nanny starts a new worker), and the positions are those of a local run."""
+    import os
+    import threading
+
+    address, client = cluster
+    monkeypatch.setattr(distributed, "CHUNK_PAIRS", 2)  # many small tasks
+    local = ofstitch.register(scan_3x4.folder, StitchSettings(), use_cache=False)
+    victim = sorted(client.scheduler_info()["workers"])[0]
+    killed = threading.Event()
+
+    def kill_soon() -> None:
+        time.sleep(0.3)
+        try:
+            client.run(os._exit, 1, workers=[victim], wait=False)
+        finally:
+            killed.set()
+
+    threading.Thread(target=kill_soon, daemon=True).start()
+    remote = ofstitch.register(scan_3x4.folder, StitchSettings(scheduler=address),
+                               use_cache=False)
+    assert killed.wait(30)
+    np.testing.assert_allclose(remote.positions_px, local.positions_px, atol=1e-6, rtol=0)
+    client.wait_for_workers(2, timeout=60)  # the nanny brought it back for the next tests
+
+
 def test_cache_filled_by_the_cluster_serves_a_local_run(cluster, scan_3x4):
     address, _ = cluster
     ofstitch.register(scan_3x4.folder, StitchSettings(scheduler=address))
