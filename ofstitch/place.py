@@ -127,8 +127,8 @@ class PlacementReport:
                + f"{self.n_tiles_stage_only} placed by stage only; stage repeatability "
                f"{sigma}; largest loop residual {self.max_loop_residual_px:.2f} px.",
                ("Stage model: affine fitted on the located pairs." if self.affine_fitted else
-                "Stage model: the stage's own matrix (too few well-spread located pairs to "
-                "fit an affine).")]
+                "Stage model: the stage's own matrix (an affine needs enough located pairs "
+                "along both axes, and must fit them clearly better).")]
         if self.doubts:
             out.append(self.warning())
         return out
