@@ -8,7 +8,9 @@ and exits with code 2 (``--debug`` shows the traceback).
 
 from __future__ import annotations
 
+import signal
 import sys
+import threading
 import time
 from enum import Enum
 from pathlib import Path
@@ -28,6 +30,7 @@ from .console import (
     out_console,
     print_cached_settings,
     print_summary,
+    raise_terminated,
     user_errors,
 )
 from .errors import OfstitchError
@@ -463,7 +466,15 @@ def main(argv: list[str] | None = None) -> None:
         args = ["stitch", "--help"]
     elif args and args[0] not in COMMANDS + ("version",):
         args.insert(0, "stitch")
-    sys.exit(_run(args))
+    # SIGTERM unwinds like Ctrl-C (temporaries removed, exit 143); ofstitch watch sets its own.
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, raise_terminated) if main_thread else None
+    try:
+        code = _run(args)
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
+    sys.exit(code)
 
 
 def _run(args: list[str]) -> int:

@@ -23,6 +23,17 @@ from .pipeline import StitchResult
 from .scan import load_scan, require_folder
 from .settings import CorrelationSettings
 
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread: unwinds like Ctrl-C (temporary files removed,
+    the cache journal kept) and exits with 143."""
+
+
+def raise_terminated(signum, frame) -> None:
+    """A SIGTERM handler for the command line."""
+    raise Terminated()
+
+
 err_console = Console(stderr=True, soft_wrap=True)
 out_console = Console(soft_wrap=True)
 
@@ -85,9 +96,11 @@ def user_errors(debug: bool):
         message = exc.for_cli() if isinstance(exc, SettingError) else str(exc)
         err_console.print(f"[red]ofstitch: error:[/red] {escape(message)}", highlight=False)
         raise typer.Exit(2) from None
-    except KeyboardInterrupt:
-        err_console.print("ofstitch: interrupted; the cache keeps the pairs already done")
-        raise typer.Exit(130) from None
+    except KeyboardInterrupt as exc:
+        what = "stopped (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
+        err_console.print(f"ofstitch: {what}; the cache keeps the pairs already done",
+                          highlight=False, markup=False)
+        raise typer.Exit(143 if isinstance(exc, Terminated) else 130) from None
     except MemoryError:
         if debug:
             raise

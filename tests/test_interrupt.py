@@ -106,3 +106,26 @@ def test_two_processes_at_once_merge_their_results(big_scan, tmp_path):
         reg = ofstitch.register(folder, StitchSettings(
             correlation=CorrelationSettings(high_pass_sigma=sigma)))
         assert reg.n_correlated == 0 and reg.n_cached == len(reg.graph.pairs)
+
+
+def test_sigterm_mid_correlation_exits_143_and_keeps_the_work(big_scan, tmp_path):
+    """SIGTERM (a server stopping its stitcher) unwinds like Ctrl-C: one line, exit 143,
+    the journal kept, no temporary file left; the next run correlates only the rest."""
+    folder = _copy(big_scan, tmp_path / "terminated")
+    proc = subprocess.Popen(_cli(folder), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    journal = folder / JOURNAL
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if journal.exists() and journal.read_bytes().count(b"\n") >= 1:
+            break
+        time.sleep(0.005)
+    assert proc.poll() is None, "the run finished before it could be stopped"
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 143, stderr
+    assert "Traceback" not in stderr and stderr.strip().splitlines()[-1].startswith(
+        "ofstitch: stopped (SIGTERM)")
+    assert not [p for p in folder.iterdir() if p.name.startswith(".")]  # no temporaries
+    resumed = ofstitch.register(folder)
+    assert resumed.n_cached > 0
