@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pyvips
 
-from . import diagnostics, formats, preview, render, tiles
+from . import diagnostics, formats, levels, preview, render, tiles
 from .backends import Backend, select_backend
 from .cache import CorrelationCache, cache_path
 from .errors import OfstitchError, OfstitchWarning
@@ -50,6 +50,7 @@ class StitchResult:
     outputs: dict[str, Path]
     positions_px: np.ndarray
     names: list[str]
+    pixels: str = ""  # what the outputs hold (data type, rendering range), in words
 
 
 def load_connected_scan(folder: Path, settings: StitchSettings) -> tuple[Scan, OverlapGraph]:
@@ -133,27 +134,52 @@ def check_writable(output_dir: Path) -> None:
                             f"({exc.strerror}): choose another with -o/--output-dir") from None
 
 
-def value_scale(scan: Scan, sample: int = 8) -> float:
-    """Factor that maps the tiles' values to 0-255 (1 for 8-bit tiles)."""
-    if scan.bit_depth == 8:
-        return 1.0
-    peak = 0.0
-    for i in np.linspace(0, len(scan) - 1, min(sample, len(scan))).astype(int):
-        try:
-            peak = max(peak, float(tiles.read_grey(scan.path(int(i)), 0.25).max()))
-        except tiles.TileReadError:
-            continue
-    return 255.0 / peak if peak > 0 else 1.0
+def tile_formats(scan: Scan) -> tuple[str, ...]:
+    """The libvips pixel formats of the scan's tiles (``"uchar"``, ``"ushort"``...)."""
+    known = getattr(scan, "pixel_formats", ())
+    if known:
+        return tuple(known)
+    try:
+        return (tiles.header(scan.path(0))[3],)
+    except tiles.TileReadError:
+        return ("uchar",) if scan.bit_depth == 8 else ("ushort",)
+
+
+def data_pixels(scan: Scan, *, warn: bool = True) -> render.Pixels:
+    """What the data formats (OME-TIFF, OME-Zarr) of ``scan`` hold: the tiles' data type
+    (:func:`ofstitch.levels.mosaic_dtype`) and channel count (1 grey, 3 colour)."""
+    dtype = levels.mosaic_dtype(tile_formats(scan), warn=warn)
+    return render.Pixels.data(dtype, 3 if scan.bands >= 3 else 1)
+
+
+def rendering_levels(scan: Scan) -> levels.Levels:
+    """The range the 8-bit renderings (JPEG, DZI, previews) of ``scan`` show, computed
+    once: 0-255 for 8-bit tiles, else the 0.1-99.9 percentiles of a sample of tiles."""
+    return levels.scan_levels(scan.paths, data_pixels(scan, warn=False).dtype)
+
+
+def describe_pixels(scan: Scan, shown: levels.Levels) -> str:
+    """One line for the run's summary: what the data formats keep, what renderings show."""
+    data = data_pixels(scan, warn=False)
+    channels = "3 channels (RGB)" if data.bands == 3 else "1 channel"
+    if shown.identity and data.fmt == "uchar":
+        return f"Pixels: {data.dtype}, {channels}."
+    return (f"Pixels: {data.dtype}, {channels} in OME-TIFF and OME-Zarr; JPEG, DZI and "
+            f"previews show {shown.describe()} as 0-255 (the {levels.PERCENTILES[0]:g}-"
+            f"{levels.PERCENTILES[1]:g} percentiles of the scan).")
 
 
 def write_preview(scan: Scan, positions: np.ndarray, path: Path, *,
-                  extra: dict | None = None, width: int = render.PREVIEW_WIDTH) -> set[int]:
+                  extra: dict | None = None, width: int = render.PREVIEW_WIDTH,
+                  shown: levels.Levels | None = None) -> set[int]:
     """Write the mosaic at most ``width`` px wide as the JPEG ``path`` (as live stitching
-    draws it, :func:`ofstitch.preview.preview_image`). Returns the tiles left out
+    draws it, :func:`ofstitch.preview.preview_image`), values mapped to 8 bits by
+    ``shown`` (default: :func:`rendering_levels`). Returns the tiles left out
     because they could not be decoded."""
+    shown = shown if shown is not None else rendering_levels(scan)
     image, _, left_out = preview.preview_image(
         scan.paths, [f.key for f in scan.files], positions, scan.tile_shape, width,
-        preview.PreviewTiles(value_scale(scan)))
+        preview.PreviewTiles(shown))
     scale = image.shape[1] / preview.scan_width(positions, scan.tile_shape)
     pixel = scan.pixel_size_um / scale if scan.pixel_size_um else None
     formats.write_jpeg(pyvips.Image.new_from_array(image).copy(interpretation="srgb"), path,
@@ -181,10 +207,23 @@ def full_resolution_formats(settings: StitchSettings, size: tuple[int, int]) -> 
 def write_full_resolution(scan: Scan, positions: np.ndarray, out: Path, prefix: str,
                           settings: StitchSettings, wanted: tuple[str, ...], *,
                           extra: dict | None = None, skip: set[int] | None = None,
-                          progress: Progress = no_progress) -> dict[str, Path]:
-    """Write the full-resolution mosaic in each format of ``wanted``; returns the files."""
-    mosaic = render.Mosaic(scan.paths, positions, scan.tile_shape, blend=settings.blend,
-                           value_scale=value_scale(scan), skip=skip, workers=settings.workers)
+                          progress: Progress = no_progress,
+                          shown: levels.Levels | None = None) -> dict[str, Path]:
+    """Write the full-resolution mosaic in each format of ``wanted``; returns the files.
+
+    The data formats keep the tiles' values (:func:`data_pixels`); JPEG and DZI
+    are 8-bit renderings through ``shown`` (default: :func:`rendering_levels`).
+    """
+    shown = shown if shown is not None else rendering_levels(scan)
+    rendering = render.Mosaic(scan.paths, positions, scan.tile_shape, blend=settings.blend,
+                              pixels=render.Pixels(shown), skip=skip,
+                              workers=settings.workers)
+    data = render.Pixels(shown)
+    if any(f in formats.DATA_FORMATS for f in wanted):
+        data = data_pixels(scan)
+    mosaic = rendering if data == rendering.pixels else render.Mosaic(
+        scan.paths, positions, scan.tile_shape, blend=settings.blend, pixels=data,
+        skip=skip, workers=settings.workers)
     tile_size = settings.tile_size or formats.TILE_SIZE
     um = scan.pixel_size_um
     base = out / f"{prefix}_stitched"
@@ -196,7 +235,7 @@ def write_full_resolution(scan: Scan, positions: np.ndarray, out: Path, prefix: 
             progress(f"write-{fmt}", done, total)
 
         if fmt == "jpeg":
-            mosaic.write(lambda im, p=path: formats.write_jpeg(
+            rendering.write(lambda im, p=path: formats.write_jpeg(
                 im, p, metadata=scan.metadata, pixel_size_um=um, n_tiles=len(scan),
                 extra=extra), progress=report)
             outputs["stitched"] = path
@@ -206,14 +245,18 @@ def write_full_resolution(scan: Scan, positions: np.ndarray, out: Path, prefix: 
                 tile_size=tile_size, name=prefix), progress=report)
             outputs["ome_tiff"] = path
         elif fmt == "dzi":
-            mosaic.write(lambda im, p=path: formats.write_dzi(
+            rendering.write(lambda im, p=path: formats.write_dzi(
                 im, p, tile_size=tile_size, pixel_size_um=um), progress=report)
             outputs["dzi"] = path
             outputs["viewer"] = out / formats.VIEWER_NAME
         elif fmt == "ome-zarr":
             mosaic.write(lambda im, p=path: formats.write_ome_zarr(
-                im, p, pixel_size_um=um, name=prefix), progress=report)
+                im, p, pixel_size_um=um, name=prefix, window=shown), progress=report)
             outputs["ome_zarr"] = path
+        elif fmt == "pyramid-tiff":
+            rendering.write(lambda im, p=path: formats.write_pyramid_tiff(
+                im, p, pixel_size_um=um, tile_size=tile_size), progress=report)
+            outputs["pyramid_tiff"] = path
     return outputs
 
 
@@ -279,13 +322,16 @@ def stitch(folder: Path | str, settings: StitchSettings | None = None, *,
     formats.write_tile_configuration(config, names, positions)
     outputs["tile_configuration"] = config
     extra = {"camera_to_sample_matrix_suggested": reg.suggested_csm().round(6).tolist()}
+    shown = rendering_levels(scan)
+    if not shown.identity:
+        extra["display_range"] = [shown.low, shown.high]  # what 0-255 of the JPEG show
 
     wanted = ()
     if mode == "all":  # refuse an impossible JPEG before spending time on the preview
         wanted = full_resolution_formats(
             settings, render.make_layout(positions, scan.tile_shape).size)
     preview_path = out / "preview.jpg"
-    skip = write_preview(scan, positions, preview_path, extra=extra)
+    skip = write_preview(scan, positions, preview_path, extra=extra, shown=shown)
     outputs["preview"] = preview_path
     thumb = out / "stitched_thumbnail.jpg"
     formats.write_thumbnail(preview_path, thumb)
@@ -294,5 +340,5 @@ def stitch(folder: Path | str, settings: StitchSettings | None = None, *,
     if mode == "all":
         outputs.update(write_full_resolution(scan, positions, out, output_prefix(folder),
                                              settings, wanted, extra=extra, skip=skip,
-                                             progress=progress))
-    return StitchResult(reg, outputs, positions, names)
+                                             progress=progress, shown=shown))
+    return StitchResult(reg, outputs, positions, names, describe_pixels(scan, shown))

@@ -21,6 +21,7 @@ import pyvips
 
 from . import render, tiles
 from .errors import OfstitchWarning
+from .levels import Levels
 
 MAX_SHRINK = 8  # libjpeg's DCT scaling goes down to 1/8
 
@@ -38,13 +39,15 @@ def scan_width(positions_px: np.ndarray, tile_shape: tuple[int, int]) -> float:
 
 
 class PreviewTiles:
-    """Tiles decoded as 8-bit RGB at ``1/shrink`` of their size, kept by (file key, shrink).
+    """Tiles decoded as 8-bit RGB at ``1/shrink`` of their size, kept by (file key, shrink),
+    their values mapped to 8 bits by ``levels`` (:func:`ofstitch.levels.scan_levels`).
 
-    Thread-safe: one writer may fill it while readers compose previews.
+    Thread-safe: one writer may fill it while readers compose previews. Change
+    ``levels`` only together with :meth:`clear`.
     """
 
-    def __init__(self, value_scale: float = 1.0) -> None:
-        self.value_scale = value_scale
+    def __init__(self, levels: Levels | None = None) -> None:
+        self.levels = levels or Levels()
         self._tiles: dict[tuple[str, int], np.ndarray] = {}
         self._lock = threading.Lock()
 
@@ -56,7 +59,7 @@ class PreviewTiles:
         if arr is not None:
             return arr
         arr = tiles.read_rgb8_scaled(path, 1.0 / shrink, tiles.scaled_shape(shape, 1.0 / shrink),
-                                     value_scale=self.value_scale)
+                                     levels=self.levels)
         arr.flags.writeable = False
         with self._lock:
             self._tiles[(key, shrink)] = arr

@@ -48,6 +48,7 @@ import pyvips
 
 from . import tiles
 from .errors import OfstitchError, OfstitchWarning, SettingError
+from .levels import VIPS_DTYPES, Levels
 from .settings import BLENDS
 
 log = logging.getLogger(__name__)
@@ -59,6 +60,37 @@ FETCH_WIDTH = 256  # columns of a band computed at a time
 _KEEP = 4 << 20  # bytes of the PNG stream kept behind the reader
 # A leaf that a cell boundary crosses is halved until its sides are at most this long.
 MIXED_LEAF_SIDE = 64
+
+
+@dataclass(frozen=True)
+class Pixels:
+    """What a mosaic's pixels are.
+
+    The default, an 8-bit RGB rendering of the tiles through ``levels``; with
+    ``levels=None``, the tiles' data in the libvips pixel format ``fmt``
+    (``"uchar"``, ``"ushort"``, ``"short"`` or ``"float"``) with ``bands`` bands
+    (1 or 3), as the data formats keep it (:mod:`ofstitch.levels`).
+    """
+
+    levels: Levels | None = Levels()
+    fmt: str = "uchar"
+    bands: int = 3
+
+    @classmethod
+    def data(cls, dtype: np.dtype | type, bands: int) -> Pixels:
+        from .levels import vips_format
+
+        return cls(None, vips_format(dtype), bands)
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(VIPS_DTYPES[self.fmt])
+
+    @property
+    def interpretation(self) -> str:
+        if self.bands == 3:
+            return "rgb16" if self.fmt == "ushort" else "srgb"
+        return "grey16" if self.fmt == "ushort" else "b-w"
 
 
 @dataclass(frozen=True)
@@ -159,10 +191,11 @@ def _feather_weight(layout: Layout) -> pyvips.Image:
 
 def compose_box(tile: Callable[[int], pyvips.Image], layout: Layout,
                 box: tuple[int, int, int, int], members: Sequence[int], *,
-                blend: Blend = "none", weight: pyvips.Image | None = None) -> pyvips.Image:
+                blend: Blend = "none", weight: pyvips.Image | None = None,
+                pixels: Pixels = Pixels()) -> pyvips.Image:
     """One rectangle of the mosaic from the tiles ``members`` (in priority order).
 
-    ``tile(i)`` gives tile ``i`` as an 8-bit RGB pyvips image. Without blending,
+    ``tile(i)`` gives tile ``i`` as a pyvips image of ``pixels``. Without blending,
     each tile is placed where it is the nearest, with ``case`` on a label image;
     with feathering, the tiles are averaged with ``weight``.
     """
@@ -170,7 +203,8 @@ def compose_box(tile: Callable[[int], pyvips.Image], layout: Layout,
     h, w = r1 - r0, c1 - c0
     th, tw = layout.tile_shape
     if not len(members):
-        return pyvips.Image.black(w, h, bands=3)
+        black = pyvips.Image.black(w, h, bands=pixels.bands)
+        return black if pixels.fmt == "uchar" else black.cast(pixels.fmt)
     placed, weights = [], []
     for i in members:
         ty, tx = (int(v) for v in layout.top_left[i])
@@ -188,7 +222,11 @@ def compose_box(tile: Callable[[int], pyvips.Image], layout: Layout,
         norm = weights[0] if len(weights) == 1 else pyvips.Image.sum(weights)
         covered = norm > 0
         mean = total / covered.ifthenelse(norm, 1.0)
-        return (mean + 0.5).cast("uchar")
+        if pixels.fmt == "float":
+            return mean.cast("float")
+        if pixels.dtype.kind == "i":  # round half away from zero, as for unsigned values
+            return ((mean > 0).ifthenelse(mean + 0.5, mean - 0.5)).cast(pixels.fmt)
+        return (mean + 0.5).cast(pixels.fmt)
     if len(members) == 1:
         return placed[0]
     # Uncovered pixels (label 255) take the last tile, which is black outside itself.
@@ -199,15 +237,16 @@ def compose_box(tile: Callable[[int], pyvips.Image], layout: Layout,
 class TileSource:
     """Tiles opened on demand, each kept open while the bands still need it."""
 
-    def __init__(self, paths: Sequence[Path], layout: Layout, value_scale: float) -> None:
-        self.paths, self.layout, self.value_scale = paths, layout, value_scale
+    def __init__(self, paths: Sequence[Path], layout: Layout, pixels: Pixels = Pixels()
+                 ) -> None:
+        self.paths, self.layout, self.pixels = paths, layout, pixels
         self.open: dict[int, pyvips.Image] = {}
 
     def __call__(self, i: int) -> pyvips.Image:
         if i not in self.open:
-            self.open[i] = tiles.rgb8_image(self.paths[i], self.layout.scale,
-                                            self.layout.tile_shape,
-                                            value_scale=self.value_scale)
+            self.open[i] = tiles.tile_image(self.paths[i], self.layout.scale,
+                                            self.layout.tile_shape, levels=self.pixels.levels,
+                                            fmt=self.pixels.fmt, bands=self.pixels.bands)
         return self.open[i]
 
     def forget_above(self, row: int) -> None:
@@ -219,7 +258,8 @@ class TileSource:
 
 def compose_band(source: TileSource, layout: Layout, rows: tuple[int, int], *,
                  blend: Blend = "none", skip: frozenset[int] | set[int] = frozenset(),
-                 weight: pyvips.Image | None = None, max_members: int = 200) -> pyvips.Image:
+                 weight: pyvips.Image | None = None, max_members: int = 200
+                 ) -> pyvips.Image:
     """Rows ``[r0, r1)`` of the mosaic, as a lazy pyvips image."""
     r0, r1 = rows
     th, tw = layout.tile_shape
@@ -239,12 +279,34 @@ def compose_band(source: TileSource, layout: Layout, rows: tuple[int, int], *,
                 break
             c1 = c0 + (c1 - c0) // 2
         pieces.append(compose_box(source, layout, (r0, c0, r1, c1), inside, blend=blend,
-                                  weight=weight))
+                                  weight=weight, pixels=source.pixels))
         c0 = c1
     band = pieces[0]
     for piece in pieces[1:]:
         band = band.join(piece, "horizontal")
     return band
+
+
+def _png_geometry(pixels: Pixels, width: int) -> tuple[int, int, int]:
+    """``(PNG width, bit depth, colour type)`` of the stream that carries a mosaic.
+
+    8-bit mosaics are plain grey or RGB PNGs. Any other pixel format travels as
+    the bytes of its rows, read as 16-bit grey samples (:func:`_unpack` turns
+    them back), so that every value arrives exactly.
+    """
+    if pixels.fmt == "uchar":
+        return width, 8, 2 if pixels.bands == 3 else 0
+    return width * pixels.bands * pixels.dtype.itemsize // 2, 16, 0
+
+
+def _unpack(image: pyvips.Image, pixels: Pixels) -> pyvips.Image:
+    """The mosaic from the image its stream decodes to (see :func:`_png_geometry`)."""
+    if pixels.fmt != "uchar":
+        per_pixel = pixels.bands * pixels.dtype.itemsize // 2  # 16-bit samples
+        if per_pixel > 1:
+            image = image.bandfold(factor=per_pixel)
+        image = image.copy(format=pixels.fmt, bands=pixels.bands)
+    return image.copy(interpretation=pixels.interpretation)
 
 
 class _PngStream:
@@ -256,14 +318,16 @@ class _PngStream:
     """
 
     def __init__(self, paths: Sequence[Path], layout: Layout, *, blend: Blend,
-                 value_scale: float, skip: frozenset[int] | set[int],
+                 pixels: Pixels, skip: frozenset[int] | set[int],
                  progress: Callable[[int, int], None] | None, band_height: int) -> None:
         self.layout, self.blend, self.skip, self.progress = layout, blend, skip, progress
-        self.source = TileSource(paths, layout, value_scale)
+        self.pixels = pixels
+        self.source = TileSource(paths, layout, pixels)
         self.bands = band_rows(layout, band_height)
         self.weight = _feather_weight(layout) if blend == "feather" else None
         height, width = layout.size
-        ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+        png_width, depth, colour = _png_geometry(pixels, width)
+        ihdr = struct.pack(">IIBBBBB", png_width, height, depth, colour, 0, 0, 0)
         self.base = self.pos = 0  # absolute offsets of buffer[0] and of the reader
         self.buffer = bytearray(b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr))
         self.deflate = zlib.compressobj(0)
@@ -351,7 +415,8 @@ class _PngStream:
         # resume reading them. Fetched in pieces, so that each operation's
         # buffers stay small.
         h, w = band.height, band.width
-        scanlines = np.zeros((h, 3 * w + 1), dtype=np.uint8)  # filter type 0 (none)
+        bpp = self.pixels.bands * self.pixels.dtype.itemsize  # bytes per pixel
+        scanlines = np.zeros((h, bpp * w + 1), dtype=np.uint8)  # filter type 0 (none)
         pieces = [(x, min(FETCH_WIDTH, w - x)) for x in range(0, w, FETCH_WIDTH)]
         n_threads = min(self.threads, len(pieces))
         per_thread = math.ceil(len(pieces) / n_threads)
@@ -360,7 +425,7 @@ class _PngStream:
             region = pyvips.Region.new(band)
             for x, n in share:
                 piece = np.frombuffer(region.fetch(x, 0, n, h), dtype=np.uint8)
-                scanlines[:, 1 + 3 * x:1 + 3 * (x + n)] = piece.reshape(h, 3 * n)
+                scanlines[:, 1 + bpp * x:1 + bpp * (x + n)] = piece.reshape(h, bpp * n)
 
         shares = [pieces[k:k + per_thread] for k in range(0, len(pieces), per_thread)]
         if len(shares) == 1:
@@ -369,6 +434,9 @@ class _PngStream:
             if self.pool is None:  # the same few threads for every band
                 self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="ofstitch-fetch")
             list(self.pool.map(fetch, shares))
+        if self.pixels.fmt != "uchar" and sys.byteorder == "little":  # PNG is big-endian
+            samples = scanlines[:, 1:].reshape(h, -1, 2)
+            samples[:] = samples[:, :, ::-1].copy()
         data = self._idat(self.deflate.compress(scanlines.data))
         self.source.forget_above(rows[1])
         return data
@@ -385,7 +453,7 @@ def _png_chunk(kind: bytes, data: bytes) -> bytes:
 
 
 def stream_mosaic(paths: Sequence[Path], layout: Layout, *, blend: Blend = "none",
-                  value_scale: float = 1.0, skip: frozenset[int] | set[int] = frozenset(),
+                  pixels: Pixels = Pixels(), skip: frozenset[int] | set[int] = frozenset(),
                   progress: Callable[[int, int], None] | None = None,
                   band_height: int = 128) -> tuple[pyvips.Image, _PngStream]:
     """The mosaic as a sequential pyvips image that composes itself band by band.
@@ -395,30 +463,30 @@ def stream_mosaic(paths: Sequence[Path], layout: Layout, *, blend: Blend = "none
     """
     if blend not in BLENDS:
         raise SettingError("blend", f"must be one of {', '.join(BLENDS)}, got {blend!r}")
-    stream = _PngStream(paths, layout, blend=blend, value_scale=value_scale, skip=skip,
+    stream = _PngStream(paths, layout, blend=blend, pixels=pixels, skip=skip,
                         progress=progress, band_height=band_height)
     source = pyvips.SourceCustom()
     source.on_read(stream.read)
     source.on_seek(stream.seek)
     image = pyvips.Image.new_from_source(source, "", access="sequential")
-    return image.copy(interpretation="srgb"), stream
+    return _unpack(image, pixels), stream
 
 
 def compose(paths: Sequence[Path], layout: Layout, *, blend: Blend = "none",
-            value_scale: float = 1.0, skip: frozenset[int] | set[int] = frozenset()
+            pixels: Pixels = Pixels(), skip: frozenset[int] | set[int] = frozenset()
             ) -> pyvips.Image:
     """The whole mosaic as one lazy pyvips image of band images (for small mosaics
     and tests; :func:`stream_mosaic` bounds memory for large ones)."""
     if blend not in BLENDS:
         raise SettingError("blend", f"must be one of {', '.join(BLENDS)}, got {blend!r}")
-    source = TileSource(paths, layout, value_scale)
+    source = TileSource(paths, layout, pixels)
     weight = _feather_weight(layout) if blend == "feather" else None
     bands = [compose_band(source, layout, rows, blend=blend, skip=skip, weight=weight)
              for rows in band_rows(layout)]
     while len(bands) > 1:  # a balanced tree of joins
         bands = [bands[k].join(bands[k + 1], "vertical") if k + 1 < len(bands) else bands[k]
                  for k in range(0, len(bands), 2)]
-    return bands[0].copy(interpretation="srgb")
+    return bands[0].copy(interpretation=pixels.interpretation)
 
 
 def limit_malloc_arenas(n: int = 2) -> None:
@@ -445,7 +513,7 @@ def find_undecodable(paths: Sequence[Path], *, workers: int | None = None) -> se
 
     def bad(i: int) -> bool:
         try:
-            tiles.rgb8_image(paths[i], 1.0, None).avg()
+            tiles.open_tile(paths[i]).avg()
         except (pyvips.Error, tiles.TileReadError):
             return True
         return False
@@ -465,12 +533,12 @@ class Mosaic:
 
     def __init__(self, paths: Sequence[Path], positions_px: np.ndarray,
                  tile_shape: tuple[int, int], *, scale: float = 1.0, blend: Blend = "none",
-                 value_scale: float = 1.0, skip: set[int] | None = None,
+                 pixels: Pixels = Pixels(), skip: set[int] | None = None,
                  workers: int | None = None, band_height: int = 128) -> None:
         self.paths = list(paths)
         self.layout = make_layout(positions_px, tile_shape, scale)
         self.blend = blend
-        self.value_scale = value_scale
+        self.pixels = pixels
         self.skip: set[int] = set(skip or ())
         self.workers = workers
         self.band_height = band_height
@@ -483,7 +551,7 @@ class Mosaic:
     def _write_once(self, writer: Callable[[pyvips.Image], None],
                     progress: Callable[[int, int], None] | None) -> None:
         image, stream = stream_mosaic(self.paths, self.layout, blend=self.blend,
-                                      value_scale=self.value_scale,
+                                      pixels=self.pixels,
                                       skip=frozenset(self.skip), progress=progress,
                                       band_height=self.band_height)
         try:

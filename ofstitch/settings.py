@@ -21,7 +21,7 @@ Priority = Literal["time", "memory"]
 # Each choice set is spelled here once; the CLI's choices and the modules that use
 # them take it from here.
 STITCHING_MODES = ("all", "preview", "stage", "only-correlate")
-OUTPUT_FORMATS = ("jpeg", "ome-tiff", "dzi", "ome-zarr")
+OUTPUT_FORMATS = ("jpeg", "ome-tiff", "dzi", "ome-zarr", "pyramid-tiff")
 BLENDS = ("none", "feather")
 TIFF_COMPRESSIONS = ("jpeg", "deflate", "lzw")
 PLACEMENT_METHODS = ("robust", "reference")
@@ -157,8 +157,10 @@ class StitchSettings:
         "Format of the full-resolution mosaic; repeat the option for several. 'jpeg' "
         "(the default; at most 65,535 px per side), 'ome-tiff' (tiled pyramidal "
         "OME-TIFF for QuPath, Fiji/Bio-Formats, napari), 'dzi' (Deep Zoom pyramid "
-        "plus viewer.html, a web page that shows it) or 'ome-zarr' (NGFF multiscale "
-        "image for napari and ome-zarr)."))
+        "plus viewer.html, a web page that shows it), 'ome-zarr' (NGFF multiscale "
+        "image for napari and ome-zarr) or 'pyramid-tiff' (8-bit tiled pyramidal TIFF "
+        "for OpenSlide and slide viewers). OME-TIFF and OME-Zarr keep the tiles' data "
+        "type and channels; the others are 8-bit renderings."))
     blend: str = field(default="none", metadata=_help(
         "How overlapping tiles are combined: 'none' takes each pixel from the tile "
         "whose centre is nearest (sharp, the OpenFlexure Stitching look); 'feather' "
