@@ -25,8 +25,8 @@ import pyvips
 
 from .atomic import atomic_dir
 from .levels import VIPS_DTYPES, Levels
+from .settings import NGFF_VERSIONS
 
-NGFF_VERSIONS = ("0.4", "0.5")
 SHARD_CHUNKS = 4
 _BLOSC = {"cname": "lz4", "clevel": 5}  # what Zarr readers expect, and fast
 

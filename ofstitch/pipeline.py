@@ -251,7 +251,8 @@ def write_full_resolution(scan: Scan, positions: np.ndarray, out: Path, prefix: 
             outputs["viewer"] = out / formats.VIEWER_NAME
         elif fmt == "ome-zarr":
             mosaic.write(lambda im, p=path: formats.write_ome_zarr(
-                im, p, pixel_size_um=um, name=prefix, window=shown), progress=report)
+                im, p, pixel_size_um=um, name=prefix, window=shown,
+                ngff_version=settings.ngff_version), progress=report)
             outputs["ome_zarr"] = path
         elif fmt == "pyramid-tiff":
             rendering.write(lambda im, p=path: formats.write_pyramid_tiff(

@@ -24,6 +24,7 @@ STITCHING_MODES = ("all", "preview", "stage", "only-correlate")
 OUTPUT_FORMATS = ("jpeg", "ome-tiff", "dzi", "ome-zarr", "pyramid-tiff")
 BLENDS = ("none", "feather")
 TIFF_COMPRESSIONS = ("jpeg", "deflate", "lzw")
+NGFF_VERSIONS = ("0.4", "0.5")
 PLACEMENT_METHODS = ("robust", "reference")
 THRESHOLDING_METHODS = ("automatic", "manual")
 PRIORITIES = ("time", "memory")
@@ -169,6 +170,9 @@ class StitchSettings:
     tiff_compression: str = field(default="jpeg", metadata=_help(
         "Compression of the OME-TIFF tiles: 'jpeg' (small, lossy, quality 90), "
         "'deflate' or 'lzw' (lossless, several times larger)."))
+    ngff_version: str = field(default="0.4", metadata=_help(
+        "NGFF version of the OME-Zarr: '0.4' (Zarr v2, read by most tools today) or '0.5' "
+        "(Zarr v3, sharded)."))
     stitch_tiff: bool = field(default=False, metadata=_help(
         "Also write a pyramidal OME-TIFF (the same as --format ome-tiff)."))
     stitch_dzi: bool = field(default=False, metadata=_help(
@@ -201,6 +205,7 @@ class StitchSettings:
                 ("formats", self.formats, OUTPUT_FORMATS),
                 ("blend", (self.blend,), BLENDS),
                 ("tiff_compression", (self.tiff_compression,), TIFF_COMPRESSIONS),
+                ("ngff_version", (self.ngff_version,), NGFF_VERSIONS),
                 ("priority", (self.priority,), PRIORITIES),
                 ("device", (self.device,), DEVICES)):
             for v in values:
