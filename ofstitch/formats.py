@@ -197,6 +197,8 @@ def write_ome_tiff(image: pyvips.Image, path: Path, *, pixel_size_um: float | No
         image.tiffsave(tmp, tile=True, pyramid=True, subifd=True, bigtiff=True,
                        compression=compression, tile_width=tile_size, tile_height=tile_size,
                        resunit="cm", **options)
+        if not pixel_size_um:
+            _unknown_resolution(tmp)
 
 
 def write_pyramid_tiff(image: pyvips.Image, path: Path, *, pixel_size_um: float | None,
@@ -210,6 +212,27 @@ def write_pyramid_tiff(image: pyvips.Image, path: Path, *, pixel_size_um: float 
     with atomic_path(path) as tmp:
         image.tiffsave(tmp, tile=True, pyramid=True, bigtiff=True, compression="jpeg",
                        Q=quality, tile_width=tile_size, tile_height=tile_size, resunit="cm")
+        if not pixel_size_um:
+            _unknown_resolution(tmp)
+
+
+def _unknown_resolution(path: str) -> None:
+    """Mark every page of a TIFF as of unknown resolution (ResolutionUnit 1, none).
+
+    libvips always writes a resolution (72 dpi when it knows none), which slide
+    readers such as OpenSlide would report as a pixel size of 353 µm.
+    """
+    import tifffile
+
+    with tifffile.TiffFile(path, mode="r+b") as tif:
+        pages = {page.offset: page for page in tif.pages}
+        for series in tif.series:
+            for level in series.levels:
+                pages.update({page.offset: page for page in level.pages if page is not None})
+        for page in pages.values():
+            tag = page.tags.get("ResolutionUnit")
+            if tag is not None:
+                tag.overwrite(1)
 
 
 # ----------------------------------------------------------------------------- DZI

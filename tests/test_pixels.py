@@ -280,6 +280,12 @@ def test_cli_keeps_16_bit_grey_and_reports_the_range(tmp_path, source_image, cap
     # Stage positions are exact: the mosaic is the field.
     h, w = level0.shape
     np.testing.assert_array_equal(level0[:, :], field[:h, :w])
+    # No pixel size is known (positions from file names): no TIFF claims one.
+    for name in ("scan_stitched.ome.tiff", "scan_stitched.pyramid.tiff"):
+        with tifffile.TiffFile(out / name) as tif:
+            pages = list(tif.pages) + [lv.pages[0] for lv in tif.series[0].levels]
+            units = {int(p.tags["ResolutionUnit"].value) for p in pages}
+            assert len({p.offset for p in pages}) >= 3 and units == {1}, (name, units)
     jpeg = pyvips.Image.new_from_file(str(out / "scan_stitched.jpg")).numpy()
     assert jpeg.std() > 30 and jpeg.max() == 255  # scaled, not clipped to white
     # Outputs get the usual permissions (umask 022), files and folders alike.
