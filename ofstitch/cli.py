@@ -285,6 +285,8 @@ def stitch_command(
         CompressionChoice.jpeg, "--tiff-compression", help=_s("tiff_compression")),
     ngff_version: NgffChoice = typer.Option(NGFF_VERSIONS[0], "--ngff-version",
                                             help=_s("ngff_version")),
+    flat_field: str | None = typer.Option(None, "--flat-field", metavar="auto|FILE",
+                                          help=_s("flat_field")),
     stitch_tiff: bool = typer.Option(False, "--stitch-tiff/--no-stitch-tiff",
                                      help=_s("stitch_tiff")),
     stitch_dzi: bool = typer.Option(False, "--stitch-dzi/--no-stitch-dzi",
@@ -324,7 +326,8 @@ def stitch_command(
             formats=tuple(f.value for f in output_format) if output_format else ("jpeg",),
             blend=blend.value, tiff_compression=tiff_compression.value,
             stitch_dzi=stitch_dzi, tile_size=tile_size, device=device.value, workers=workers,
-            device_memory=device_memory, ngff_version=NgffChoice(ngff_version).value)
+            device_memory=device_memory, ngff_version=NgffChoice(ngff_version).value,
+            flat_field=flat_field)
         if device == DeviceChoice.auto and not quiet:
             err_console.print(f"Using {select_backend('auto').describe()}", highlight=False,
                               markup=False)

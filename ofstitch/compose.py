@@ -24,9 +24,9 @@ What the pixels are (an 8-bit rendering, or the tiles' own data) is a
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import pyvips
@@ -35,6 +35,9 @@ from . import tiles
 from .errors import OfstitchError, SettingError
 from .levels import VIPS_DTYPES, Levels
 from .settings import BLENDS
+
+if TYPE_CHECKING:
+    from .flatfield import FlatField
 
 Blend = Literal["none", "feather"]
 
@@ -52,12 +55,14 @@ class Pixels:
     levels: Levels | None = Levels()
     fmt: str = "uchar"
     bands: int = 3
+    flat: FlatField | None = field(default=None, compare=False)  # divides the tiles
 
     @classmethod
-    def data(cls, dtype: np.dtype | type, bands: int) -> Pixels:
+    def data(cls, dtype: np.dtype | type, bands: int, flat: FlatField | None = None
+             ) -> Pixels:
         from .levels import vips_format
 
-        return cls(None, vips_format(dtype), bands)
+        return cls(None, vips_format(dtype), bands, flat)
 
     @property
     def dtype(self) -> np.dtype:
@@ -221,9 +226,11 @@ class TileSource:
 
     def __call__(self, i: int) -> pyvips.Image:
         if i not in self.open:
-            self.open[i] = tiles.tile_image(self.paths[i], self.layout.scale,
-                                            self.layout.tile_shape, levels=self.pixels.levels,
-                                            fmt=self.pixels.fmt, bands=self.pixels.bands)
+            flat = self.pixels.flat
+            self.open[i] = tiles.tile_image(
+                self.paths[i], self.layout.scale, self.layout.tile_shape,
+                levels=self.pixels.levels, fmt=self.pixels.fmt, bands=self.pixels.bands,
+                flat=flat.image(self.layout.tile_shape) if flat is not None else None)
         return self.open[i]
 
     def forget_above(self, row: int) -> None:

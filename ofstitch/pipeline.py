@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pyvips
 
-from . import diagnostics, formats, levels, preview, render, tiles
+from . import diagnostics, flatfield, formats, levels, preview, render, tiles
 from .backends import Backend, select_backend
 from .cache import CorrelationCache, cache_path
 from .errors import OfstitchError, OfstitchWarning
@@ -145,11 +145,12 @@ def tile_formats(scan: Scan) -> tuple[str, ...]:
         return ("uchar",) if scan.bit_depth == 8 else ("ushort",)
 
 
-def data_pixels(scan: Scan, *, warn: bool = True) -> render.Pixels:
+def data_pixels(scan: Scan, *, warn: bool = True,
+                flat: flatfield.FlatField | None = None) -> render.Pixels:
     """What the data formats (OME-TIFF, OME-Zarr) of ``scan`` hold: the tiles' data type
     (:func:`ofstitch.levels.mosaic_dtype`) and channel count (1 grey, 3 colour)."""
     dtype = levels.mosaic_dtype(tile_formats(scan), warn=warn)
-    return render.Pixels.data(dtype, 3 if scan.bands >= 3 else 1)
+    return render.Pixels.data(dtype, 3 if scan.bands >= 3 else 1, flat)
 
 
 def rendering_levels(scan: Scan) -> levels.Levels:
@@ -158,20 +159,23 @@ def rendering_levels(scan: Scan) -> levels.Levels:
     return levels.scan_levels(scan.paths, data_pixels(scan, warn=False).dtype)
 
 
-def describe_pixels(scan: Scan, shown: levels.Levels) -> str:
+def describe_pixels(scan: Scan, shown: levels.Levels,
+                    flat: flatfield.FlatField | None = None) -> str:
     """One line for the run's summary: what the data formats keep, what renderings show."""
     data = data_pixels(scan, warn=False)
     channels = "3 channels (RGB)" if data.bands == 3 else "1 channel"
+    corrected = f"; {flat.describe()}" if flat is not None else ""
     if shown.identity and data.fmt == "uchar":
-        return f"Pixels: {data.dtype}, {channels}."
+        return f"Pixels: {data.dtype}, {channels}{corrected}."
     return (f"Pixels: {data.dtype}, {channels} in OME-TIFF and OME-Zarr; JPEG, DZI and "
             f"previews show {shown.describe()} as 0-255 (the {levels.PERCENTILES[0]:g}-"
-            f"{levels.PERCENTILES[1]:g} percentiles of the scan).")
+            f"{levels.PERCENTILES[1]:g} percentiles of the scan){corrected}.")
 
 
 def write_preview(scan: Scan, positions: np.ndarray, path: Path, *,
                   extra: dict | None = None, width: int = render.PREVIEW_WIDTH,
-                  shown: levels.Levels | None = None) -> set[int]:
+                  shown: levels.Levels | None = None,
+                  flat: flatfield.FlatField | None = None) -> set[int]:
     """Write the mosaic at most ``width`` px wide as the JPEG ``path`` (as live stitching
     draws it, :func:`ofstitch.preview.preview_image`), values mapped to 8 bits by
     ``shown`` (default: :func:`rendering_levels`). Returns the tiles left out
@@ -179,7 +183,7 @@ def write_preview(scan: Scan, positions: np.ndarray, path: Path, *,
     shown = shown if shown is not None else rendering_levels(scan)
     image, _, left_out = preview.preview_image(
         scan.paths, [f.key for f in scan.files], positions, scan.tile_shape, width,
-        preview.PreviewTiles(shown))
+        preview.PreviewTiles(shown, flat))
     scale = image.shape[1] / preview.scan_width(positions, scan.tile_shape)
     pixel = scan.pixel_size_um / scale if scan.pixel_size_um else None
     formats.write_jpeg(pyvips.Image.new_from_array(image).copy(interpretation="srgb"), path,
@@ -208,7 +212,8 @@ def write_full_resolution(scan: Scan, positions: np.ndarray, out: Path, prefix: 
                           settings: StitchSettings, wanted: tuple[str, ...], *,
                           extra: dict | None = None, skip: set[int] | None = None,
                           progress: Progress = no_progress,
-                          shown: levels.Levels | None = None) -> dict[str, Path]:
+                          shown: levels.Levels | None = None,
+                          flat: flatfield.FlatField | None = None) -> dict[str, Path]:
     """Write the full-resolution mosaic in each format of ``wanted``; returns the files.
 
     The data formats keep the tiles' values (:func:`data_pixels`); JPEG and DZI
@@ -216,11 +221,11 @@ def write_full_resolution(scan: Scan, positions: np.ndarray, out: Path, prefix: 
     """
     shown = shown if shown is not None else rendering_levels(scan)
     rendering = render.Mosaic(scan.paths, positions, scan.tile_shape, blend=settings.blend,
-                              pixels=render.Pixels(shown), skip=skip,
+                              pixels=render.Pixels(shown, flat=flat), skip=skip,
                               workers=settings.workers)
-    data = render.Pixels(shown)
+    data = rendering.pixels
     if any(f in formats.DATA_FORMATS for f in wanted):
-        data = data_pixels(scan)
+        data = data_pixels(scan, flat=flat)
     mosaic = rendering if data == rendering.pixels else render.Mosaic(
         scan.paths, positions, scan.tile_shape, blend=settings.blend, pixels=data,
         skip=skip, workers=settings.workers)
@@ -291,7 +296,8 @@ def stitch(folder: Path | str, settings: StitchSettings | None = None, *,
         scan = load_scan(folder, settings)
         placement = stage_placement(scan.stage_px, scan.csm)
         path = out / "stitched_from_stage.jpg"
-        write_preview(scan, placement.positions_px, path)
+        write_preview(scan, placement.positions_px, path,
+                      flat=flatfield.resolve(settings.flat_field, scan.paths, scan.tile_shape))
         outputs["stage"] = path
         return StitchResult(None, outputs, placement.positions_px, [f.name for f in scan.files])
 
@@ -324,6 +330,7 @@ def stitch(folder: Path | str, settings: StitchSettings | None = None, *,
     outputs["tile_configuration"] = config
     extra = {"camera_to_sample_matrix_suggested": reg.suggested_csm().round(6).tolist()}
     shown = rendering_levels(scan)
+    flat = flatfield.resolve(settings.flat_field, scan.paths, scan.tile_shape)
     if not shown.identity:
         extra["display_range"] = [shown.low, shown.high]  # what 0-255 of the JPEG show
 
@@ -332,7 +339,7 @@ def stitch(folder: Path | str, settings: StitchSettings | None = None, *,
         wanted = full_resolution_formats(
             settings, render.make_layout(positions, scan.tile_shape).size)
     preview_path = out / "preview.jpg"
-    skip = write_preview(scan, positions, preview_path, extra=extra, shown=shown)
+    skip = write_preview(scan, positions, preview_path, extra=extra, shown=shown, flat=flat)
     outputs["preview"] = preview_path
     thumb = out / "stitched_thumbnail.jpg"
     formats.write_thumbnail(preview_path, thumb)
@@ -341,5 +348,5 @@ def stitch(folder: Path | str, settings: StitchSettings | None = None, *,
     if mode == "all":
         outputs.update(write_full_resolution(scan, positions, out, output_prefix(folder),
                                              settings, wanted, extra=extra, skip=skip,
-                                             progress=progress, shown=shown))
-    return StitchResult(reg, outputs, positions, names, describe_pixels(scan, shown))
+                                             progress=progress, shown=shown, flat=flat))
+    return StitchResult(reg, outputs, positions, names, describe_pixels(scan, shown, flat))

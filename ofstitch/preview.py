@@ -21,6 +21,7 @@ import pyvips
 
 from . import render, tiles
 from .errors import OfstitchWarning
+from .flatfield import FlatField
 from .levels import Levels
 
 MAX_SHRINK = 8  # libjpeg's DCT scaling goes down to 1/8
@@ -46,8 +47,9 @@ class PreviewTiles:
     ``levels`` only together with :meth:`clear`.
     """
 
-    def __init__(self, levels: Levels | None = None) -> None:
+    def __init__(self, levels: Levels | None = None, flat: FlatField | None = None) -> None:
         self.levels = levels or Levels()
+        self.flat = flat  # an illumination profile divided out (batch previews)
         self._tiles: dict[tuple[str, int], np.ndarray] = {}
         self._lock = threading.Lock()
 
@@ -59,7 +61,9 @@ class PreviewTiles:
         if arr is not None:
             return arr
         arr = tiles.read_rgb8_scaled(path, 1.0 / shrink, tiles.scaled_shape(shape, 1.0 / shrink),
-                                     levels=self.levels)
+                                     levels=self.levels,
+                                     flat=None if self.flat is None else self.flat.image(
+                                         tiles.scaled_shape(shape, 1.0 / shrink)))
         arr.flags.writeable = False
         with self._lock:
             self._tiles[(key, shrink)] = arr

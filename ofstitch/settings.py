@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
 from typing import Literal
 
 from .errors import SettingError
@@ -173,6 +174,10 @@ class StitchSettings:
     ngff_version: str = field(default="0.4", metadata=_help(
         "NGFF version of the OME-Zarr: '0.4' (Zarr v2, read by most tools today) or '0.5' "
         "(Zarr v3, sharded)."))
+    flat_field: str | None = field(default=None, metadata=_help(
+        "Divide out the illumination profile (vignetting) in the mosaic, never in "
+        "registration: 'auto' estimates it from the tiles (a smoothed per-pixel median); "
+        "a file gives it (an image of an empty field). Off by default."))
     stitch_tiff: bool = field(default=False, metadata=_help(
         "Also write a pyramidal OME-TIFF (the same as --format ome-tiff)."))
     stitch_dzi: bool = field(default=False, metadata=_help(
@@ -211,6 +216,9 @@ class StitchSettings:
             for v in values:
                 if v not in allowed:
                     raise SettingError(name, f"must be one of {', '.join(allowed)}, got {v!r}")
+        if self.flat_field not in (None, "auto") and not Path(self.flat_field).is_file():
+            raise SettingError("flat_field", f"must be 'auto' or an image file, got "
+                               f"{self.flat_field!r}")
         if self.tile_size is not None and not (16 <= self.tile_size <= 8192):
             raise SettingError("tile_size", f"must be between 16 and 8192, got {self.tile_size}")
         if self.device_memory is not None:

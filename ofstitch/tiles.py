@@ -315,13 +315,14 @@ def focus_measure(path: Path) -> float:
 
 
 def read_rgb8_scaled(path: Path, scale: float, out_shape: tuple[int, int], *,
-                     levels: Levels | None = None) -> np.ndarray:
+                     levels: Levels | None = None, flat: pyvips.Image | None = None
+                     ) -> np.ndarray:
     """Decode a tile as 8-bit RGB resized to exactly ``out_shape`` = ``(h, w)``
     (:func:`rgb8_image`, computed).
 
     Uses libjpeg's DCT scaling for JPEG tiles when ``scale <= 1/2``.
     """
-    image = rgb8_image(path, scale, out_shape, levels=levels)
+    image = rgb8_image(path, scale, out_shape, levels=levels, flat=flat)
     return np.ascontiguousarray(_to_array(image, Path(path).name))
 
 
@@ -333,7 +334,8 @@ def _dct_shrink(scale: float) -> int:
 
 
 def rgb8_image(path: Path, scale: float, out_shape: tuple[int, int] | None, *,
-               levels: Levels | None = None) -> pyvips.Image:
+               levels: Levels | None = None, flat: pyvips.Image | None = None
+               ) -> pyvips.Image:
     """A tile as a lazy 8-bit RGB pyvips image, resized to ``out_shape`` = ``(h, w)``,
     its values mapped to 8 bits by ``levels`` (default: 0-255 unchanged).
 
@@ -342,18 +344,20 @@ def rgb8_image(path: Path, scale: float, out_shape: tuple[int, int] | None, *,
     Raises :class:`TileReadError` when the header cannot be read; corrupt pixel
     data raises ``pyvips.Error`` only when the pixels are computed.
     """
-    return tile_image(path, scale, out_shape, levels=levels or Levels())
+    return tile_image(path, scale, out_shape, levels=levels or Levels(), flat=flat)
 
 
 def tile_image(path: Path, scale: float, out_shape: tuple[int, int] | None, *,
-               levels: Levels | None = None, fmt: str = "uchar", bands: int = 3
-               ) -> pyvips.Image:
+               levels: Levels | None = None, fmt: str = "uchar", bands: int = 3,
+               flat: pyvips.Image | None = None) -> pyvips.Image:
     """A tile as a lazy pyvips image for a mosaic, resized to ``out_shape`` = ``(h, w)``.
 
     With ``levels``, an 8-bit RGB rendering (:meth:`Levels.to_uchar`); without,
     the tile's values cast to the mosaic's pixel format ``fmt`` (a cast that
     keeps them, see :func:`ofstitch.levels.mosaic_dtype`), with ``bands`` bands
-    (a grey tile repeated in three bands for a colour mosaic).
+    (a grey tile repeated in three bands for a colour mosaic). ``flat``, an
+    illumination profile at the tile's output size (:mod:`ofstitch.flatfield`),
+    divides every band first.
     """
     image = open_tile(path, shrink=_dct_shrink(scale))
     if image.bands == 1 and (levels is not None or bands == 3):
@@ -363,6 +367,12 @@ def tile_image(path: Path, scale: float, out_shape: tuple[int, int] | None, *,
         image = image.resize(out_w / image.width, vscale=out_h / image.height)
         if (image.height, image.width) != (out_h, out_w):
             image = image.embed(0, 0, out_w, out_h, extend="copy")
+    if flat is not None:
+        if (flat.width, flat.height) != (image.width, image.height):
+            flat = flat.resize(image.width / flat.width, vscale=image.height / flat.height)
+        image = image.cast("float") / flat
+        if levels is None and fmt not in ("float", "double"):
+            image = image.rint()  # the cast below clips to the data type's range
     if levels is not None:
         return levels.to_uchar(image)
     if image.bands == 3 and bands == 1:

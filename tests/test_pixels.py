@@ -295,3 +295,51 @@ def test_cli_keeps_16_bit_grey_and_reports_the_range(tmp_path, source_image, cap
         assert mode == (0o755 if (out / name).is_dir() else 0o644), (name, oct(mode))
     for sub in (out / "scan_stitched.ome.zarr").rglob("*"):
         assert stat.S_IMODE(sub.stat().st_mode) & 0o044 == 0o044, sub
+
+
+# ----------------------------------------------------------------------------- flat field
+
+
+def test_flat_field_auto_divides_out_the_vignetting(make_synthetic):
+    from ofstitch import flatfield
+
+    scan = make_synthetic("vignetted", grid=(4, 5), tile_shape=(90, 120), overlap=0.3,
+                          stage_error_px=0.0, rotation_deg=0.0, vignetting=0.6, noise=0.0,
+                          extension=".png", layout="filename", seed=4)
+    paths = [scan.folder / n for n in scan.names]
+    flat = flatfield.estimate(paths, (90, 120))
+    gain = flat.image((90, 120)).numpy()
+    assert gain.mean() == pytest.approx(1.0, abs=0.01)
+    yy, xx = np.mgrid[0:90, 0:120]
+    shading = 1 - 0.6 * (((yy - 45) / 45) ** 2 + ((xx - 60) / 60) ** 2) / 2  # synthetic's
+    assert np.corrcoef(gain.ravel(), shading.ravel())[0, 1] > 0.95
+    origin = scan.truth_px.min(axis=0).astype(int)
+    truth = scan.source[origin[0]:, origin[1]:].astype(float).mean(axis=2)
+
+    def unevenness(flat_field) -> float:
+        """Spread of mosaic / truth where tiles cover it: 0 for an evenly lit mosaic."""
+        mosaic = render.Mosaic(paths, scan.truth_px, (90, 120),
+                               pixels=render.Pixels(levels.Levels(), flat=flat_field))
+        grey = render.compose(paths, mosaic.layout, pixels=mosaic.pixels).numpy().mean(axis=2)
+        h, w = grey.shape
+        keep = _covered(mosaic.layout) & (truth[:h, :w] > 40)
+        ratio = grey[keep] / truth[:h, :w][keep]
+        return float(ratio.std() / ratio.mean())
+
+    assert unevenness(flat) < unevenness(None) / 2
+
+
+def test_cli_flat_field(make_synthetic, tmp_path, capsys):
+    scan = make_synthetic("vignetted", grid=(3, 3), tile_shape=(90, 120), overlap=0.3,
+                          vignetting=0.5, noise=0.0, extension=".png", layout="filename")
+    result = run_main(scan.folder, "-o", tmp_path / "out", "--flat-field", "auto",
+                      "-f", "ome-tiff", capsys=capsys)
+    assert result.returncode == 0, result.stderr
+    assert "flat field from the median of 9 tiles" in result.stdout
+    Image.fromarray(np.full((45, 60), 100, np.uint8)).save(tmp_path / "flat.png")
+    result = run_main(scan.folder, "-o", tmp_path / "out2", "--flat-field",
+                      tmp_path / "flat.png", capsys=capsys)
+    assert result.returncode == 0 and "flat field from flat.png" in result.stdout
+    result = run_main(scan.folder, "-o", tmp_path / "out3", "--flat-field", "nothing.png",
+                      capsys=capsys)
+    assert result.returncode == 2 and "--flat-field must be 'auto' or an image" in result.stderr
