@@ -343,3 +343,40 @@ def test_cli_flat_field(make_synthetic, tmp_path, capsys):
     result = run_main(scan.folder, "-o", tmp_path / "out3", "--flat-field", "nothing.png",
                       capsys=capsys)
     assert result.returncode == 2 and "--flat-field must be 'auto' or an image" in result.stderr
+
+
+def test_cmyk_and_turned_tiles_register_like_the_others(make_synthetic, tmp_path):
+    """A scan with a CMYK tile and tiles stored turned (with their EXIF Orientation) is
+    placed as the same scan with ordinary tiles, and no tile is skipped."""
+    import warnings
+
+    import ofstitch
+
+    scan = make_synthetic("plain", grid=(3, 3), tile_shape=(120, 160), overlap=0.3,
+                          noise=1.0, layout="filename", seed=7)
+    odd = tmp_path / "odd"
+    odd.mkdir()
+    for k, name in enumerate(scan.names):
+        with Image.open(scan.folder / name) as im:
+            rgb = np.asarray(im.convert("RGB"))
+        if k == 1:
+            Image.fromarray(rgb).convert("CMYK").save(odd / name, quality=95)
+        elif k in (4, 6):
+            exif = Image.Exif()
+            exif[0x0112] = 8 if k == 4 else 6
+            Image.fromarray(np.rot90(rgb, -1 if k == 4 else 1).copy()).save(
+                odd / name, exif=exif, quality=95)
+        else:
+            Image.fromarray(rgb).save(odd / name, quality=95)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", OfstitchWarning)
+        plain = ofstitch.register(scan.folder, use_cache=False)
+        turned = ofstitch.register(odd, use_cache=False)
+    assert sorted(turned.names) == sorted(plain.names)  # nothing skipped
+
+    def relative(reg):  # by name (the capture order may differ), from the first tile
+        pos = {n: p for n, p in zip(reg.names, reg.positions_px, strict=True)}
+        return np.array([pos[n] - pos[scan.names[0]] for n in scan.names])
+
+    moved = np.abs(relative(turned) - relative(plain)).max()
+    assert moved <= 1.0, moved
