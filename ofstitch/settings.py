@@ -169,8 +169,9 @@ class StitchSettings:
         "averages the tiles with weights that ramp linearly across each overlap "
         "(hides seams from uneven illumination, softens misaligned detail)."))
     tiff_compression: str = field(default="jpeg", metadata=_help(
-        "Compression of the OME-TIFF tiles: 'jpeg' (small, lossy, quality 90), "
-        "'deflate' or 'lzw' (lossless, several times larger)."))
+        "Compression of the OME-TIFF tiles: 'jpeg' (small, lossy, quality 90; 8-bit data "
+        "only, deeper data are deflated), 'deflate' or 'lzw' (lossless, several times "
+        "larger)."))
     ngff_version: str = field(default="0.4", metadata=_help(
         "NGFF version of the OME-Zarr: '0.4' (Zarr v2, read by most tools today) or '0.5' "
         "(Zarr v3, sharded)."))
