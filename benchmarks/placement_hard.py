@@ -21,6 +21,12 @@ Usage::
     python benchmarks/placement_hard.py                      # ofstitch only
     python benchmarks/placement_hard.py --ref-python /opt/refvenv/bin/python
     python benchmarks/placement_hard.py --keep-program       # reuse the program's rows
+    python benchmarks/placement_hard.py --issue14 --label before --ref-python ...
+    python benchmarks/placement_hard.py --issue14 --label after --robust-only
+
+The issue-14 scans (:data:`ISSUE14`: small tiles, a strip, a straight tissue edge, texture
+near one corner, small grids; each also against the stage alone) go to
+``results/placement14_<label>.json`` and a before/after table in ``RESULTS.md``.
 """
 
 from __future__ import annotations
@@ -32,14 +38,19 @@ import shutil
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
 
 import ofstitch
 from ofstitch.place import place
+from ofstitch.scan import load_scan
 from ofstitch.settings import StitchSettings
 from ofstitch.synthetic import (
+    HARD_SCAN,
+    corner_content,
+    edge_content,
     load_source,
     make_hard_scan,
     make_scan,
@@ -67,6 +78,36 @@ EASY = {  # the accuracy cases of tests/test_accuracy.py (tiles of 240x320)
 }
 
 
+# Scans for each failure of issue 14 (small tiles, a strip, a straight edge, texture near
+# one corner, small grids), cut from the harder source (blank areas, dim content).
+ISSUE14 = {
+    "tiles 48x64, 10x12": dict(grid=(10, 12), tile_shape=(48, 64), stage_error_px=4.0),
+    "tiles 120x160, 10x12": dict(grid=(10, 12), tile_shape=(120, 160), stage_error_px=10.0),
+    "tiles 240x320, 6x8": dict(grid=(6, 8), tile_shape=(240, 320), stage_error_px=20.0),
+    "strip 1x17, 120x160": dict(grid=(1, 17), tile_shape=(120, 160), stage_error_px=10.0,
+                                plain=True),
+    "straight edge, 5x6, 240x320": dict(grid=(5, 6), tile_shape=(240, 320),
+                                        stage_error_px=10.0, content="edge"),
+    "texture near one corner, 5x8, 240x320": dict(grid=(5, 8), tile_shape=(240, 320),
+                                                  stage_error_px=10.0, content="corner"),
+    "3x3, 240x320": dict(grid=(3, 3), tile_shape=(240, 320), stage_error_px=10.0),
+    "5x6, 240x320": dict(grid=(5, 6), tile_shape=(240, 320), stage_error_px=10.0),
+}
+CONTENT = {"edge": edge_content, "corner": corner_content}
+
+
+def make_issue14_scan(folder: Path, src: np.ndarray, options: dict, seed: int = 0):
+    """One of :data:`ISSUE14`'s scans (the hard scan's settings, its own size)."""
+    options = dict(options)
+    content = options.pop("content", None)
+    if content is not None:
+        options["content"] = CONTENT[content]()
+        options.setdefault("blank_fraction", 0.0)
+    if options.pop("plain", False):  # the source as it is (a strip through its middle)
+        return make_scan(folder, source=src, seed=seed, **{**HARD_SCAN, **options})
+    return make_hard_scan(folder, source=src, seed=seed, **options)
+
+
 def errors_of(scan, positions: dict[str, tuple[float, float]]) -> dict:
     names = scan.names
     if any(n not in positions for n in names):
@@ -77,8 +118,20 @@ def errors_of(scan, positions: dict[str, tuple[float, float]]) -> dict:
     pairs = np.array([(a, b) for a in range(len(names)) for b in range(a + 1, len(names))
                       if abs(t[b, 0] - t[a, 0]) < th and abs(t[b, 1] - t[a, 1]) < tw])
     err = pair_errors(pos, t, pairs)[textured_pairs(scan, pairs)]
+    if len(err) == 0:
+        return {"error": "no textured pair"}
     return {"textured_pairs": int(len(err)), "max_px": float(err.max()),
-            "rms_px": float(np.sqrt(np.mean(err**2))), "over_2px": int((err > 2).sum())}
+            "rms_px": float(np.sqrt(np.mean(err**2))), "over_2px": int((err > 2).sum()),
+            "errors_px": [round(float(e), 3) for e in err]}
+
+
+def stage_errors(scan) -> dict:
+    """The same errors for the stage positions alone."""
+    s = load_scan(scan.folder)
+    out = errors_of(scan, {f.name: tuple(p) for f, p in zip(s.files, s.stage_px.tolist(),
+                                                             strict=True)})
+    out["wall_s"] = 0.0
+    return out
 
 
 def run_ofstitch(scan, method: str, **correlation) -> dict:
@@ -90,10 +143,16 @@ def run_ofstitch(scan, method: str, **correlation) -> dict:
         settings = StitchSettings(placement=method)
         if correlation:
             settings = settings.with_correlation(**correlation)
-        reg = ofstitch.register(folder, settings)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ofstitch.OfstitchWarning)
+            reg = ofstitch.register(folder, settings)
+        caught = [w for w in caught if issubclass(w.category, ofstitch.OfstitchWarning)]
         wall = time.perf_counter() - t0
     out = errors_of(scan, reg.positions())
-    out.update(wall_s=wall, place_s=reg.timings_s.get("place"), counts=reg.placement.counts())
+    out.update(wall_s=wall, place_s=reg.timings_s.get("place"),
+               counts=reg.placement.counts()._asdict())
+    if caught:
+        out["warning"] = str(caught[-1].message)
     return out
 
 
@@ -171,6 +230,100 @@ def write_results_md(section: str) -> None:
     path.write_text(text)
 
 
+BEGIN14, END14 = "<!-- placement14:begin -->", "<!-- placement14:end -->"
+
+
+def fmt_short(res: dict | None) -> str:
+    if res is None:
+        return "—"
+    if "error" in res:
+        return f"failed: {res['error']}"
+    return f"{res['max_px']:.2f} / {res['rms_px']:.2f} / {res['over_2px']}"
+
+
+def markdown14(before: dict, after: dict | None) -> str:
+    """The issue-14 table: robust before and after, the threshold search, the program,
+    the stage alone; and the warning each robust run gave."""
+    when = (after or before)["when"]
+    lines = [BEGIN14, "", "### Issue 14 scans: before and after", "",
+             f"`python benchmarks/placement_hard.py --issue14` ({when}, "
+             f"{(after or before)['machine']}). Each cell is max px / RMS px / pairs over 2 px "
+             "over the pairs whose true overlap has texture (`textured_pairs`). \"before\" is "
+             "the robust placement at the start of issue 14; the threshold search and the "
+             "program are on the same scans.", "",
+             "| scan | textured pairs | robust, before | robust, after | --placement reference "
+             "| openflexure-stitching 0.3.1 | stage alone | pairs worse than the stage (after, "
+             "by > 0.5 px) | warning (after) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for name, row in before["scans"].items():
+        arow = (after or {}).get("scans", {}).get(name, {})
+        ref = arow.get("reference", row.get("reference"))
+        program = arow.get("program", row.get("program"))
+        warn = (arow.get("robust") or {}).get("warning", "")
+        if warn:  # the reasons, without the advice
+            warn = warn.split("doubtful: ", 1)[-1].split(". Try")[0]
+        warn = warn or "none"
+        worse = "—"
+        robust_after, stage = arow.get("robust") or {}, arow.get("stage") or row["stage"]
+        if "errors_px" in robust_after and "errors_px" in stage:
+            worse = str(int(np.sum(np.asarray(robust_after["errors_px"])
+                                   > np.asarray(stage["errors_px"]) + 0.5)))
+        lines.append(f"| {name} | {row['stage'].get('textured_pairs', '—')} | "
+                     f"{fmt_short(row['robust'])} | {fmt_short(arow.get('robust'))} | "
+                     f"{fmt_short(ref)} | {fmt_short(program)} | {fmt_short(row['stage'])} | "
+                     f"{worse} | {warn} |")
+    lines += ["", END14]
+    return "\n".join(lines)
+
+
+def write_section(section: str, begin: str, end: str) -> None:
+    path = HERE / "RESULTS.md"
+    text = path.read_text()
+    if begin in text and end in text:
+        text = text[:text.index(begin)] + section + text[text.index(end) + len(end):]
+    else:
+        text = text.rstrip() + "\n\n" + section + "\n"
+    path.write_text(text)
+
+
+def main14(args: argparse.Namespace) -> int:
+    """The issue-14 scans, saved as ``results/placement14_<label>.json``."""
+    src = load_source(SHARED if SHARED.is_file() else None)
+    out = HERE / "results"
+    out.mkdir(exist_ok=True)
+    results = {"when": time.strftime("%Y-%m-%d"),
+               "machine": f"{platform.machine()}, {platform.python_version()}", "scans": {}}
+    for name, options in ISSUE14.items():
+        if args.only and not any(o in name for o in args.only):
+            continue
+        folder = args.work / ("i14_" + "".join(c if c.isalnum() else "_" for c in name))
+        shutil.rmtree(folder, ignore_errors=True)
+        scan = make_issue14_scan(folder, src, options)
+        print(name, flush=True)
+        row = {"robust": run_ofstitch(scan, "robust"), "stage": stage_errors(scan)}
+        if not args.robust_only:
+            row["reference"] = run_ofstitch(scan, "reference")
+            if args.ref_python:
+                row["program"] = run_reference_program(scan, args.ref_python)
+        for k, v in row.items():
+            print(f"  {k}: {fmt_short(v)} {v.get('counts', '')} {v.get('warning', '')}",
+                  flush=True)
+        results["scans"][name] = row
+    saved = out / f"placement14_{args.label}.json"
+    if args.only and saved.is_file():  # a partial run updates the saved scans
+        merged = json.loads(saved.read_text())
+        merged["scans"].update(results["scans"])
+        results = {**merged, "scans": {n: merged["scans"][n] for n in ISSUE14
+                                       if n in merged["scans"]}}
+    saved.write_text(json.dumps(results, indent=1))
+    before_path = out / "placement14_before.json"
+    if before_path.is_file() and args.label == "after":
+        write_section(markdown14(json.loads(before_path.read_text()), results), BEGIN14, END14)
+    elif args.label == "before":
+        write_section(markdown14(results, None), BEGIN14, END14)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ref-python", help="Python of a venv with openflexure-stitching "
@@ -183,7 +336,26 @@ def main(argv: list[str] | None = None) -> int:
                         help="Rewrite the RESULTS.md tables from results/placement.json")
     parser.add_argument("--work", type=Path, default=HERE / "work" / "placement",
                         help="Where the synthetic scans are written (reused when present)")
+    parser.add_argument("--issue14", action="store_true",
+                        help="Run the issue-14 scans (small tiles, strip, edge, corner, small "
+                        "grids) instead")
+    parser.add_argument("--label", default="after", help="--issue14: before or after")
+    parser.add_argument("--only", nargs="*", help="--issue14: scans whose name holds one of these")
+    parser.add_argument("--robust-only", action="store_true",
+                        help="--issue14: robust placement and the stage only")
     args = parser.parse_args(argv)
+    if args.issue14 and args.table_only:
+        saved = HERE / "results"
+        after = saved / "placement14_after.json"
+        write_section(markdown14(json.loads((saved / "placement14_before.json").read_text()),
+                                 json.loads(after.read_text()) if after.is_file() else None),
+                      BEGIN14, END14)
+        return 0
+    if args.issue14:
+        if args.ref_python and (problem := check_reference(args.ref_python)):
+            print(f"the reference program is not usable: {problem}", file=sys.stderr)
+            return 2
+        return main14(args)
     if args.table_only:
         write_results_md(markdown(json.loads((HERE / "results" / "placement.json").read_text())))
         return 0

@@ -14,6 +14,24 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+NAME_MAX = 255  # bytes in a file name on the usual file systems (ext4, NTFS, APFS)
+TEMP_EXTRA = 24  # bytes a temporary name adds: the dot, the random part, ".tmp"
+
+
+def shorten_name(name: str, max_bytes: int) -> str:
+    """``name`` cut to at most ``max_bytes`` bytes (as the file system stores it), never
+    in the middle of a character."""
+    data = os.fsencode(name)
+    if len(data) <= max_bytes:
+        return name
+    return data[:max(max_bytes, 1)].decode("utf-8", "ignore") or "ofstitch"
+
+
+def temp_stem(stem: str, suffix: str = "") -> str:
+    """``stem`` shortened so that a temporary name made from it (``.STEM.XXXXXXXX.tmpSUFFIX``)
+    stays within :data:`NAME_MAX` bytes."""
+    return shorten_name(stem, NAME_MAX - TEMP_EXTRA - len(os.fsencode(suffix)))
+
 
 def umask() -> int:
     """The process's umask (read without changing it for good)."""
@@ -33,8 +51,8 @@ def umask() -> int:
 def atomic_path(path: Path | str) -> Iterator[str]:
     """Yield a temporary path beside ``path`` (same suffix); rename it into place on success."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}",
-                               dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{temp_stem(path.stem, path.suffix)}.",
+                               suffix=f".tmp{path.suffix}", dir=path.parent)
     os.close(fd)
     try:
         yield tmp

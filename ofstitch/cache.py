@@ -1,6 +1,6 @@
 """The correlation cache: pair results persisted beside the scan.
 
-One JSON file, ``ofstitch_cache.json``, in the scan folder (or ``--cache-dir``).
+One JSON file, ``ofstitch_tiling_cache.json``, in the scan folder (or ``--cache-dir``).
 Results are grouped by the correlation settings that produced them
 (:meth:`CorrelationSettings.key`) and keyed by the identity of both files
 (name, size, modification time), so a changed or replaced tile is correlated
@@ -9,7 +9,7 @@ again.
 Crash safety and concurrency:
 
 - While correlating, each batch of results is appended to a journal beside the
-  cache (``ofstitch_cache.json.journal``, one JSON line per batch, fsynced). A
+  cache (``ofstitch_tiling_cache.json.journal``, one JSON line per batch, fsynced). A
   run killed at any point (even ``kill -9``) loses at most the batch in flight:
   the next run replays the journal and skips the pairs already done. A torn
   last line is ignored.
@@ -25,6 +25,7 @@ Crash safety and concurrency:
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import math
@@ -43,17 +44,25 @@ from .settings import CorrelationSettings
 
 log = logging.getLogger(__name__)
 
-CACHE_NAME = "ofstitch_cache.json"
+# "tiling_cache" in the name: the OpenFlexure server zips such files only once a scan is
+# finished (a file it zipped mid-scan would stay stale in the zip).
+CACHE_NAME = "ofstitch_tiling_cache.json"
 FORMAT = "ofstitch-correlation-cache"
 # 2: tiles are filtered without border steps (correlate.remove_background).
-VERSION = 2
+# 3: file keys carry a fingerprint of the content (scan.content_digest).
+VERSION = 3
 
 
 def cache_path(folder: Path, cache_dir: Path | None = None) -> Path:
-    """Where the cache of ``folder`` lives."""
+    """Where the cache of ``folder`` lives: beside its tiles, or in ``cache_dir`` under a
+    name made from the folder's name and its full resolved path (two scan folders of the
+    same name never share a cache there)."""
     if cache_dir is None:
         return Path(folder) / CACHE_NAME
-    return Path(cache_dir) / f"{Path(folder).resolve().name}_{CACHE_NAME}"
+    resolved = Path(folder).resolve()
+    tag = hashlib.blake2b(os.fsencode(resolved), digest_size=6).hexdigest()
+    stem = atomic.shorten_name(resolved.name, 120)
+    return Path(cache_dir) / f"{stem}_{tag}_{CACHE_NAME}"
 
 
 def _journal(path: Path) -> Path:
@@ -62,11 +71,13 @@ def _journal(path: Path) -> Path:
 
 @contextlib.contextmanager
 def _locked(path: Path) -> Iterator[None]:
-    """Hold an exclusive lock for the cache at ``path`` (a no-op without ``fcntl``)."""
+    """Hold an exclusive lock for the cache at ``path`` (``flock`` on its folder; on
+    Windows, ``msvcrt.locking`` on a lock file beside it)."""
     try:
         import fcntl
-    except ImportError:  # Windows: no advisory locks; merging still applies
-        yield
+    except ImportError:
+        with _windows_lock(path):
+            yield
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     # Lock the cache's folder itself: no lock file is left behind in the user's scan.
@@ -76,6 +87,26 @@ def _locked(path: Path) -> Iterator[None]:
         yield
     finally:
         os.close(fd)  # closing releases the lock
+
+
+@contextlib.contextmanager
+def _windows_lock(path: Path) -> Iterator[None]:
+    import msvcrt  # only imported where fcntl is missing
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "a+b") as fh:
+        fh.seek(0)
+        while True:
+            try:
+                msvcrt.locking(fh.fileno(), msvcrt.LK_LOCK, 1)  # retries for 10 s, then raises
+                break
+            except OSError:
+                continue
+        try:
+            yield
+        finally:
+            fh.seek(0)
+            msvcrt.locking(fh.fileno(), msvcrt.LK_UNLCK, 1)
 
 
 def pair_key(file_a: str, file_b: str) -> str:

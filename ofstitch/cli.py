@@ -25,7 +25,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from . import __version__
 from .backends import list_devices, select_backend
 from .cache import CorrelationCache, cache_path
+from .compat import HELP_LINE, ProgressLines, rewrite_argv
 from .errors import OfstitchError, OfstitchWarning, SettingError
+from .layout import grid_from_options
+from .outfile import output_file_format, stitch_to_file
 from .pipeline import StitchResult, stitch
 from .scan import find_image_files, load_scan, parse_csm, require_folder
 from .settings import (
@@ -44,7 +47,7 @@ from .settings import (
     help_text,
 )
 
-COMMANDS = ("stitch", "watch", "demo", "devices")
+COMMANDS = ("stitch", "watch", "batch", "demo", "devices")
 err_console = Console(stderr=True, soft_wrap=True)
 out_console = Console(soft_wrap=True)
 
@@ -92,20 +95,26 @@ def _w(name: str) -> str:
 
 
 class _Reporter:
-    """Progress bars for the pipeline's stages (silent when not a terminal or --quiet)."""
+    """Progress of the pipeline's stages: bars on a terminal (stderr), and plain lines on
+    stdout when it is not a terminal (a log that a program such as the OpenFlexure server
+    reads line by line); silent with --quiet."""
 
     LABELS = {"correlate": "Correlating pairs", "preview": "Rendering preview",
               "render": "Rendering mosaic", "write-jpeg": "Writing JPEG",
               "write-ome-tiff": "Writing OME-TIFF", "write-dzi": "Writing DZI",
               "write-ome-zarr": "Writing OME-Zarr"}
 
-    def __init__(self, enabled: bool) -> None:
+    def __init__(self, enabled: bool, *, quiet: bool = False) -> None:
         self.progress = Progress(TextColumn("{task.description:<20}"), BarColumn(),
                                  MofNCompleteColumn(), TimeElapsedColumn(),
                                  console=err_console, disable=not enabled, transient=False)
         self.tasks: dict[str, int] = {}
+        self.lines = None if quiet or out_console.is_terminal else ProgressLines(
+            lambda line: out_console.print(line, markup=False, highlight=False))
 
     def __call__(self, stage: str, done: int, total: int) -> None:
+        if self.lines is not None:
+            self.lines(self.LABELS.get(stage, stage), done, total)
         if stage not in self.tasks:
             if total == 0:
                 return
@@ -209,14 +218,16 @@ def _summary(result: StitchResult, seconds: float) -> None:
         c = p.counts()
         out_console.print(
             f"Placed {len(reg.names)} tiles from {m} pairs ({reg.n_correlated} correlated "
-            f"now, {reg.n_cached} from the cache; {c['trusted']} trusted, "
-            f"{c['re-searched']} re-searched, {c['stage-only']} stage-only) on {reg.device}.",
-            highlight=False)
+            f"now, {reg.n_cached} from the cache; {c.trusted} trusted, "
+            f"{c.researched} re-searched, {c.stage_only} placed by stage only) on "
+            f"{reg.device}.", highlight=False)
         if m and p.method == "robust":
             out_console.print(
                 f"Robust placement: score (overlap NCC) > {p.score_threshold:.3f} (chance "
                 f"level of this scan), stage repeatability {p.stage_sigma_px:.1f} px; RMS "
                 f"residual {p.rms_error_px:.2f} px.", highlight=False)
+            for line in (p.report.lines() if p.report is not None else []):  # issue 14
+                out_console.print(line, highlight=False)
         elif m:
             out_console.print(
                 f"Thresholds: peak quality >= {p.min_peak_quality:.6f}, stage discrepancy <= "
@@ -235,15 +246,18 @@ def _summary(result: StitchResult, seconds: float) -> None:
     out_console.print(f"Done in {seconds:.1f} s.", highlight=False)
 
 
-@app.command("stitch", no_args_is_help=True, epilog=(
+@app.command("stitch", no_args_is_help=True, help="Stitch the tiles in FOLDER into one mosaic "
+             "(ofstitch FOLDER does the same).\n\n" + HELP_LINE, epilog=(
     "Other commands: 'ofstitch watch FOLDER' (a live preview while a scan is captured; "
-    "'ofstitch watch --help'), 'ofstitch demo' (stitch a synthetic scan), 'ofstitch devices' "
-    "(what can run the kernels), 'ofstitch --version'."))
+    "'ofstitch watch --help'), 'ofstitch batch FOLDER...' (many scans, locally or on a Dask "
+    "cluster), 'ofstitch demo' (stitch a synthetic scan), 'ofstitch devices' (what can run "
+    "the kernels), 'ofstitch --version'."))
 def stitch_command(
     folder: Path = typer.Argument(..., help="The folder that holds the scan's tiles."),
     output_dir: Path | None = typer.Option(
         None, "-o", "--output-dir", help="Folder for the outputs, created if needed. Default: "
-        "the scan folder. Input files are never modified."),
+        "the scan folder. Input files are never modified. A file name ending in .jpg, "
+        ".ome.tif(f), .ome.zarr or .dzi writes just the mosaic, to that file."),
     stitching_mode: Mode = typer.Option(Mode.all, "--stitching-mode", help=_s("stitching_mode")),
     device: DeviceChoice = typer.Option(DeviceChoice.cpu, "--device", help=_s("device")),
     show_cached_settings: bool = typer.Option(
@@ -257,6 +271,16 @@ def stitch_command(
     csm_calibration_width: int | None = typer.Option(
         None, "--csm-calibration-width", help=_s("csm_calibration_width")),
     image_count: int | None = typer.Option(None, "--image-count", help=_s("image_count")),
+    layout: Path | None = typer.Option(None, "--layout", help=_s("layout")),
+    grid: str | None = typer.Option(None, "--grid", help=_s("grid")),
+    grid_order: str | None = typer.Option(
+        None, "--grid-order", help="With --grid: 'row' (row by row, the default), 'column', "
+        "'snake-row' or 'snake-column' (every other row or column reversed), from the "
+        "top-left tile."),
+    grid_overlap: float | None = typer.Option(
+        None, "--grid-overlap", help="With --grid: the nominal overlap of neighbouring tiles, "
+        "a fraction of the tile size (default 0.2, as in Fiji); correlation finds the "
+        "exact shifts."),
     placement: PlacementChoice = typer.Option(PlacementChoice.robust, "--placement",
                                               help=_s("placement")),
     thresholding: ThresholdMethod = typer.Option(
@@ -271,7 +295,8 @@ def stitch_command(
     high_pass_sigma: float | None = typer.Option(
         None, "--high-pass-sigma", help=_c("high_pass_sigma") + " [default: 10]"),
     resize: float | None = typer.Option(None, "--resize", help=_c("resize") + " [default: 1]"),
-    minimum_overlap: float = typer.Option(0.2, "--minimum-overlap", help=_s("minimum_overlap")),
+    minimum_overlap: float | None = typer.Option(None, "--minimum-overlap",
+                                                 help=_s("minimum_overlap")),
     priority: PriorityChoice = typer.Option(PriorityChoice.time, "--priority",
                                             help=_s("priority")),
     corr_mask_radius: float | None = typer.Option(
@@ -292,12 +317,16 @@ def stitch_command(
     stitch_dzi: bool = typer.Option(False, "--stitch-dzi/--no-stitch-dzi",
                                     help=_s("stitch_dzi")),
     tile_size: int | None = typer.Option(None, "--tile-size", help=_s("tile_size")),
+    preview_name: str = typer.Option("preview.jpg", "--preview-name", help=_s("preview_name"),
+                                     hidden=True),
     cache_dir: Path | None = typer.Option(
         None, "--cache-dir", help="Keep the correlation cache in this folder instead of the "
         "scan folder (for read-only scans)."),
     device_memory: str | None = typer.Option(None, "--device-memory",
                                              help=_s("device_memory")),
     workers: int | None = typer.Option(None, "--workers", help=_s("workers")),
+    scheduler: str | None = typer.Option(None, "--scheduler", envvar="OFSTITCH_SCHEDULER",
+                                         help=_s("scheduler")),
     quiet: bool = typer.Option(False, "-q", "--quiet", help="No progress bars or summary."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks and debug logs."),
 ) -> None:
@@ -319,23 +348,30 @@ def stitch_command(
             correlation=correlation, minimum_overlap=minimum_overlap,
             csm_matrix=parse_csm(csm_matrix) if csm_matrix is not None else None,
             csm_calibration_width=csm_calibration_width, image_count=image_count,
-            placement=placement.value,
+            layout=None if layout is None else str(layout),
+            grid=grid_from_options(grid, grid_order, grid_overlap), placement=placement.value,
             thresholding=thresholding.value, min_peak_quality=min_peak_quality,
             max_stage_discrepancy=max_stage_discrepancy, priority=priority.value,
             stitching_mode=stitching_mode.value, stitch_tiff=stitch_tiff,
             formats=tuple(f.value for f in output_format) if output_format else ("jpeg",),
             blend=blend.value, tiff_compression=tiff_compression.value,
             stitch_dzi=stitch_dzi, tile_size=tile_size, device=device.value, workers=workers,
-            device_memory=device_memory, ngff_version=NgffChoice(ngff_version).value,
+            device_memory=device_memory, preview_name=preview_name,
+            scheduler=scheduler or None, ngff_version=NgffChoice(ngff_version).value,
             flat_field=flat_field)
         if device == DeviceChoice.auto and not quiet:
             err_console.print(f"Using {select_backend('auto').describe()}", highlight=False,
                               markup=False)
         start = time.perf_counter()
-        reporter = _Reporter(enabled=not quiet and err_console.is_terminal)
+        reporter = _Reporter(enabled=not quiet and err_console.is_terminal, quiet=quiet)
+        to_file = output_file_format(output_dir) is not None
         with reporter.progress:
-            result = stitch(folder, settings, output_dir=output_dir, cache_dir=cache_dir,
-                            progress=reporter, ask_thresholds=_ask_thresholds)
+            if to_file:
+                result = stitch_to_file(folder, settings, output_dir, cache_dir=cache_dir,
+                                        progress=reporter, ask_thresholds=_ask_thresholds)
+            else:
+                result = stitch(folder, settings, output_dir=output_dir, cache_dir=cache_dir,
+                                progress=reporter, ask_thresholds=_ask_thresholds)
         if not quiet:
             _summary(result, time.perf_counter() - start)
 
@@ -370,7 +406,8 @@ def watch_command(
     pad: bool = typer.Option(True, "--pad/--no-pad", help=_c("pad")),
     high_pass_sigma: float = typer.Option(10.0, "--high-pass-sigma", help=_c("high_pass_sigma")),
     resize: float = typer.Option(1.0, "--resize", help=_c("resize")),
-    minimum_overlap: float = typer.Option(0.2, "--minimum-overlap", help=_s("minimum_overlap")),
+    minimum_overlap: float | None = typer.Option(None, "--minimum-overlap",
+                                                 help=_s("minimum_overlap")),
     corr_mask_radius: float | None = typer.Option(
         None, "--corr-mask-radius", help=_c("corr_mask_radius")),
     search_margin: float = typer.Option(0.0, "--search-margin", help=_c("search_margin")),
@@ -385,6 +422,8 @@ def watch_command(
     device_memory: str | None = typer.Option(None, "--device-memory",
                                              help=_s("device_memory")),
     workers: int | None = typer.Option(None, "--workers", help=_s("workers")),
+    scheduler: str | None = typer.Option(None, "--scheduler", envvar="OFSTITCH_SCHEDULER",
+                                         help=_s("scheduler")),
     quiet: bool = typer.Option(False, "-q", "--quiet", help="No progress lines or summary."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks and debug logs."),
 ) -> None:
@@ -412,7 +451,7 @@ def watch_command(
             min_peak_quality=min_peak_quality, max_stage_discrepancy=max_stage_discrepancy,
             priority=priority.value, stitching_mode=stitching_mode.value,
             stitch_tiff=stitch_tiff, stitch_dzi=dzi, tile_size=tile_size, device=device.value,
-            workers=workers, device_memory=device_memory)
+            workers=workers, device_memory=device_memory, scheduler=scheduler or None)
         stop = threading.Event()
 
         def request_stop(signum, frame) -> None:
@@ -437,7 +476,7 @@ def watch_command(
 
         if not quiet:
             err_console.print(f"Watching {folder} (Ctrl-C to stop) ...", markup=False)
-        reporter = _Reporter(enabled=not quiet and err_console.is_terminal)
+        reporter = _Reporter(enabled=not quiet and err_console.is_terminal, quiet=quiet)
         try:
             with reporter.progress:
                 result = watch(folder, settings, options, output_dir=output_dir,
@@ -451,6 +490,64 @@ def watch_command(
             out_console.print(f"Watched {result.n_tiles} tiles ({why}).", highlight=False)
             if isinstance(result.final, StitchResult):
                 _summary(result.final, result.final_seconds)
+
+
+@app.command("batch", no_args_is_help=True)
+def batch_command(
+    folders: list[Path] = typer.Argument(..., help="Scan folders (a shell glob such as "
+                                         "'scans/*' gives many)."),
+    output_dir: Path | None = typer.Option(
+        None, "-o", "--output-dir", help="Write each scan's outputs into OUTPUT_DIR/<name of "
+        "the scan folder>. Default: each scan's own folder."),
+    jobs: int = typer.Option(1, "-j", "--jobs", min=1, max=256,
+                             help="Scans stitched at once on this machine (processes)."),
+    scheduler: str | None = typer.Option(
+        None, "--scheduler", envvar="OFSTITCH_SCHEDULER", help="Address of a Dask scheduler: "
+        "each scan is stitched by one of its workers (the scans must be on a file system "
+        "the workers share). Default: this machine, --jobs at a time."),
+    stitching_mode: Mode = typer.Option(Mode.all, "--stitching-mode", help=_s("stitching_mode")),
+    output_format: list[FormatChoice] | None = typer.Option(
+        None, "--format", "-f", help=_s("formats") + " [default: jpeg]", show_default=False),
+    placement: PlacementChoice = typer.Option(PlacementChoice.robust, "--placement",
+                                              help=_s("placement")),
+    minimum_overlap: float | None = typer.Option(None, "--minimum-overlap",
+                                                 help=_s("minimum_overlap")),
+    search_margin: float = typer.Option(0.0, "--search-margin", help=_c("search_margin")),
+    device: DeviceChoice = typer.Option(DeviceChoice.cpu, "--device", help=_s("device")),
+    quiet: bool = typer.Option(False, "-q", "--quiet", help="Only the table at the end."),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks and debug logs."),
+) -> None:
+    """Stitch many scans, each as 'ofstitch FOLDER' would: a line per scan as it finishes and
+    a table at the end. One failing scan does not stop the others; the exit code is 2 when
+    any failed."""
+    from rich.table import Table
+
+    from .distributed import stitch_many
+
+    with _user_errors(debug):
+        settings = StitchSettings(
+            correlation=CorrelationSettings(search_margin=search_margin),
+            minimum_overlap=minimum_overlap, placement=placement.value,
+            stitching_mode=stitching_mode.value, device=device.value,
+            formats=tuple(f.value for f in output_format) if output_format else ("jpeg",))
+        outcomes = []
+        for outcome in stitch_many(folders, settings, output_root=output_dir, jobs=jobs,
+                                   scheduler=scheduler or None):
+            outcomes.append(outcome)
+            if not quiet:
+                what = f"{outcome.n_tiles} tiles" if outcome.ok else f"failed: {outcome.error}"
+                out_console.print(f"{outcome.folder}: {what} ({outcome.seconds:.1f} s)",
+                                  highlight=False, markup=False)
+        table = Table("scan", "result", "tiles", "seconds", title="ofstitch batch")
+        for o in sorted(outcomes, key=lambda o: str(o.folder)):
+            table.add_row(str(o.folder), "ok" if o.ok else f"failed: {o.error}",
+                          str(o.n_tiles) if o.ok else "", f"{o.seconds:.1f}")
+        out_console.print(table)
+        failed = sum(not o.ok for o in outcomes)
+        if failed:
+            err_console.print(f"ofstitch: {failed} of {len(outcomes)} scans failed",
+                              highlight=False, markup=False)
+            raise typer.Exit(2)
 
 
 @app.command("demo")
@@ -474,7 +571,7 @@ def demo_command(
                           stage_error_px=4.0, rotation_deg=0.7, seed=1)
         settings = StitchSettings(device=device.value)
         start = time.perf_counter()
-        reporter = _Reporter(enabled=not quiet and err_console.is_terminal)
+        reporter = _Reporter(enabled=not quiet and err_console.is_terminal, quiet=quiet)
         with reporter.progress:
             result = stitch(scan_dir, settings, output_dir=output, progress=reporter)
         _summary(result, time.perf_counter() - start)
@@ -522,7 +619,35 @@ def main(argv: list[str] | None = None) -> None:
         args = ["stitch", "--help"]
     elif args and args[0] not in COMMANDS + ("version",):
         args.insert(0, "stitch")
-    app(args=args, prog_name="ofstitch")
+    sys.exit(_run(args))
+
+
+def _run(args: list[str]) -> int:
+    """Run the app on ``args`` (openflexure-stitch spellings accepted); returns the exit code.
+
+    A usage error (an unknown option, a wrong value) is one line on stderr, exit code 2.
+    """
+    try:
+        args = rewrite_argv(args)
+    except OfstitchError as exc:
+        err_console.print(f"[red]ofstitch: error:[/red] {escape(str(exc))}", highlight=False)
+        return 2
+    command = typer.main.get_command(app)
+    try:
+        code = command.main(args=args, prog_name="ofstitch", standalone_mode=False)
+    except typer.Abort:
+        err_console.print("Aborted!", markup=False)
+        return 1
+    except typer.exceptions.TyperException as exc:  # click's usage errors
+        if type(exc).__name__ == "NoArgsIsHelpError" or not hasattr(exc, "format_message"):
+            exc.show()
+            return getattr(exc, "exit_code", 2)
+        message = exc.format_message().replace("Value error, ", "")
+        if type(exc).__name__ == "NoSuchOption" and "Possible options" not in message:
+            message += f" (see '{exc.ctx.command_path if exc.ctx else 'ofstitch'} --help')"
+        err_console.print(f"[red]ofstitch: error:[/red] {escape(message)}", highlight=False)
+        return getattr(exc, "exit_code", 2)
+    return code if isinstance(code, int) else 0
 
 
 if __name__ == "__main__":

@@ -92,8 +92,9 @@ def plot_placement(path: Path, placement, quality: np.ndarray, discrepancy: np.n
     """``stitching_correlations.png`` for the placement that was made.
 
     Robust placement: each pair's score (overlap NCC of its chosen peak) against the
-    null distribution (non-overlapping tiles), the threshold, and how each pair was
-    used. Reference placement: :func:`plot_correlations`.
+    chance level (what tiles that do not overlap score), the threshold, how each pair
+    was used, and the placement's report in plain words. Reference placement:
+    :func:`plot_correlations`.
     """
     if placement.method != "robust" or placement.score is None:
         plot_correlations(path, quality, discrepancy, placement.accepted,
@@ -109,11 +110,11 @@ def plot_placement(path: Path, placement, quality: np.ndarray, discrepancy: np.n
     bins = np.linspace(-0.2, 1.0, 49)
     if len(null):
         ax_hist.hist(np.clip(null, -0.2, 1), bins=bins, density=True, color="0.6", alpha=0.8,
-                     label=f"null: tiles that do not overlap ({len(null)})")
+                     label=f"chance level: tiles that do not overlap ({len(null)})")
     ax_hist.hist(np.clip(score, -0.2, 1), bins=bins, density=True, histtype="step",
                  color="tab:blue", linewidth=1.5, label=f"overlapping pairs ({len(score)})")
     ax_hist.axvline(placement.score_threshold, color="k", linestyle="--", linewidth=1,
-                    label=f"threshold {placement.score_threshold:.2f}")
+                    label=f"chance level {placement.score_threshold:.2f}")
     ax_hist.set_xlabel("score: NCC of the overlap at the chosen peak")
     ax_hist.set_ylabel("density")
     ax_hist.set_title("Scores against chance")
@@ -121,7 +122,7 @@ def plot_placement(path: Path, placement, quality: np.ndarray, discrepancy: np.n
     status = placement.status
     styles = [(TRUSTED, "tab:green", "trusted"), (RESEARCHED, "tab:orange",
                                                   "re-searched near the stage"),
-              (STAGE_ONLY, "tab:red", "stage only")]
+              (STAGE_ONLY, "tab:red", "placed by stage only")]
     y = np.clip(np.nan_to_num(discrepancy, nan=1e4), 1e-2, 1e4)
     for value, colour, label in styles:
         sel = status == value
@@ -133,7 +134,13 @@ def plot_placement(path: Path, placement, quality: np.ndarray, discrepancy: np.n
     ax_scatter.set_ylabel("|highest peak shift - stage shift| / px")
     ax_scatter.set_title(f"Pairs (stage repeatability {placement.stage_sigma_px:.1f} px)")
     ax_scatter.legend(loc="best", fontsize=8)
-    fig.tight_layout()
+    report = getattr(placement, "report", None)
+    if report is not None:
+        fig.text(0.01, 0.005, "\n".join(report.lines()), fontsize=7, va="bottom", wrap=True,
+                 color="tab:red" if report.doubtful else "0.2")
+        fig.tight_layout(rect=(0, 0.03 * (len(report.lines()) + 1), 1, 1))
+    else:
+        fig.tight_layout()
     _save(fig, path, dpi=100)
 
 
@@ -158,7 +165,8 @@ def plot_residuals(path: Path, placement, pairs: np.ndarray, tile_shape: tuple[i
         if (~used).any():
             ax.add_collection(LineCollection(segments[~used], colors="0.75", linewidths=0.6,
                                              linestyles="dashed", zorder=1,
-                                             label=f"stage only ({int((~used).sum())})"))
+                                             label=f"placed by stage only "
+                                                   f"({int((~used).sum())})"))
         if used.any():
             lines = LineCollection(segments[used], cmap="RdYlGn_r", linewidths=2, zorder=2)
             lines.set_array(np.clip(placement.residual_px[used], 0, 3))

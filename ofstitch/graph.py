@@ -7,13 +7,17 @@ pairs, or some tiles could not be placed relative to the others.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 from scipy.sparse import coo_matrix
-from scipy.sparse.csgraph import connected_components
+from scipy.sparse.csgraph import connected_components, minimum_spanning_tree
 
 from .errors import DisconnectedScanError
+
+DEFAULT_MINIMUM_OVERLAP = 0.2  # the reference's; lowered for scans that overlap less
+LOWEST_ADAPTED_OVERLAP = 0.02  # the default never adapts below this
 
 
 @dataclass(frozen=True)
@@ -27,11 +31,22 @@ class OverlapGraph:
     overlap_fraction : ndarray, shape (m,), float64
         Predicted overlap area over tile area.
     n_tiles : int
+    minimum_overlap : float
+        The threshold the pairs were chosen with.
+    nominal_overlap : float or None
+        The scan's overlap between neighbours, from the positions: the median over
+        tiles of each tile's largest predicted overlap (``None`` for a single tile).
+    connecting_overlap : float or None
+        The largest threshold below which the pairs connect every tile (the smallest
+        overlap on the path of largest overlaps), or ``None`` when no threshold does.
     """
 
     pairs: np.ndarray
     overlap_fraction: np.ndarray
     n_tiles: int
+    minimum_overlap: float = DEFAULT_MINIMUM_OVERLAP
+    nominal_overlap: float | None = None
+    connecting_overlap: float | None = None
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -45,14 +60,13 @@ def predicted_overlap(stage_px: np.ndarray, tile_shape: tuple[int, int], a: np.n
     return extent[:, 0] * extent[:, 1] / (size[0] * size[1])
 
 
-def find_pairs(stage_px: np.ndarray, tile_shape: tuple[int, int], minimum_overlap: float
-               ) -> OverlapGraph:
-    """All pairs whose predicted overlap exceeds ``minimum_overlap``.
+def _candidates(stage_px: np.ndarray, tile_shape: tuple[int, int]
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every pair of tiles in neighbouring tile-sized cells, and its predicted overlap.
 
     Uses a grid of tile-sized cells, so the cost grows with the number of tiles,
     not its square.
     """
-    n = len(stage_px)
     size = np.asarray(tile_shape, dtype=np.float64)
     cells = np.floor(stage_px / size).astype(np.int64)
     buckets: dict[tuple[int, int], list[int]] = {}
@@ -70,11 +84,61 @@ def find_pairs(stage_px: np.ndarray, tile_shape: tuple[int, int], minimum_overla
     a = np.asarray(a_list, dtype=np.int64)
     b = np.asarray(b_list, dtype=np.int64)
     frac = predicted_overlap(stage_px, tile_shape, a, b) if len(a) else np.zeros(0)
+    return a, b, frac
+
+
+def nominal_overlap(n_tiles: int, a: np.ndarray, b: np.ndarray, frac: np.ndarray
+                    ) -> float | None:
+    """The median over tiles of each tile's largest overlap (``None`` for one tile)."""
+    if n_tiles < 2:
+        return None
+    best = np.zeros(n_tiles)
+    np.maximum.at(best, a, frac)
+    np.maximum.at(best, b, frac)
+    return float(np.median(best))
+
+
+def connecting_overlap(n_tiles: int, a: np.ndarray, b: np.ndarray, frac: np.ndarray
+                       ) -> float | None:
+    """The largest threshold that still connects all tiles, or ``None`` if none does.
+
+    It is the smallest overlap on the maximum spanning tree of the overlap graph.
+    """
+    if n_tiles < 2:
+        return None
+    keep = frac > 0
+    a, b, frac = a[keep], b[keep], frac[keep]
+    if len(np.unique(components(n_tiles, np.stack([a, b], axis=1)))) > 1:
+        return None
+    weights = coo_matrix((2.0 - frac, (a, b)), shape=(n_tiles, n_tiles)).tocsr()
+    tree = minimum_spanning_tree(weights).tocoo()
+    return float(2.0 - tree.data.max()) if tree.nnz else None
+
+
+def find_pairs(stage_px: np.ndarray, tile_shape: tuple[int, int],
+               minimum_overlap: float | None = None) -> OverlapGraph:
+    """All pairs whose predicted overlap exceeds ``minimum_overlap``.
+
+    ``None`` (the default) adapts to the scan: :data:`DEFAULT_MINIMUM_OVERLAP` when
+    the scan is connected by it, else half the scan's nominal overlap (a 10%-overlap
+    grid is correlated at 0.05), down to :data:`LOWEST_ADAPTED_OVERLAP`.
+    """
+    n = len(stage_px)
+    a, b, frac = _candidates(stage_px, tile_shape)
+    nominal = nominal_overlap(n, a, b, frac)
+    connecting = connecting_overlap(n, a, b, frac)
+    if minimum_overlap is None:
+        minimum_overlap = DEFAULT_MINIMUM_OVERLAP
+        unconnected = connecting is None or connecting <= DEFAULT_MINIMUM_OVERLAP
+        if unconnected and nominal is not None and nominal / 2 >= LOWEST_ADAPTED_OVERLAP:
+            minimum_overlap = round(min(DEFAULT_MINIMUM_OVERLAP, nominal / 2), 3)
     keep = frac > minimum_overlap
     pairs = np.stack([a[keep], b[keep]], axis=1) if keep.any() else np.zeros((0, 2), np.int64)
     frac = frac[keep]
     order = np.lexsort((pairs[:, 1], pairs[:, 0])) if len(pairs) else np.zeros(0, np.int64)
-    return OverlapGraph(pairs=pairs[order], overlap_fraction=frac[order], n_tiles=n)
+    return OverlapGraph(pairs=pairs[order], overlap_fraction=frac[order], n_tiles=n,
+                        minimum_overlap=float(minimum_overlap), nominal_overlap=nominal,
+                        connecting_overlap=connecting)
 
 
 def components(n_tiles: int, pairs: np.ndarray) -> np.ndarray:
@@ -86,8 +150,13 @@ def components(n_tiles: int, pairs: np.ndarray) -> np.ndarray:
     return connected_components(adj, directed=False)[1]
 
 
-def require_connected(graph: OverlapGraph, names: list[str], minimum_overlap: float) -> None:
-    """Raise :class:`DisconnectedScanError` listing the tiles cut off from the largest group."""
+def require_connected(graph: OverlapGraph, names: list[str],
+                      minimum_overlap: float | None = None) -> None:
+    """Raise :class:`DisconnectedScanError` listing the tiles cut off from the largest group.
+
+    The message gives the scan's nominal overlap, measured from the positions, and
+    the ``--minimum-overlap`` that would connect it, if one would.
+    """
     if graph.n_tiles <= 1:
         return
     labels = components(graph.n_tiles, graph.pairs)
@@ -97,10 +166,20 @@ def require_connected(graph: OverlapGraph, names: list[str], minimum_overlap: fl
     main = int(np.argmax(counts))
     lost = [names[i] for i in np.flatnonzero(labels != main)]
     shown = ", ".join(lost[:8]) + (f" and {len(lost) - 8} more" if len(lost) > 8 else "")
+    threshold = graph.minimum_overlap if minimum_overlap is None else minimum_overlap
+    measured = "" if graph.nominal_overlap is None else \
+        f"; neighbouring tiles overlap by {graph.nominal_overlap:.3g} at their positions"
+    if graph.connecting_overlap is not None and graph.connecting_overlap > 0.001:
+        suggestion = max(0.001, math.floor(graph.connecting_overlap * 900) / 1000)
+        advice = (f"--minimum-overlap {suggestion:g} would connect them (a smaller value "
+                  "correlates more, less reliable pairs); or check the stage positions and "
+                  "--csm-matrix, or remove those tiles")
+    else:
+        advice = ("no --minimum-overlap connects them: check the stage positions and "
+                  "--csm-matrix, or remove those tiles")
     raise DisconnectedScanError(
         f"{len(lost)} of {graph.n_tiles} tiles do not overlap the rest of the scan "
-        f"(minimum overlap {minimum_overlap:g}): {shown}. Lower --minimum-overlap, check the "
-        "stage positions and --csm-matrix, or remove those tiles")
+        f"(minimum overlap {threshold:g}{measured}): {shown}. {advice}")
 
 
 MAX_NULL_PAIRS = 200
@@ -115,7 +194,8 @@ def null_pairs(stage_px: np.ndarray, tile_shape: tuple[int, int], pairs: np.ndar
     overlaps ``a``: a tile of the same scan, with the same content statistics, that
     is searched as if it sat where ``b`` does (around ``e``). Up to ``max_pairs``
     (default: a fifth of the pairs, at least 30 where the scan has them, at most
-    :data:`MAX_NULL_PAIRS`), spread evenly over ``pairs``.
+    :data:`MAX_NULL_PAIRS`), spread evenly over ``pairs`` in stage order. The choice does
+    not depend on the tiles' numbering, so the result does not depend on the file order.
 
     Returns
     -------
@@ -134,8 +214,16 @@ def null_pairs(stage_px: np.ndarray, tile_shape: tuple[int, int], pairs: np.ndar
     h, w = tile_shape
     tree = cKDTree(stage_px / np.array([h, w]))
     known = {(int(a), int(b)) for a, b in pairs} | {(int(b), int(a)) for a, b in pairs}
+    # The same chance-level pairs whatever the tile numbering (capture order, file
+    # order): pairs are taken in the order of their tiles' stage positions, each from
+    # its tile with the smaller position (row, then column), and ties between equally
+    # near partners go to the smaller position too.
+    rank = stage_order(stage_px)
+    oriented = np.where((rank[pairs[:, 0]] <= rank[pairs[:, 1]])[:, None], pairs,
+                        pairs[:, ::-1])
+    oriented = oriented[np.lexsort((rank[oriented[:, 1]], rank[oriented[:, 0]]))]
     null, shifts, seen = [], [], set()
-    for a, b in pairs.tolist():
+    for a, b in oriented.tolist():
         e = stage_px[b] - stage_px[a]
         for j in range(2, 6):
             if abs(j * e[0]) >= h or abs(j * e[1]) >= w:
@@ -143,9 +231,13 @@ def null_pairs(stage_px: np.ndarray, tile_shape: tuple[int, int], pairs: np.ndar
         else:
             continue
         target = (stage_px[a] + j * e) / np.array([h, w])
-        dist, c = tree.query(target)
-        c = int(c)
-        if dist > 0.25 or c in (a, b) or (a, c) in known or (min(a, c), max(a, c)) in seen:
+        near = tree.query_ball_point(target, 0.25)
+        if not near:
+            continue
+        dist = np.linalg.norm(stage_px[near] / np.array([h, w]) - target, axis=1)
+        c = int(min(zip(np.round(dist, 9).tolist(), rank[near].tolist(), near,
+                        strict=True))[2])
+        if c in (a, b) or (a, c) in known or (min(a, c), max(a, c)) in seen:
             continue
         gap = np.abs(stage_px[c] - stage_px[a])
         if gap[0] < h and gap[1] < w:
@@ -160,6 +252,25 @@ def null_pairs(stage_px: np.ndarray, tile_shape: tuple[int, int], pairs: np.ndar
         pick = np.unique(np.round(np.linspace(0, len(null_arr) - 1, max_pairs)).astype(int))
         null_arr, shift_arr = null_arr[pick], shift_arr[pick]
     return null_arr, shift_arr
+
+
+def stage_order(stage_px: np.ndarray) -> np.ndarray:
+    """Rank of each tile by stage position (row, then column): an order of the tiles that
+    does not depend on their numbering."""
+    rank = np.empty(len(stage_px), np.int64)
+    rank[np.lexsort((stage_px[:, 1], stage_px[:, 0]))] = np.arange(len(stage_px))
+    return rank
+
+
+def canonical_flip(stage_px: np.ndarray, pairs: np.ndarray) -> np.ndarray:
+    """Which pairs to correlate the other way round, so that every pair is correlated from
+    its tile with the smaller stage position: the same arrays in the same order whatever
+    the file order, so the same floating-point results (a correlation and its mirror agree
+    only to rounding, and rounding can tip a choice between two near-equal peaks)."""
+    if len(pairs) == 0:
+        return np.zeros(0, bool)
+    rank = stage_order(stage_px)
+    return rank[pairs[:, 0]] > rank[pairs[:, 1]]
 
 
 def interleave(pairs: np.ndarray, extra: np.ndarray) -> np.ndarray:

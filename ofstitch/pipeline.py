@@ -16,9 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pyvips
 
-from . import diagnostics, flatfield, formats, levels, preview, render, tiles
+from . import atomic, diagnostics, flatfield, formats, levels, preview, render, tiles
 from .backends import Backend, select_backend
 from .cache import CorrelationCache, cache_path
 from .errors import OfstitchError, OfstitchWarning
@@ -114,11 +113,15 @@ def register(folder: Path | str, settings: StitchSettings | None = None, *,
     return reg
 
 
+MAX_PREFIX_BYTES = 200  # room for "_stitched.ome.zarr" and a temporary name within 255
+
+
 def output_prefix(folder: Path) -> str:
-    """The name outputs start with: the scan folder's name (skipping 'images' and 'use')."""
+    """The name outputs start with: the scan folder's name (skipping 'images' and 'use'),
+    shortened to :data:`MAX_PREFIX_BYTES` so that every output name fits a file system."""
     for part in reversed(Path(folder).resolve().parts):
         if part not in ("images", "use", "/", ""):
-            return part
+            return atomic.shorten_name(part, MAX_PREFIX_BYTES)
     return "scan"
 
 
@@ -176,20 +179,13 @@ def write_preview(scan: Scan, positions: np.ndarray, path: Path, *,
                   extra: dict | None = None, width: int = render.PREVIEW_WIDTH,
                   shown: levels.Levels | None = None,
                   flat: flatfield.FlatField | None = None) -> set[int]:
-    """Write the mosaic at most ``width`` px wide as the JPEG ``path`` (as live stitching
-    draws it, :func:`ofstitch.preview.preview_image`), values mapped to 8 bits by
+    """Write the mosaic at most ``width`` px wide as the JPEG ``path``, drawn as live
+    stitching draws it (:func:`ofstitch.preview.draw`), values mapped to 8 bits by
     ``shown`` (default: :func:`rendering_levels`). Returns the tiles left out
     because they could not be decoded."""
     shown = shown if shown is not None else rendering_levels(scan)
-    image, _, left_out = preview.preview_image(
-        scan.paths, [f.key for f in scan.files], positions, scan.tile_shape, width,
-        preview.PreviewTiles(shown, flat))
-    scale = image.shape[1] / preview.scan_width(positions, scan.tile_shape)
-    pixel = scan.pixel_size_um / scale if scan.pixel_size_um else None
-    formats.write_jpeg(pyvips.Image.new_from_array(image).copy(interpretation="srgb"), path,
-                       metadata=scan.metadata, pixel_size_um=pixel, n_tiles=len(scan),
-                       extra=extra)
-    return left_out
+    return preview.draw(scan, positions, width, preview.PreviewTiles(shown, flat),
+                        jpeg=path, extra=extra)[1]
 
 
 def full_resolution_formats(settings: StitchSettings, size: tuple[int, int]) -> tuple[str, ...]:
@@ -212,12 +208,15 @@ def write_full_resolution(scan: Scan, positions: np.ndarray, out: Path, prefix: 
                           settings: StitchSettings, wanted: tuple[str, ...], *,
                           extra: dict | None = None, skip: set[int] | None = None,
                           progress: Progress = no_progress,
+                          paths: dict[str, Path] | None = None,
                           shown: levels.Levels | None = None,
                           flat: flatfield.FlatField | None = None) -> dict[str, Path]:
     """Write the full-resolution mosaic in each format of ``wanted``; returns the files.
 
-    The data formats keep the tiles' values (:func:`data_pixels`); JPEG and DZI
-    are 8-bit renderings through ``shown`` (default: :func:`rendering_levels`).
+    Each goes to ``out/<prefix>_stitched<suffix>``, or to ``paths[format]`` if given.
+    The data formats keep the tiles' values (:func:`data_pixels`); JPEG, DZI and
+    the pyramid TIFF are 8-bit renderings through ``shown`` (default:
+    :func:`rendering_levels`).
     """
     shown = shown if shown is not None else rendering_levels(scan)
     rendering = render.Mosaic(scan.paths, positions, scan.tile_shape, blend=settings.blend,
@@ -234,7 +233,8 @@ def write_full_resolution(scan: Scan, positions: np.ndarray, out: Path, prefix: 
     base = out / f"{prefix}_stitched"
     outputs: dict[str, Path] = {}
     for fmt in wanted:
-        path = Path(f"{base}{formats.SUFFIXES[fmt]}")
+        path = Path(paths[fmt]) if paths and fmt in paths else \
+            Path(f"{base}{formats.SUFFIXES[fmt]}")
 
         def report(done: int, total: int, fmt: str = fmt) -> None:
             progress(f"write-{fmt}", done, total)
@@ -253,7 +253,7 @@ def write_full_resolution(scan: Scan, positions: np.ndarray, out: Path, prefix: 
             rendering.write(lambda im, p=path: formats.write_dzi(
                 im, p, tile_size=tile_size, pixel_size_um=um), progress=report)
             outputs["dzi"] = path
-            outputs["viewer"] = out / formats.VIEWER_NAME
+            outputs["viewer"] = path.parent / formats.VIEWER_NAME
         elif fmt == "ome-zarr":
             mosaic.write(lambda im, p=path: formats.write_ome_zarr(
                 im, p, pixel_size_um=um, name=prefix, window=shown,
@@ -338,7 +338,7 @@ def stitch(folder: Path | str, settings: StitchSettings | None = None, *,
     if mode == "all":  # refuse an impossible JPEG before spending time on the preview
         wanted = full_resolution_formats(
             settings, render.make_layout(positions, scan.tile_shape).size)
-    preview_path = out / "preview.jpg"
+    preview_path = out / settings.preview_name
     skip = write_preview(scan, positions, preview_path, extra=extra, shown=shown, flat=flat)
     outputs["preview"] = preview_path
     thumb = out / "stitched_thumbnail.jpg"

@@ -23,6 +23,10 @@ freedom of the positions removed) plus a penalty of twice the median
 discrepancy times the fraction of pairs that fell back to the stage, as
 OpenFlexure Stitching does.
 
+Robust placement (the default) is :mod:`ofstitch.robust`: it weights each reading by its
+own 2x2 uncertainty, never strays from the stage beyond its repeatability, and reports how
+far it can be trusted (:class:`PlacementReport`).
+
 The kernels (:func:`fit_affine`, :func:`solve_positions`, :func:`fit_error`)
 take arrays of any array-API namespace; the sparse solve sits behind
 :func:`ofstitch.backends.solve_laplacian`.
@@ -34,7 +38,7 @@ import logging
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from array_api_compat import array_namespace
@@ -51,22 +55,96 @@ CORRELATION_SIGMA_PX = 0.5  # typical error of a trusted correlation shift
 MAX_LEVELS = 24  # threshold values tried per axis in the automatic search
 ONE_D_TOLERANCE_PX = 30.0
 
-# Robust placement (the default).
+# Robust placement (the default, :mod:`ofstitch.robust`): how each pair was placed.
 STAGE_ONLY, TRUSTED, RESEARCHED = 0, 1, 2
-NULL_FPR = 0.01  # accept a pair whose score beats this fraction of chance (null) scores
-MIN_SCORE = 0.2  # ... and never below this overlap NCC
-ISLAND_STAGE_WEIGHT = 1e-6  # stage links only place islands, never bend them
-RESEARCH_SIGMAS = 3.0  # re-search rejected pairs this many stage sigmas from the prediction
-GATE_SIGMAS = 5.0  # a trusted peak further than this from the stage model is a repeat
-MIN_RESEARCH_RADIUS_PX = 4.0
-MIN_GATE_RADIUS_PX = 12.0
-LOOP_TOLERANCE_PX = 1.0  # a trusted pair disagreeing more with its loops is pruned...
-LOOP_SIGMAS = 4.0  # ... when it is also this many robust sigmas out
-MAX_PRUNE_ROUNDS = 200
-LOOP_GROUP_RATIO = 0.6
-# One wrong pair bends every loop near it: a round only prunes the groups whose largest
-# residual is at least this fraction of the round's largest, then solves again.
-PRUNE_FRACTION = 0.5
+
+
+@dataclass(frozen=True)
+class PlacementReport:
+    """How far a placement can be trusted, in plain words.
+
+    Attributes
+    ----------
+    n_pairs : int
+    n_located : int
+        Pairs placed by a reading localised in both directions.
+    n_one_way : int
+        Pairs whose overlap holds only a straight edge: located across it, not along it.
+    n_tiles : int
+    n_tiles_correlated : int
+        Tiles located in both directions by their overlaps.
+    n_tiles_one_way : int
+        Tiles located by their overlaps in one direction only (the stage gives the other).
+    n_tiles_stage_only : int
+        Tiles placed by stage only (no overlap located them).
+    stage_sigma_px : float
+        The stage's repeatability (NaN when too few pairs could measure it).
+    max_loop_residual_px : float
+        The largest residual of a used pair at the final positions.
+    chance_level : float
+        The overlap NCC a reading had to beat (chance exceeds it with probability
+        ``fpr`` per pair).
+    affine_fitted : bool
+        Whether the stage-to-image affine was fitted (else the stage's own matrix).
+    fell_back : bool
+        The correlations disagreed with the stage far beyond its repeatability, and the
+        result was moved back to the stage.
+    doubts : tuple of str
+        Why the result is doubtful (empty when it is not).
+    advice : str
+        What to try when it is.
+    """
+
+    n_pairs: int
+    n_located: int
+    n_one_way: int
+    n_tiles: int
+    n_tiles_correlated: int
+    n_tiles_one_way: int
+    n_tiles_stage_only: int
+    stage_sigma_px: float
+    max_loop_residual_px: float
+    chance_level: float
+    affine_fitted: bool
+    fell_back: bool = False
+    doubts: tuple[str, ...] = ()
+    advice: str = ""
+
+    @property
+    def doubtful(self) -> bool:
+        return bool(self.doubts)
+
+    def lines(self) -> list[str]:
+        """The summary, a few lines for a person."""
+        sigma = (f"{self.stage_sigma_px:.1f} px" if np.isfinite(self.stage_sigma_px)
+                 else "not measured")
+        out = [f"{self.n_located} of {self.n_pairs} pairs located by correlation"
+               + (f", {self.n_one_way} across a straight edge only" if self.n_one_way else "")
+               + f" (chance level: overlap NCC {self.chance_level:.2f}).",
+               f"{self.n_tiles_correlated} of {self.n_tiles} tiles placed by correlation, "
+               + (f"{self.n_tiles_one_way} by correlation in one direction only, "
+                  if self.n_tiles_one_way else "")
+               + f"{self.n_tiles_stage_only} placed by stage only; stage repeatability "
+               f"{sigma}; largest loop residual {self.max_loop_residual_px:.2f} px.",
+               ("Stage model: affine fitted on the located pairs." if self.affine_fitted else
+                "Stage model: the stage's own matrix (too few well-spread located pairs to "
+                "fit an affine).")]
+        if self.doubts:
+            out.append(self.warning())
+        return out
+
+    def warning(self) -> str:
+        """One line: why the result is doubtful and what to try."""
+        return ("placement is doubtful: " + "; ".join(self.doubts)
+                + (f". Try {self.advice}" if self.advice else ""))
+
+
+class PairCounts(NamedTuple):
+    """How the pairs of a placement were used."""
+
+    trusted: int  # placed by their correlation
+    researched: int  # by a candidate found again near the stage model's prediction
+    stage_only: int  # placed by the stage only
 
 
 @dataclass(frozen=True)
@@ -80,14 +158,24 @@ class Placement:
     accepted : ndarray, shape (m,), bool
         Pairs placed by their correlation (the rest by the corrected stage).
     min_peak_quality, max_stage_discrepancy : float
-        The thresholds used.
+        Reference placement: the thresholds used (NaN for robust placement, whose
+        thresholds are ``score_threshold`` and ``gate_px``).
     affine : ndarray, shape (2, 2)
         ``T`` such that ``stage_shift_px @ T`` best matches the correlation
         shifts (identity when it could not be fitted).
     csm : ndarray, shape (2, 2)
         The improved effective camera-to-sample matrix ``inv(T) @ M``.
     rms_error_px : float
-        RMS residual of the trusted pairs at the final positions.
+        RMS residual of the trusted pairs at the final positions (robust: in the
+        directions each reading locates).
+    located : ndarray, shape (m,), bool, optional
+        Robust: pairs placed by a reading localised in both directions.
+    weight : ndarray, shape (m, 2, 2), optional
+        Robust: the inverse covariance each used reading was weighted by, in units of a
+        located reading (the identity); an edge-only reading weighs across the edge only.
+    report : PlacementReport, optional
+        Robust: how far the result can be trusted, in plain words, with the reasons it is
+        doubtful (:meth:`PlacementReport.warning`).
     """
 
     positions_px: np.ndarray
@@ -101,24 +189,27 @@ class Placement:
     status: np.ndarray | None = None  # per pair: STAGE_ONLY, TRUSTED or RESEARCHED
     shift_px: np.ndarray | None = None  # the shift each pair was placed by
     score: np.ndarray | None = None  # per pair: overlap NCC of the chosen peak (robust)
-    null_score: np.ndarray | None = None  # best NCC of each non-overlapping (null) pair
-    score_threshold: float = float("nan")  # the null's (1 - NULL_FPR) quantile
+    null_score: np.ndarray | None = None  # best NCC of each chance-level pair (no overlap)
+    score_threshold: float = float("nan")  # chance level: what a reading had to beat
     stage_sigma_px: float = float("nan")  # the stage's repeatability (robust)
     residual_px: np.ndarray | None = None  # per pair: |x_b - x_a - shift| at the result
+    located: np.ndarray | None = None  # per pair: reading localised in both directions
+    weight: np.ndarray | None = None  # per pair (2, 2): inverse covariance of the reading
+    report: PlacementReport | None = None  # robust placement: how far it can be trusted
+    gate_px: float = float("nan")  # robust: a reading this far from the stage model is a repeat
 
     @property
     def n_accepted(self) -> int:
         return int(self.accepted.sum())
 
-    def counts(self) -> dict[str, int]:
+    def counts(self) -> PairCounts:
         """How many pairs were trusted, re-searched near the stage, or placed by the stage."""
         if self.status is None:
             n = len(self.accepted)
-            return {"trusted": self.n_accepted, "re-searched": 0,
-                    "stage-only": n - self.n_accepted}
-        return {"trusted": int(np.sum(self.status == TRUSTED)),
-                "re-searched": int(np.sum(self.status == RESEARCHED)),
-                "stage-only": int(np.sum(self.status == STAGE_ONLY))}
+            return PairCounts(self.n_accepted, 0, n - self.n_accepted)
+        return PairCounts(int(np.sum(self.status == TRUSTED)),
+                          int(np.sum(self.status == RESEARCHED)),
+                          int(np.sum(self.status == STAGE_ONLY)))
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -349,259 +440,20 @@ def stage_placement(stage_px: np.ndarray, csm: np.ndarray, n_pairs: int = 0) -> 
                      np.eye(2), csm, 0.0)
 
 
-# ----------------------------------------------------------------------------- robust placement
-
-
-def null_threshold(null_score: np.ndarray, fpr: float = NULL_FPR) -> float:
-    """The score a pair must beat: the ``1 - fpr`` quantile of the null scores.
-
-    The null scores are the best candidate scores of tile pairs that do not overlap,
-    searched exactly as the real pairs are: what a chance match looks like on this
-    scan. With fewer than ``1 / fpr`` null pairs the quantile is their maximum. The
-    threshold is never below :data:`MIN_SCORE`.
-    """
-    finite = null_score[np.isfinite(null_score)]
-    if len(finite) == 0:
-        return MIN_SCORE
-    return max(MIN_SCORE, float(np.quantile(finite, 1.0 - fpr, method="higher")))
-
-
-def _best_candidate(candidates: np.ndarray, allowed: np.ndarray | None = None
-                    ) -> tuple[np.ndarray, np.ndarray]:
-    """Shift ``(m, 2)`` and score ``(m,)`` of each pair's best-scoring candidate."""
-    score = np.where(np.isfinite(candidates[..., 2]), candidates[..., 2], -np.inf)
-    if allowed is not None:
-        score = np.where(allowed, score, -np.inf)
-    k = np.argmax(score, axis=1)
-    rows = np.arange(len(candidates))
-    best = score[rows, k]
-    shift = np.where(np.isfinite(best)[:, None], candidates[rows, k, :2], np.nan)
-    return shift, np.where(np.isfinite(best), best, np.nan)
-
-
-def fit_stage_model(stage_shift: np.ndarray, shift: np.ndarray, rounds: int = 4
-                    ) -> tuple[np.ndarray, float]:
-    """Robust affine ``T`` (``stage_shift @ T ≈ shift``) and the stage's repeatability.
-
-    Iteratively refitted on the pairs within 3 robust sigmas of the last fit, so a
-    few wrong correlations do not tilt it. The repeatability ``sigma`` is
-    1.4826 times the median absolute deviation of the residuals (per axis, the
-    larger of the two), in pixels. The identity and the raw spread when the pairs
-    cannot support a fit (fewer than 3, or all along one axis).
-    """
-    if len(shift) == 0:
-        return np.eye(2), float("inf")
-    keep = np.ones(len(shift), bool)
-    affine = np.eye(2)
-    for _ in range(rounds):
-        if not _can_fit_affine(stage_shift[keep]):
-            break
-        fitted = np.asarray(fit_affine(stage_shift[keep], shift[keep]))
-        if not (np.all(np.isfinite(fitted)) and abs(np.linalg.det(fitted)) > 1e-6):
-            break
-        affine = fitted
-        residual = shift - stage_shift @ affine
-        sigma = _robust_sigma(residual[keep])
-        keep = np.all(np.abs(residual - np.median(residual[keep], axis=0)) <= 3 * sigma + 0.5,
-                      axis=1)
-    residual = shift - stage_shift @ affine
-    return affine, _robust_sigma(residual[keep] if keep.any() else residual)
-
-
-def _robust_sigma(residual: np.ndarray) -> float:
-    if len(residual) == 0:
-        return float("inf")
-    mad = np.median(np.abs(residual - np.median(residual, axis=0)), axis=0)
-    return float(1.4826 * np.max(mad))
-
-
-def _within(candidates: np.ndarray, around: np.ndarray, radius: float) -> np.ndarray:
-    """``candidates`` with those further than ``radius`` from ``around`` removed (NaN)."""
-    far = np.linalg.norm(candidates[..., :2] - around[:, None, :], axis=2) > radius
-    return np.where(far[..., None], np.nan, candidates)
-
-
-def _components(n: int, pairs: np.ndarray) -> np.ndarray:
-    """Connected-component label of each of ``n`` tiles under ``pairs``."""
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import connected_components
-
-    if len(pairs) == 0:
-        return np.arange(n)
-    adj = coo_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])), shape=(n, n))
-    return connected_components(adj, directed=False)[1]
-
-
-def place_robust(pairs: np.ndarray, candidates: np.ndarray, stage_px: np.ndarray,
-                 csm: np.ndarray, *, null_candidates: np.ndarray | None = None,
-                 null_stage_shift: np.ndarray | None = None, fpr: float = NULL_FPR,
-                 search_radius: float | None = None) -> Placement:
-    """Place every tile: null-calibrated scores, a stage model, loops and islands.
-
-    1. **Score.** Each pair's candidate peaks are scored by the NCC of the tiles'
-       overlap (see :mod:`ofstitch.stream`); the best is the pair's reading. A pair
-       is trusted when its score beats :func:`null_threshold` of the null pairs
-       (pairs that do not overlap, searched the same way).
-    2. **Stage model.** A robust affine from stage to image shifts is fitted on the
-       trusted pairs (:func:`fit_stage_model`), with the stage's repeatability
-       ``sigma``. A trusted reading more than ``GATE_SIGMAS`` sigma from the model is
-       a repeat of a periodic sample, not the overlap: it is rejected.
-    3. **Re-search.** Each rejected pair takes its best candidate within
-       ``RESEARCH_SIGMAS`` sigma of the model's prediction, if that beats the null
-       threshold for the same restricted search.
-    4. **Loops and islands.** Positions solve the least squares of the used pairs;
-       stage links (the model's prediction) join the islands the used pairs leave,
-       with a weight so small that they place islands without bending them. A used
-       pair whose residual shows it disagrees with its loops is dropped, worst first,
-       until every residual is within tolerance; a pair that is the only link
-       (a bridge) has no loop and is kept.
-
-    Parameters
-    ----------
-    pairs : ndarray, shape (m, 2), int
-    candidates : ndarray, shape (m, K, 3)
-        ``(dy, dx, score)`` of each candidate peak (NaN rows: none).
-    stage_px : ndarray, shape (n, 2)
-    csm : ndarray, shape (2, 2)
-    null_candidates : ndarray, shape (q, K, 3), optional
-        Candidates of the null pairs.
-    null_stage_shift : ndarray, shape (q, 2), optional
-        The stage shift each null pair was searched around.
-    search_radius : float, optional
-        The user's bound on the stage error (``--corr-mask-radius``): candidates
-        further than this from the stage shift are ignored, and a pair that is not
-        trusted takes its best candidate within it (as the reference method does),
-        when that scores at least :data:`MIN_SCORE`. For periodic samples, where a
-        repeat scores as well as the overlap and the null cannot tell them apart.
-    """
-    n, m = len(stage_px), len(pairs)
-    if n == 1 or m == 0:
-        return stage_placement(stage_px, csm, m)
-    stage_shift = stage_px[pairs[:, 1]] - stage_px[pairs[:, 0]]
-    if null_candidates is None or len(null_candidates) == 0:
-        null_candidates = np.full((0,) + candidates.shape[1:], np.nan)
-        null_stage_shift = np.zeros((0, 2))
-    if search_radius is not None:
-        candidates = _within(candidates, stage_shift, search_radius)
-        null_candidates = _within(null_candidates, null_stage_shift, search_radius)
-
-    # 1. Scores against the null.
-    best_shift, best_score = _best_candidate(candidates)
-    _, null_best = _best_candidate(null_candidates)
-    threshold = null_threshold(null_best, fpr)
-    trusted = best_score > threshold
-
-    # 2. Stage model, and the gate against repeats.
-    affine, sigma = fit_stage_model(stage_shift[trusted], best_shift[trusted])
-    if not np.isfinite(sigma):
-        sigma = float(np.max(np.abs(stage_shift))) if m else 0.0
-    predicted = stage_shift @ affine
-    gate = max(GATE_SIGMAS * sigma, MIN_GATE_RADIUS_PX)
-    trusted &= np.linalg.norm(best_shift - predicted, axis=1) <= gate
-
-    # 3. Re-search the rest near the stage prediction.
-    radius = max(RESEARCH_SIGMAS * sigma, MIN_RESEARCH_RADIUS_PX)
-    if search_radius is not None:
-        radius = search_radius
-    near = np.linalg.norm(candidates[..., :2] - predicted[:, None, :], axis=2) <= radius
-    near_shift, near_score = _best_candidate(candidates, near)
-    null_predicted = null_stage_shift @ affine
-    null_near = np.linalg.norm(null_candidates[..., :2] - null_predicted[:, None, :],
-                               axis=2) <= radius
-    _, null_near_best = _best_candidate(null_candidates, null_near)
-    near_threshold = max(null_threshold(null_near_best, fpr), threshold) \
-        if search_radius is None else MIN_SCORE
-    researched = ~trusted & (near_score > near_threshold)
-    status = np.where(trusted, TRUSTED, np.where(researched, RESEARCHED, STAGE_ONLY))
-    shift = np.where(trusted[:, None], best_shift, near_shift)
-    score = np.where(trusted, best_score, np.where(researched, near_score, best_score))
-
-    # The final stage model, from every pair now used.
-    used = status != STAGE_ONLY
-    affine2, sigma2 = fit_stage_model(stage_shift[used], shift[used])
-    if np.isfinite(sigma2):
-        affine, sigma = affine2, sigma2
-    predicted = stage_shift @ affine
-
-    # 4. Loops and islands.
-    for _ in range(MAX_PRUNE_ROUNDS):
-        target = np.where(used[:, None], shift, predicted)
-        weights = np.where(used, 1.0, ISLAND_STAGE_WEIGHT)
-        positions = np.asarray(solve_positions(pairs, target, weights, n))
-        residual = np.linalg.norm(positions[pairs[:, 1]] - positions[pairs[:, 0]] - target,
-                                  axis=1)
-        if not used.any():
-            break
-        r_used = residual[used]
-        limit = max(LOOP_TOLERANCE_PX, LOOP_SIGMAS * 1.4826 * float(np.median(r_used)))
-        worst = _loop_breakers(pairs, residual, used & (residual > limit), score)
-        if not worst.any():
-            break
-        used &= ~worst
-        status = np.where(used, status, STAGE_ONLY)
-    rms = float(np.sqrt(np.mean(residual[used] ** 2))) if used.any() else 0.0
-    target = np.where(used[:, None], shift, predicted)
-    return Placement(positions - positions.min(axis=0), used, float(threshold), float(gate),
-                     affine, np.linalg.inv(affine) @ csm, rms, method="robust",
-                     status=status, shift_px=target, score=score, null_score=null_best,
-                     score_threshold=float(threshold), stage_sigma_px=float(sigma),
-                     residual_px=residual)
-
-
-def _loop_breakers(pairs: np.ndarray, residual: np.ndarray, conflict: np.ndarray,
-                   score: np.ndarray) -> np.ndarray:
-    """The pairs to drop this round, one per group of pairs that share a broken loop.
-
-    Least squares spreads a wrong pair's error over its loop: on a lone loop every
-    pair ends with the same residual, so the residual alone cannot say which pair is
-    wrong. Pairs in conflict that touch each other with residuals within a factor
-    :data:`LOOP_GROUP_RATIO` of the largest are one group, taken largest first; the
-    group drops its weakest pair: the lowest score (the overlap matches least well).
-    Only groups led by a residual within :data:`PRUNE_FRACTION` of the largest drop a
-    pair in a round: the smaller conflicts are often the larger ones' error spread over
-    neighbouring loops, and disappear once the culprit is gone.
-    """
-    out = np.zeros(len(pairs), bool)
-    idx = np.flatnonzero(conflict)
-    if len(idx) == 0:
-        return out
-    by_tile: dict[int, list[int]] = {}
-    for k in idx.tolist():
-        for t in pairs[k].tolist():
-            by_tile.setdefault(t, []).append(k)
-    done: set[int] = set()
-    order = idx[np.argsort(-residual[idx])].tolist()
-    lead = PRUNE_FRACTION * residual[order[0]]
-    for k in order:
-        if residual[k] < lead:
-            break  # smaller conflicts may only be echoes of the larger ones
-        if k in done:
-            continue
-        floor = LOOP_GROUP_RATIO * residual[k]
-        group, todo = [], [k]
-        done.add(k)
-        while todo:
-            j = todo.pop()
-            group.append(j)
-            for t in pairs[j].tolist():
-                for i in by_tile[t]:
-                    if i not in done and residual[i] >= floor:
-                        done.add(i)
-                        todo.append(i)
-        out[min(group, key=lambda j: (score[j], -residual[j]))] = True
-    return out
-
-
 def place(pairs: np.ndarray, shift: np.ndarray, quality: np.ndarray, stage_px: np.ndarray,
           csm: np.ndarray, *, method: str | None = None, candidates: np.ndarray | None = None,
           null_candidates: np.ndarray | None = None,
           null_stage_shift: np.ndarray | None = None, search_radius: float | None = None,
+          tile_shape: tuple[int, int] | None = None, warn: bool = True,
           **reference_options: Any) -> Placement:
     """Place every tile from pair correlations and stage positions.
 
     ``method="robust"`` (the default when ``candidates`` are given) is
     :func:`place_robust`; ``"reference"`` is the threshold search of OpenFlexure
     Stitching (:func:`place_reference`, which takes ``reference_options``).
+    ``tile_shape`` bounds the stage error robust placement believes (a fraction of the
+    tile); with ``warn``, a doubtful robust result emits its report's one-line
+    :class:`~ofstitch.errors.OfstitchWarning`.
     """
     method = method or ("robust" if candidates is not None else "reference")
     if method not in PLACEMENT_METHODS:
@@ -616,5 +468,24 @@ def place(pairs: np.ndarray, shift: np.ndarray, quality: np.ndarray, stage_px: n
         warnings.warn("no pair could be correlated (blank or unreadable tiles): placing every "
                       "tile from the stage alone", OfstitchWarning, stacklevel=2)
         return stage_placement(stage_px, csm, len(pairs))
-    return place_robust(pairs, candidates, stage_px, csm, null_candidates=null_candidates,
-                        null_stage_shift=null_stage_shift, search_radius=search_radius)
+    from .robust import place_robust
+
+    result = place_robust(pairs, candidates, stage_px, csm, null_candidates=null_candidates,
+                          null_stage_shift=null_stage_shift, search_radius=search_radius,
+                          tile_shape=tile_shape)
+    if warn and result.report is not None and result.report.doubtful:
+        warnings.warn(result.report.warning(), OfstitchWarning, stacklevel=2)
+    return result
+
+
+# Robust placement lives in its own module (which imports this one); its names are part of
+# this module's API, looked up on first use.
+_ROBUST_NAMES = ("NULL_FPR", "MIN_SCORE", "fit_stage_model", "null_threshold", "place_robust")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _ROBUST_NAMES:
+        from . import robust
+
+        return getattr(robust, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

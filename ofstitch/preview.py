@@ -19,10 +19,11 @@ from pathlib import Path
 import numpy as np
 import pyvips
 
-from . import render, tiles
+from . import formats, render, tiles
 from .errors import OfstitchWarning
 from .flatfield import FlatField
 from .levels import Levels
+from .scan import Scan
 
 MAX_SHRINK = 8  # libjpeg's DCT scaling goes down to 1/8
 
@@ -88,6 +89,15 @@ class PreviewTiles:
         with self._lock:
             self._tiles.clear()
 
+    def prepare(self, scan: Scan, positions_px: np.ndarray, width: int) -> int:
+        """Decode every tile at the shrink a ``width``-pixel preview needs (and forget the
+        other sizes); returns that shrink."""
+        shrink = shrink_for(render.scale_for_width(positions_px, scan.tile_shape, width))
+        for i in range(len(scan)):
+            self.get(scan.path(i), scan.files[i].key, shrink, scan.tile_shape)
+        self.keep_only(shrink)
+        return shrink
+
 
 def compose(small: Sequence[np.ndarray | None], layout: render.Layout) -> np.ndarray:
     """Compose tiles already at ``layout.scale`` into one uint8 RGB array.
@@ -114,6 +124,30 @@ def compose(small: Sequence[np.ndarray | None], layout: render.Layout) -> np.nda
         np.copyto(region, dist, where=nearer)
         np.copyto(canvas[ty:ty + h, tx:tx + w], arr[:h, :w], where=nearer[..., None])
     return canvas
+
+
+def draw(scan: Scan, positions_px: np.ndarray, width: int, cache: PreviewTiles, *,
+         jpeg: Path | None = None, dzi: Path | None = None, extra: dict | None = None
+         ) -> tuple[np.ndarray, set[int]]:
+    """The preview of ``scan`` at ``positions_px``, at most ``width`` pixels wide.
+
+    ``jpeg``: also write it there (atomically, with ofstitch EXIF: the pixel size,
+    the first tile's metadata, ``extra``). ``dzi``: also write a Deep Zoom pyramid
+    there, at the resolution of the decoded tiles (no viewer page). Returns the
+    image ``(h, w, 3)`` uint8 and the tiles left out (undecodable).
+    """
+    image, canvas, left_out = preview_image(scan.paths, [f.key for f in scan.files],
+                                            positions_px, scan.tile_shape, width, cache)
+    if jpeg is not None:
+        scale = render.scale_for_width(positions_px, scan.tile_shape, width)
+        pixel = scan.pixel_size_um / scale if scan.pixel_size_um else None
+        formats.write_jpeg(pyvips.Image.new_from_array(image).copy(interpretation="srgb"),
+                           Path(jpeg), metadata=scan.metadata, pixel_size_um=pixel,
+                           n_tiles=len(scan), extra=extra)
+    if dzi is not None:
+        formats.write_dzi(pyvips.Image.new_from_array(canvas).copy(interpretation="srgb"),
+                          Path(dzi), viewer=False)
+    return image, left_out
 
 
 def preview_image(paths: Sequence[Path], keys: Sequence[str], positions_px: np.ndarray,

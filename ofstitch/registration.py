@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,9 +28,10 @@ import numpy as np
 from . import diagnostics
 from .backends import Backend
 from .cache import CorrelationCache
-from .errors import OfstitchError
+from .errors import OfstitchError, OfstitchWarning
 from .graph import (
     OverlapGraph,
+    canonical_flip,
     components,
     find_pairs,
     interleave,
@@ -108,7 +110,24 @@ def correlate(scan: Scan, pairs: np.ndarray, expected: np.ndarray, settings: Sti
               backend: Backend, *, cache: CorrelationCache | None,
               progress: Progress = no_progress) -> Readings:
     """Correlate ``pairs`` (searched around the ``expected`` shifts), reusing and filling
-    the cache."""
+    the cache.
+
+    Each pair is correlated from its tile with the smaller stage position (and flipped
+    back), so that the results do not depend on the order of the files.
+    """
+    flip = canonical_flip(scan.stage_px, pairs)
+    pairs = np.where(flip[:, None], pairs[:, ::-1], pairs)
+    expected = np.where(flip[:, None], -expected, expected)
+    readings = _correlate(scan, pairs, expected, settings, backend, cache=cache,
+                          progress=progress)
+    readings.shift_px[flip] *= -1
+    readings.candidates[flip, :, :2] *= -1
+    return readings
+
+
+def _correlate(scan: Scan, pairs: np.ndarray, expected: np.ndarray, settings: StitchSettings,
+               backend: Backend, *, cache: CorrelationCache | None,
+               progress: Progress = no_progress) -> Readings:
     keys = [f.key for f in scan.files]
     cs = settings.correlation
     if cache is not None:
@@ -124,9 +143,17 @@ def correlate(scan: Scan, pairs: np.ndarray, expected: np.ndarray, settings: Sti
     budget = memory_budget(backend, settings.device_memory, settings.priority)
     done = 0
     flushed = time.monotonic()
-    for batch in correlate_pairs(scan.paths, pairs[todo], expected[todo], cs, plan, backend,
-                                 batch_pairs=settings.batch_pairs, budget_bytes=budget,
-                                 workers=settings.workers):
+    if settings.scheduler:
+        from .distributed import correlate_on_cluster
+
+        batches = correlate_on_cluster(settings.scheduler, scan.paths, pairs[todo],
+                                       expected[todo], cs, scan.tile_shape,
+                                       batch_pairs=settings.batch_pairs, budget_bytes=budget)
+    else:
+        batches = correlate_pairs(scan.paths, pairs[todo], expected[todo], cs, plan, backend,
+                                  batch_pairs=settings.batch_pairs, budget_bytes=budget,
+                                  workers=settings.workers)
+    for batch in batches:
         ids = todo[batch.pair_ids]
         readings.shift_px[ids] = batch.shift_px
         readings.quality[ids] = batch.quality
@@ -357,7 +384,8 @@ def place_readings(scan: Scan, graph: OverlapGraph, readings: Readings,
             return place(pairs, r.shift_px, r.quality, stage_px, scan.csm, method="robust",
                          candidates=r.candidates, null_candidates=null_candidates,
                          null_stage_shift=null_expected,
-                         search_radius=settings.correlation.corr_mask_radius)
+                         search_radius=settings.correlation.corr_mask_radius,
+                         tile_shape=scan.tile_shape, warn=False)
         return place(pairs, r.shift_px, r.quality, stage_px, scan.csm, method="reference",
                      thresholding="manual" if ask_thresholds else "automatic",
                      ask_thresholds=ask_thresholds, min_peak_quality=settings.min_peak_quality,
@@ -392,7 +420,7 @@ def register_scan(scan: Scan, graph: OverlapGraph, settings: StitchSettings, bac
                   *, cache: CorrelationCache | None, progress: Progress = no_progress,
                   ask_thresholds: Callable[[], Thresholds] | None = None,
                   nulls: NullRequest = NullRequest(), thresholds: Thresholds | None = None,
-                  plot_dir: Path | None = None) -> Registration:
+                  plot_dir: Path | None = None, warn: bool = True) -> Registration:
     """Correlate the graph's pairs (and the null pairs) and place every tile.
 
     Parameters
@@ -413,6 +441,8 @@ def register_scan(scan: Scan, graph: OverlapGraph, settings: StitchSettings, bac
         Reference placement: use these thresholds instead of searching.
     plot_dir : path, optional
         Where the correlation plot goes before ``ask_thresholds`` is asked.
+    warn : bool
+        Warn (once, in one line) when the placement is doubtful (live previews do not).
     """
     t0 = time.perf_counter()
     plan = plan_pairs(scan, graph, settings)
@@ -453,6 +483,9 @@ def register_scan(scan: Scan, graph: OverlapGraph, settings: StitchSettings, bac
                                                       pairs[:, 0], pairs[:, 1]), len(scan))
         placed = place_readings(scan, graph, readings, settings, null_readings=null_readings,
                                 null_expected=null_expected, ask_thresholds=ask)
+    report = placed.placement.report if placed.placement is not None else None
+    if warn and report is not None and report.doubtful:
+        warnings.warn(report.warning(), OfstitchWarning, stacklevel=2)
     t2 = time.perf_counter()
     return Registration(
         scan, graph, readings, placed.positions_px, placed.placement, placed.n_groups,

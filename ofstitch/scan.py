@@ -22,6 +22,7 @@ CSM, ``M`` swaps the axes: stage ``x`` is the column and ``y`` the row.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -37,7 +38,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import piexif
 
-from . import tiles
+from . import layout, tiles
 from .errors import MetadataError, NoImagesError, OfstitchError, OfstitchWarning
 from .settings import StitchSettings
 
@@ -48,8 +49,6 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".gif")
 IGNORED_PHRASES = ("stitched", "comparison", "fused", "stage", "stitching", "preview",
                    "thumbnail")
 DEFAULT_OPENFLEXURE_CSM_WIDTH = 832
-# Not OFMTileConfiguration.txt: that is an output (optimised positions) and must not feed back.
-TILE_CONFIG_NAMES = ("TileConfiguration.txt", "tile_config.txt")
 SWAP_AXES = np.array([[0.0, 1.0], [1.0, 0.0]])  # x = column, y = row, when no CSM is known
 SWAP_AXES.flags.writeable = False
 
@@ -72,17 +71,48 @@ class TileMetadata:
     usercomment: dict | None = field(default=None, compare=False, repr=False)
 
 
+SAMPLE_EDGE_BYTES = 16 << 10  # the content fingerprint reads the first and last 16 KiB
+SAMPLE_BLOCKS, SAMPLE_BLOCK_BYTES = 8, 4 << 10  # ... and 8 blocks of 4 KiB between them
+
+
+def content_digest(path: Path, size: int) -> str:
+    """A fast fingerprint of a file's content (64 KiB read at most): a file replaced by
+    another of the same size with its modification time kept (``cp -p``, ``rsync -a``)
+    gets another one. Empty when the file cannot be read."""
+    h = hashlib.blake2b(digest_size=8)
+    try:
+        with open(path, "rb") as fh:
+            h.update(fh.read(SAMPLE_EDGE_BYTES))
+            if size > 2 * SAMPLE_EDGE_BYTES:
+                for k in range(1, SAMPLE_BLOCKS + 1):
+                    fh.seek(k * (size - SAMPLE_BLOCK_BYTES) // (SAMPLE_BLOCKS + 1))
+                    h.update(fh.read(SAMPLE_BLOCK_BYTES))
+                fh.seek(max(size - SAMPLE_EDGE_BYTES, 0))
+                h.update(fh.read(SAMPLE_EDGE_BYTES))
+    except OSError:
+        return ""
+    return h.hexdigest()
+
+
 @dataclass(frozen=True)
 class TileFile:
-    """A tile file's identity: what the cache checks to know a file is unchanged."""
+    """A tile file's identity: what the cache checks to know a file is unchanged (its name,
+    size, modification time and a fingerprint of its content)."""
 
     name: str
     size: int
     mtime_ns: int
+    digest: str = ""
 
     @property
     def key(self) -> str:
-        return f"{self.name}|{self.size}|{self.mtime_ns}"
+        base = f"{self.name}|{self.size}|{self.mtime_ns}"
+        return f"{base}|{self.digest}" if self.digest else base
+
+    @classmethod
+    def of(cls, record: TileRecord) -> TileFile:
+        return cls(record.path.name, record.stat.st_size, record.stat.st_mtime_ns,
+                   record.digest)
 
 
 @dataclass(frozen=True)
@@ -170,14 +200,35 @@ def find_image_files(folder: Path) -> list[Path]:
         entries = sorted(os.scandir(folder), key=lambda e: e.name)
     except PermissionError:
         raise OfstitchError(f"cannot read the folder {folder}: check its permissions") from None
-    out = []
+    out, ignored = [], []
     for entry in entries:
         try:
-            if entry.is_file() and is_tile_name(entry.name):
-                out.append(Path(entry.path))
+            if not entry.is_file():
+                continue
         except OSError:  # a dangling link or a symlink loop
             continue
+        if is_tile_name(entry.name):
+            out.append(Path(entry.path))
+        elif _looks_like_a_tile_with_an_output_word(entry.name):
+            ignored.append(entry.name)
+    if ignored:
+        word = next(p for p in IGNORED_PHRASES if p in ignored[0].lower())
+        warnings.warn(
+            f"leaving out {len(ignored)} image file(s) whose names mark them as outputs, "
+            f"e.g. {ignored[0]!r} (it contains {word!r}): rename them to stitch them",
+            OfstitchWarning, stacklevel=2)
     return out
+
+
+_OUTPUT_NAME = re.compile(r"stitched|^preview|^stitching_|^thumbnail", re.IGNORECASE)
+
+
+def _looks_like_a_tile_with_an_output_word(name: str) -> bool:
+    """An image whose name holds an output word (so it is left out) but is not named like
+    the outputs of ofstitch or openflexure-stitching (which are left out in silence)."""
+    lower = name.lower()
+    return (not name.startswith(".") and lower.endswith(IMAGE_EXTENSIONS)
+            and any(p in lower for p in IGNORED_PHRASES) and not _OUTPUT_NAME.search(name))
 
 
 # ----------------------------------------------------------------------------- metadata
@@ -329,29 +380,24 @@ def position_from_filename(name: str) -> tuple[float, float, float] | None:
 
 
 def read_tile_configuration(path: Path) -> dict[str, tuple[float, float]]:
-    """Positions ``{file name: (x, y)}`` (pixels, top-left) from a Fiji TileConfiguration."""
-    out: dict[str, tuple[float, float]] = {}
-    pattern = re.compile(
-        r"^\s*([^;#]+?)\s*;\s*[^;]*;\s*\(\s*([^,]+?)\s*,\s*([^,)]+?)\s*(?:,[^)]*)?\)")
-    try:
-        text = Path(path).read_text(errors="replace")
-    except OSError:
-        return out
-    for line in text.splitlines():
-        match = pattern.match(line)
-        if match:
-            x, y = _finite_float(match.group(2)), _finite_float(match.group(3))
-            if x is not None and y is not None:
-                out[match.group(1)] = (x, y)
-    return out
+    """Positions ``{file name: (x, y)}`` (pixels, top-left) from a Fiji TileConfiguration.
+
+    Never raises (:func:`ofstitch.layout.read_layout` without its ``dim = 3`` check;
+    the scan's loaders refuse 3D layouts).
+    """
+    return layout.read_layout(path, refuse_3d=False)
 
 
 def parse_csm(text: str) -> tuple[tuple[float, float], tuple[float, float]]:
-    """Parse ``--csm-matrix`` text such as ``[[0, 1], [1, 0]]``."""
+    """Parse ``--csm-matrix`` text such as ``[[0, 1], [1, 0]]``, or NumPy's printing of
+    a matrix, ``[[0.  1.5]\n [1.5 0. ]]`` (without commas)."""
+    text = text.replace("(", "[").replace(")", "]")
     try:
-        value = json.loads(text.replace("(", "[").replace(")", "]"))
+        value = json.loads(text)
     except (ValueError, RecursionError):
-        value = None
+        rows = re.fullmatch(r"\s*\[\s*\[([^\[\]]*)\]\s*,?\s*\[([^\[\]]*)\]\s*\]\s*", text)
+        value = None if rows is None else \
+            [[v for v in re.split(r"[\s,]+", row.strip()) if v] for row in rows.groups()]
     matrix = _matrix(value)
     if matrix is None:
         raise OfstitchError(
@@ -383,21 +429,21 @@ class TileRecord(NamedTuple):
     bands: int
     format: str
     meta: TileMetadata
+    digest: str = ""  # content_digest of the file
 
 
 def tile_configuration(folder: Path) -> dict[str, tuple[float, float]]:
     """Positions from the Fiji tile configuration beside the tiles, if there is one."""
-    for name in TILE_CONFIG_NAMES:
-        if (Path(folder) / name).is_file():
-            config = read_tile_configuration(Path(folder) / name)
-            if config:
-                return config
-    return {}
+    return layout.layout_beside(folder)
 
 
-def read_tile(path: Path, tile_config: dict[str, tuple[float, float]] | None = None
-              ) -> TileRecord | None:
-    """Read one tile file's header and position; ``None`` (with a warning) if it is unusable."""
+def read_tile(path: Path, tile_config: dict[str, tuple[float, float]] | None = None, *,
+              override: bool = False) -> TileRecord | None:
+    """Read one tile file's header and position; ``None`` (with a warning) if it is unusable.
+
+    The position comes from the file's metadata, else ``tile_config``, else its name;
+    with ``override`` (a layout the user gave), from ``tile_config`` first.
+    """
     path = Path(path)
     try:
         stat = path.stat()
@@ -410,6 +456,10 @@ def read_tile(path: Path, tile_config: dict[str, tuple[float, float]] | None = N
         warnings.warn(f"skipping {path.name}: {exc}", OfstitchWarning, stacklevel=2)
         return None
     meta = read_metadata(path)
+    if override and tile_config and path.name in tile_config:
+        # Pixel positions: the metadata's position and camera-to-sample matrix do not apply.
+        meta = TileMetadata(**{**meta.__dict__, "stage_xyz": None, "csm": None,
+                               "csm_width": None, "csm_unreadable": False})
     if meta.stage_xyz is None and tile_config and path.name in tile_config:
         x, y = tile_config[path.name]
         meta = TileMetadata(**{**meta.__dict__, "stage_xyz": (x, y, 0.0),
@@ -425,7 +475,7 @@ def read_tile(path: Path, tile_config: dict[str, tuple[float, float]] | None = N
             "(expected OpenFlexure EXIF, a TileConfiguration.txt, or name_X_Y.jpg)",
             OfstitchWarning, stacklevel=2)
         return None
-    return TileRecord(path, stat, (h, w), bands, fmt, meta)
+    return TileRecord(path, stat, (h, w), bands, fmt, meta, content_digest(path, stat.st_size))
 
 
 def load_scan(folder: Path, settings: StitchSettings | None = None) -> Scan:
@@ -448,12 +498,55 @@ def load_scan(folder: Path, settings: StitchSettings | None = None) -> Scan:
         raise NoImagesError(
             f"no tile images (jpg, png, tif, bmp, gif) found in {folder}: give the folder "
             "that holds the scan's tiles")
-    tile_config = tile_configuration(folder)
-    records = [r for r in (read_tile(path, tile_config) for path in paths) if r is not None]
+    settings = settings or StitchSettings()
+    tile_config, override = _given_layout(paths, settings)
+    if tile_config is None:
+        tile_config, override = tile_configuration(folder), False
+    records = [r for r in (read_tile(path, tile_config, override=override) for path in paths)
+               if r is not None]
     if not records:
+        hint = "" if tile_config else (": if their names hold grid indices or a sequence "
+                                       "number, give the layout with --grid ROWSxCOLS or "
+                                       "--layout FILE")
         raise NoImagesError(f"none of the {len(paths)} image files in {folder} can be used "
-                            "as a tile (see the warnings above)")
+                            f"as a tile (see the warnings above){hint}")
     return scan_from_tiles(folder, records, settings)
+
+
+def _given_layout(paths: list[Path], settings: StitchSettings
+                  ) -> tuple[dict[str, tuple[float, float]] | None, bool]:
+    """The layout given by ``--layout`` or ``--grid`` (it beats the tiles' metadata)."""
+    if settings.layout is not None and settings.grid is not None:
+        raise OfstitchError("--layout and --grid both give the tile positions: give one")
+    if settings.layout is not None:
+        return layout.read_layout_option(Path(settings.layout)), True
+    if settings.grid is not None:
+        shapes = []
+        for path in paths[:5]:
+            try:
+                shapes.append(tiles.header(path)[:2])
+            except (OSError, tiles.TileReadError):
+                continue
+        if not shapes:
+            return None, False  # every file is unreadable: read_tile says why
+        shape = Counter(shapes).most_common(1)[0][0]
+        return settings.grid.positions([p.name for p in paths], shape), True
+    return None, False
+
+
+def _refuse_index_names(records: list[TileRecord], tile_shape: tuple[int, int]) -> None:
+    """Stop when the numbers in the tiles' names are grid indices, not pixel positions."""
+    named = [r for r in records if r[5].position_source == "filename"]
+    if len(named) < 2 or len(named) < len(records) / 2:
+        return
+    why = layout.index_like(np.array([r[5].stage_xyz[:2] for r in named]), tile_shape)
+    if why is None:
+        return
+    examples = ", ".join(r[0].name for r in named[:2])
+    raise MetadataError(
+        f"the numbers in the tile names ({examples}, ...) look like grid indices or "
+        f"sequence numbers, not pixel positions: {why}. Give the layout with --grid "
+        "ROWSxCOLS (and --grid-order, --grid-overlap), or a Fiji layout with --layout FILE")
 
 
 def scan_from_tiles(folder: Path, records: list[TileRecord],
@@ -488,6 +581,7 @@ def scan_from_tiles(folder: Path, records: list[TileRecord],
             f"tiles are {'8' if majority_8bit else '16'}-bit", OfstitchWarning, stacklevel=2)
     records = [r for r in records if _is_8bit(r[4]) == majority_8bit]
 
+    _refuse_index_names(records, tile_shape)
     records = _keep_sharpest_of_stacks(records)
 
     # Capture order: EXIF time when every tile has one, else modification time.
@@ -527,7 +621,7 @@ def scan_from_tiles(folder: Path, records: list[TileRecord],
     um = next((r[5].um_per_px for r in records if r[5].um_per_px is not None), None)
     bit_depth = 8 if _is_8bit(records[0][4]) else 16
     sources = Counter(r[5].position_source for r in records)
-    files = tuple(TileFile(r[0].name, r[1].st_size, r[1].st_mtime_ns) for r in records)
+    files = tuple(TileFile.of(r) for r in records)
     log.info("scan %s: %d tiles of %dx%d px, positions from %s", folder, len(files), tile_w,
              tile_h, dict(sources))
     return Scan(folder=folder, files=files, tile_shape=tile_shape,

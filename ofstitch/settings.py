@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Literal
 
 from .errors import SettingError
+from .layout import Grid
 
 StitchingMode = Literal["all", "preview", "stage", "only-correlate"]
 Thresholding = Literal["automatic", "manual"]
@@ -32,8 +33,47 @@ PRIORITIES = ("time", "memory")
 DEVICES = ("cpu", "cuda", "auto")
 
 
+MIN_RESIZE = 0.01  # below this no tile of any size keeps enough pixels to correlate
+MAX_HIGH_PASS_SIGMA = 1e4
+
+# Other spellings of the choices above that the command line accepts (in any case):
+# openflexure-stitch's mode names, and the format names ASHLAR and Fiji users type.
+STITCHING_MODE_ALIASES = {"preview_stitch": "preview", "stage_stitch": "stage",
+                          "only_correlate": "only-correlate"}
+OUTPUT_FORMAT_ALIASES = {"jpg": "jpeg", "tif": "ome-tiff", "tiff": "ome-tiff",
+                         "ome.tif": "ome-tiff", "ome.tiff": "ome-tiff", "ome-tif": "ome-tiff",
+                         "ometiff": "ome-tiff", "zarr": "ome-zarr", "ome.zarr": "ome-zarr",
+                         "omezarr": "ome-zarr"}
+
+
+def canonical_choice(value: str, choices: tuple[str, ...], aliases: dict[str, str]) -> str:
+    """``value`` as one of ``choices`` when it is one of them or of their ``aliases`` (any
+    case); otherwise ``value`` unchanged, for the caller's error to list the choices."""
+    key = str(value).strip().lower()
+    if key in choices:
+        return key
+    return aliases.get(key, value)
+
+
 def _help(text: str) -> dict:
     return {"help": text}
+
+
+def _check(setting: str, value: object, *, allowed: str, low: float | None = None,
+           high: float | None = None, low_open: bool = False, high_open: bool = False,
+           integer: bool = False) -> None:
+    """Raise :class:`SettingError` unless ``value`` is a finite number in range (NaN,
+    infinities, booleans and text never are); ``allowed`` says what is."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if ok:
+        v = float(value)
+        ok = math.isfinite(v) and (not integer or v == int(v))
+        if ok and low is not None:
+            ok = v > low if low_open else v >= low
+        if ok and high is not None:
+            ok = v < high if high_open else v <= high
+    if not ok:
+        raise SettingError(setting, f"must be {allowed}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -73,17 +113,15 @@ class CorrelationSettings:
         object.__setattr__(self, "search_margin", float(self.search_margin))
         if self.corr_mask_radius is not None:
             object.__setattr__(self, "corr_mask_radius", float(self.corr_mask_radius))
-        if not (0 < self.resize <= 1):
-            raise SettingError("resize", f"must be in (0, 1], got {self.resize}")
-        if self.high_pass_sigma < 0:
-            raise SettingError("high_pass_sigma",
-                               f"must be zero or positive, got {self.high_pass_sigma}")
-        if not (0 <= self.search_margin < 1):
-            raise SettingError("search_margin", f"must be in [0, 1) (a fraction of the tile "
-                               f"size), got {self.search_margin}")
-        if self.corr_mask_radius is not None and self.corr_mask_radius <= 0:
-            raise SettingError("corr_mask_radius",
-                               f"must be positive, got {self.corr_mask_radius}")
+        _check("resize", self.resize, low=MIN_RESIZE, high=1.0,
+               allowed=f"in [{MIN_RESIZE}, 1]")
+        _check("high_pass_sigma", self.high_pass_sigma, low=0.0, high=MAX_HIGH_PASS_SIGMA,
+               allowed=f"between 0 and {MAX_HIGH_PASS_SIGMA:g} (FFT pixels)")
+        _check("search_margin", self.search_margin, low=0.0, high=1.0, high_open=True,
+               allowed="in [0, 1) (a fraction of the tile size)")
+        if self.corr_mask_radius is not None:
+            _check("corr_mask_radius", self.corr_mask_radius, low=0.0, low_open=True,
+                   allowed="a positive number of pixels")
 
     def key(self) -> str:
         """A canonical JSON string of the settings, used as the cache key."""
@@ -108,10 +146,11 @@ class StitchSettings:
     """Every setting of a stitch run. ``correlation`` keys the cache."""
 
     correlation: CorrelationSettings = field(default_factory=CorrelationSettings)
-    minimum_overlap: float = field(default=0.2, metadata=_help(
+    minimum_overlap: float | None = field(default=None, metadata=_help(
         "Minimum overlap, as a fraction of the tile area predicted from the stage "
-        "positions, for two tiles to be correlated. Lower it if your scan has small "
-        "overlaps and ofstitch reports disconnected tiles."))
+        "positions, for two tiles to be correlated. Default: 0.2, or half the scan's "
+        "nominal overlap when 0.2 would leave tiles unconnected (0.05 for a grid of "
+        "10% overlap)."))
     csm_matrix: tuple[tuple[float, float], tuple[float, float]] | None = field(
         default=None, metadata=_help(
             "Camera-to-sample (image-to-stage displacement) matrix, as "
@@ -122,6 +161,15 @@ class StitchSettings:
         "rescaled to the tiles' width. Default: for a matrix from the metadata, the "
         "width it records, or 832 for OpenFlexure images that do not; a --csm-matrix "
         "is used as given. 0 leaves the matrix unscaled."))
+    layout: str | None = field(default=None, metadata=_help(
+        "A Fiji layout file (TileConfiguration.txt, TileConfiguration.registered.txt, "
+        "'name.tif; ; (x, y)' lines in pixels) giving the tile positions, instead of "
+        "the tiles' metadata and names. A TileConfiguration[.registered].txt beside the "
+        "tiles is read without it."))
+    grid: Grid | None = field(default=None, metadata=_help(
+        "Place the tiles on a ROWSxCOLS grid (such as 3x4), in natural file-name order "
+        "(2.tif before 10.tif), as Fiji's Grid/Collection stitching does: for tiles whose "
+        "names hold grid indices or a sequence number."))
     image_count: int | None = field(default=None, metadata=_help(
         "Use only the first N images after sorting by capture time (for trying "
         "settings on part of a scan)."))
@@ -183,6 +231,10 @@ class StitchSettings:
         "Also write a pyramidal OME-TIFF (the same as --format ome-tiff)."))
     stitch_dzi: bool = field(default=False, metadata=_help(
         "Also write a Deep Zoom (DZI) pyramid and viewer.html (the same as --format dzi)."))
+    preview_name: str = field(default="preview.jpg", metadata=_help(
+        "File name of the 1000 px preview (the OpenFlexure server's live-preview call, "
+        "openflexure-stitch's --stitching_mode only_stage_stitch, names it "
+        "stitched_from_stage.jpg)."))
     tile_size: int | None = field(default=None, metadata=_help(
         "Tile size, in pixels, of the pyramidal OME-TIFF/DZI outputs (a power of two "
         "is best). Default: 256."))
@@ -197,13 +249,41 @@ class StitchSettings:
         "Pairs correlated per batch. Default: sized from a memory budget."))
     workers: int | None = field(default=None, metadata=_help(
         "Threads for decoding tiles and for CPU FFTs. Default: the number of CPUs."))
+    scheduler: str | None = field(default=None, metadata=_help(
+        "Address of a Dask scheduler (such as tcp://head:8786; also the environment "
+        "variable OFSTITCH_SCHEDULER): the pairs are correlated by its workers, which read "
+        "the tiles from a shared file system; placement and outputs stay here. Needs "
+        "pip install \"ofstitch[dask]\". Default: correlate on this machine."))
 
     def __post_init__(self) -> None:
-        if not (0 <= self.minimum_overlap < 1):
-            raise SettingError("minimum_overlap", f"must be in [0, 1), got {self.minimum_overlap}")
+        if self.minimum_overlap is not None:
+            _check("minimum_overlap", self.minimum_overlap, low=0.0, high=1.0, high_open=True,
+                   allowed="in [0, 1) (a fraction of the tile area)")
+        for name, value, allowed, low, high in (
+                ("min_peak_quality", self.min_peak_quality, "in [0, 1]", 0.0, 1.0),
+                ("max_stage_discrepancy", self.max_stage_discrepancy,
+                 "a number of pixels, zero or more", 0.0, None),
+                ("csm_calibration_width", self.csm_calibration_width,
+                 "a width in pixels, 0 to 100000 (0: leave the matrix unscaled)", 0, 100_000),
+                ("image_count", self.image_count, "at least 1", 1, None),
+                ("tile_size", self.tile_size, "between 16 and 8192", 16, 8192),
+                ("batch_pairs", self.batch_pairs, "at least 1", 1, None),
+                ("workers", self.workers, "between 1 and 1024", 1, 1024)):
+            if value is not None:
+                _check(name, value, low=low, high=high, allowed=allowed,
+                       integer=name not in ("min_peak_quality", "max_stage_discrepancy"))
+        if self.csm_matrix is not None:
+            flat = [v for row in self.csm_matrix for v in row]
+            for v in flat:
+                _check("csm_matrix", v, allowed="2x2 finite numbers, at most 1e6 in size",
+                       low=-1e6, high=1e6)
+        object.__setattr__(self, "stitching_mode", canonical_choice(
+            self.stitching_mode, STITCHING_MODES, STITCHING_MODE_ALIASES))
         if isinstance(self.formats, str):  # one format, not one per letter
             object.__setattr__(self, "formats", (self.formats,))
-        object.__setattr__(self, "formats", tuple(str(f) for f in self.formats))
+        object.__setattr__(self, "formats", tuple(
+            canonical_choice(str(f), OUTPUT_FORMATS, OUTPUT_FORMAT_ALIASES)
+            for f in self.formats))
         for name, values, allowed in (
                 ("stitching_mode", (self.stitching_mode,), STITCHING_MODES),
                 ("thresholding", (self.thresholding,), THRESHOLDING_METHODS),
@@ -220,12 +300,12 @@ class StitchSettings:
         if self.flat_field not in (None, "auto") and not Path(self.flat_field).is_file():
             raise SettingError("flat_field", f"must be 'auto' or an image file, got "
                                f"{self.flat_field!r}")
-        if self.tile_size is not None and not (16 <= self.tile_size <= 8192):
-            raise SettingError("tile_size", f"must be between 16 and 8192, got {self.tile_size}")
         if self.device_memory is not None:
             parse_memory(self.device_memory)  # raises a clear error early
-        if self.image_count is not None and self.image_count < 1:
-            raise SettingError("image_count", f"must be at least 1, got {self.image_count}")
+        name = self.preview_name
+        if Path(name).name != name or not name.lower().endswith((".jpg", ".jpeg")):
+            raise SettingError("preview_name",
+                               f"must be a file name ending in .jpg, got {name!r}")
         # The placement method, resolved once: the reference's whenever one of its
         # options is asked for.
         if self.thresholding == "manual" or self.min_peak_quality is not None or \
@@ -304,11 +384,10 @@ class WatchSettings:
         "events (for network folders, where events do not arrive)."))
 
     def __post_init__(self) -> None:
-        if not (math.isfinite(self.settle_time) and self.settle_time >= 0):
-            raise SettingError("settle_time", f"must be zero or positive, got {self.settle_time}")
-        if self.idle_timeout is not None and not (
-                math.isfinite(self.idle_timeout) and self.idle_timeout > 0):
-            raise SettingError("idle_timeout",
-                               f"must be a positive number of seconds, got {self.idle_timeout}")
-        if self.preview_width < 1:
-            raise SettingError("preview_width", f"must be positive, got {self.preview_width}")
+        _check("settle_time", self.settle_time, low=0.0, high=3600.0,
+               allowed="between 0 and 3600 seconds")
+        if self.idle_timeout is not None:
+            _check("idle_timeout", self.idle_timeout, low=0.0, low_open=True,
+                   allowed="a finite, positive number of seconds")
+        _check("preview_width", self.preview_width, low=1, high=65_535, integer=True,
+               allowed="between 1 and 65535 pixels")

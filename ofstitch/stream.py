@@ -34,7 +34,7 @@ from array_api_compat import array_namespace
 
 from . import correlate, tiles
 from .backends import Backend, free_memory_bytes, to_device, to_host
-from .errors import OfstitchWarning
+from .errors import OfstitchWarning, SettingError
 from .settings import CorrelationSettings, parse_memory
 
 log = logging.getLogger(__name__)
@@ -62,6 +62,7 @@ SCORE_BINNING = 2
 SCORE_HIGH_PASS_SIGMA = 8.0
 # Smallest stage-error margin around the predicted overlap, in correlation pixels.
 MIN_MARGIN_PX = 16
+MIN_SCALED_SIDE = 16  # tiles smaller than this after --resize cannot be correlated
 # Coarse to fine: whole tiles whose shorter side is at least this many pixels are
 # correlated binned 2x2 (a quarter of the work), and the candidates that could be used
 # are refined on the full-resolution overlaps, within REFINE_MARGIN_PX.
@@ -85,6 +86,11 @@ class CorrelationPlan:
     @classmethod
     def make(cls, tile_shape: tuple[int, int], settings: CorrelationSettings) -> CorrelationPlan:
         scaled = tiles.scaled_shape(tile_shape, settings.resize)
+        if min(scaled) < MIN_SCALED_SIDE:
+            raise SettingError(
+                "resize", f"of {settings.resize:g} leaves tiles of {scaled[1]}x{scaled[0]} px, "
+                f"too small to correlate (at least {MIN_SCALED_SIDE} px a side): use at least "
+                f"{min(1.0, MIN_SCALED_SIDE / min(tile_shape)):.3g}")
         if settings.pad and settings.search_margin > 0:
             margin = max(MIN_MARGIN_PX, math.ceil(settings.search_margin * max(scaled)))
             fft = (scipy.fft.next_fast_len(scaled[0] + 2 * margin + 3, real=True),

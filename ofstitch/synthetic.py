@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from importlib import resources
@@ -116,6 +117,7 @@ def make_scan(
     seed: int = 0,
     backlash_px: float = 0.0,
     blank_fraction: float = 0.0,
+    content: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
 ) -> SyntheticScan:
     """Write a synthetic scan into ``folder`` and return its ground truth.
 
@@ -143,6 +145,10 @@ def make_scan(
     blank_fraction : float
         Fraction of tiles written blank: the source's background level plus noise
         and shading, no content (as from an empty field or a failed capture).
+    content : callable, optional
+        ``content(box, background) -> box``: rewrites the part of the source the scan
+        covers (float32 ``(H, W, 3)``, and the background colour), for scans whose
+        content has a given shape (:func:`edge_content`, :func:`corner_content`).
     """
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}")
@@ -180,6 +186,13 @@ def make_scan(
     # Centre the scan in the source.
     margin = (np.array(src.shape[:2]) - need) // 2
     truth = truth + margin
+    if content is not None:
+        background = np.percentile(src.reshape(-1, src.shape[-1]), 98, axis=0)
+        y0, x0 = truth.min(axis=0)
+        y1, x1 = truth.max(axis=0) + np.array(tile_shape)
+        src = src.copy()
+        box = content(src[y0:y1, x0:x1].astype(np.float32), background.astype(np.float32))
+        src[y0:y1, x0:x1] = np.clip(np.round(box), 0, 255).astype(src.dtype)
 
     calib_w = calibration_width or tw
     csm_written = m_true * tw / calib_w
@@ -278,6 +291,40 @@ def make_hard_scan(folder: Path, *, source: np.ndarray | Path | None = None,
     options = {**HARD_SCAN, **kwargs}
     return make_scan(folder, source=hard_source(src, seed=seed), grid=grid,
                      tile_shape=tile_shape, seed=seed, **options)
+
+
+def edge_content(at: float = 0.35, band: float = 0.3) -> Callable:
+    """A straight tissue edge against blank slide (the aperture problem).
+
+    Left of the vertical line at ``at`` of the scan's width is blank slide; right of it,
+    over ``band`` of the width, tissue of one flat colour (stain without texture); then
+    the source's own texture. An overlap that holds only the edge locates a tile across
+    the edge (in x) and not along it (in y).
+    """
+    def apply(box: np.ndarray, background: np.ndarray) -> np.ndarray:
+        w = box.shape[1]
+        x0, x1 = int(at * w), int((at + band) * w)
+        out = box.copy()
+        tissue = np.median(box.reshape(-1, box.shape[-1]), axis=0)
+        out[:, :x0] = background
+        out[:, x0:x1] = 0.5 * (tissue + background) - 40.0
+        return out
+
+    return apply
+
+
+def corner_content(radius: float = 0.3) -> Callable:
+    """Texture only near one corner: blank slide except within ``radius`` of the scan's
+    diagonal from its top-left corner (a sparse sample)."""
+    def apply(box: np.ndarray, background: np.ndarray) -> np.ndarray:
+        h, w = box.shape[:2]
+        yy, xx = np.mgrid[0:h, 0:w]
+        far = np.hypot(yy, xx) > radius * np.hypot(h, w)
+        out = box.copy()
+        out[far] = background
+        return out
+
+    return apply
 
 
 def pair_errors(positions: np.ndarray, truth: np.ndarray, pairs: np.ndarray) -> np.ndarray:

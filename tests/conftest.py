@@ -15,6 +15,9 @@ SHARED_DATA = Path(os.environ.get("OFSTITCH_SHARED_DATA",
                                   Path(__file__).resolve().parents[1] / ".." / "shared" / "data"))
 
 
+REQUIRE_CUPY = os.environ.get("OFSTITCH_REQUIRE_CUPY") == "1"  # benchmarks/gpu_check.sh
+
+
 def _backends() -> list:
     params = [pytest.param("numpy", id="numpy")]
     params.append(pytest.param("array_api_strict", id="array_api_strict", marks=pytest.mark.skipif(
@@ -28,6 +31,9 @@ def _backends() -> list:
             cupy_ok = cupy.cuda.runtime.getDeviceCount() > 0
         except Exception:
             cupy_ok = False
+    if REQUIRE_CUPY and not cupy_ok:
+        raise RuntimeError("OFSTITCH_REQUIRE_CUPY=1 but CuPy with a CUDA GPU is not usable "
+                           "(see 'ofstitch devices')")
     params.append(pytest.param("cupy", id="cupy", marks=pytest.mark.skipif(
         not cupy_ok, reason="CuPy with a CUDA GPU is not available")))
     return params

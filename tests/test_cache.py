@@ -2,7 +2,7 @@
 
 A pair is correlated again exactly when one of its files changed (name, size or
 modification time) or the correlation settings changed; everything else comes
-from ``ofstitch_cache.json``. A corrupt cache warns and is rebuilt; a failed
+from ``ofstitch_tiling_cache.json``. A corrupt cache warns and is rebuilt; a failed
 write leaves the previous cache intact.
 """
 
@@ -22,7 +22,7 @@ import pytest
 
 import ofstitch
 from ofstitch import cache as cache_module
-from ofstitch.cache import CACHE_NAME, FORMAT, VERSION
+from ofstitch.cache import CACHE_NAME, FORMAT, VERSION, cache_path
 from ofstitch.errors import OfstitchWarning
 from ofstitch.settings import StitchSettings
 
@@ -151,8 +151,22 @@ def _rewrite(path: Path) -> None:
         _touch(path)
 
 
-@pytest.mark.parametrize("change", [_touch, _replace_same_mtime, _rewrite],
-                         ids=["touch", "replace-same-mtime", "rewrite"])
+def _other_content_same_size_and_mtime(path: Path) -> None:
+    """Other pixels in a file of the same size, with its modification time kept (what
+    ``cp -p`` or ``rsync -a`` of another image of the same size does)."""
+    st = path.stat()
+    data = bytearray(path.read_bytes())
+    i = next(i for i in range(len(data) * 3 // 5, len(data))  # inside the entropy-coded data
+             if data[i - 1] != 0xFF and data[i] < 0xFE)
+    data[i] ^= 0x01
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert (path.stat().st_size, path.stat().st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+
+
+@pytest.mark.parametrize("change", [_touch, _replace_same_mtime, _rewrite,
+                                    _other_content_same_size_and_mtime],
+                         ids=["touch", "replace-same-mtime", "rewrite", "same-size-and-mtime"])
 def test_changed_tile_recorrelates_exactly_its_pairs(scan, change):
     first = register(scan.folder)
     centre = "tile_0004.jpg"  # the middle of the 3x3 grid: 4 pairs
@@ -358,8 +372,20 @@ def test_cache_dir_from_the_command_line(scan, tmp_path):
                      cache_dir, "-q")
     assert result.returncode == 0, result.stderr
     assert not (scan.folder / CACHE_NAME).exists()
-    assert [p.name for p in cache_dir.iterdir()] == [f"{scan.folder.name}_{CACHE_NAME}"]
+    assert [p.name for p in cache_dir.iterdir()] == [cache_path(scan.folder, cache_dir).name]
+    assert cache_path(scan.folder, cache_dir).name.startswith(scan.folder.name + "_")
     assert register(scan.folder, cache_dir=cache_dir).n_correlated == 0
+
+
+def test_cache_dir_keeps_two_folders_of_the_same_name_apart(make_synthetic, tmp_path):
+    """Two scans both called 'scan' (in different places) get their own caches there."""
+    one = make_synthetic("a/scan", grid=(2, 2), tile_shape=TILE_SHAPE, seed=1)
+    two = make_synthetic("b/scan", grid=(2, 2), tile_shape=TILE_SHAPE, seed=2)
+    cache_dir = tmp_path / "caches"
+    register(one.folder, cache_dir=cache_dir)
+    assert register(two.folder, cache_dir=cache_dir).n_cached == 0
+    assert len(list(cache_dir.iterdir())) == 2
+    assert register(one.folder, cache_dir=cache_dir).n_correlated == 0
 
 
 def test_missing_cache_dir_is_created(scan, tmp_path):

@@ -422,3 +422,28 @@ def test_blank_tiles_islands_and_the_batch_result(make_synthetic, tmp_path):
     np.testing.assert_array_equal(live.snapshot().pairs, reg.graph.pairs)  # the same ones
     assert reg.n_correlated == 0  # the live path correlated those too
     assert _max_difference(live.positions(), reg.positions()) < 1e-6
+
+
+def test_watch_ends_with_one_line_when_its_folder_goes_away(scan, tmp_path):
+    """A deleted (or unmounted) watched folder ends the watch: exit 2, one error line, the
+    preview so far kept where the outputs go."""
+    folder = tmp_path / "watched"
+    folder.mkdir()
+    out = tmp_path / "out"
+    for name in scan.names[:4]:
+        _copy(scan, name, folder)
+    proc = _watch(folder, "--settle-time", "0", "-o", str(out), "-q")
+    deadline = time.monotonic() + 60
+    while not (out / "preview.jpg").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert (out / "preview.jpg").exists()
+    shutil.rmtree(folder)
+    try:
+        _, stderr = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 2, stderr
+    errors = [line for line in stderr.splitlines() if line.startswith("ofstitch: error:")]
+    assert len(errors) == 1 and "is gone" in errors[0], stderr
+    assert "Traceback" not in stderr
+    assert (out / "preview.jpg").exists()

@@ -353,8 +353,9 @@ def test_cli_rejects_unknown_choices(exact_scan, tmp_path, capsys, args, message
 
 def test_settings_validate_formats():
     with pytest.raises(OfstitchError, match="^formats must be one of") as caught:
-        StitchSettings(formats=("tiff",))
+        StitchSettings(formats=("bmp",))
     assert caught.value.for_cli().startswith("--format must be one of")
+    assert StitchSettings(formats=("TIFF", "jpg")).formats == ("ome-tiff", "jpeg")  # spellings
     with pytest.raises(OfstitchError, match="^blend must be one of"):
         StitchSettings(blend="average")
     assert StitchSettings(formats="ome-tiff").formats == ("ome-tiff",)

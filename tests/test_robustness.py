@@ -704,7 +704,35 @@ OPTION_VALUES = [  # a bad option value: arguments, fragment of the error line
     pytest.param(["--device-memory", "lots"], "--device-memory", id="device-memory-words"),
     pytest.param(["--device-memory", "1e308TB"], "--device-memory",
                  id="device-memory-overflowing"),
+    # Absurd numbers: each names its option and the range it allows.
+    pytest.param(["--resize", "1e-9"], "--resize must be in [0.01, 1]", id="resize-tiny"),
+    pytest.param(["--resize", "0.05"], "too small to correlate", id="resize-tiles-too-small"),
+    pytest.param(["--high-pass-sigma", "inf"], "--high-pass-sigma", id="sigma-inf"),
+    pytest.param(["--high-pass-sigma", "nan"], "--high-pass-sigma", id="sigma-nan"),
+    pytest.param(["--high-pass-sigma", "1e308"], "--high-pass-sigma", id="sigma-huge"),
+    pytest.param(["--corr-mask-radius", "nan"], "--corr-mask-radius", id="mask-nan"),
+    pytest.param(["--corr-mask-radius", "inf"], "--corr-mask-radius", id="mask-inf"),
+    pytest.param(["--workers", "-1"], "--workers must be between 1", id="workers-negative"),
+    pytest.param(["--min-peak-quality", "-1"], "--min-peak-quality must be in [0, 1]",
+                 id="quality-negative"),
+    pytest.param(["--csm-calibration-width", "1000000000"], "--csm-calibration-width",
+                 id="calibration-width-huge"),
+    pytest.param(["--csm-matrix", "[[0, 1e7], [1e7, 0]]"], "--csm-matrix", id="csm-huge"),
+    pytest.param(["--minimum-overlap", "nan"], "--minimum-overlap", id="overlap-nan"),
 ]
+
+
+@pytest.mark.parametrize("args, fragment", [
+    pytest.param(["--idle-timeout", "nan"], "--idle-timeout", id="idle-nan"),
+    pytest.param(["--idle-timeout", "inf"], "--idle-timeout", id="idle-inf"),
+    pytest.param(["--high-pass-sigma", "inf"], "--high-pass-sigma", id="sigma-inf"),
+    pytest.param(["--settle-time", "-1"], "--settle-time", id="settle-negative"),
+])
+def test_bad_watch_option_value_stops(args, fragment, tmp_path, tissue, capsys):
+    folder = tmp_path / "scan"
+    write_grid(folder, tissue)
+    result = run_main("watch", folder, *args, "-q", capsys=capsys)
+    assert_user_error(result, fragment)
 
 
 @pytest.mark.parametrize("args, fragment", OPTION_VALUES)
@@ -747,7 +775,7 @@ def read_cache(path: Path) -> dict:
     return data["sets"]
 
 
-CACHES = {  # what is found in ofstitch_cache.json
+CACHES = {  # what is found in ofstitch_tiling_cache.json
     "another-version": json.dumps({"format": FORMAT, "version": VERSION + 1,
                                    "sets": {DEFAULT_KEY: {"a::b": [0, 0, 1, 0, 0]}}}).encode(),
     "another-program": json.dumps({"format": "something-else", "version": VERSION}).encode(),
@@ -861,3 +889,16 @@ def test_a_full_run_modifies_no_input(tmp_path, tissue):
     parent_after = _snapshot(tmp_path)
     assert set(parent_after) == set(parent_before)
     assert parent_after["scan_truth.json"] == parent_before["scan_truth.json"]
+
+
+def test_a_scan_folder_with_a_very_long_name(tmp_path, tissue, capsys):
+    """A 240-character folder name: every output name (and its temporary name) still fits
+    the file system's 255 bytes; the prefix is shortened, nothing fails after the work."""
+    folder = tmp_path / ("long" * 60)
+    write_grid(folder, tissue)
+    result = run_main(folder, "-q", "--format", "jpeg", "--format", "ome-zarr", capsys=capsys)
+    assert result.returncode == 0, result.stderr
+    stitched = [p.name for p in folder.iterdir() if "_stitched" in p.name]
+    assert len(stitched) == 2 and all(len(os.fsencode(n)) <= 255 for n in stitched)
+    assert all(n.startswith("long" * 50) for n in stitched)
+    assert not [p for p in folder.iterdir() if p.name.startswith(".")]  # no temporaries left

@@ -217,8 +217,14 @@ def test_unsupported_and_output_files_are_ignored(tmp_path, texture):
             write_jpeg(path, arr)
         else:
             write_png(path, arr)
-    scan = load_quiet(tmp_path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        scan = load_scan(tmp_path)
     assert sorted(names_of(scan)) == sorted(p.name for p in tiles)
+    # Images left out for an output word that ofstitch's own outputs do not carry are
+    # reported, once; the names of outputs are left out in silence.
+    messages = [str(w.message) for w in caught if issubclass(w.category, OfstitchWarning)]
+    assert len(messages) == 1 and "3 image file(s)" in messages[0], messages
 
 
 def test_bmp_tiles_load(tmp_path, texture):
@@ -591,12 +597,13 @@ def test_tile_configuration_positions(tmp_path, texture, config_name):
     np.testing.assert_allclose(scan.stage_px, [(y, x) for x, y in positions.values()])
 
 
-def test_tile_configuration_beats_filename_and_accepts_3d(tmp_path, texture):
-    # The names carry positions too; the configuration must win.
+def test_tile_configuration_beats_filename(tmp_path, texture):
+    # The names carry positions too; the configuration must win. (A 3D layout,
+    # dim = 3, is refused: tests/test_dropin.py.)
     (tmp_path / "TileConfiguration.txt").write_text(
-        "dim = 3\n"
-        "tile_500_500.png; ; (10.0, 20.0, 0.0)\n"
-        "tile_600_600.png;;(70.0,25.0,0.0)\n")
+        "dim = 2\n"
+        "tile_500_500.png; ; (10.0, 20.0)\n"
+        "tile_600_600.png;;(70.0,25.0)\n")
     for k, name in enumerate(["tile_500_500.png", "tile_600_600.png"]):
         write_png(tmp_path / name, texture(k))
     set_mtimes([tmp_path / "tile_500_500.png", tmp_path / "tile_600_600.png"])
@@ -862,3 +869,21 @@ def test_truncated_jpeg_is_skipped_with_warning(truncated_scan):
     with pytest.warns(OfstitchWarning, match="cut_80_0.jpg"):
         scan = load_scan(truncated_scan)
     assert sorted(names_of(scan)) == ["a_0_0.jpg", "b_40_0.jpg"]
+
+
+def test_images_left_out_for_an_output_word_are_reported_once(tmp_path):
+    """'stage_01.jpg' holds the output word 'stage': left out, with one warning that counts
+    them and gives an example; the outputs of a stitch are left out in silence."""
+    from ofstitch.scan import find_image_files
+
+    for name in ("tile_0_0.jpg", "tile_0_100.jpg", "stage_01.jpg", "stage_02.jpg",
+                 "preview.jpg", "scan_stitched.jpg", "stitched_from_stage.jpg",
+                 "stitching_inputs.png"):
+        (tmp_path / name).write_bytes(b"")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        found = find_image_files(tmp_path)
+    assert [p.name for p in found] == ["tile_0_0.jpg", "tile_0_100.jpg"]
+    messages = [str(w.message) for w in caught if issubclass(w.category, OfstitchWarning)]
+    assert len(messages) == 1, messages
+    assert "2 image file(s)" in messages[0] and "'stage_01.jpg'" in messages[0]

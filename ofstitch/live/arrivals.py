@@ -18,7 +18,16 @@ import numpy as np
 
 from ofstitch import tiles
 from ofstitch.errors import OfstitchWarning
-from ofstitch.scan import TileFile, TileRecord, is_tile_name, read_tile, tile_configuration
+from ofstitch.scan import (
+    Scan,
+    TileFile,
+    TileRecord,
+    is_tile_name,
+    read_tile,
+    scan_from_tiles,
+    tile_configuration,
+)
+from ofstitch.settings import StitchSettings
 
 DEFAULT_SETTLE_TIME_S = 0.5
 
@@ -81,6 +90,21 @@ class Arrivals:
         self._skipped: dict[str, tuple[int, int]] = {}  # name -> (size, mtime_ns) when skipped
         self.tile_shape: tuple[int, int] | None = None
         self.eight_bit: bool | None = None
+        self._seen_warnings: set[str] = set()
+
+    def scan(self, settings: StitchSettings) -> Scan:
+        """The scan of the tiles accepted so far, by the scan-wide rules of a batch run
+        (capture order, z-stacks, CSM); each of its warnings is shown once, not at every
+        update."""
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            scan = scan_from_tiles(self.folder, list(self.records.values()), settings)
+        for w in caught:
+            text = str(w.message)
+            if text not in self._seen_warnings:
+                self._seen_warnings.add(text)
+                warnings.warn(text, w.category, stacklevel=4)
+        return scan
 
     def forget(self, name: str) -> bool:
         """Forget a tile whose file went away; returns whether it was a tile of the scan."""
@@ -133,7 +157,7 @@ class Arrivals:
         if problem:
             return self._skip(name, stat, problem)
         try:
-            self.decode(path, TileFile(name, stat.st_size, stat.st_mtime_ns).key, record.shape)
+            self.decode(path, TileFile.of(record).key, record.shape)
         except tiles.TileReadError as exc:
             if "truncated" in str(exc).lower() or "premature" in str(exc).lower():
                 return AddStatus.WAITING

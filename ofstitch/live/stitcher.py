@@ -5,22 +5,20 @@ from __future__ import annotations
 import logging
 import threading
 import time
-import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import pyvips
 
-from ofstitch import formats, pipeline, render
+from ofstitch import pipeline, render
 from ofstitch.backends import Backend, select_backend
 from ofstitch.cache import CorrelationCache, cache_path
 from ofstitch.errors import OfstitchError
 from ofstitch.graph import find_pairs
-from ofstitch.preview import PreviewTiles, preview_image, shrink_for
+from ofstitch.preview import PreviewTiles, draw
 from ofstitch.registration import NullRequest, Progress, Registration, no_progress, register_scan
-from ofstitch.scan import Scan, require_folder, scan_from_tiles
+from ofstitch.scan import Scan, require_folder
 from ofstitch.settings import StitchSettings
 
 from .arrivals import DEFAULT_SETTLE_TIME_S, AddStatus, Arrivals
@@ -142,7 +140,6 @@ class LiveStitcher:
         self._value_scale_known = False
         self._arrivals = Arrivals(self.folder, float(settle_time), self._decode_new)
         self._search = ThresholdSearch(self.settings)
-        self._seen_warnings: set[str] = set()
         self._null_tried: frozenset = frozenset()  # null pairs correlated (file keys)
         self._n_correlated = 0
         self._last: Registration | None = None
@@ -190,21 +187,8 @@ class LiveStitcher:
         snap = self.snapshot()
         if not snap.names:
             raise OfstitchError("no tile has been added yet, so there is no preview")
-        scan = snap.scan
-        result, canvas, _ = preview_image(scan.paths, [f.key for f in scan.files],
-                                          snap.positions_px, scan.tile_shape,
-                                          int(width or self.preview_width), self._tiles)
-        if path is not None:
-            scale = render.scale_for_width(snap.positions_px, scan.tile_shape,
-                                           int(width or self.preview_width))
-            pixel = scan.pixel_size_um / scale if scan.pixel_size_um else None
-            formats.write_jpeg(
-                pyvips.Image.new_from_array(result).copy(interpretation="srgb"), Path(path),
-                metadata=scan.metadata, pixel_size_um=pixel, n_tiles=len(scan))
-        if dzi is not None:  # at the resolution of the small tiles; no viewer page
-            formats.write_dzi(pyvips.Image.new_from_array(canvas).copy(interpretation="srgb"),
-                              Path(dzi), viewer=False)
-        return result
+        return draw(snap.scan, snap.positions_px, int(width or self.preview_width), self._tiles,
+                    jpeg=path, dzi=dzi)[0]
 
     # ------------------------------------------------------------------ the writer
 
@@ -237,20 +221,6 @@ class LiveStitcher:
                     self._snapshot = _empty_snapshot(self._snapshot.version + 1)
             return True
 
-    def _build_scan(self) -> Scan:
-        # The scan-wide rules of a batch run (capture order, z-stacks, CSM); each
-        # warning is shown once, not at every update.
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            scan = scan_from_tiles(self.folder, list(self._arrivals.records.values()),
-                                   self.settings)
-        for w in caught:
-            text = str(w.message)
-            if text not in self._seen_warnings:
-                self._seen_warnings.add(text)
-                warnings.warn(text, w.category, stacklevel=4)
-        return scan
-
     def _register(self, scan: Scan, *, null_budget: int | None, force_search: bool
                   ) -> tuple[Registration, bool]:
         """The registration core on the tiles so far (new pairs only: the cache has the
@@ -260,7 +230,8 @@ class LiveStitcher:
             else None
         reg = register_scan(scan, graph, self.settings, self.backend, cache=self._cache,
                             progress=self.progress,
-                            nulls=NullRequest(null_budget, self._null_tried), thresholds=reuse)
+                            nulls=NullRequest(null_budget, self._null_tried), thresholds=reuse,
+                            warn=False)  # the report is on each placement; finish() warns
         self._null_tried |= reg.null_tried
         self._n_correlated += reg.n_correlated
         if self.settings.placement == "reference":
@@ -272,7 +243,7 @@ class LiveStitcher:
 
     def _update(self) -> LiveUpdate:
         t0 = time.perf_counter()
-        scan = self._build_scan()
+        scan = self._arrivals.scan(self.settings)
         if not self._value_scale_known:
             self._value_scale_known = True
             levels = pipeline.rendering_levels(scan)
@@ -307,15 +278,7 @@ class LiveStitcher:
     def _prepare_preview(self) -> None:
         """Decode at a coarser shrink once the mosaic has grown past the current one."""
         snap = self._snapshot
-        scan = snap.scan
-        shrink = shrink_for(render.scale_for_width(snap.positions_px, scan.tile_shape,
-                                                   self.preview_width))
-        if shrink == self._shrink:
-            return
-        self._shrink = shrink
-        for i in range(len(scan)):
-            self._tiles.get(scan.path(i), scan.files[i].key, shrink, scan.tile_shape)
-        self._tiles.keep_only(shrink)
+        self._shrink = self._tiles.prepare(snap.scan, snap.positions_px, self.preview_width)
 
     def refine(self, *, max_null_pairs: int | None = None) -> bool:
         """Bring the placement to what a batch run gives on the same tiles, if it is not.

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ofstitch import formats, pipeline
-from ofstitch.errors import OfstitchWarning
+from ofstitch.errors import OfstitchError, OfstitchWarning
 from ofstitch.registration import Progress, Registration, no_progress
 from ofstitch.scan import find_image_files, is_tile_name, require_folder
 from ofstitch.settings import StitchSettings, WatchSettings
@@ -128,6 +128,10 @@ def _follow(live: LiveStitcher, events: _Events, out: Path, options: WatchSettin
     tick = 0.05  # how often files that are still being written are looked at again
     pacer = _Pacer()
     while not stop.is_set():
+        if not live.folder.is_dir():
+            raise OfstitchError(
+                f"the watched folder {live.folder} is gone (deleted, moved or unmounted): "
+                f"stopped after {len(live)} tiles; the last preview and positions are in {out}")
         arrived = [(changed, p) for changed, p in events.drain() if is_tile_name(p.name)]
         removed = False
         for changed, p in arrived:
