@@ -219,6 +219,8 @@ def write_full_resolution(scan: Scan, positions: np.ndarray, out: Path, prefix: 
     :func:`rendering_levels`).
     """
     shown = shown if shown is not None else rendering_levels(scan)
+    if flat is None:  # callers that did not resolve --flat-field (stitch_to_file)
+        flat = flatfield.resolve(settings.flat_field, scan.paths, scan.tile_shape)
     rendering = render.Mosaic(scan.paths, positions, scan.tile_shape, blend=settings.blend,
                               pixels=render.Pixels(shown, flat=flat), skip=skip,
                               workers=settings.workers)
