@@ -76,7 +76,7 @@ def make_tiles(folder: Path, grid: tuple[int, int], tile_shape: tuple[int, int])
 
 def tiles_in(path: Path) -> int | None:
     try:
-        from ofstitch.scan import parse_usercomment
+        from ofstitch.metadata import parse_usercomment
 
         comment = piexif.load(os.fspath(path))["Exif"][piexif.ExifIFD.UserComment]
         return int(parse_usercomment(comment)["NumberOfImages"])
@@ -169,7 +169,7 @@ def main() -> None:
                 re.finditer(r"preview written in ([0-9.]+) s", log_path.read_text())]
 
     import ofstitch
-    from ofstitch.scan import read_tile_configuration
+    from ofstitch.metadata import read_tile_configuration
 
     t0 = time.perf_counter()
     reg = ofstitch.register(watched)

@@ -8,29 +8,34 @@ and exits with code 2 (``--debug`` shows the traceback).
 
 from __future__ import annotations
 
-import contextlib
-import logging
 import sys
 import time
-import warnings
 from enum import Enum
 from pathlib import Path
 
 import numpy as np
 import typer
-from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from . import __version__
 from .backends import list_devices, select_backend
-from .cache import CorrelationCache, cache_path
-from .compat import HELP_LINE, ProgressLines, rewrite_argv
-from .errors import OfstitchError, OfstitchWarning, SettingError
+from .compat import HELP_LINE, rewrite_argv
+from .console import (
+    Reporter,
+    ask_thresholds,
+    cached_correlation,
+    err_console,
+    out_console,
+    print_cached_settings,
+    print_summary,
+    user_errors,
+)
+from .errors import OfstitchError
 from .layout import grid_from_options
+from .metadata import parse_csm
 from .outfile import output_file_format, stitch_to_file
 from .pipeline import StitchResult, stitch
-from .scan import find_image_files, load_scan, parse_csm, require_folder
+from .scan import find_image_files
 from .settings import (
     BLENDS,
     DEVICES,
@@ -48,8 +53,6 @@ from .settings import (
 )
 
 COMMANDS = ("stitch", "watch", "batch", "demo", "devices")
-err_console = Console(stderr=True, soft_wrap=True)
-out_console = Console(soft_wrap=True)
 
 app = typer.Typer(
     name="ofstitch",
@@ -92,158 +95,6 @@ def _c(name: str) -> str:
 
 def _w(name: str) -> str:
     return help_text(WatchSettings, name)
-
-
-class _Reporter:
-    """Progress of the pipeline's stages: bars on a terminal (stderr), and plain lines on
-    stdout when it is not a terminal (a log that a program such as the OpenFlexure server
-    reads line by line); silent with --quiet."""
-
-    LABELS = {"correlate": "Correlating pairs", "preview": "Rendering preview",
-              "render": "Rendering mosaic", "write-jpeg": "Writing JPEG",
-              "write-ome-tiff": "Writing OME-TIFF", "write-dzi": "Writing DZI",
-              "write-ome-zarr": "Writing OME-Zarr"}
-
-    def __init__(self, enabled: bool, *, quiet: bool = False) -> None:
-        self.progress = Progress(TextColumn("{task.description:<20}"), BarColumn(),
-                                 MofNCompleteColumn(), TimeElapsedColumn(),
-                                 console=err_console, disable=not enabled, transient=False)
-        self.tasks: dict[str, int] = {}
-        self.lines = None if quiet or out_console.is_terminal else ProgressLines(
-            lambda line: out_console.print(line, markup=False, highlight=False))
-
-    def __call__(self, stage: str, done: int, total: int) -> None:
-        if self.lines is not None:
-            self.lines(self.LABELS.get(stage, stage), done, total)
-        if stage not in self.tasks:
-            if total == 0:
-                return
-            self.tasks[stage] = self.progress.add_task(self.LABELS.get(stage, stage),
-                                                       total=total)
-        self.progress.update(self.tasks[stage], completed=done, total=total)
-
-
-def _warning_line(message, category, filename, lineno, file=None, line=None) -> None:
-    if issubclass(category, OfstitchWarning):
-        err_console.print(f"[yellow]warning:[/yellow] {escape(str(message))}", highlight=False)
-    else:
-        err_console.print(f"warning: {category.__name__}: {escape(str(message))}",
-                          highlight=False)
-
-
-@contextlib.contextmanager
-def _user_errors(debug: bool):
-    """The CLI's scope: warnings as one line each, ofstitch's log on stderr, and user errors
-    as one line on stderr with exit code 2. Everything it changes is restored on exit."""
-    shown, handler = warnings.showwarning, logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-    loggers = {name: logging.getLogger(name) for name in ("ofstitch", "pyvips")}
-    levels = {name: lg.level for name, lg in loggers.items()}
-    warnings.showwarning = _warning_line
-    loggers["ofstitch"].addHandler(handler)
-    loggers["ofstitch"].setLevel(logging.DEBUG if debug else logging.WARNING)
-    # libvips reports every decoding problem of a skipped file; our warning says it once.
-    loggers["pyvips"].setLevel(logging.DEBUG if debug else logging.ERROR)
-    try:
-        yield
-    except OfstitchError as exc:
-        if debug:
-            raise
-        message = exc.for_cli() if isinstance(exc, SettingError) else str(exc)
-        err_console.print(f"[red]ofstitch: error:[/red] {escape(message)}", highlight=False)
-        raise typer.Exit(2) from None
-    except KeyboardInterrupt:
-        err_console.print("ofstitch: interrupted; the cache keeps the pairs already done")
-        raise typer.Exit(130) from None
-    except MemoryError:
-        if debug:
-            raise
-        err_console.print("[red]ofstitch: error:[/red] out of memory: try --priority memory, "
-                          "--resize 0.5 or --stitching-mode preview")
-        raise typer.Exit(2) from None
-    finally:
-        warnings.showwarning = shown
-        loggers["ofstitch"].removeHandler(handler)
-        for name, lg in loggers.items():
-            lg.setLevel(levels[name])
-
-
-def _ask_thresholds() -> tuple[float, float]:
-    err_console.print("Look at stitching_correlations.png, then give the two thresholds.")
-    q = typer.prompt("Minimum peak quality (0-1)", type=float)
-    d = typer.prompt("Maximum stage discrepancy (px)", type=float)
-    return q, d
-
-
-def _show_cached_settings(folder: Path, cache_dir: Path | None) -> None:
-    require_folder(folder)
-    cache = CorrelationCache.load(cache_path(folder, cache_dir))
-    keys = None
-    with contextlib.suppress(OfstitchError):
-        keys = [f.key for f in load_scan(folder).files]
-    summary = cache.settings_summary(keys)
-    if not summary:
-        out_console.print(f"No cached correlation settings found in '{folder}'", markup=False)
-        return
-    out_console.print(f"Found {len(summary)} set(s) of cached correlation settings in "
-                      f"'{folder}':", markup=False)
-    for i, (settings, covered) in enumerate(summary):
-        diffs = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in settings.non_default().items())
-        total = f"/{len(keys)}" if keys is not None else ""
-        incomplete = " - incomplete" if keys is not None and covered < len(keys) else ""
-        out_console.print(f"  [{i}] {diffs or '(no non-default settings)'}  "
-                          f"({covered}{total} images{incomplete})", highlight=False,
-                          markup=False)
-    if len(summary) > 1:
-        out_console.print("--use-cached-settings will fail: there are several sets")
-
-
-def _cached_correlation(folder: Path, cache_dir: Path | None) -> CorrelationSettings:
-    summary = CorrelationCache.load(cache_path(folder, cache_dir)).settings_summary()
-    if not summary:
-        raise OfstitchError(f"no cached correlation settings in '{folder}', so "
-                            "--use-cached-settings cannot be used: drop it")
-    if len(summary) > 1:
-        raise OfstitchError(f"{len(summary)} sets of cached correlation settings in '{folder}',"
-                            " so --use-cached-settings is ambiguous: see "
-                            "--show-cached-settings and give the settings explicitly")
-    return summary[0][0]
-
-
-def _summary(result: StitchResult, seconds: float) -> None:
-    reg = result.registration
-    if reg is not None:
-        p = reg.placement
-        m = len(reg.graph.pairs)
-        c = p.counts()
-        out_console.print(
-            f"Placed {len(reg.names)} tiles from {m} pairs ({reg.n_correlated} correlated "
-            f"now, {reg.n_cached} from the cache; {c.trusted} trusted, "
-            f"{c.researched} re-searched, {c.stage_only} placed by stage only) on "
-            f"{reg.device}.", highlight=False)
-        if m and p.method == "robust":
-            out_console.print(
-                f"Robust placement: score (overlap NCC) > {p.score_threshold:.3f} (chance "
-                f"level of this scan), stage repeatability {p.stage_sigma_px:.1f} px; RMS "
-                f"residual {p.rms_error_px:.2f} px.", highlight=False)
-            for line in (p.report.lines() if p.report is not None else []):  # issue 14
-                out_console.print(line, highlight=False)
-        elif m:
-            out_console.print(
-                f"Thresholds: peak quality >= {p.min_peak_quality:.6f}, stage discrepancy <= "
-                f"{p.max_stage_discrepancy:.1f} px; RMS residual {p.rms_error_px:.2f} px.",
-                highlight=False)
-            csm = np.array2string(reg.suggested_csm(), precision=5, separator=", ",
-                                  suppress_small=True).replace("\n", "")
-            width = reg.scan.csm_calibration_width
-            also = f" --csm-calibration-width {width}" if width else ""
-            out_console.print(f"Suggested --csm-matrix '{csm}'{also}", highlight=False,
-                              markup=False)
-    if result.pixels:
-        out_console.print(result.pixels, highlight=False, markup=False)
-    for kind, path in result.outputs.items():
-        out_console.print(f"  {kind:<20} {path}", highlight=False, markup=False)
-    out_console.print(f"Done in {seconds:.1f} s.", highlight=False)
 
 
 @app.command("stitch", no_args_is_help=True, help="Stitch the tiles in FOLDER into one mosaic "
@@ -331,11 +182,11 @@ def stitch_command(
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks and debug logs."),
 ) -> None:
     """Stitch the tiles in FOLDER into one mosaic (ofstitch FOLDER does the same)."""
-    with _user_errors(debug):
+    with user_errors(debug):
         if show_cached_settings:
-            _show_cached_settings(folder, cache_dir)
+            print_cached_settings(folder, cache_dir)
             return
-        base = _cached_correlation(folder, cache_dir) if use_cached_settings else \
+        base = cached_correlation(folder, cache_dir) if use_cached_settings else \
             CorrelationSettings()
         correlation = CorrelationSettings(
             pad=base.pad if pad is None else pad,
@@ -363,17 +214,17 @@ def stitch_command(
             err_console.print(f"Using {select_backend('auto').describe()}", highlight=False,
                               markup=False)
         start = time.perf_counter()
-        reporter = _Reporter(enabled=not quiet and err_console.is_terminal, quiet=quiet)
+        reporter = Reporter(enabled=not quiet and err_console.is_terminal, quiet=quiet)
         to_file = output_file_format(output_dir) is not None
         with reporter.progress:
             if to_file:
                 result = stitch_to_file(folder, settings, output_dir, cache_dir=cache_dir,
-                                        progress=reporter, ask_thresholds=_ask_thresholds)
+                                        progress=reporter, ask_thresholds=ask_thresholds)
             else:
                 result = stitch(folder, settings, output_dir=output_dir, cache_dir=cache_dir,
-                                progress=reporter, ask_thresholds=_ask_thresholds)
+                                progress=reporter, ask_thresholds=ask_thresholds)
         if not quiet:
-            _summary(result, time.perf_counter() - start)
+            print_summary(result, time.perf_counter() - start)
 
 
 @app.command("watch", no_args_is_help=True)
@@ -437,7 +288,7 @@ def watch_command(
 
     from .live import watch
 
-    with _user_errors(debug):
+    with user_errors(debug):
         options = WatchSettings(settle_time=settle_time, idle_timeout=idle_timeout,
                                 preview_width=preview_width, final=final, dzi=dzi,
                                 polling=polling)
@@ -476,7 +327,7 @@ def watch_command(
 
         if not quiet:
             err_console.print(f"Watching {folder} (Ctrl-C to stop) ...", markup=False)
-        reporter = _Reporter(enabled=not quiet and err_console.is_terminal, quiet=quiet)
+        reporter = Reporter(enabled=not quiet and err_console.is_terminal, quiet=quiet)
         try:
             with reporter.progress:
                 result = watch(folder, settings, options, output_dir=output_dir,
@@ -489,7 +340,7 @@ def watch_command(
             why = "no new file for --idle-timeout" if result.reason == "idle" else "stopped"
             out_console.print(f"Watched {result.n_tiles} tiles ({why}).", highlight=False)
             if isinstance(result.final, StitchResult):
-                _summary(result.final, result.final_seconds)
+                print_summary(result.final, result.final_seconds)
 
 
 @app.command("batch", no_args_is_help=True)
@@ -524,7 +375,7 @@ def batch_command(
 
     from .distributed import stitch_many
 
-    with _user_errors(debug):
+    with user_errors(debug):
         settings = StitchSettings(
             correlation=CorrelationSettings(search_margin=search_margin),
             minimum_overlap=minimum_overlap, placement=placement.value,
@@ -561,7 +412,7 @@ def demo_command(
     """Cut a synthetic 28-tile scan from the bundled H&E sample, stitch it, and report accuracy."""
     from .synthetic import make_scan, pair_errors, textured_pairs
 
-    with _user_errors(debug):
+    with user_errors(debug):
         scan_dir = output / "demo-scan"
         if scan_dir.exists() and any(find_image_files(scan_dir)):
             err_console.print(f"Reusing the demo scan in {scan_dir}", markup=False)
@@ -571,10 +422,10 @@ def demo_command(
                           stage_error_px=4.0, rotation_deg=0.7, seed=1)
         settings = StitchSettings(device=device.value)
         start = time.perf_counter()
-        reporter = _Reporter(enabled=not quiet and err_console.is_terminal, quiet=quiet)
+        reporter = Reporter(enabled=not quiet and err_console.is_terminal, quiet=quiet)
         with reporter.progress:
             result = stitch(scan_dir, settings, output_dir=output, progress=reporter)
-        _summary(result, time.perf_counter() - start)
+        print_summary(result, time.perf_counter() - start)
         reg = result.registration
         order = [synth.names.index(n) for n in reg.names]
         errors = pair_errors(reg.positions_px, synth.truth_px[order], reg.graph.pairs)

@@ -33,6 +33,7 @@ import logging
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Callable
 from html import escape
 from importlib import resources
@@ -44,7 +45,7 @@ import piexif
 import pyvips
 
 from .atomic import atomic_dir, atomic_path, write_text
-from .errors import OfstitchError
+from .errors import OfstitchError, OfstitchWarning
 from .levels import VIPS_DTYPES, Levels
 from .settings import OUTPUT_FORMATS, TIFF_COMPRESSIONS
 
@@ -331,10 +332,38 @@ def write_ome_zarr(image: pyvips.Image, path: Path, *, pixel_size_um: float | No
 # ----------------------------------------------------------------------------- Fiji
 
 
+def fiji_name_problem(name: str) -> str | None:
+    """Why a Fiji TileConfiguration cannot hold the file name ``name`` (``None`` if it can):
+    ``;`` ends its name field, and a line break or a leading ``#`` splits or hides the line."""
+    if ";" in name:
+        return "it contains ';'"
+    if "\n" in name or "\r" in name:
+        return "it contains a line break"
+    if name.lstrip().startswith("#"):
+        return "it starts with '#'"
+    if name != name.strip():
+        return "it starts or ends with a space"
+    return None
+
+
 def write_tile_configuration(path: Path, names: list[str], positions_px: np.ndarray) -> None:
-    """Fiji TileConfiguration (``name; ; (x, y)``, top-left, pixels)."""
+    """Fiji TileConfiguration (``name; ; (x, y)``, top-left, pixels).
+
+    A tile whose name the format cannot hold (:func:`fiji_name_problem`) is left out of
+    the file, with a warning: read back, it would be another file or none.
+    """
     lines = ["# Define the number of dimensions used", "dim = 2", "",
              "# Define the image coordinates"]
+    left_out = []
     for name, (row, col) in zip(names, np.asarray(positions_px).tolist(), strict=True):
+        if fiji_name_problem(name):
+            left_out.append(name)
+            continue
         lines.append(f"{name}; ; ({col:.3f}, {row:.3f})")
+    if left_out:
+        warnings.warn(
+            f"leaving {len(left_out)} tile(s) out of {Path(path).name}: a Fiji "
+            f"TileConfiguration cannot hold their names ({left_out[0]!r}: "
+            f"{fiji_name_problem(left_out[0])}); rename them to keep them",
+            OfstitchWarning, stacklevel=2)
     write_text(path, "\n".join(lines) + "\n")

@@ -32,7 +32,7 @@ import numpy as np
 import scipy.fft
 from array_api_compat import array_namespace
 
-from . import correlate, tiles
+from . import correlate, overlap, tiles
 from .backends import Backend, free_memory_bytes, to_device, to_host
 from .errors import OfstitchWarning, SettingError
 from .settings import CorrelationSettings, parse_memory
@@ -432,11 +432,11 @@ def _score_candidates(pairs: np.ndarray, shift: np.ndarray, index: np.ndarray | 
             if not np.isfinite(shift[k, c, 0]):
                 continue
             readings = ([tuple(int(v) for v in np.round(shift[k, c]))] if pad else
-                        correlate.unwrap_candidates(tuple(int(v) for v in index[k, c]),
+                        overlap.unwrap_candidates(tuple(int(v) for v in index[k, c]),
                                                     plan.fft_shape))
             for ry, rx in readings:
                 binned = (round(ry / SCORE_BINNING), round(rx / SCORE_BINNING))
-                area = correlate.overlap_area((hb, wb), binned)
+                area = overlap.overlap_area((hb, wb), binned)
                 if area < min_area:
                     jobs.append((k, c, (ry, rx), None))
                     continue
@@ -444,7 +444,7 @@ def _score_candidates(pairs: np.ndarray, shift: np.ndarray, index: np.ndarray | 
                 # predicts must match better to count as much (the null pairs, searched
                 # around the prediction, set the scale).
                 jobs.append((k, c, (ry, rx), min(1.0, math.sqrt(area / expected_area))))
-                nccs.append(correlate.overlap_ncc(live_tiles[a], live_tiles[b], binned))
+                nccs.append(overlap.overlap_ncc(live_tiles[a], live_tiles[b], binned))
     if not jobs:
         return out
     values = iter(_to_host_list(nccs, live_tiles))
@@ -477,10 +477,10 @@ def _break_ambiguity(pairs: np.ndarray, index: np.ndarray, shift: np.ndarray,
     """Without padding, pick the wrap-around reading whose overlap matches best (the NCCs
     of the batch come back in one transfer)."""
     out = shift.copy()
-    readings = [correlate.unwrap_candidates(tuple(int(v) for v in index[k]), fft_shape)
+    readings = [overlap.unwrap_candidates(tuple(int(v) for v in index[k]), fft_shape)
                 for k in range(len(pairs))]
     # The live tiles are the binned score tiles (correlate.score_tiles).
-    nccs = [correlate.overlap_ncc(live_tiles[a], live_tiles[b],
+    nccs = [overlap.overlap_ncc(live_tiles[a], live_tiles[b],
                                   (round(r[0] / SCORE_BINNING), round(r[1] / SCORE_BINNING)))
             for (a, b), rs in zip(pairs.tolist(), readings, strict=True) for r in rs]
     values = iter(_to_host_list(nccs, live_tiles))

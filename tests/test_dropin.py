@@ -507,6 +507,6 @@ def test_grid_and_layout_beat_openflexure_metadata(tiny):
 
 def test_csm_matrix_as_numpy_prints_it():
     """An older server passes str(numpy matrix): no commas."""
-    from ofstitch.scan import parse_csm
+    from ofstitch.metadata import parse_csm
 
     assert parse_csm(str(np.array([[0.0, 1.5], [-1.5, 0.0]]))) == ((0.0, 1.5), (-1.5, 0.0))

@@ -28,7 +28,7 @@ from hypothesis import strategies as st
 
 from ofstitch.cache import CACHE_NAME, FORMAT, VERSION, CorrelationCache, pair_key
 from ofstitch.errors import OfstitchError, OfstitchWarning
-from ofstitch.scan import (
+from ofstitch.metadata import (
     TileMetadata,
     metadata_from_usercomment,
     parse_csm,

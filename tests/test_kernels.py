@@ -19,7 +19,7 @@ import scipy.ndimage as ndi
 from array_helpers import assert_array, texture
 
 import ofstitch
-from ofstitch import correlate, place
+from ofstitch import correlate, overlap, place
 from ofstitch.backends import Backend, solve_laplacian, to_device, to_host
 from ofstitch.graph import find_pairs
 
@@ -269,10 +269,10 @@ def test_high_pass_filter(backend):
 
 
 def test_unwrap_candidates():
-    assert correlate.unwrap_candidates((0, 0), (64, 80)) == [(0, 0)]
-    assert sorted(correlate.unwrap_candidates((44, 50), (64, 80))) == sorted(
+    assert overlap.unwrap_candidates((0, 0), (64, 80)) == [(0, 0)]
+    assert sorted(overlap.unwrap_candidates((44, 50), (64, 80))) == sorted(
         [(-44, -50), (-44, 30), (20, -50), (20, 30)])
-    assert sorted(correlate.unwrap_candidates((0, 10), (64, 80))) == [(0, -10), (0, 70)]
+    assert sorted(overlap.unwrap_candidates((0, 10), (64, 80))) == [(0, -10), (0, 70)]
 
 
 @pytest.mark.parametrize("true_shift", [(20, -50), (-12, 45), (30, 10), (-25, -35)])
@@ -282,10 +282,10 @@ def test_no_pad_ambiguity_breaking(backend, true_shift):
     _, _, corr = _correlate(backend, a, b, fft_shape=TILE)  # circular correlation
     peaks = correlate.locate_peaks(corr)
     index = tuple(int(v) for v in to_host(peaks.index)[0])
-    candidates = correlate.unwrap_candidates(index, TILE)
+    candidates = overlap.unwrap_candidates(index, TILE)
     assert tuple(true_shift) in candidates
     tile_a, tile_b = backend.asarray(a[0]), backend.asarray(b[0])
-    scores = [correlate.overlap_similarity(tile_a, tile_b, c) for c in candidates]
+    scores = [overlap.overlap_similarity(tile_a, tile_b, c) for c in candidates]
     assert all(isinstance(s, float) and -1 <= s <= 1 for s in scores)
     assert candidates[int(np.argmax(scores))] == tuple(true_shift)
     assert max(scores) > 0.99
@@ -295,11 +295,11 @@ def test_overlap_similarity_edge_cases(backend):
     image = texture(seed=17)
     a = backend.asarray(_crop(image, (50, 60)))
     b = backend.asarray(_crop(image, (60, 90)))
-    assert correlate.overlap_similarity(a, b, (10, 30)) == pytest.approx(1.0, abs=1e-5)
-    assert correlate.overlap_similarity(a, b, (64, 0)) == 0.0  # no overlap
-    assert correlate.overlap_similarity(a, b, (0, -80)) == 0.0
+    assert overlap.overlap_similarity(a, b, (10, 30)) == pytest.approx(1.0, abs=1e-5)
+    assert overlap.overlap_similarity(a, b, (64, 0)) == 0.0  # no overlap
+    assert overlap.overlap_similarity(a, b, (0, -80)) == 0.0
     flat = backend.asarray(np.ones(TILE, np.float32))
-    assert correlate.overlap_similarity(flat, b, (10, 30)) == 0.0
+    assert overlap.overlap_similarity(flat, b, (10, 30)) == 0.0
 
 
 # ----------------------------------------------------------------------------- placement kernels

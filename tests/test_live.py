@@ -23,7 +23,7 @@ from ofstitch.graph import find_pairs
 from ofstitch.live import AddStatus, LiveStitcher, shrink_for
 from ofstitch.live import thresholds as thresholds_module
 from ofstitch.live import watcher as watch_module
-from ofstitch.scan import parse_usercomment, read_tile_configuration
+from ofstitch.metadata import parse_usercomment, read_tile_configuration
 
 REPO = Path(__file__).resolve().parents[1]
 GRID, TILE = (3, 4), (200, 260)

@@ -361,3 +361,16 @@ def test_settings_validate_formats():
     assert StitchSettings(formats="ome-tiff").formats == ("ome-tiff",)
     assert StitchSettings(formats=("dzi",), stitch_tiff=True).output_formats == \
         ("ome-tiff", "dzi")
+
+
+def test_tile_configuration_refuses_names_fiji_cannot_hold(tmp_path):
+    """'tile;3; (5, 5).jpg' would be read back as a tile called 'tile': it is left out of
+    the file, with a warning, and every line that is written reads back as written."""
+    from ofstitch.formats import write_tile_configuration
+    from ofstitch.metadata import read_tile_configuration
+
+    names = ["a.jpg", "tile;3; (5, 5).jpg", "two\nlines.jpg", "b c.jpg"]
+    path = tmp_path / "OFMTileConfiguration.txt"
+    with pytest.warns(OfstitchWarning, match="2 tile\\(s\\) out of .*';'"):
+        write_tile_configuration(path, names, np.array([[0, 0], [0, 10], [10, 0], [10, 10]]))
+    assert read_tile_configuration(path) == {"a.jpg": (0.0, 0.0), "b c.jpg": (10.0, 10.0)}

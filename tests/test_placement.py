@@ -7,7 +7,7 @@ import pytest
 from cli_helpers import run_main
 
 import ofstitch
-from ofstitch import correlate, graph
+from ofstitch import correlate, graph, overlap
 from ofstitch.backends import to_host
 from ofstitch.place import (
     RESEARCHED,
@@ -52,11 +52,11 @@ def test_overlap_similarity_leaves_out_the_margin():
     b = np.zeros_like(a)
     b[:, :60] = a[:, 20:]  # b is a shifted right by 20
     b[:4, :] = 50.0  # a bright edge band on b only
-    assert correlate.overlap_similarity(a, b, (0, 20), margin=6) == pytest.approx(1.0,
+    assert overlap.overlap_similarity(a, b, (0, 20), margin=6) == pytest.approx(1.0,
                                                                                    abs=1e-5)
-    assert correlate.overlap_similarity(a, b, (0, 20)) < 0.9
+    assert overlap.overlap_similarity(a, b, (0, 20)) < 0.9
     # Too small an overlap is no evidence.
-    assert correlate.overlap_similarity(a, b, (0, 78), min_area=200) == -1.0
+    assert overlap.overlap_similarity(a, b, (0, 78), min_area=200) == -1.0
 
 
 # ----------------------------------------------------------------------------- null pairs

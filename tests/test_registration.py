@@ -44,6 +44,8 @@ def test_live_and_batch_agree(make_synthetic, tmp_path, placement):
     got, want = live.positions(), batch.positions()
     assert set(got) == set(want)
     assert max(np.abs(np.subtract(got[n], want[n])).max() for n in got) < 1e-6
+    if placement == "robust":  # the live snapshot carries the batch run's report
+        assert live.snapshot().report.lines() == batch.placement.report.lines()
     live_pixels = _jpeg_pixels(tmp_path / "live-preview.jpg")
     batch_pixels = _jpeg_pixels(result.outputs["preview"])
     assert live_pixels.shape == batch_pixels.shape

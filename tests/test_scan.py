@@ -23,13 +23,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ofstitch.errors import MetadataError, NoImagesError, OfstitchError, OfstitchWarning
-from ofstitch.scan import (
-    is_tile_name,
-    load_scan,
-    parse_usercomment,
-    position_from_filename,
-    read_tile_configuration,
-)
+from ofstitch.metadata import parse_usercomment, position_from_filename, read_tile_configuration
+from ofstitch.scan import is_tile_name, load_scan
 from ofstitch.settings import StitchSettings
 from ofstitch.tiles import TileReadError, read_grey
 

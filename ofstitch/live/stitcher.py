@@ -16,6 +16,7 @@ from ofstitch.backends import Backend, select_backend
 from ofstitch.cache import CorrelationCache, cache_path
 from ofstitch.errors import OfstitchError
 from ofstitch.graph import find_pairs
+from ofstitch.place import PlacementReport
 from ofstitch.preview import PreviewTiles, draw
 from ofstitch.registration import NullRequest, Progress, Registration, no_progress, register_scan
 from ofstitch.scan import Scan, require_folder
@@ -46,6 +47,8 @@ class LiveSnapshot:
     exact : bool
         Whether the placement is the one a batch run gives on these tiles (see
         :meth:`LiveStitcher.refine`).
+    report : PlacementReport or None
+        How far the placement can be trusted (robust placement of a connected scan).
     """
 
     version: int
@@ -55,6 +58,7 @@ class LiveSnapshot:
     pairs: np.ndarray
     n_components: int
     exact: bool
+    report: PlacementReport | None = None
 
     def positions(self) -> dict[str, tuple[float, float]]:
         return {n: (float(r), float(c)) for n, (r, c) in
@@ -271,9 +275,10 @@ class LiveStitcher:
         positions = np.array(reg.positions_px, dtype=np.float64)
         positions.flags.writeable = False
         with self._state_lock:
-            self._snapshot = LiveSnapshot(self._snapshot.version + 1, tuple(reg.names),
-                                          positions, reg.scan, reg.graph.pairs,
-                                          reg.n_groups, exact)
+            self._snapshot = LiveSnapshot(
+                self._snapshot.version + 1, tuple(reg.names), positions, reg.scan,
+                reg.graph.pairs, reg.n_groups, exact,
+                reg.placement.report if reg.placement is not None else None)
 
     def _prepare_preview(self) -> None:
         """Decode at a coarser shrink once the mosaic has grown past the current one."""

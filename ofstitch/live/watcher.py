@@ -112,6 +112,9 @@ def watch(folder: Path | str, settings: StitchSettings | None = None,
     for name in waiting:
         warnings.warn(f"leaving out {name}: it was still incomplete when watching stopped",
                       OfstitchWarning, stacklevel=2)
+    report = live.snapshot().report
+    if report is not None and report.doubtful and not options.final:  # --final warns itself
+        warnings.warn(report.warning(), OfstitchWarning, stacklevel=2)
     result, t0 = None, time.perf_counter()
     if options.final and len(live):
         result = live.finish(output_dir=out, progress=progress)
