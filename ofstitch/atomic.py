@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,7 +33,15 @@ def temp_stem(stem: str, suffix: str = "") -> str:
     return shorten_name(stem, NAME_MAX - TEMP_EXTRA - len(os.fsencode(suffix)))
 
 
-def _umask() -> int:
+def umask() -> int:
+    """The process's umask (read without changing it for good)."""
+    try:  # Linux: read it without setting it, which other threads could see
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
     mask = os.umask(0)
     os.umask(mask)
     return mask
@@ -47,11 +56,27 @@ def atomic_path(path: Path | str) -> Iterator[str]:
     os.close(fd)
     try:
         yield tmp
-        os.chmod(tmp, 0o666 & ~_umask())
+        os.chmod(tmp, 0o666 & ~umask())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+@contextlib.contextmanager
+def atomic_dir(path: Path | str) -> Iterator[Path]:
+    """A temporary folder beside ``path``, renamed to ``path`` on success (replacing an
+    older one). It gets the usual permissions (``0777`` less the umask)."""
+    path = Path(path)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    os.chmod(tmp, 0o777 & ~umask())  # mkdtemp's 700 would keep other users out
+    try:
+        yield tmp
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def write_bytes(path: Path | str, data: bytes) -> None:

@@ -42,6 +42,7 @@ from .scan import find_image_files
 from .settings import (
     BLENDS,
     DEVICES,
+    NGFF_VERSIONS,
     OUTPUT_FORMATS,
     PLACEMENT_METHODS,
     PRIORITIES,
@@ -83,6 +84,7 @@ FormatChoice = _choices("FormatChoice", OUTPUT_FORMATS)
 BlendChoice = _choices("BlendChoice", BLENDS)
 CompressionChoice = _choices("CompressionChoice", TIFF_COMPRESSIONS)
 DeviceChoice = _choices("DeviceChoice", DEVICES)
+NgffChoice = _choices("NgffChoice", NGFF_VERSIONS)
 FinalMode = _choices("FinalMode", ("all", "preview"))
 
 
@@ -160,6 +162,10 @@ def stitch_command(
     blend: BlendChoice = typer.Option(BlendChoice.none, "--blend", help=_s("blend")),
     tiff_compression: CompressionChoice = typer.Option(
         CompressionChoice.jpeg, "--tiff-compression", help=_s("tiff_compression")),
+    ngff_version: NgffChoice = typer.Option(NGFF_VERSIONS[0], "--ngff-version",
+                                            help=_s("ngff_version")),
+    flat_field: str | None = typer.Option(None, "--flat-field", metavar="auto|FILE",
+                                          help=_s("flat_field")),
     stitch_tiff: bool = typer.Option(False, "--stitch-tiff/--no-stitch-tiff",
                                      help=_s("stitch_tiff")),
     stitch_dzi: bool = typer.Option(False, "--stitch-dzi/--no-stitch-dzi",
@@ -205,7 +211,8 @@ def stitch_command(
             blend=blend.value, tiff_compression=tiff_compression.value,
             stitch_dzi=stitch_dzi, tile_size=tile_size, device=device.value, workers=workers,
             device_memory=device_memory, preview_name=preview_name,
-            scheduler=scheduler or None)
+            scheduler=scheduler or None, ngff_version=NgffChoice(ngff_version).value,
+            flat_field=flat_field)
         if device == DeviceChoice.auto and not quiet:
             err_console.print(f"Using {select_backend('auto').describe()}", highlight=False,
                               markup=False)

@@ -185,6 +185,8 @@ def print_summary(result: StitchResult, seconds: float) -> None:
             also = f" --csm-calibration-width {width}" if width else ""
             out_console.print(f"Suggested --csm-matrix '{csm}'{also}", highlight=False,
                               markup=False)
+    if result.pixels:  # what the outputs hold (issue 17)
+        out_console.print(result.pixels, highlight=False, markup=False)
     for kind, path in result.outputs.items():
         out_console.print(f"  {kind:<20} {path}", highlight=False, markup=False)
     out_console.print(f"Done in {seconds:.1f} s.", highlight=False)

@@ -5,27 +5,36 @@ its pixels through once, top to bottom, straight into the encoder, so memory is
 bounded by a strip of the mosaic whatever its size. Every output is written
 under a temporary name and renamed into place.
 
+The data formats (OME-TIFF, OME-Zarr) keep the mosaic's data type and channel
+count; JPEG, DZI and the slide TIFF are 8-bit RGB renderings (see
+:mod:`ofstitch.levels`).
+
 - JPEG: one image with ofstitch's EXIF (pixel size, the first tile's metadata);
   limited to 65,535 px per side.
-- OME-TIFF: tiled BigTIFF with a SubIFD pyramid, JPEG, deflate or LZW
-  compressed, OME-XML (with ``PhysicalSizeX/Y`` in µm) in the ImageDescription.
+- OME-TIFF: tiled BigTIFF with a SubIFD pyramid, JPEG (8-bit data only),
+  deflate or LZW compressed, OME-XML (built by tifffile's ``OmeXml``, with
+  ``PhysicalSizeX/Y`` in µm) in the ImageDescription.
+- pyramid TIFF: a tiled pyramidal TIFF as libvips writes it for slide viewers,
+  its levels in the main chain of IFDs (OpenSlide reads them; it ignores
+  SubIFDs), JPEG tiles, resolution in pixels per cm.
 - DZI: a Deep Zoom pyramid of JPEG tiles and ``viewer.html``, a page that shows
   it with the bundled OpenSeadragon (no network needed).
-- OME-Zarr: an NGFF 0.4 multiscale image (Zarr v2 layout), axes ``c, y, x``
-  with a ``scale`` transform in micrometres, Blosc-LZ4-compressed chunks.
+- OME-Zarr: written with ``zarr`` and ``ome-zarr``; NGFF 0.4 (Zarr v2, the
+  default) or 0.5 (Zarr v3, sharded), axes ``c, y, x`` with a ``scale``
+  transform in micrometres, Blosc-LZ4-compressed chunks, ``omero`` rendering
+  metadata (channel colours and the display window).
 """
 
 from __future__ import annotations
 
 import base64
-import contextlib
 import json
-import math
+import logging
 import os
 import shutil
 import tempfile
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from html import escape
 from importlib import resources
 from pathlib import Path
@@ -34,27 +43,29 @@ from typing import Literal
 import numpy as np
 import piexif
 import pyvips
-from numcodecs import Blosc
 
-from .atomic import atomic_path, write_text
+from .atomic import atomic_dir, atomic_path, write_text
 from .errors import OfstitchError, OfstitchWarning
+from .levels import VIPS_DTYPES, Levels
+from .settings import OUTPUT_FORMATS, TIFF_COMPRESSIONS
 
-Format = Literal["jpeg", "ome-tiff", "dzi", "ome-zarr"]
-FORMATS = ("jpeg", "ome-tiff", "dzi", "ome-zarr")
+Format = Literal["jpeg", "ome-tiff", "dzi", "ome-zarr", "pyramid-tiff"]
+FORMATS = OUTPUT_FORMATS
 TiffCompression = Literal["jpeg", "deflate", "lzw"]
-TIFF_COMPRESSIONS = ("jpeg", "deflate", "lzw")
-SUFFIXES = {"jpeg": ".jpg", "ome-tiff": ".ome.tiff", "dzi": ".dzi", "ome-zarr": ".ome.zarr"}
+SUFFIXES = {"jpeg": ".jpg", "ome-tiff": ".ome.tiff", "dzi": ".dzi", "ome-zarr": ".ome.zarr",
+            "pyramid-tiff": ".pyramid.tiff"}
+# The formats that keep the mosaic's data; the others are 8-bit renderings.
+DATA_FORMATS = ("ome-tiff", "ome-zarr")
 
 JPEG_MAX_SIDE = 65535
 JPEG_QUALITY = 90
 THUMBNAIL_SIZE = 400
 TILE_SIZE = 256
 ZARR_CHUNK = 512
-# Blosc with LZ4: what Zarr readers expect, and fast enough not to slow the render.
-_COMPRESSOR = Blosc(cname="lz4", clevel=5, shuffle=Blosc.NOSHUFFLE)
 VIEWER_NAME = "viewer.html"
 
 Progress = Callable[[int, int], None]
+log = logging.getLogger(__name__)
 
 
 def _watch(image: pyvips.Image, progress: Progress | None) -> pyvips.Image:
@@ -132,41 +143,54 @@ def write_thumbnail(source: Path, path: Path, size: int = THUMBNAIL_SIZE) -> Non
 # ----------------------------------------------------------------------------- OME-TIFF
 
 
-def ome_xml(width: int, height: int, *, pixel_size_um: float | None, name: str = "mosaic"
-            ) -> str:
-    """OME-XML for one interleaved 8-bit RGB plane (``PhysicalSizeX/Y`` in µm, the default)."""
-    physical = ""
-    if pixel_size_um:
-        physical = f' PhysicalSizeX="{pixel_size_um:.9g}" PhysicalSizeY="{pixel_size_um:.9g}"'
+def ome_xml(width: int, height: int, *, pixel_size_um: float | None, name: str = "mosaic",
+            dtype: np.dtype | type = np.uint8, channels: int = 3) -> str:
+    """OME-XML for one plane of ``dtype`` with ``channels`` interleaved samples (3 for RGB,
+    1 for grey), ``PhysicalSizeX/Y`` in µm; built by tifffile's ``OmeXml``."""
+    import tifffile
+
     from . import __version__
 
-    return (
-        '<?xml version="1.0" encoding="UTF-8"?>'
-        '<OME xmlns="http://www.openmicroscopy.org/Schemas/OME/2016-06" '
-        'xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance" '
-        'xsi:schemaLocation="http://www.openmicroscopy.org/Schemas/OME/2016-06 '
-        'http://www.openmicroscopy.org/Schemas/OME/2016-06/ome.xsd" '
-        f'Creator="ofstitch {__version__}">'
-        f'<Image ID="Image:0" Name="{escape(name)}">'
-        f'<Pixels ID="Pixels:0" DimensionOrder="XYCZT" Type="uint8" SizeX="{width}" '
-        f'SizeY="{height}" SizeC="3" SizeZ="1" SizeT="1" Interleaved="true"{physical}>'
-        '<Channel ID="Channel:0:0" SamplesPerPixel="3"><LightPath/></Channel>'
-        '<TiffData IFD="0" PlaneCount="1"/>'
-        '</Pixels></Image></OME>')
+    physical = {}
+    if pixel_size_um:
+        physical = {"PhysicalSizeX": float(pixel_size_um), "PhysicalSizeY": float(pixel_size_um),
+                    "PhysicalSizeXUnit": "µm", "PhysicalSizeYUnit": "µm"}
+    ome = tifffile.OmeXml(Creator=f"ofstitch {__version__}")
+    if channels == 1:
+        ome.addimage(np.dtype(dtype), (height, width), (1, 1, 1, height, width, 1), axes="YX",
+                     Name=name, **physical)
+    else:
+        ome.addimage(np.dtype(dtype), (height, width, channels),
+                     (1, 1, 1, height, width, channels), axes="YXS", Name=name, **physical)
+    return ome.tostring(declaration=True)
 
 
 def write_ome_tiff(image: pyvips.Image, path: Path, *, pixel_size_um: float | None,
                    compression: TiffCompression = "jpeg", tile_size: int = TILE_SIZE,
                    quality: int = JPEG_QUALITY, name: str = "mosaic",
                    progress: Progress | None = None) -> None:
-    """Save a tiled pyramidal OME-TIFF (BigTIFF, reduced levels in SubIFDs)."""
+    """Save a tiled pyramidal OME-TIFF (BigTIFF, reduced levels in SubIFDs) of ``image``'s
+    own data type and bands.
+
+    JPEG compression holds 8-bit data only: any other data type is written with
+    deflate (lossless) instead, and the log says so.
+    """
     if compression not in TIFF_COMPRESSIONS:
         raise OfstitchError(f"--tiff-compression must be one of {', '.join(TIFF_COMPRESSIONS)}"
                             f", got {compression!r}")
+    dtype = np.dtype(VIPS_DTYPES[image.format])
+    if compression == "jpeg" and image.format != "uchar":
+        log.info("writing the %s OME-TIFF with deflate: JPEG compression holds 8-bit data only",
+                 dtype)
+        compression = "deflate"
     image = image.copy()
     image.set_type(pyvips.GValue.gstr_type, "image-description",
-                   ome_xml(image.width, image.height, pixel_size_um=pixel_size_um, name=name))
-    options = {"Q": quality} if compression == "jpeg" else {"predictor": "horizontal"}
+                   ome_xml(image.width, image.height, pixel_size_um=pixel_size_um, name=name,
+                           dtype=dtype, channels=image.bands))
+    if compression == "jpeg":
+        options = {"Q": quality}
+    else:
+        options = {"predictor": "float" if dtype.kind == "f" else "horizontal"}
     if pixel_size_um:
         image = image.copy(xres=1e3 / pixel_size_um, yres=1e3 / pixel_size_um)
     image = _watch(image, progress)
@@ -174,23 +198,45 @@ def write_ome_tiff(image: pyvips.Image, path: Path, *, pixel_size_um: float | No
         image.tiffsave(tmp, tile=True, pyramid=True, subifd=True, bigtiff=True,
                        compression=compression, tile_width=tile_size, tile_height=tile_size,
                        resunit="cm", **options)
+        if not pixel_size_um:
+            _unknown_resolution(tmp)
+
+
+def write_pyramid_tiff(image: pyvips.Image, path: Path, *, pixel_size_um: float | None,
+                       tile_size: int = TILE_SIZE, quality: int = JPEG_QUALITY,
+                       progress: Progress | None = None) -> None:
+    """Save an 8-bit RGB tiled pyramidal TIFF for slide viewers: the reduced levels follow
+    the full one in the main chain of IFDs, as OpenSlide reads a generic tiled TIFF."""
+    if pixel_size_um:
+        image = image.copy(xres=1e3 / pixel_size_um, yres=1e3 / pixel_size_um)
+    image = _watch(image, progress)
+    with atomic_path(path) as tmp:
+        image.tiffsave(tmp, tile=True, pyramid=True, bigtiff=True, compression="jpeg",
+                       Q=quality, tile_width=tile_size, tile_height=tile_size, resunit="cm")
+        if not pixel_size_um:
+            _unknown_resolution(tmp)
+
+
+def _unknown_resolution(path: str) -> None:
+    """Mark every page of a TIFF as of unknown resolution (ResolutionUnit 1, none).
+
+    libvips always writes a resolution (72 dpi when it knows none), which slide
+    readers such as OpenSlide would report as a pixel size of 353 µm.
+    """
+    import tifffile
+
+    with tifffile.TiffFile(path, mode="r+b") as tif:
+        pages = {page.offset: page for page in tif.pages}
+        for series in tif.series:
+            for level in series.levels:
+                pages.update({page.offset: page for page in level.pages if page is not None})
+        for page in pages.values():
+            tag = page.tags.get("ResolutionUnit")
+            if tag is not None:
+                tag.overwrite(1)
 
 
 # ----------------------------------------------------------------------------- DZI
-
-
-@contextlib.contextmanager
-def _atomic_dir(path: Path) -> Iterator[Path]:
-    """A temporary folder beside ``path``, renamed to ``path`` on success."""
-    path = Path(path)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
-        yield tmp
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def write_dzi(image: pyvips.Image, path: Path, *, tile_size: int = TILE_SIZE,
@@ -205,7 +251,7 @@ def write_dzi(image: pyvips.Image, path: Path, *, tile_size: int = TILE_SIZE,
     try:
         image.dzsave(str(tmp_dir / base), tile_size=tile_size, overlap=1,
                      suffix=f".jpg[Q={quality}]")
-        with _atomic_dir(path.parent / f"{base}_files") as files:
+        with atomic_dir(path.parent / f"{base}_files") as files:
             files.rmdir()
             os.replace(tmp_dir / f"{base}_files", files)
         os.replace(tmp_dir / f"{base}.dzi", path)
@@ -256,149 +302,31 @@ def write_viewer(path: Path, dzi: Path, size: tuple[int, int], *, tile_size: int
 # ----------------------------------------------------------------------------- OME-Zarr
 
 
-class _ZarrLevel:
-    """One resolution level of an OME-Zarr pyramid, written one row of chunks at a time.
-
-    Rows of the level arrive in order through :meth:`push`; each full row of
-    chunks is compressed and written, and the rows are halved (2x2 mean) and
-    pushed to the next level.
-    """
-
-    def __init__(self, folder: Path, shape: tuple[int, int], chunk: int,
-                 next_level: _ZarrLevel | None) -> None:
-        self.folder, self.shape, self.chunk, self.next = folder, shape, chunk, next_level
-        self.pending: list[np.ndarray] = []
-        self.n_pending = 0
-        self.chunk_row = 0
-        self.odd: np.ndarray | None = None  # a row waiting for its pair
-        folder.mkdir()
-        meta = {"zarr_format": 2, "shape": [3, shape[0], shape[1]], "chunks": [3, chunk, chunk],
-                "dtype": "|u1", "compressor": _COMPRESSOR.get_config(), "fill_value": 0,
-                "order": "C", "filters": None, "dimension_separator": "/"}
-        (folder / ".zarray").write_text(json.dumps(meta, indent=2))
-
-    def push(self, rows: np.ndarray) -> None:
-        """Add ``rows`` (shape ``(n, width, 3)``, uint8) below the rows already pushed."""
-        if not len(rows):
-            return
-        self.pending.append(rows)
-        self.n_pending += len(rows)
-        while self.n_pending >= self.chunk:
-            self._write_chunk_row(self._take(self.chunk))
-        if self.next is not None:
-            self._downsample(rows)
-
-    def finish(self) -> None:
-        if self.n_pending:
-            self._write_chunk_row(self._take(self.n_pending))
-        if self.next is not None:
-            if self.odd is not None:
-                self.next.push(_halve(np.concatenate([self.odd, self.odd])))
-                self.odd = None
-            self.next.finish()
-
-    def _take(self, n: int) -> np.ndarray:
-        block = np.concatenate(self.pending) if len(self.pending) > 1 else self.pending[0]
-        out, rest = block[:n], block[n:]
-        self.pending = [rest] if len(rest) else []
-        self.n_pending = len(rest)
-        return out
-
-    def _downsample(self, rows: np.ndarray) -> None:
-        if self.odd is not None:
-            rows = np.concatenate([self.odd, rows])
-            self.odd = None
-        if len(rows) % 2:
-            self.odd, rows = rows[-1:], rows[:-1]
-        if len(rows):
-            self.next.push(_halve(rows))
-
-    def _write_chunk_row(self, block: np.ndarray) -> None:
-        c = self.chunk
-        row_dir = self.folder / "0" / str(self.chunk_row)
-        row_dir.mkdir(parents=True)
-        for j in range(math.ceil(self.shape[1] / c)):
-            part = block[:, j * c:(j + 1) * c]
-            full = np.zeros((3, c, c), dtype=np.uint8)  # edge chunks are stored whole
-            full[:, :part.shape[0], :part.shape[1]] = part.transpose(2, 0, 1)
-            (row_dir / str(j)).write_bytes(_COMPRESSOR.encode(full))
-        self.chunk_row += 1
-
-
-def _halve(rows: np.ndarray) -> np.ndarray:
-    """2x2 mean of an even number of rows (the last column repeated if the width is odd)."""
-    if rows.shape[1] % 2:
-        rows = np.concatenate([rows, rows[:, -1:]], axis=1)
-    pairs = rows[0::2].astype(np.uint16)
-    pairs += rows[1::2]
-    quads = pairs[:, 0::2] + pairs[:, 1::2]
-    quads += 2
-    quads >>= 2
-    return quads.astype(np.uint8)
-
-
 def zarr_level_shapes(size: tuple[int, int], chunk: int = ZARR_CHUNK) -> list[tuple[int, int]]:
     """``(height, width)`` of each level: halved (rounding up) until it fits in one chunk."""
-    shapes = [tuple(size)]
-    while max(shapes[-1]) > chunk:
-        h, w = shapes[-1]
-        shapes.append(((h + 1) // 2, (w + 1) // 2))
-    return shapes
+    from .omezarr import level_shapes
+
+    return level_shapes(size, chunk)
 
 
 def write_ome_zarr(image: pyvips.Image, path: Path, *, pixel_size_um: float | None,
-                   chunk: int = ZARR_CHUNK, name: str = "mosaic",
-                   progress: Progress | None = None) -> None:
-    """Save an OME-Zarr (NGFF 0.4, Zarr v2) multiscale image, streamed chunk row by row."""
-    path = Path(path)
-    shapes = zarr_level_shapes((image.height, image.width), chunk)
-    unit = pixel_size_um or 1.0
-    axes = [{"name": "c", "type": "channel"}]
-    for ax in ("y", "x"):
-        axes.append({"name": ax, "type": "space", **({"unit": "micrometer"}
-                                                      if pixel_size_um else {})})
-    datasets = [{"path": str(k), "coordinateTransformations": [
-        {"type": "scale", "scale": [1.0, unit * 2 ** k, unit * 2 ** k]}]}
-        for k in range(len(shapes))]
-    colours = ("FF0000", "00FF00", "0000FF")
-    attrs = {
-        "multiscales": [{"version": "0.4", "name": name, "axes": axes, "datasets": datasets,
-                         "type": "mean", "metadata": {"method": "2x2 mean",
-                                                      "software": "ofstitch"}}],
-        "omero": {"name": name, "version": "0.4", "rdefs": {"model": "color"},
-                  "channels": [{"label": label, "color": colour, "active": True,
-                                "window": {"start": 0, "end": 255, "min": 0, "max": 255}}
-                               for label, colour in zip(("red", "green", "blue"), colours,
-                                                        strict=True)]}}
-    image = _watch(image, progress)
-    row_bytes = image.width * 3
-    with _atomic_dir(path) as store:
-        (store / ".zgroup").write_text(json.dumps({"zarr_format": 2}))
-        (store / ".zattrs").write_text(json.dumps(attrs, indent=2))
-        level = None
-        for k in reversed(range(len(shapes))):
-            level = _ZarrLevel(store / str(k), shapes[k], chunk, level)
-        buffer = bytearray()
+                   chunk: int = ZARR_CHUNK, name: str = "mosaic", ngff_version: str = "0.4",
+                   window: Levels | None = None, progress: Progress | None = None) -> None:
+    """Save an OME-Zarr multiscale image (NGFF ``ngff_version``, 0.4 or 0.5) of ``image``'s
+    own data type and bands, streamed a row of chunks at a time (:mod:`ofstitch.omezarr`).
 
-        def take(n: int) -> np.ndarray:
-            with memoryview(buffer) as view:
-                rows = np.frombuffer(view[:n * row_bytes], np.uint8).copy()
-            del buffer[:n * row_bytes]
-            return rows.reshape(n, image.width, 3)
+    ``window`` is the display range written in the ``omero`` metadata.
+    """
+    try:
+        import ome_zarr  # noqa: F401
+        import zarr  # noqa: F401
+    except ImportError as exc:
+        raise OfstitchError(f"--format ome-zarr needs zarr 3 and ome-zarr (Python 3.11 or "
+                            f"later): {exc}; pip install 'zarr>=3' ome-zarr") from None
+    from . import omezarr
 
-        def on_write(data: bytes) -> int:
-            buffer.extend(data)
-            n = len(buffer) // row_bytes
-            if n >= 64:  # small pieces keep the downsampling's temporaries small
-                level.push(take(n))
-            return len(data)
-
-        target = pyvips.TargetCustom()
-        target.on_write(on_write)
-        image.cast("uchar").rawsave_target(target)
-        if buffer:
-            level.push(take(len(buffer) // row_bytes))
-        level.finish()
+    omezarr.write(_watch(image, progress), path, pixel_size_um=pixel_size_um, chunk=chunk,
+                  name=name, ngff_version=ngff_version, window=window)
 
 
 # ----------------------------------------------------------------------------- Fiji

@@ -26,7 +26,8 @@ from .scan import require_folder
 from .settings import StitchSettings
 
 # Longest first: '.ome.tif' before '.tif'.
-FILE_FORMATS = {".ome.tiff": "ome-tiff", ".ome.tif": "ome-tiff", ".ome.zarr": "ome-zarr",
+FILE_FORMATS = {".pyramid.tiff": "pyramid-tiff", ".pyramid.tif": "pyramid-tiff",
+                ".ome.tiff": "ome-tiff", ".ome.tif": "ome-tiff", ".ome.zarr": "ome-zarr",
                 ".tiff": "ome-tiff", ".tif": "ome-tiff", ".zarr": "ome-zarr", ".dzi": "dzi",
                 ".jpeg": "jpeg", ".jpg": "jpeg"}
 NOT_WRITTEN = (".png", ".bmp", ".gif", ".webp")

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import atomic, diagnostics, formats, preview, render, tiles
+from . import atomic, diagnostics, flatfield, formats, levels, preview, render, tiles
 from .backends import Backend, select_backend
 from .cache import CorrelationCache, cache_path
 from .errors import OfstitchError, OfstitchWarning
@@ -49,6 +49,7 @@ class StitchResult:
     outputs: dict[str, Path]
     positions_px: np.ndarray
     names: list[str]
+    pixels: str = ""  # what the outputs hold (data type, rendering range), in words
 
 
 def load_connected_scan(folder: Path, settings: StitchSettings) -> tuple[Scan, OverlapGraph]:
@@ -136,25 +137,54 @@ def check_writable(output_dir: Path) -> None:
                             f"({exc.strerror}): choose another with -o/--output-dir") from None
 
 
-def value_scale(scan: Scan, sample: int = 8) -> float:
-    """Factor that maps the tiles' values to 0-255 (1 for 8-bit tiles)."""
-    if scan.bit_depth == 8:
-        return 1.0
-    peak = 0.0
-    for i in np.linspace(0, len(scan) - 1, min(sample, len(scan))).astype(int):
-        try:
-            peak = max(peak, float(tiles.read_grey(scan.path(int(i)), 0.25).max()))
-        except tiles.TileReadError:
-            continue
-    return 255.0 / peak if peak > 0 else 1.0
+def tile_formats(scan: Scan) -> tuple[str, ...]:
+    """The libvips pixel formats of the scan's tiles (``"uchar"``, ``"ushort"``...)."""
+    known = getattr(scan, "pixel_formats", ())
+    if known:
+        return tuple(known)
+    try:
+        return (tiles.header(scan.path(0))[3],)
+    except tiles.TileReadError:
+        return ("uchar",) if scan.bit_depth == 8 else ("ushort",)
+
+
+def data_pixels(scan: Scan, *, warn: bool = True,
+                flat: flatfield.FlatField | None = None) -> render.Pixels:
+    """What the data formats (OME-TIFF, OME-Zarr) of ``scan`` hold: the tiles' data type
+    (:func:`ofstitch.levels.mosaic_dtype`) and channel count (1 grey, 3 colour)."""
+    dtype = levels.mosaic_dtype(tile_formats(scan), warn=warn)
+    return render.Pixels.data(dtype, 3 if scan.bands >= 3 else 1, flat)
+
+
+def rendering_levels(scan: Scan) -> levels.Levels:
+    """The range the 8-bit renderings (JPEG, DZI, previews) of ``scan`` show, computed
+    once: 0-255 for 8-bit tiles, else the 0.1-99.9 percentiles of a sample of tiles."""
+    return levels.scan_levels(scan.paths, data_pixels(scan, warn=False).dtype)
+
+
+def describe_pixels(scan: Scan, shown: levels.Levels,
+                    flat: flatfield.FlatField | None = None) -> str:
+    """One line for the run's summary: what the data formats keep, what renderings show."""
+    data = data_pixels(scan, warn=False)
+    channels = "3 channels (RGB)" if data.bands == 3 else "1 channel"
+    corrected = f"; {flat.describe()}" if flat is not None else ""
+    if shown.identity and data.fmt == "uchar":
+        return f"Pixels: {data.dtype}, {channels}{corrected}."
+    return (f"Pixels: {data.dtype}, {channels} in OME-TIFF and OME-Zarr; JPEG, DZI and "
+            f"previews show {shown.describe()} as 0-255 (the {levels.PERCENTILES[0]:g}-"
+            f"{levels.PERCENTILES[1]:g} percentiles of the scan){corrected}.")
 
 
 def write_preview(scan: Scan, positions: np.ndarray, path: Path, *,
-                  extra: dict | None = None, width: int = render.PREVIEW_WIDTH) -> set[int]:
+                  extra: dict | None = None, width: int = render.PREVIEW_WIDTH,
+                  shown: levels.Levels | None = None,
+                  flat: flatfield.FlatField | None = None) -> set[int]:
     """Write the mosaic at most ``width`` px wide as the JPEG ``path``, drawn as live
-    stitching draws it (:func:`ofstitch.preview.draw`). Returns the tiles left out
+    stitching draws it (:func:`ofstitch.preview.draw`), values mapped to 8 bits by
+    ``shown`` (default: :func:`rendering_levels`). Returns the tiles left out
     because they could not be decoded."""
-    return preview.draw(scan, positions, width, preview.PreviewTiles(value_scale(scan)),
+    shown = shown if shown is not None else rendering_levels(scan)
+    return preview.draw(scan, positions, width, preview.PreviewTiles(shown, flat),
                         jpeg=path, extra=extra)[1]
 
 
@@ -178,13 +208,28 @@ def write_full_resolution(scan: Scan, positions: np.ndarray, out: Path, prefix: 
                           settings: StitchSettings, wanted: tuple[str, ...], *,
                           extra: dict | None = None, skip: set[int] | None = None,
                           progress: Progress = no_progress,
-                          paths: dict[str, Path] | None = None) -> dict[str, Path]:
+                          paths: dict[str, Path] | None = None,
+                          shown: levels.Levels | None = None,
+                          flat: flatfield.FlatField | None = None) -> dict[str, Path]:
     """Write the full-resolution mosaic in each format of ``wanted``; returns the files.
 
     Each goes to ``out/<prefix>_stitched<suffix>``, or to ``paths[format]`` if given.
+    The data formats keep the tiles' values (:func:`data_pixels`); JPEG, DZI and
+    the pyramid TIFF are 8-bit renderings through ``shown`` (default:
+    :func:`rendering_levels`).
     """
-    mosaic = render.Mosaic(scan.paths, positions, scan.tile_shape, blend=settings.blend,
-                           value_scale=value_scale(scan), skip=skip, workers=settings.workers)
+    shown = shown if shown is not None else rendering_levels(scan)
+    if flat is None:  # callers that did not resolve --flat-field (stitch_to_file)
+        flat = flatfield.resolve(settings.flat_field, scan.paths, scan.tile_shape)
+    rendering = render.Mosaic(scan.paths, positions, scan.tile_shape, blend=settings.blend,
+                              pixels=render.Pixels(shown, flat=flat), skip=skip,
+                              workers=settings.workers)
+    data = rendering.pixels
+    if any(f in formats.DATA_FORMATS for f in wanted):
+        data = data_pixels(scan, flat=flat)
+    mosaic = rendering if data == rendering.pixels else render.Mosaic(
+        scan.paths, positions, scan.tile_shape, blend=settings.blend, pixels=data,
+        skip=skip, workers=settings.workers)
     tile_size = settings.tile_size or formats.TILE_SIZE
     um = scan.pixel_size_um
     base = out / f"{prefix}_stitched"
@@ -197,7 +242,7 @@ def write_full_resolution(scan: Scan, positions: np.ndarray, out: Path, prefix: 
             progress(f"write-{fmt}", done, total)
 
         if fmt == "jpeg":
-            mosaic.write(lambda im, p=path: formats.write_jpeg(
+            rendering.write(lambda im, p=path: formats.write_jpeg(
                 im, p, metadata=scan.metadata, pixel_size_um=um, n_tiles=len(scan),
                 extra=extra), progress=report)
             outputs["stitched"] = path
@@ -207,14 +252,19 @@ def write_full_resolution(scan: Scan, positions: np.ndarray, out: Path, prefix: 
                 tile_size=tile_size, name=prefix), progress=report)
             outputs["ome_tiff"] = path
         elif fmt == "dzi":
-            mosaic.write(lambda im, p=path: formats.write_dzi(
+            rendering.write(lambda im, p=path: formats.write_dzi(
                 im, p, tile_size=tile_size, pixel_size_um=um), progress=report)
             outputs["dzi"] = path
             outputs["viewer"] = path.parent / formats.VIEWER_NAME
         elif fmt == "ome-zarr":
             mosaic.write(lambda im, p=path: formats.write_ome_zarr(
-                im, p, pixel_size_um=um, name=prefix), progress=report)
+                im, p, pixel_size_um=um, name=prefix, window=shown,
+                ngff_version=settings.ngff_version), progress=report)
             outputs["ome_zarr"] = path
+        elif fmt == "pyramid-tiff":
+            rendering.write(lambda im, p=path: formats.write_pyramid_tiff(
+                im, p, pixel_size_um=um, tile_size=tile_size), progress=report)
+            outputs["pyramid_tiff"] = path
     return outputs
 
 
@@ -248,7 +298,8 @@ def stitch(folder: Path | str, settings: StitchSettings | None = None, *,
         scan = load_scan(folder, settings)
         placement = stage_placement(scan.stage_px, scan.csm)
         path = out / "stitched_from_stage.jpg"
-        write_preview(scan, placement.positions_px, path)
+        write_preview(scan, placement.positions_px, path,
+                      flat=flatfield.resolve(settings.flat_field, scan.paths, scan.tile_shape))
         outputs["stage"] = path
         return StitchResult(None, outputs, placement.positions_px, [f.name for f in scan.files])
 
@@ -280,13 +331,17 @@ def stitch(folder: Path | str, settings: StitchSettings | None = None, *,
     formats.write_tile_configuration(config, names, positions)
     outputs["tile_configuration"] = config
     extra = {"camera_to_sample_matrix_suggested": reg.suggested_csm().round(6).tolist()}
+    shown = rendering_levels(scan)
+    flat = flatfield.resolve(settings.flat_field, scan.paths, scan.tile_shape)
+    if not shown.identity:
+        extra["display_range"] = [shown.low, shown.high]  # what 0-255 of the JPEG show
 
     wanted = ()
     if mode == "all":  # refuse an impossible JPEG before spending time on the preview
         wanted = full_resolution_formats(
             settings, render.make_layout(positions, scan.tile_shape).size)
     preview_path = out / settings.preview_name
-    skip = write_preview(scan, positions, preview_path, extra=extra)
+    skip = write_preview(scan, positions, preview_path, extra=extra, shown=shown, flat=flat)
     outputs["preview"] = preview_path
     thumb = out / "stitched_thumbnail.jpg"
     formats.write_thumbnail(preview_path, thumb)
@@ -295,5 +350,5 @@ def stitch(folder: Path | str, settings: StitchSettings | None = None, *,
     if mode == "all":
         outputs.update(write_full_resolution(scan, positions, out, output_prefix(folder),
                                              settings, wanted, extra=extra, skip=skip,
-                                             progress=progress))
-    return StitchResult(reg, outputs, positions, names)
+                                             progress=progress, shown=shown, flat=flat))
+    return StitchResult(reg, outputs, positions, names, describe_pixels(scan, shown, flat))

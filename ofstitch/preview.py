@@ -21,6 +21,8 @@ import pyvips
 
 from . import formats, render, tiles
 from .errors import OfstitchWarning
+from .flatfield import FlatField
+from .levels import Levels
 from .scan import Scan
 
 MAX_SHRINK = 8  # libjpeg's DCT scaling goes down to 1/8
@@ -39,13 +41,16 @@ def scan_width(positions_px: np.ndarray, tile_shape: tuple[int, int]) -> float:
 
 
 class PreviewTiles:
-    """Tiles decoded as 8-bit RGB at ``1/shrink`` of their size, kept by (file key, shrink).
+    """Tiles decoded as 8-bit RGB at ``1/shrink`` of their size, kept by (file key, shrink),
+    their values mapped to 8 bits by ``levels`` (:func:`ofstitch.levels.scan_levels`).
 
-    Thread-safe: one writer may fill it while readers compose previews.
+    Thread-safe: one writer may fill it while readers compose previews. Change
+    ``levels`` only together with :meth:`clear`.
     """
 
-    def __init__(self, value_scale: float = 1.0) -> None:
-        self.value_scale = value_scale
+    def __init__(self, levels: Levels | None = None, flat: FlatField | None = None) -> None:
+        self.levels = levels or Levels()
+        self.flat = flat  # an illumination profile divided out (batch previews)
         self._tiles: dict[tuple[str, int], np.ndarray] = {}
         self._lock = threading.Lock()
 
@@ -57,7 +62,9 @@ class PreviewTiles:
         if arr is not None:
             return arr
         arr = tiles.read_rgb8_scaled(path, 1.0 / shrink, tiles.scaled_shape(shape, 1.0 / shrink),
-                                     value_scale=self.value_scale)
+                                     levels=self.levels,
+                                     flat=None if self.flat is None else self.flat.image(
+                                         tiles.scaled_shape(shape, 1.0 / shrink)))
         arr.flags.writeable = False
         with self._lock:
             self._tiles[(key, shrink)] = arr

@@ -1,29 +1,13 @@
-"""Rendering: compose the mosaic from the tile files with pyvips operations.
+"""Rendering: the mosaic as one sequential pyvips image that the writers pull through.
 
-Composition rule
-----------------
-Positions are rounded to whole output pixels with ``floor(p + 0.5)`` (at the
-output scale), the same rule for every tile. Each output pixel comes from the
-tile whose (unrounded) centre is nearest to the pixel's centre, among the tiles
-that cover the pixel; a tie goes to the tile that is higher in the mosaic (then
-to the earlier tile). No blending, as in OpenFlexure Stitching. With
-``blend="feather"`` a pixel covered by several tiles is instead their weighted
-mean, each tile weighted by the distance from the pixel to the tile's nearest
-edge (a linear ramp across each overlap).
-
-How it is built
----------------
-The mosaic is made in bands of output rows. For a band, each tile that touches
-it is cropped to the band and placed (``embed``); a label image (one byte per
-pixel, computed from the rule above) then picks, with ``case``, which tile
-each pixel comes from. The pixels themselves only ever pass through libvips.
-
-The bands are chained into one sequential image (:func:`stream_mosaic`): an
-encoder reading it top to bottom makes libvips compose and evaluate one band
-at a time, and each band's operations are freed before the next band starts.
-A tile is decoded once (sequentially, top to bottom) while the bands still
-need it, then closed. Memory is bounded by one band of the mosaic plus the
-tiles that cross it, whatever the size of the mosaic.
+The bands of :mod:`ofstitch.compose` are chained into one sequential image
+(:func:`stream_mosaic`): an encoder reading it top to bottom makes libvips
+compose and evaluate one band at a time, and each band's operations are freed
+before the next band starts. A tile is decoded once (sequentially, top to
+bottom) while the bands still need it, then closed. Memory is bounded by one
+band of the mosaic plus the tiles that cross it, whatever the size of the
+mosaic. :class:`Mosaic` leaves out, with a warning, the tiles that turn out to
+be undecodable.
 """
 
 from __future__ import annotations
@@ -39,212 +23,57 @@ import warnings
 import zlib
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import pyvips
 
 from . import tiles
-from .errors import OfstitchError, OfstitchWarning, SettingError
+from .compose import (  # noqa: F401  (the composition, re-exported for render's users)
+    Blend,
+    Layout,
+    Pixels,
+    TileSource,
+    band_rows,
+    compose,
+    compose_band,
+    compose_box,
+    feather_weight,
+    make_layout,
+    nearest_labels,
+    priority_order,
+    scale_for_width,
+)
+from .errors import OfstitchWarning, SettingError
 from .settings import BLENDS
 
 log = logging.getLogger(__name__)
 
-Blend = Literal["none", "feather"]
-
 PREVIEW_WIDTH = 1000
 FETCH_WIDTH = 256  # columns of a band computed at a time
 _KEEP = 4 << 20  # bytes of the PNG stream kept behind the reader
-# A leaf that a cell boundary crosses is halved until its sides are at most this long.
-MIXED_LEAF_SIDE = 64
 
 
-@dataclass(frozen=True)
-class Layout:
-    """Where each tile goes in an output image.
+def _png_geometry(pixels: Pixels, width: int) -> tuple[int, int, int]:
+    """``(PNG width, bit depth, colour type)`` of the stream that carries a mosaic.
 
-    Attributes
-    ----------
-    top_left : ndarray, shape (n, 2), int64
-        Rounded ``(row, col)`` of each tile in the output.
-    centre : ndarray, shape (n, 2), float64
-        Unrounded centre of each tile in the output (for the nearest-centre rule).
-    tile_shape : (int, int)
-        Tile ``(h, w)`` at the output scale.
-    size : (int, int)
-        Output ``(height, width)``.
-    scale : float
-        Output pixels per input pixel.
+    8-bit mosaics are plain grey or RGB PNGs. Any other pixel format travels as
+    the bytes of its rows, read as 16-bit grey samples (:func:`_unpack` turns
+    them back), so that every value arrives exactly.
     """
-
-    top_left: np.ndarray
-    centre: np.ndarray
-    tile_shape: tuple[int, int]
-    size: tuple[int, int]
-    scale: float
+    if pixels.fmt == "uchar":
+        return width, 8, 2 if pixels.bands == 3 else 0
+    return width * pixels.bands * pixels.dtype.itemsize // 2, 16, 0
 
 
-def make_layout(positions_px: np.ndarray, tile_shape: tuple[int, int], scale: float = 1.0
-                ) -> Layout:
-    """Layout of tiles at ``positions_px`` (top-left, full resolution) at ``scale``."""
-    positions_px = np.asarray(positions_px, dtype=np.float64)
-    if not np.all(np.isfinite(positions_px)):
-        raise OfstitchError("some tile positions are not finite, so no mosaic can be drawn: "
-                            "delete the correlation cache and run again")
-    pos = (positions_px - positions_px.min(axis=0)) * scale
-    th, tw = tiles.scaled_shape(tile_shape, scale)
-    top_left = np.floor(pos + 0.5).astype(np.int64)
-    centre = pos + np.array([tile_shape[0], tile_shape[1]]) * scale / 2
-    size = tuple(int(v) for v in top_left.max(axis=0) + (th, tw))
-    return Layout(top_left, centre, (th, tw), size, scale)
-
-
-def scale_for_width(positions_px: np.ndarray, tile_shape: tuple[int, int], width: int) -> float:
-    """The scale at which the mosaic is at most ``width`` pixels wide (never above 1)."""
-    span = positions_px[:, 1].max() - positions_px[:, 1].min() + tile_shape[1]
-    return min(1.0, width / span)
-
-
-# ----------------------------------------------------------------------------- compose
-
-
-def band_rows(layout: Layout, band_height: int = 128) -> list[tuple[int, int]]:
-    """``[r0, r1)`` of each band of output rows."""
-    height = layout.size[0]
-    return [(r, min(height, r + band_height)) for r in range(0, height, band_height)]
-
-
-def priority_order(layout: Layout) -> np.ndarray:
-    """Tile indices in priority order: higher in the mosaic first, then the earlier tile."""
-    return np.argsort(layout.top_left[:, 0], kind="stable")
-
-
-def nearest_labels(layout: Layout, box: tuple[int, int, int, int], members: Sequence[int]
-                   ) -> np.ndarray:
-    """For each pixel of ``box`` = ``(r0, c0, r1, c1)``, the position in ``members`` of the
-    tile whose centre is nearest, among those that cover it (255 where none does).
-
-    ``members`` must be in priority order (ties go to the earlier one) and
-    number at most 255. Returns uint8, shape ``(r1 - r0, c1 - c0)``.
-    """
-    r0, c0, r1, c1 = box
-    th, tw = layout.tile_shape
-    labels = np.full((r1 - r0, c1 - c0), 255, dtype=np.uint8)
-    best = np.full((r1 - r0, c1 - c0), np.inf, dtype=np.float32)
-    for k, i in enumerate(members):
-        ty, tx = (int(v) for v in layout.top_left[i])
-        y0, y1, x0, x1 = max(r0, ty), min(r1, ty + th), max(c0, tx), min(c1, tx + tw)
-        if y0 >= y1 or x0 >= x1:
-            continue
-        rows = np.arange(y0, y1, dtype=np.float32) + 0.5 - np.float32(layout.centre[i, 0])
-        cols = np.arange(x0, x1, dtype=np.float32) + 0.5 - np.float32(layout.centre[i, 1])
-        dist = rows[:, None] ** 2 + cols[None, :] ** 2
-        region = best[y0 - r0:y1 - r0, x0 - c0:x1 - c0]
-        nearer = dist < region
-        np.copyto(region, dist, where=nearer)
-        labels[y0 - r0:y1 - r0, x0 - c0:x1 - c0][nearer] = k
-    return labels
-
-
-def _feather_weight(layout: Layout) -> pyvips.Image:
-    """A tile's blending weight: the distance from each pixel centre to the nearest edge."""
-    th, tw = layout.tile_shape
-    xy = pyvips.Image.xyz(tw, th).cast("float")
-    near = xy.linear([1.0, 1.0], [0.5, 0.5]).minpair(
-        xy.linear([-1.0, -1.0], [tw - 0.5, th - 0.5]))
-    return near[0].minpair(near[1]).copy_memory()
-
-
-def compose_box(tile: Callable[[int], pyvips.Image], layout: Layout,
-                box: tuple[int, int, int, int], members: Sequence[int], *,
-                blend: Blend = "none", weight: pyvips.Image | None = None) -> pyvips.Image:
-    """One rectangle of the mosaic from the tiles ``members`` (in priority order).
-
-    ``tile(i)`` gives tile ``i`` as an 8-bit RGB pyvips image. Without blending,
-    each tile is placed where it is the nearest, with ``case`` on a label image;
-    with feathering, the tiles are averaged with ``weight``.
-    """
-    r0, c0, r1, c1 = box
-    h, w = r1 - r0, c1 - c0
-    th, tw = layout.tile_shape
-    if not len(members):
-        return pyvips.Image.black(w, h, bands=3)
-    placed, weights = [], []
-    for i in members:
-        ty, tx = (int(v) for v in layout.top_left[i])
-        y0, y1, x0, x1 = max(r0, ty), min(r1, ty + th), max(c0, tx), min(c1, tx + tw)
-        part = tile(i).crop(x0 - tx, y0 - ty, x1 - x0, y1 - y0)
-        if blend == "feather":
-            wpart = weight.crop(x0 - tx, y0 - ty, x1 - x0, y1 - y0)
-            part = part.cast("float") * wpart
-            weights.append(wpart.embed(x0 - c0, y0 - r0, w, h) if (y1 - y0, x1 - x0) != (h, w)
-                           else wpart)
-        placed.append(part.embed(x0 - c0, y0 - r0, w, h) if (y1 - y0, x1 - x0) != (h, w)
-                      else part)
-    if blend == "feather":
-        total = placed[0] if len(placed) == 1 else pyvips.Image.sum(placed)
-        norm = weights[0] if len(weights) == 1 else pyvips.Image.sum(weights)
-        covered = norm > 0
-        mean = total / covered.ifthenelse(norm, 1.0)
-        return (mean + 0.5).cast("uchar")
-    if len(members) == 1:
-        return placed[0]
-    # Uncovered pixels (label 255) take the last tile, which is black outside itself.
-    index = pyvips.Image.new_from_array(nearest_labels(layout, box, members))
-    return index.case(placed)
-
-
-class TileSource:
-    """Tiles opened on demand, each kept open while the bands still need it."""
-
-    def __init__(self, paths: Sequence[Path], layout: Layout, value_scale: float) -> None:
-        self.paths, self.layout, self.value_scale = paths, layout, value_scale
-        self.open: dict[int, pyvips.Image] = {}
-
-    def __call__(self, i: int) -> pyvips.Image:
-        if i not in self.open:
-            self.open[i] = tiles.rgb8_image(self.paths[i], self.layout.scale,
-                                            self.layout.tile_shape,
-                                            value_scale=self.value_scale)
-        return self.open[i]
-
-    def forget_above(self, row: int) -> None:
-        """Close the tiles that end above ``row``."""
-        th = self.layout.tile_shape[0]
-        for i in [i for i in self.open if self.layout.top_left[i, 0] + th <= row]:
-            del self.open[i]
-
-
-def compose_band(source: TileSource, layout: Layout, rows: tuple[int, int], *,
-                 blend: Blend = "none", skip: frozenset[int] | set[int] = frozenset(),
-                 weight: pyvips.Image | None = None, max_members: int = 200) -> pyvips.Image:
-    """Rows ``[r0, r1)`` of the mosaic, as a lazy pyvips image."""
-    r0, r1 = rows
-    th, tw = layout.tile_shape
-    width = layout.size[1]
-    top = layout.top_left
-    order = priority_order(layout)
-    members = [int(i) for i in order if top[i, 0] < r1 and top[i, 0] + th > r0
-               and int(i) not in skip]
-    # Few enough tiles per piece for an 8-bit label (and a cheap feathered sum).
-    limit = max_members if blend == "none" else 8
-    pieces, c0 = [], 0
-    while c0 < width:
-        c1 = width
-        while True:
-            inside = [i for i in members if top[i, 1] < c1 and top[i, 1] + tw > c0]
-            if len(inside) <= limit or c1 - c0 <= 1:
-                break
-            c1 = c0 + (c1 - c0) // 2
-        pieces.append(compose_box(source, layout, (r0, c0, r1, c1), inside, blend=blend,
-                                  weight=weight))
-        c0 = c1
-    band = pieces[0]
-    for piece in pieces[1:]:
-        band = band.join(piece, "horizontal")
-    return band
+def _unpack(image: pyvips.Image, pixels: Pixels) -> pyvips.Image:
+    """The mosaic from the image its stream decodes to (see :func:`_png_geometry`)."""
+    if pixels.fmt != "uchar":
+        per_pixel = pixels.bands * pixels.dtype.itemsize // 2  # 16-bit samples
+        if per_pixel > 1:
+            image = image.bandfold(factor=per_pixel)
+        image = image.copy(format=pixels.fmt, bands=pixels.bands)
+    return image.copy(interpretation=pixels.interpretation)
 
 
 class _PngStream:
@@ -256,14 +85,16 @@ class _PngStream:
     """
 
     def __init__(self, paths: Sequence[Path], layout: Layout, *, blend: Blend,
-                 value_scale: float, skip: frozenset[int] | set[int],
+                 pixels: Pixels, skip: frozenset[int] | set[int],
                  progress: Callable[[int, int], None] | None, band_height: int) -> None:
         self.layout, self.blend, self.skip, self.progress = layout, blend, skip, progress
-        self.source = TileSource(paths, layout, value_scale)
+        self.pixels = pixels
+        self.source = TileSource(paths, layout, pixels)
         self.bands = band_rows(layout, band_height)
-        self.weight = _feather_weight(layout) if blend == "feather" else None
+        self.weight = feather_weight(layout) if blend == "feather" else None
         height, width = layout.size
-        ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+        png_width, depth, colour = _png_geometry(pixels, width)
+        ihdr = struct.pack(">IIBBBBB", png_width, height, depth, colour, 0, 0, 0)
         self.base = self.pos = 0  # absolute offsets of buffer[0] and of the reader
         self.buffer = bytearray(b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr))
         self.deflate = zlib.compressobj(0)
@@ -351,7 +182,8 @@ class _PngStream:
         # resume reading them. Fetched in pieces, so that each operation's
         # buffers stay small.
         h, w = band.height, band.width
-        scanlines = np.zeros((h, 3 * w + 1), dtype=np.uint8)  # filter type 0 (none)
+        bpp = self.pixels.bands * self.pixels.dtype.itemsize  # bytes per pixel
+        scanlines = np.zeros((h, bpp * w + 1), dtype=np.uint8)  # filter type 0 (none)
         pieces = [(x, min(FETCH_WIDTH, w - x)) for x in range(0, w, FETCH_WIDTH)]
         n_threads = min(self.threads, len(pieces))
         per_thread = math.ceil(len(pieces) / n_threads)
@@ -360,7 +192,7 @@ class _PngStream:
             region = pyvips.Region.new(band)
             for x, n in share:
                 piece = np.frombuffer(region.fetch(x, 0, n, h), dtype=np.uint8)
-                scanlines[:, 1 + 3 * x:1 + 3 * (x + n)] = piece.reshape(h, 3 * n)
+                scanlines[:, 1 + bpp * x:1 + bpp * (x + n)] = piece.reshape(h, bpp * n)
 
         shares = [pieces[k:k + per_thread] for k in range(0, len(pieces), per_thread)]
         if len(shares) == 1:
@@ -369,6 +201,9 @@ class _PngStream:
             if self.pool is None:  # the same few threads for every band
                 self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="ofstitch-fetch")
             list(self.pool.map(fetch, shares))
+        if self.pixels.fmt != "uchar" and sys.byteorder == "little":  # PNG is big-endian
+            samples = scanlines[:, 1:].reshape(h, -1, 2)
+            samples[:] = samples[:, :, ::-1].copy()
         data = self._idat(self.deflate.compress(scanlines.data))
         self.source.forget_above(rows[1])
         return data
@@ -385,7 +220,7 @@ def _png_chunk(kind: bytes, data: bytes) -> bytes:
 
 
 def stream_mosaic(paths: Sequence[Path], layout: Layout, *, blend: Blend = "none",
-                  value_scale: float = 1.0, skip: frozenset[int] | set[int] = frozenset(),
+                  pixels: Pixels = Pixels(), skip: frozenset[int] | set[int] = frozenset(),
                   progress: Callable[[int, int], None] | None = None,
                   band_height: int = 128) -> tuple[pyvips.Image, _PngStream]:
     """The mosaic as a sequential pyvips image that composes itself band by band.
@@ -395,30 +230,15 @@ def stream_mosaic(paths: Sequence[Path], layout: Layout, *, blend: Blend = "none
     """
     if blend not in BLENDS:
         raise SettingError("blend", f"must be one of {', '.join(BLENDS)}, got {blend!r}")
-    stream = _PngStream(paths, layout, blend=blend, value_scale=value_scale, skip=skip,
+    stream = _PngStream(paths, layout, blend=blend, pixels=pixels, skip=skip,
                         progress=progress, band_height=band_height)
     source = pyvips.SourceCustom()
     source.on_read(stream.read)
     source.on_seek(stream.seek)
     image = pyvips.Image.new_from_source(source, "", access="sequential")
-    return image.copy(interpretation="srgb"), stream
+    return _unpack(image, pixels), stream
 
 
-def compose(paths: Sequence[Path], layout: Layout, *, blend: Blend = "none",
-            value_scale: float = 1.0, skip: frozenset[int] | set[int] = frozenset()
-            ) -> pyvips.Image:
-    """The whole mosaic as one lazy pyvips image of band images (for small mosaics
-    and tests; :func:`stream_mosaic` bounds memory for large ones)."""
-    if blend not in BLENDS:
-        raise SettingError("blend", f"must be one of {', '.join(BLENDS)}, got {blend!r}")
-    source = TileSource(paths, layout, value_scale)
-    weight = _feather_weight(layout) if blend == "feather" else None
-    bands = [compose_band(source, layout, rows, blend=blend, skip=skip, weight=weight)
-             for rows in band_rows(layout)]
-    while len(bands) > 1:  # a balanced tree of joins
-        bands = [bands[k].join(bands[k + 1], "vertical") if k + 1 < len(bands) else bands[k]
-                 for k in range(0, len(bands), 2)]
-    return bands[0].copy(interpretation="srgb")
 
 
 def limit_malloc_arenas(n: int = 2) -> None:
@@ -445,7 +265,7 @@ def find_undecodable(paths: Sequence[Path], *, workers: int | None = None) -> se
 
     def bad(i: int) -> bool:
         try:
-            tiles.rgb8_image(paths[i], 1.0, None).avg()
+            tiles.open_tile(paths[i]).avg()
         except (pyvips.Error, tiles.TileReadError):
             return True
         return False
@@ -465,12 +285,12 @@ class Mosaic:
 
     def __init__(self, paths: Sequence[Path], positions_px: np.ndarray,
                  tile_shape: tuple[int, int], *, scale: float = 1.0, blend: Blend = "none",
-                 value_scale: float = 1.0, skip: set[int] | None = None,
+                 pixels: Pixels = Pixels(), skip: set[int] | None = None,
                  workers: int | None = None, band_height: int = 128) -> None:
         self.paths = list(paths)
         self.layout = make_layout(positions_px, tile_shape, scale)
         self.blend = blend
-        self.value_scale = value_scale
+        self.pixels = pixels
         self.skip: set[int] = set(skip or ())
         self.workers = workers
         self.band_height = band_height
@@ -483,7 +303,7 @@ class Mosaic:
     def _write_once(self, writer: Callable[[pyvips.Image], None],
                     progress: Callable[[int, int], None] | None) -> None:
         image, stream = stream_mosaic(self.paths, self.layout, blend=self.blend,
-                                      value_scale=self.value_scale,
+                                      pixels=self.pixels,
                                       skip=frozenset(self.skip), progress=progress,
                                       band_height=self.band_height)
         try:

@@ -124,6 +124,8 @@ class Scan:
         The first tile's UserComment JSON (written into output EXIF).
     bit_depth : int
         8 or 16.
+    pixel_formats : tuple of str
+        The libvips pixel formats of the tiles (``"uchar"``, ``"ushort"``, ``"float"``...).
     """
 
     folder: Path
@@ -138,6 +140,7 @@ class Scan:
     metadata: dict | None
     bit_depth: int = 8
     position_source: str = "exif"
+    pixel_formats: tuple[str, ...] = ()
 
     def __len__(self) -> int:
         return len(self.files)
@@ -432,7 +435,8 @@ def scan_from_tiles(folder: Path, records: list[TileRecord],
                 bands=max(r[3] for r in records), stage_px=stage_px, stage_xy=stage_xy, csm=csm,
                 csm_calibration_width=calibration, pixel_size_um=um,
                 metadata=first_meta.usercomment, bit_depth=bit_depth,
-                position_source=sources.most_common(1)[0][0])
+                position_source=sources.most_common(1)[0][0],
+                pixel_formats=tuple(sorted({r[4] for r in records})))
 
 
 def _is_8bit(vips_format: str) -> bool:

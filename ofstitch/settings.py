@@ -23,9 +23,10 @@ Priority = Literal["time", "memory"]
 # Each choice set is spelled here once; the CLI's choices and the modules that use
 # them take it from here.
 STITCHING_MODES = ("all", "preview", "stage", "only-correlate")
-OUTPUT_FORMATS = ("jpeg", "ome-tiff", "dzi", "ome-zarr")
+OUTPUT_FORMATS = ("jpeg", "ome-tiff", "dzi", "ome-zarr", "pyramid-tiff")
 BLENDS = ("none", "feather")
 TIFF_COMPRESSIONS = ("jpeg", "deflate", "lzw")
+NGFF_VERSIONS = ("0.4", "0.5")
 PLACEMENT_METHODS = ("robust", "reference")
 THRESHOLDING_METHODS = ("automatic", "manual")
 PRIORITIES = ("time", "memory")
@@ -206,16 +207,26 @@ class StitchSettings:
         "Format of the full-resolution mosaic; repeat the option for several. 'jpeg' "
         "(the default; at most 65,535 px per side), 'ome-tiff' (tiled pyramidal "
         "OME-TIFF for QuPath, Fiji/Bio-Formats, napari), 'dzi' (Deep Zoom pyramid "
-        "plus viewer.html, a web page that shows it) or 'ome-zarr' (NGFF multiscale "
-        "image for napari and ome-zarr)."))
+        "plus viewer.html, a web page that shows it), 'ome-zarr' (NGFF multiscale "
+        "image for napari and ome-zarr) or 'pyramid-tiff' (8-bit tiled pyramidal TIFF "
+        "for OpenSlide and slide viewers). OME-TIFF and OME-Zarr keep the tiles' data "
+        "type and channels; the others are 8-bit renderings."))
     blend: str = field(default="none", metadata=_help(
         "How overlapping tiles are combined: 'none' takes each pixel from the tile "
         "whose centre is nearest (sharp, the OpenFlexure Stitching look); 'feather' "
         "averages the tiles with weights that ramp linearly across each overlap "
         "(hides seams from uneven illumination, softens misaligned detail)."))
     tiff_compression: str = field(default="jpeg", metadata=_help(
-        "Compression of the OME-TIFF tiles: 'jpeg' (small, lossy, quality 90), "
-        "'deflate' or 'lzw' (lossless, several times larger)."))
+        "Compression of the OME-TIFF tiles: 'jpeg' (small, lossy, quality 90; 8-bit data "
+        "only, deeper data are deflated), 'deflate' or 'lzw' (lossless, several times "
+        "larger)."))
+    ngff_version: str = field(default="0.4", metadata=_help(
+        "NGFF version of the OME-Zarr: '0.4' (Zarr v2, read by most tools today) or '0.5' "
+        "(Zarr v3, sharded)."))
+    flat_field: str | None = field(default=None, metadata=_help(
+        "Divide out the illumination profile (vignetting) in the mosaic, never in "
+        "registration: 'auto' estimates it from the tiles (a smoothed per-pixel median); "
+        "a file gives it (an image of an empty field). Off by default."))
     stitch_tiff: bool = field(default=False, metadata=_help(
         "Also write a pyramidal OME-TIFF (the same as --format ome-tiff)."))
     stitch_dzi: bool = field(default=False, metadata=_help(
@@ -280,11 +291,15 @@ class StitchSettings:
                 ("formats", self.formats, OUTPUT_FORMATS),
                 ("blend", (self.blend,), BLENDS),
                 ("tiff_compression", (self.tiff_compression,), TIFF_COMPRESSIONS),
+                ("ngff_version", (self.ngff_version,), NGFF_VERSIONS),
                 ("priority", (self.priority,), PRIORITIES),
                 ("device", (self.device,), DEVICES)):
             for v in values:
                 if v not in allowed:
                     raise SettingError(name, f"must be one of {', '.join(allowed)}, got {v!r}")
+        if self.flat_field not in (None, "auto") and not Path(self.flat_field).is_file():
+            raise SettingError("flat_field", f"must be 'auto' or an image file, got "
+                               f"{self.flat_field!r}")
         if self.device_memory is not None:
             parse_memory(self.device_memory)  # raises a clear error early
         name = self.preview_name

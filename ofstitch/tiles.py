@@ -2,22 +2,28 @@
 
 Everything that reads pixels from disk goes through here: grey float32 tiles
 for correlation (decoded straight to reduced size with libjpeg's DCT scaling
-when ``resize < 1``), and 8-bit RGB tiles for rendering.
+when ``resize < 1``), tiles in their own pixel format for the data formats, and
+8-bit RGB tiles for renderings. :func:`open_tile` decodes a tile as its file
+means it (page, orientation, CMYK, palette, alpha); everything else starts there.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pyvips
 
-from .errors import OfstitchError
+from .errors import OfstitchError, OfstitchWarning
+from .levels import Levels
 
 # A tile claiming more pixels than this is refused (a decompression bomb).
 MAX_TILE_PIXELS = 200_000_000
+_ORIENTATION = 0x0112  # the EXIF tag
 
 
 class TileReadError(OfstitchError):
@@ -27,15 +33,14 @@ class TileReadError(OfstitchError):
 def _pillow_image(path: Path, exc: Exception) -> pyvips.Image:
     """Fallback decoder for formats the bundled libvips lacks (BMP), through Pillow."""
     try:
-        import warnings
-
-        from PIL import Image
+        from PIL import Image, ImageOps
 
         Image.MAX_IMAGE_PIXELS = MAX_TILE_PIXELS
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # Pillow's own chatter about bad files
             with Image.open(path) as pil:
-                image = pil if pil.mode in ("L", "RGB", "RGBA", "I;16", "LA") else \
+                pil = ImageOps.exif_transpose(pil)
+                image = pil if pil.mode in ("L", "RGB", "RGBA", "I;16", "LA", "I", "F") else \
                     pil.convert("RGB")
                 arr = np.asarray(image)
     except Exception:
@@ -43,17 +48,97 @@ def _pillow_image(path: Path, exc: Exception) -> pyvips.Image:
     return pyvips.Image.new_from_array(arr)
 
 
-def _open(path: Path, *, shrink: int = 1) -> pyvips.Image:
-    kwargs = {}
-    if shrink > 1 and Path(path).suffix.lower() in (".jpg", ".jpeg"):
-        kwargs["shrink"] = shrink
+@functools.lru_cache(maxsize=4096)
+def _largest_page(path: str, size: int, mtime_ns: int) -> int:
+    """The page of a multi-page TIFF with the most pixels (the first of equals): a
+    thumbnail or label page may come first. 0 for single-page files."""
     try:
-        image = pyvips.Image.new_from_file(os.fspath(path), access="sequential", fail=True,
+        first = pyvips.Image.new_from_file(path)
+        n_pages = first.get("n-pages") if first.get_typeof("n-pages") else 1
+    except pyvips.Error:
+        return 0
+    if n_pages <= 1:
+        return 0
+    areas = []
+    for k in range(min(n_pages, 64)):
+        try:
+            page = pyvips.Image.new_from_file(path, page=k)
+            areas.append(page.width * page.height)
+        except pyvips.Error:
+            areas.append(-1)
+    best = int(np.argmax(areas))
+    if areas.count(areas[best]) > 1:
+        warnings.warn(f"tiles have {areas.count(areas[best])} full-size pages (channels or "
+                      "planes of one file): stitching the first of them only",
+                      OfstitchWarning, stacklevel=2)
+    return best
+
+
+def _page(path: Path) -> int:
+    if path.suffix.lower() not in (".tif", ".tiff"):
+        return 0
+    try:
+        st = path.stat()
+    except OSError:
+        return 0
+    return _largest_page(os.fspath(path), st.st_size, st.st_mtime_ns)
+
+
+def _orientation(image: pyvips.Image) -> int:
+    """The EXIF Orientation (1-8) of a decoded image; 1 when it has none."""
+    try:
+        value = int(image.get("orientation")) if image.get_typeof("orientation") else 1
+    except (pyvips.Error, ValueError, TypeError):
+        return 1
+    return value if 1 <= value <= 8 else 1
+
+
+def _cmyk_to_rgb(image: pyvips.Image) -> pyvips.Image:
+    """A CMYK (or YCCK, which libjpeg hands over as CMYK) image as RGB.
+
+    With an embedded ICC profile, through colour management; without one, as
+    device CMYK (``R = (1 - C)(1 - K)``), as Pillow and web browsers show it.
+    """
+    alpha = image.extract_band(4) if image.bands > 4 else None
+    cmyk = image.extract_band(0, n=4)
+    if image.format == "uchar" and image.get_typeof("icc-profile-data"):
+        try:
+            return cmyk.icc_transform("srgb", embedded=True, intent="relative").cast("uchar")
+        except pyvips.Error:
+            pass  # a broken profile: device CMYK below
+    top = 65535.0 if image.format == "ushort" else 255.0
+    k = cmyk.extract_band(3).linear(-1.0, top)
+    rgb = cmyk.extract_band(0, n=3).linear(-1.0, top) * k / top
+    rgb = rgb.linear(1.0, 0.5).cast("ushort" if top > 255 else "uchar")
+    return rgb if alpha is None else rgb.bandjoin(alpha)
+
+
+def open_tile(path: Path, *, shrink: int = 1, sequential: bool = True) -> pyvips.Image:
+    """A tile as a lazy pyvips image of its colour bands (1 or 3), in its own pixel format.
+
+    Decoded as the file means it: the largest page of a multi-page TIFF, the
+    EXIF Orientation applied, CMYK turned into RGB, a palette expanded, alpha
+    dropped. JPEG tiles are shrunk inside libjpeg by ``shrink`` (1, 2, 4 or 8).
+    """
+    path = Path(path)
+    kwargs: dict = {}
+    if shrink > 1 and path.suffix.lower() in (".jpg", ".jpeg"):
+        kwargs["shrink"] = shrink
+    page = _page(path)
+    if page:
+        kwargs["page"] = page
+    access = "sequential" if sequential else "random"
+    try:
+        image = pyvips.Image.new_from_file(os.fspath(path), access=access, fail=True,
                                            **kwargs)
     except pyvips.Error as exc:
         image = _pillow_image(path, exc)
-    _require_sane_size(image, Path(path))
-    return image
+    _require_sane_size(image, path)
+    if _orientation(image) != 1:
+        if sequential and image.get_typeof("vips-loader"):  # turning needs random access
+            image = pyvips.Image.new_from_file(os.fspath(path), fail=True, **kwargs)
+        image = image.autorot()
+    return _colour_bands(image, path)
 
 
 def _require_sane_size(image: pyvips.Image, path: Path) -> None:
@@ -69,19 +154,28 @@ def _first_line(exc: Exception) -> str:
 
 
 def header(path: Path) -> tuple[int, int, int, str]:
-    """``(height, width, colour bands, format)`` of an image file, reading only its header.
+    """``(height, width, colour bands, format)`` of a tile as :func:`open_tile` decodes it
+    (after its EXIF Orientation; CMYK counts 3 bands), reading only its header.
 
     An alpha band is not counted. Raises :class:`TileReadError` for an
     unreadable or truncated file.
     """
+    path = Path(path)
+    page = _page(path)
     try:
-        image = pyvips.Image.new_from_file(os.fspath(path))
+        image = pyvips.Image.new_from_file(os.fspath(path), **({"page": page} if page else {}))
     except pyvips.Error as exc:
         image = _pillow_image(path, exc)
-    _require_complete(Path(path))
-    _require_sane_size(image, Path(path))
-    bands = image.bands - 1 if image.bands in (2, 4) else image.bands
-    return image.height, image.width, bands, image.format
+    _require_complete(path)
+    _require_sane_size(image, path)
+    height, width = image.height, image.width
+    if _orientation(image) >= 5:  # turned by a quarter
+        height, width = width, height
+    if image.interpretation == "cmyk" and image.bands >= 4:
+        bands = 3
+    else:
+        bands = image.bands - 1 if image.bands in (2, 4) else min(image.bands, 3)
+    return height, width, bands, image.format
 
 
 def _require_complete(path: Path) -> None:
@@ -100,10 +194,20 @@ def _require_complete(path: Path) -> None:
         raise TileReadError(f"{path.name} is truncated (an incomplete or interrupted write)")
 
 
-def _colour_bands(image: pyvips.Image) -> pyvips.Image:
-    """Drop an alpha band, if any."""
+def _colour_bands(image: pyvips.Image, path: Path) -> pyvips.Image:
+    """CMYK as RGB; an alpha band dropped; at most three colour bands."""
+    if image.interpretation == "cmyk" and image.bands >= 4:
+        image = _cmyk_to_rgb(image)
     if image.bands in (2, 4):
+        if not image.hasalpha():
+            warnings.warn(f"{path.name} has {image.bands} channels: stitching the first "
+                          f"{image.bands - 1} (read as colour plus alpha)", OfstitchWarning,
+                          stacklevel=3)
         image = image.extract_band(0, n=image.bands - 1)
+    elif image.bands > 4:
+        warnings.warn(f"{path.name} has {image.bands} channels: stitching the first three",
+                      OfstitchWarning, stacklevel=3)
+        image = image.extract_band(0, n=3)
     return image
 
 
@@ -142,7 +246,7 @@ def read_grey(path: Path, resize: float = 1.0, *, shape: tuple[int, int] | None 
     if grey is not None:
         image = pyvips.Image.new_from_array(grey)
     else:
-        image = _colour_bands(_open(path, shrink=_dct_shrink(resize)))
+        image = open_tile(path, shrink=_dct_shrink(resize))
         if image.bands > 1:
             image = image.bandmean()
     image = image.cast("float")
@@ -175,6 +279,8 @@ def _jpeg_luma(path: Path, out_shape: tuple[int, int]) -> np.ndarray | None:
         with Image.open(path) as pil:
             if pil.format != "JPEG" or pil.mode not in ("L", "RGB"):
                 return None
+            if pil.getexif().get(_ORIENTATION, 1) != 1:  # turned: open_tile turns it
+                return None
             if pil.width * pil.height > MAX_TILE_PIXELS:
                 raise TileReadError(
                     f"{path.name} claims {pil.width}x{pil.height} pixels, more than a "
@@ -188,20 +294,6 @@ def _jpeg_luma(path: Path, out_shape: tuple[int, int]) -> np.ndarray | None:
     except Exception as exc:
         raise TileReadError(f"cannot decode {path.name}: {_first_line(exc)}") from None
     return arr
-
-
-def read_rgb8(path: Path, *, value_scale: float = 1.0) -> np.ndarray:
-    """Decode a tile as 8-bit RGB for rendering.
-
-    ``value_scale`` multiplies the values before they are clipped to 0-255 (for
-    16-bit tiles).
-    """
-    image = _colour_bands(_open(path))
-    if image.bands == 1:
-        image = image.bandjoin([image, image])
-    if image.format != "uchar" or value_scale != 1.0:
-        image = (image.cast("float") * value_scale).cast("uchar")
-    return np.ascontiguousarray(_to_array(image, Path(path).name))
 
 
 def scaled_shape(shape: tuple[int, int], resize: float) -> tuple[int, int]:
@@ -223,13 +315,14 @@ def focus_measure(path: Path) -> float:
 
 
 def read_rgb8_scaled(path: Path, scale: float, out_shape: tuple[int, int], *,
-                     value_scale: float = 1.0) -> np.ndarray:
+                     levels: Levels | None = None, flat: pyvips.Image | None = None
+                     ) -> np.ndarray:
     """Decode a tile as 8-bit RGB resized to exactly ``out_shape`` = ``(h, w)``
     (:func:`rgb8_image`, computed).
 
     Uses libjpeg's DCT scaling for JPEG tiles when ``scale <= 1/2``.
     """
-    image = rgb8_image(path, scale, out_shape, value_scale=value_scale)
+    image = rgb8_image(path, scale, out_shape, levels=levels, flat=flat)
     return np.ascontiguousarray(_to_array(image, Path(path).name))
 
 
@@ -241,22 +334,57 @@ def _dct_shrink(scale: float) -> int:
 
 
 def rgb8_image(path: Path, scale: float, out_shape: tuple[int, int] | None, *,
-               value_scale: float = 1.0) -> pyvips.Image:
-    """A tile as a lazy 8-bit RGB pyvips image, resized to ``out_shape`` = ``(h, w)``.
+               levels: Levels | None = None, flat: pyvips.Image | None = None
+               ) -> pyvips.Image:
+    """A tile as a lazy 8-bit RGB pyvips image, resized to ``out_shape`` = ``(h, w)``,
+    its values mapped to 8 bits by ``levels`` (default: 0-255 unchanged).
 
     Opened for sequential access (top to bottom), so that a mosaic of thousands
     of tiles streams; JPEG tiles are shrunk inside libjpeg when ``scale <= 1/2``.
     Raises :class:`TileReadError` when the header cannot be read; corrupt pixel
     data raises ``pyvips.Error`` only when the pixels are computed.
     """
-    image = _colour_bands(_open(path, shrink=_dct_shrink(scale)))
-    if image.bands == 1:
+    return tile_image(path, scale, out_shape, levels=levels or Levels(), flat=flat)
+
+
+def tile_image(path: Path, scale: float, out_shape: tuple[int, int] | None, *,
+               levels: Levels | None = None, fmt: str = "uchar", bands: int = 3,
+               flat: pyvips.Image | None = None) -> pyvips.Image:
+    """A tile as a lazy pyvips image for a mosaic, resized to ``out_shape`` = ``(h, w)``.
+
+    With ``levels``, an 8-bit RGB rendering (:meth:`Levels.to_uchar`); without,
+    the tile's values cast to the mosaic's pixel format ``fmt`` (a cast that
+    keeps them, see :func:`ofstitch.levels.mosaic_dtype`), with ``bands`` bands
+    (a grey tile repeated in three bands for a colour mosaic). ``flat``, an
+    illumination profile at the tile's output size (:mod:`ofstitch.flatfield`),
+    divides every band first.
+    """
+    image = open_tile(path, shrink=_dct_shrink(scale))
+    if image.bands == 1 and (levels is not None or bands == 3):
         image = image.bandjoin([image, image])
     if out_shape is not None and (image.height, image.width) != tuple(out_shape):
         out_h, out_w = out_shape
         image = image.resize(out_w / image.width, vscale=out_h / image.height)
         if (image.height, image.width) != (out_h, out_w):
             image = image.embed(0, 0, out_w, out_h, extend="copy")
-    if image.format != "uchar" or value_scale != 1.0:
-        image = (image.cast("float") * value_scale).cast("uchar")
-    return image
+    if flat is not None:
+        if (flat.width, flat.height) != (image.width, image.height):
+            flat = flat.resize(image.width / flat.width, vscale=image.height / flat.height)
+        image = image.cast("float") / flat
+        if levels is None and fmt not in ("float", "double"):
+            image = image.rint()  # the cast below clips to the data type's range
+    if levels is not None:
+        return levels.to_uchar(image)
+    if image.bands == 3 and bands == 1:
+        image = image.bandmean()
+    return image if image.format == fmt else image.cast(fmt)
+
+
+def sample_values(path: Path, side: int) -> np.ndarray:
+    """A tile's values (every colour band), shrunk to about ``side`` px on its longer side."""
+    h, w = header(path)[:2]
+    scale = min(1.0, side / max(h, w))
+    image = open_tile(path, shrink=_dct_shrink(scale))
+    if scale < 1:
+        image = image.resize(side / max(image.width, image.height), kernel="linear")
+    return _to_array(image, Path(path).name)

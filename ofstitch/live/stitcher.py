@@ -250,9 +250,9 @@ class LiveStitcher:
         scan = self._arrivals.scan(self.settings)
         if not self._value_scale_known:
             self._value_scale_known = True
-            value_scale = pipeline.value_scale(scan)
-            if value_scale != 1.0:  # 16-bit tiles: decode the preview tiles again
-                self._tiles.value_scale = value_scale
+            levels = pipeline.rendering_levels(scan)
+            if levels != self._tiles.levels:  # not 8-bit tiles: decode the preview tiles again
+                self._tiles.levels = levels
                 self._tiles.clear()
         t1 = time.perf_counter()
         reg, exact = self._register(scan, null_budget=0, force_search=False)
