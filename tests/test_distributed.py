@@ -70,6 +70,8 @@ def test_a_worker_killed_mid_run_changes_nothing(cluster, scan_3x4, monkeypatch)
         time.sleep(0.3)
         try:
             client.run(os._exit, 1, workers=[victim], wait=False)
+        except Exception:  # the worker dies while it answers: its connection closes
+            pass
         finally:
             killed.set()
 
