@@ -12,16 +12,18 @@ be undecodable.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import queue
+import signal
 import struct
 import sys
 import threading
 import warnings
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -100,6 +102,9 @@ class _PngStream:
         self.deflate = zlib.compressobj(0)
         self.done = False
         self.error: BaseException | None = None
+        # Signals that arrived while libvips renders (see _deferred_signals): the stream
+        # then ends at once, and Mosaic.write delivers them when libvips has returned.
+        self.signals: list[int] = []
         self.queue: queue.Queue = queue.Queue(maxsize=2)
         self.stopped = threading.Event()
         self.thread: threading.Thread | None = None
@@ -107,6 +112,8 @@ class _PngStream:
         self.pool: ThreadPoolExecutor | None = None
 
     def read(self, size: int) -> bytes:
+        if self.signals:  # stopping: libvips sees the stream end and gives up
+            return b""
         while self.base + len(self.buffer) < self.pos + size and not self.done:
             self._next()
         start = self.pos - self.base
@@ -219,6 +226,28 @@ def _png_chunk(kind: bytes, data: bytes) -> bytes:
             + struct.pack(">I", zlib.crc32(data, zlib.crc32(kind))))
 
 
+@contextlib.contextmanager
+def _deferred_signals(record: list[int]) -> Iterator[None]:
+    """While libvips renders, Ctrl-C and SIGTERM are recorded in ``record`` instead of
+    raised: an exception raised inside one of libvips' callbacks into Python is printed
+    and dropped by cffi, and the run would go on. The stream ends at once instead, and
+    the signals are delivered again, to the handlers there were before, when libvips
+    has returned (so Ctrl-C still raises KeyboardInterrupt, within a band's time)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    kinds = (signal.SIGINT, signal.SIGTERM)
+    previous = {s: signal.signal(s, lambda signum, frame: record.append(signum))
+                for s in kinds}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        for s in dict.fromkeys(record):
+            signal.raise_signal(s)
+
+
 def stream_mosaic(paths: Sequence[Path], layout: Layout, *, blend: Blend = "none",
                   pixels: Pixels = Pixels(), skip: frozenset[int] | set[int] = frozenset(),
                   progress: Callable[[int, int], None] | None = None,
@@ -306,14 +335,17 @@ class Mosaic:
                                       pixels=self.pixels,
                                       skip=frozenset(self.skip), progress=progress,
                                       band_height=self.band_height)
-        try:
-            writer(image)
-        except pyvips.Error:
-            if stream.error is not None:
-                raise stream.error from None
-            raise
-        finally:
-            stream.close()
+        with _deferred_signals(stream.signals):
+            try:
+                writer(image)
+            except pyvips.Error:
+                if stream.signals:
+                    return  # _deferred_signals delivers them as it exits
+                if stream.error is not None:
+                    raise stream.error from None
+                raise
+            finally:
+                stream.close()
         if stream.error is not None:
             raise stream.error
 

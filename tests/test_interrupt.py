@@ -129,3 +129,30 @@ def test_sigterm_mid_correlation_exits_143_and_keeps_the_work(big_scan, tmp_path
     assert not [p for p in folder.iterdir() if p.name.startswith(".")]  # no temporaries
     resumed = ofstitch.register(folder)
     assert resumed.n_cached > 0
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)],
+                         ids=["ctrl-c", "sigterm"])
+def test_a_signal_while_the_mosaic_renders_stops_the_run(big_scan, tmp_path, sig, code):
+    """libvips calls back into Python for the mosaic's bytes; a signal that lands there
+    used to be printed and dropped by cffi ("Exception ignored from cffi callback"), and
+    the run went on to exit 0. Now it stops: exit 130 / 143, one line, no temporaries."""
+    folder = _copy(big_scan, tmp_path / "render")
+    ofstitch.register(folder)  # correlation done: the run goes straight to rendering
+    out = tmp_path / "out"
+    proc = subprocess.Popen(
+        _cli(folder, "-o", str(out), "--format", "jpeg", "--format", "ome-tiff",
+             "--format", "dzi", "--format", "ome-zarr"),
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if (out / "preview.jpg").exists():  # the full-resolution outputs come next
+            break
+        time.sleep(0.002)
+    time.sleep(0.3)
+    assert proc.poll() is None, "the run finished before the signal"
+    proc.send_signal(sig)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == code, stderr
+    assert "Exception ignored" not in stderr and "Traceback" not in stderr, stderr
+    assert not [p for p in out.iterdir() if p.name.startswith(".")], list(out.iterdir())
