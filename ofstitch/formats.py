@@ -337,6 +337,10 @@ def fiji_name_problem(name: str) -> str | None:
     ``;`` ends its name field, and a line break or a leading ``#`` splits or hides the line."""
     if ";" in name:
         return "it contains ';'"
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return "it is not valid UTF-8"
     if "\n" in name or "\r" in name:
         return "it contains a line break"
     if name.lstrip().startswith("#"):

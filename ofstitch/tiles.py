@@ -48,12 +48,25 @@ def _pillow_image(path: Path, exc: Exception) -> pyvips.Image:
     return pyvips.Image.new_from_array(arr)
 
 
+def load(path: Path | str, **options) -> pyvips.Image:
+    """``pyvips.Image.new_from_file``, for any file name: libvips takes names as UTF-8, so a
+    name that is not (bytes the file system allows, shown as surrogate escapes) is read
+    into memory and decoded from there."""
+    name = os.fspath(path)
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        with open(name, "rb") as fh:
+            return pyvips.Image.new_from_buffer(fh.read(), "", **options)
+    return pyvips.Image.new_from_file(name, **options)
+
+
 @functools.lru_cache(maxsize=4096)
 def _largest_page(path: str, size: int, mtime_ns: int) -> int:
     """The page of a multi-page TIFF with the most pixels (the first of equals): a
     thumbnail or label page may come first. 0 for single-page files."""
     try:
-        first = pyvips.Image.new_from_file(path)
+        first = load(path)
         n_pages = first.get("n-pages") if first.get_typeof("n-pages") else 1
     except pyvips.Error:
         return 0
@@ -62,7 +75,7 @@ def _largest_page(path: str, size: int, mtime_ns: int) -> int:
     areas = []
     for k in range(min(n_pages, 64)):
         try:
-            page = pyvips.Image.new_from_file(path, page=k)
+            page = load(path, page=k)
             areas.append(page.width * page.height)
         except pyvips.Error:
             areas.append(-1)
@@ -129,14 +142,13 @@ def open_tile(path: Path, *, shrink: int = 1, sequential: bool = True) -> pyvips
         kwargs["page"] = page
     access = "sequential" if sequential else "random"
     try:
-        image = pyvips.Image.new_from_file(os.fspath(path), access=access, fail=True,
-                                           **kwargs)
+        image = load(path, access=access, fail=True, **kwargs)
     except pyvips.Error as exc:
         image = _pillow_image(path, exc)
     _require_sane_size(image, path)
     if _orientation(image) != 1:
         if sequential and image.get_typeof("vips-loader"):  # turning needs random access
-            image = pyvips.Image.new_from_file(os.fspath(path), fail=True, **kwargs)
+            image = load(path, fail=True, **kwargs)
         image = image.autorot()
     return _colour_bands(image, path)
 
@@ -163,7 +175,7 @@ def header(path: Path) -> tuple[int, int, int, str]:
     path = Path(path)
     page = _page(path)
     try:
-        image = pyvips.Image.new_from_file(os.fspath(path), **({"page": page} if page else {}))
+        image = load(path, **({"page": page} if page else {}))
     except pyvips.Error as exc:
         image = _pillow_image(path, exc)
     _require_complete(path)

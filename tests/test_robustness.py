@@ -902,3 +902,21 @@ def test_a_scan_folder_with_a_very_long_name(tmp_path, tissue, capsys):
     assert len(stitched) == 2 and all(len(os.fsencode(n)) <= 255 for n in stitched)
     assert all(n.startswith("long" * 50) for n in stitched)
     assert not [p for p in folder.iterdir() if p.name.startswith(".")]  # no temporaries left
+
+
+def test_a_tile_name_that_is_not_utf8_is_stitched(tmp_path, tissue, capsys):
+    """Any bytes a file system allows in a name: the tile is read and stitched (libvips
+    takes names as UTF-8, so such a tile is decoded from memory), and left out of the Fiji
+    file, which cannot hold its name, with a warning that shows it escaped."""
+    folder = tmp_path / "scan"
+    names = write_grid(folder, tissue)
+    odd = os.fsdecode(b"\xff" + os.fsencode(names[4]))  # the centre tile
+    os.rename(folder / names[4], folder / odd)
+    result, out = stitch(folder, capsys, "--stitching-mode", "preview")
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    assert "not valid UTF-8" in result.stderr and "\\udcff" in result.stderr
+    lines = [ln for ln in (out / "OFMTileConfiguration.txt").read_text().splitlines()
+             if FIJI_LINE.match(ln)]
+    assert len(lines) == len(names) - 1
+    assert (out / "preview.jpg").stat().st_size > 1000
