@@ -8,11 +8,15 @@ one. The new file gets the usual permissions (``0666`` less the umask).
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import tempfile
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
+
+from .errors import OfstitchError
 
 NAME_MAX = 255  # bytes in a file name on the usual file systems (ext4, NTFS, APFS)
 TEMP_EXTRA = 24  # bytes a temporary name adds: the dot, the random part, ".tmp"
@@ -47,9 +51,63 @@ def umask() -> int:
     return mask
 
 
+_EDQUOT = getattr(errno, "EDQUOT", errno.ENOSPC)  # no quotas on Windows
+WRITE_ERRNOS = {errno.ENOSPC, _EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+LOW_SPACE_BYTES = 8 << 20  # a writer that fails with less than this free ran out of space
+
+
+class OutputWriteError(OfstitchError):
+    """An output could not be written: a full disk, a quota, a read-only or forbidden
+    folder. The message names the file and what to do."""
+
+
+def _size(path: str | Path) -> int:
+    total = 0
+    for root, _, files in os.walk(path) if os.path.isdir(path) else [("", [], [path])]:
+        for f in files:
+            with contextlib.suppress(OSError):
+                total += os.path.getsize(os.path.join(root, f))
+    return total
+
+
+def write_problem(exc: BaseException, path: Path, tmp: str | Path) -> OutputWriteError | None:
+    """The user-facing error for a failed write of ``path`` (through ``tmp``), or ``None``
+    when ``exc`` is not about the disk (a bug, a bad tile: raised as it is).
+
+    libvips reports a full disk as "unable to call jpegsave" with no error number, so a
+    writer's error counts as a full disk when the folder has almost no space left.
+    """
+    if isinstance(exc, OutputWriteError):
+        return exc
+    folder = Path(path).parent
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        free = None
+    written = _size(tmp) / 1e6
+    code = getattr(exc, "errno", None)
+    full = code in (errno.ENOSPC, _EDQUOT) or (
+        free is not None and free < LOW_SPACE_BYTES
+        and (isinstance(exc, OSError) or type(exc).__module__.startswith("pyvips")))
+    if full:
+        have = f"{free / 1e6:.1f} MB free" if free is not None else "no space left"
+        return OutputWriteError(
+            f"cannot write {path}: the disk is full ({have}; it had written "
+            f"{written:.1f} MB of it): free some space or choose another folder with "
+            "-o/--output-dir")
+    if code in WRITE_ERRNOS:
+        return OutputWriteError(f"cannot write {path} ({os.strerror(code)}): choose another "
+                                "folder with -o/--output-dir")
+    return None
+
+
 @contextlib.contextmanager
 def atomic_path(path: Path | str) -> Iterator[str]:
-    """Yield a temporary path beside ``path`` (same suffix); rename it into place on success."""
+    """Yield a temporary path beside ``path`` (same suffix); rename it into place on success.
+
+    A write that fails for lack of space or permission raises :class:`OutputWriteError`;
+    the temporary file is removed whatever happens.
+    """
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{temp_stem(path.stem, path.suffix)}.",
                                suffix=f".tmp{path.suffix}", dir=path.parent)
@@ -58,6 +116,11 @@ def atomic_path(path: Path | str) -> Iterator[str]:
         yield tmp
         os.chmod(tmp, 0o666 & ~umask())
         os.replace(tmp, path)
+    except Exception as exc:
+        problem = write_problem(exc, path, tmp)
+        if problem is not None and problem is not exc:
+            raise problem from None
+        raise
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -68,15 +131,41 @@ def atomic_dir(path: Path | str) -> Iterator[Path]:
     """A temporary folder beside ``path``, renamed to ``path`` on success (replacing an
     older one). It gets the usual permissions (``0777`` less the umask)."""
     path = Path(path)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{temp_stem(path.name)}.", dir=path.parent))
     os.chmod(tmp, 0o777 & ~umask())  # mkdtemp's 700 would keep other users out
     try:
         yield tmp
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
+        _swap_in(tmp, path)
+    except Exception as exc:
+        problem = write_problem(exc, path, tmp)
+        if problem is not None and problem is not exc:
+            raise problem from None
+        raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _swap_in(new: Path, path: Path, tries: int = 20) -> None:
+    """Rename the folder ``new`` to ``path``, replacing an older one. Two runs doing this at
+    once both succeed (the last one wins): the old folder is renamed aside, never deleted
+    in place, and a rename that loses the race is tried again."""
+    for _ in range(tries):
+        old = None
+        if path.is_dir() and not path.is_symlink():
+            old = path.with_name(f".{temp_stem(path.name)}.old.{uuid.uuid4().hex[:8]}")
+            try:
+                os.rename(path, old)
+            except FileNotFoundError:  # another run moved it first
+                old = None
+        try:
+            os.rename(new, path)
+        except OSError:  # another run put its folder there in between: again
+            continue
+        finally:
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+        return
+    raise OutputWriteError(f"cannot replace {path}: other runs keep writing it")
 
 
 def write_bytes(path: Path | str, data: bytes) -> None:

@@ -86,8 +86,8 @@ def user_errors(debug: bool):
     warnings.showwarning = warning_line
     loggers["ofstitch"].addHandler(handler)
     loggers["ofstitch"].setLevel(logging.DEBUG if debug else logging.WARNING)
-    # libvips reports every decoding problem of a skipped file; our warning says it once.
-    loggers["pyvips"].setLevel(logging.DEBUG if debug else logging.ERROR)
+    # libvips reports every decoding problem and write failure itself; our one line says it.
+    loggers["pyvips"].setLevel(logging.DEBUG if debug else logging.CRITICAL)
     try:
         yield
     except OfstitchError as exc:

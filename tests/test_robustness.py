@@ -920,3 +920,29 @@ def test_a_tile_name_that_is_not_utf8_is_stitched(tmp_path, tissue, capsys):
              if FIJI_LINE.match(ln)]
     assert len(lines) == len(names) - 1
     assert (out / "preview.jpg").stat().st_size > 1000
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 300 kB tmpfs (mounted when the tests run as root, as in CI; else skipped)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    mount = tmp_path / "small-disk"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=300k", "tmpfs", str(mount)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=False)
+
+
+def test_a_full_disk_is_one_line_and_leaves_no_temporary_file(small_disk, tmp_path, tissue):
+    folder = tmp_path / "scan"
+    write_grid(folder, tissue)
+    out = small_disk / "out"
+    result = run_cli(folder, "-o", out, "-q", "--format", "ome-tiff", "--tiff-compression",
+                     "deflate")
+    line = assert_user_error(result, "the disk is full", "-o/--output-dir")
+    assert str(out) in line
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]
