@@ -374,3 +374,34 @@ def test_tile_configuration_refuses_names_fiji_cannot_hold(tmp_path):
     with pytest.warns(OfstitchWarning, match="2 tile\\(s\\) out of .*';'"):
         write_tile_configuration(path, names, np.array([[0, 0], [0, 10], [10, 0], [10, 10]]))
     assert read_tile_configuration(path) == {"a.jpg": (0.0, 0.0), "b c.jpg": (10.0, 10.0)}
+
+
+def test_two_writers_of_one_output_folder_both_finish(tmp_path):
+    """Two runs writing the same DZI or OME-Zarr folder at once: both finish without an
+    error, and the folder is one writer's whole (it used to fail with FileNotFoundError
+    from deleting the old folder in place)."""
+    import threading
+
+    from ofstitch.atomic import atomic_dir
+
+    target = tmp_path / "mosaic.ome.zarr"
+    errors = []
+
+    def write(k: int) -> None:
+        try:
+            for _ in range(10):
+                with atomic_dir(target) as tmp:
+                    for j in range(20):
+                        (tmp / f"chunk{j}").write_text(str(k))
+        except Exception as exc:  # noqa: BLE001 - any failure fails the test
+            errors.append(exc)
+
+    threads = [threading.Thread(target=write, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    contents = {p.read_text() for p in target.iterdir()}
+    assert len(contents) == 1 and len(list(target.iterdir())) == 20  # one writer's, whole
+    assert [p.name for p in tmp_path.iterdir()] == ["mosaic.ome.zarr"]  # nothing left over
