@@ -179,3 +179,47 @@ def write_bytes(path: Path | str, data: bytes) -> None:
 def write_text(path: Path | str, text: str) -> None:
     """Write UTF-8 ``text`` to ``path`` atomically."""
     write_bytes(path, text.encode("utf-8"))
+
+
+STAGE_PREFIX = ".ofstitch-outputs."  # + the writing process's id + a random part
+
+
+@contextlib.contextmanager
+def output_set(folder: Path | str) -> Iterator[Path]:
+    """A hidden folder inside ``folder`` for one run's outputs, moved into ``folder``
+    together when the run succeeds and removed when it fails, so that a failed run (a
+    full disk, an interruption) leaves the outputs of the last good run as they were,
+    never a mix of both. Leftovers of runs that were killed are removed first."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    remove_stale_stages(folder)
+    stage = Path(tempfile.mkdtemp(prefix=f"{STAGE_PREFIX}{os.getpid()}.", dir=folder))
+    os.chmod(stage, 0o777 & ~umask())
+    try:
+        yield stage
+        for entry in sorted(stage.iterdir()):
+            if entry.is_dir() and not entry.is_symlink():
+                _swap_in(entry, folder / entry.name)
+            else:
+                os.replace(entry, folder / entry.name)
+    except Exception as exc:
+        problem = write_problem(exc, folder, stage)
+        if problem is not None and problem is not exc:
+            raise problem from None
+        raise
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def remove_stale_stages(folder: Path) -> None:
+    """Remove the output folders (:func:`output_set`) of runs whose process is gone."""
+    if os.name != "posix":  # no cheap check that a process is alive
+        return
+    for entry in Path(folder).glob(f"{STAGE_PREFIX}*"):
+        try:
+            pid = int(entry.name[len(STAGE_PREFIX):].split(".", 1)[0])
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(entry, ignore_errors=True)
+        except (ValueError, PermissionError, OSError):
+            continue  # not ours, or another user's live run

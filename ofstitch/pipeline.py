@@ -6,6 +6,7 @@ also writes the outputs of the chosen stitching mode.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import tempfile
@@ -319,36 +320,43 @@ def stitch(folder: Path | str, settings: StitchSettings | None = None, *,
         return StitchResult(None, outputs, scan.stage_px - scan.stage_px.min(axis=0),
                             [f.name for f in scan.files])
 
-    reg = register(folder, settings, output_dir=out, cache_dir=cache_dir, progress=progress,
-                   ask_thresholds=ask_thresholds, plots=True, backend=backend)
-    outputs["inputs_plot"] = out / "stitching_inputs.png"
-    if len(reg.graph.pairs):
-        outputs["correlations_plot"] = out / "stitching_correlations.png"
-        outputs["residuals_plot"] = out / "stitching_residuals.png"
-    scan, positions = reg.scan, reg.positions_px
-    names = reg.names
-    config = out / "OFMTileConfiguration.txt"
-    formats.write_tile_configuration(config, names, positions)
-    outputs["tile_configuration"] = config
-    extra = {"camera_to_sample_matrix_suggested": reg.suggested_csm().round(6).tolist()}
-    shown = rendering_levels(scan)
-    flat = flatfield.resolve(settings.flat_field, scan.paths, scan.tile_shape)
-    if not shown.identity:
-        extra["display_range"] = [shown.low, shown.high]  # what 0-255 of the JPEG show
+    # Outputs are written together into a hidden folder and moved into place when all are
+    # done: a failed run leaves the last good run's outputs as they were. (Manual
+    # thresholds are asked after the correlation plot is drawn: it goes straight to out.)
+    staging = atomic.output_set(out) if settings.thresholding != "manual" \
+        else contextlib.nullcontext(out)
+    with staging as stage:
+        reg = register(folder, settings, output_dir=stage, cache_dir=cache_dir, progress=progress,
+                       ask_thresholds=ask_thresholds, plots=True, backend=backend)
+        outputs["inputs_plot"] = stage / "stitching_inputs.png"
+        if len(reg.graph.pairs):
+            outputs["correlations_plot"] = stage / "stitching_correlations.png"
+            outputs["residuals_plot"] = stage / "stitching_residuals.png"
+        scan, positions = reg.scan, reg.positions_px
+        names = reg.names
+        config = stage / "OFMTileConfiguration.txt"
+        formats.write_tile_configuration(config, names, positions)
+        outputs["tile_configuration"] = config
+        extra = {"camera_to_sample_matrix_suggested": reg.suggested_csm().round(6).tolist()}
+        shown = rendering_levels(scan)
+        flat = flatfield.resolve(settings.flat_field, scan.paths, scan.tile_shape)
+        if not shown.identity:
+            extra["display_range"] = [shown.low, shown.high]  # what 0-255 of the JPEG show
 
-    wanted = ()
-    if mode == "all":  # refuse an impossible JPEG before spending time on the preview
-        wanted = full_resolution_formats(
-            settings, render.make_layout(positions, scan.tile_shape).size)
-    preview_path = out / settings.preview_name
-    skip = write_preview(scan, positions, preview_path, extra=extra, shown=shown, flat=flat)
-    outputs["preview"] = preview_path
-    thumb = out / "stitched_thumbnail.jpg"
-    formats.write_thumbnail(preview_path, thumb)
-    outputs["thumbnail"] = thumb
+        wanted = ()
+        if mode == "all":  # refuse an impossible JPEG before spending time on the preview
+            wanted = full_resolution_formats(
+                settings, render.make_layout(positions, scan.tile_shape).size)
+        preview_path = stage / settings.preview_name
+        skip = write_preview(scan, positions, preview_path, extra=extra, shown=shown, flat=flat)
+        outputs["preview"] = preview_path
+        thumb = stage / "stitched_thumbnail.jpg"
+        formats.write_thumbnail(preview_path, thumb)
+        outputs["thumbnail"] = thumb
 
-    if mode == "all":
-        outputs.update(write_full_resolution(scan, positions, out, output_prefix(folder),
-                                             settings, wanted, extra=extra, skip=skip,
-                                             progress=progress, shown=shown, flat=flat))
+        if mode == "all":
+            outputs.update(write_full_resolution(scan, positions, stage, output_prefix(folder),
+                                                 settings, wanted, extra=extra, skip=skip,
+                                                 progress=progress, shown=shown, flat=flat))
+    outputs = {k: out / p.relative_to(stage) for k, p in outputs.items()}
     return StitchResult(reg, outputs, positions, names, describe_pixels(scan, shown, flat))

@@ -946,3 +946,44 @@ def test_a_full_disk_is_one_line_and_leaves_no_temporary_file(small_disk, tmp_pa
     line = assert_user_error(result, "the disk is full", "-o/--output-dir")
     assert str(out) in line
     assert not [p for p in out.iterdir() if p.name.startswith(".")]
+
+
+def test_a_failed_run_leaves_the_last_good_outputs_whole(tmp_path, tissue, monkeypatch):
+    """Outputs are replaced as a set: a run that fails after writing some of its outputs
+    (here: the thumbnail cannot be written) leaves every output of the previous run as it
+    was, and no staging folder behind."""
+    import errno
+
+    import ofstitch
+    from ofstitch import formats
+    from ofstitch.settings import StitchSettings
+
+    folder = tmp_path / "scan"
+    write_grid(folder, tissue)
+    out = tmp_path / "out"
+    ofstitch.stitch(folder, StitchSettings(stitching_mode="preview"), output_dir=out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    (folder / grid_names()[0]).unlink()  # the next run's outputs would differ
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(formats, "write_thumbnail", full)
+    with pytest.raises(ofstitch.OfstitchError, match="disk is full|No space"):
+        ofstitch.stitch(folder, StitchSettings(stitching_mode="preview"), output_dir=out)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_leftovers_of_a_killed_run_are_removed_by_the_next(tmp_path, tissue, capsys):
+    folder = tmp_path / "scan"
+    write_grid(folder, tissue)
+    out = tmp_path / "scan-out"  # where stitch() below writes
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    leftover = out / f".ofstitch-outputs.{dead.pid}.abcd1234"
+    leftover.mkdir(parents=True)
+    (leftover / "preview.jpg").write_bytes(b"half")
+    result, _ = stitch(folder, capsys, "--stitching-mode", "preview")
+    assert result.returncode == 0, result.stderr
+    assert not leftover.exists()
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]
