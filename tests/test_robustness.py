@@ -987,3 +987,16 @@ def test_leftovers_of_a_killed_run_are_removed_by_the_next(tmp_path, tissue, cap
     assert result.returncode == 0, result.stderr
     assert not leftover.exists()
     assert not [p for p in out.iterdir() if p.name.startswith(".")]
+
+
+def test_debug_shows_ofstitch_lines_not_third_party_noise(tmp_path, tissue):
+    """--debug used to print about 15,500 lines, almost all from matplotlib and pyvips."""
+    folder = tmp_path / "scan"
+    write_grid(folder, tissue)
+    result = run_cli(folder, "-o", tmp_path / "out", "-q", "--debug")
+    assert result.returncode == 0, result.stderr
+    lines = result.stderr.splitlines()
+    assert any(line.startswith("DEBUG ofstitch") or line.startswith("INFO ofstitch")
+               for line in lines), result.stderr[-2000:]
+    assert not [line for line in lines if "matplotlib" in line or "pyvips" in line.split()[:2]]
+    assert len(lines) < 300
