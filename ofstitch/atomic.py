@@ -56,9 +56,10 @@ WRITE_ERRNOS = {errno.ENOSPC, _EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 LOW_SPACE_BYTES = 8 << 20  # a writer that fails with less than this free ran out of space
 
 
-class OutputWriteError(OfstitchError):
+class OutputWriteError(OfstitchError, OSError):
     """An output could not be written: a full disk, a quota, a read-only or forbidden
-    folder. The message names the file and what to do."""
+    folder. The message names the file and what to do. It is an ``OSError`` too, so code
+    that copes with a failed write (the cache) goes on coping."""
 
 
 def _size(path: str | Path) -> int:

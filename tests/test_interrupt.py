@@ -146,7 +146,9 @@ def test_a_signal_while_the_mosaic_renders_stops_the_run(big_scan, tmp_path, sig
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:
-        if (out / "preview.jpg").exists():  # the full-resolution outputs come next
+        # The run's outputs are written into a hidden folder until all are done; the
+        # full-resolution ones come after the preview.
+        if any(out.glob(".ofstitch-outputs.*/preview.jpg")):
             break
         time.sleep(0.002)
     time.sleep(0.3)
