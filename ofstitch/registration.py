@@ -38,7 +38,9 @@ from .graph import (
     null_pairs,
     predicted_overlap,
 )
+from .local_search import LocalReadings, search_pairs
 from .place import Placement, place
+from .robust import MIN_RESEARCH_RADIUS_PX, RESEARCH_SIGMAS
 from .scan import Scan
 from .settings import StitchSettings
 from .stream import CANDIDATES, CorrelationPlan, correlate_pairs, memory_budget
@@ -370,12 +372,14 @@ class Placed(NamedTuple):
 def place_readings(scan: Scan, graph: OverlapGraph, readings: Readings,
                    settings: StitchSettings, *, null_readings: Readings | None = None,
                    null_expected: np.ndarray | None = None,
-                   ask_thresholds: Callable[[], Thresholds] | None = None) -> Placed:
+                   ask_thresholds: Callable[[], Thresholds] | None = None,
+                   local: LocalSearch | None = None) -> Placed:
     """Place every tile from the readings of the graph's pairs (no correlation).
 
     A graph of several groups has each group placed on its own, where its stage
     positions put it. ``ask_thresholds`` gives the reference placement's
-    thresholds instead of its search.
+    thresholds instead of its search. ``local``: the constrained local search of a
+    connected scan's pairs (robust placement).
     """
     null_candidates = None if null_readings is None else null_readings.candidates
 
@@ -385,7 +389,9 @@ def place_readings(scan: Scan, graph: OverlapGraph, readings: Readings,
                          candidates=r.candidates, null_candidates=null_candidates,
                          null_stage_shift=null_expected,
                          search_radius=settings.correlation.corr_mask_radius,
-                         tile_shape=scan.tile_shape, warn=False)
+                         tile_shape=scan.tile_shape, warn=False,
+                         local=None if local is None else local.pairs,
+                         local_chance=None if local is None else local.chance)
         return place(pairs, r.shift_px, r.quality, stage_px, scan.csm, method="reference",
                      thresholding="manual" if ask_thresholds else "automatic",
                      ask_thresholds=ask_thresholds, min_peak_quality=settings.min_peak_quality,
@@ -414,6 +420,45 @@ def place_readings(scan: Scan, graph: OverlapGraph, readings: Readings,
         positions[members] = sub.positions_px - sub.positions_px.mean(axis=0) + \
             stage.mean(axis=0)
     return Placed(positions - positions.min(axis=0), None, n_groups, used if reference else None)
+
+
+class LocalSearch(NamedTuple):
+    """The constrained local search of the pairs a first placement did not locate."""
+
+    pairs: LocalReadings  # of the graph's pairs (NaN: not searched)
+    chance: np.ndarray  # the chance-level pairs' best scores, searched the same way
+
+
+def local_search(scan: Scan, graph: OverlapGraph, placement: Placement | None, plan: PairPlan,
+                 use_null: np.ndarray, backend: Backend) -> LocalSearch | None:
+    """Search, at full resolution, every pair of ``graph`` that ``placement`` did not locate
+    (and the chance-level pairs, for their chance level) around the stage model's
+    prediction, within its repeatability window (:func:`ofstitch.local_search.search_pairs`).
+    ``None`` when there is nothing to search (every pair located, several groups)."""
+    if placement is None or placement.located is None or placement.located.all():
+        return None
+    todo = np.flatnonzero(~placement.located)
+    sigma = placement.stage_sigma_px
+    radius = float(np.clip(RESEARCH_SIGMAS * sigma, MIN_RESEARCH_RADIUS_PX,
+                           max(placement.gate_px, MIN_RESEARCH_RADIUS_PX)))
+    null = plan.null_pairs[use_null]
+    pairs = np.concatenate([graph.pairs[todo], null])
+    centre = np.concatenate([expected_shifts(scan, graph.pairs[todo]),
+                             plan.null_expected[use_null]]) @ placement.affine
+    # From the tile with the smaller stage position, as correlate() does: the same
+    # arithmetic whatever the file order.
+    flip = canonical_flip(scan.stage_px, pairs)
+    pairs = np.where(flip[:, None], pairs[:, ::-1], pairs)
+    centre = np.where(flip[:, None], -centre, centre)
+    found = search_pairs(scan.paths, pairs, centre, radius, scan.tile_shape, backend)
+    found.shift_px[flip] *= -1
+    out = LocalReadings.empty(len(graph.pairs))
+    rows = np.arange(len(todo))
+    out.put(todo, LocalReadings(found.shift_px[rows], found.score[rows], found.located[rows],
+                                found.area[rows]))
+    log.info("local search: %d pairs and %d chance-level pairs within %.1f px",
+             len(todo), len(null), radius)
+    return LocalSearch(out, found.score[len(todo):])
 
 
 def register_scan(scan: Scan, graph: OverlapGraph, settings: StitchSettings, backend: Backend,
@@ -483,6 +528,12 @@ def register_scan(scan: Scan, graph: OverlapGraph, settings: StitchSettings, bac
                                                       pairs[:, 0], pairs[:, 1]), len(scan))
         placed = place_readings(scan, graph, readings, settings, null_readings=null_readings,
                                 null_expected=null_expected, ask_thresholds=ask)
+    local = local_search(scan, graph, placed.placement, plan, use_null, backend) \
+        if settings.placement == "robust" and settings.correlation.corr_mask_radius is None \
+        else None
+    if local is not None:
+        placed = place_readings(scan, graph, readings, settings, null_readings=null_readings,
+                                null_expected=null_expected, ask_thresholds=ask, local=local)
     report = placed.placement.report if placed.placement is not None else None
     if warn and report is not None and report.doubtful:
         warnings.warn(report.warning(), OfstitchWarning, stacklevel=2)
