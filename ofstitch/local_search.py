@@ -40,7 +40,7 @@ from .significance import RIVAL_R, RIVAL_Z, fisher_z
 
 # Tiles are high-pass filtered at this sigma (full-resolution pixels), as the candidates'
 # scores are (stream.SCORE_HIGH_PASS_SIGMA binned pixels, binned 2x2).
-HIGH_PASS_SIGMA_PX = 16.0
+HIGH_PASS_SIGMA_PX = 4.0
 # A shift must leave at least this fraction of the predicted overlap to be scored.
 MIN_OVERLAP_FRACTION = 0.2
 # Nothing further than this from the optimum may score about as well (a ridge, a repeat).

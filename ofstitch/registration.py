@@ -48,7 +48,10 @@ from .stream import CANDIDATES, CorrelationPlan, correlate_pairs, memory_budget
 log = logging.getLogger(__name__)
 
 FLUSH_INTERVAL_S = 0.5  # the correlation cache's journal is appended at most this often
-ISLAND_MIN_OVERLAP = 0.02  # extra pairs for tiles in islands: overlap above this fraction
+ISLAND_MIN_OVERLAP = 0.02
+# The local search also measures again located pairs whose predicted overlap is at most this
+# many pixels across: binned 2x2, their candidates' scores cannot place them to a pixel.
+SMALL_OVERLAP_PX = 64  # extra pairs for tiles in islands: overlap above this fraction
 
 Progress = Callable[[str, int, int], None]
 Thresholds = tuple[float, float]  # (min peak quality, max stage discrepancy px)
@@ -435,15 +438,19 @@ def local_search(scan: Scan, graph: OverlapGraph, placement: Placement | None, p
     (and the chance-level pairs, for their chance level) around the stage model's
     prediction, within its repeatability window (:func:`ofstitch.local_search.search_pairs`).
     ``None`` when there is nothing to search (every pair located, several groups)."""
-    if placement is None or placement.located is None or placement.located.all():
+    if placement is None or placement.located is None:
         return None
-    todo = np.flatnonzero(~placement.located)
+    expected = expected_shifts(scan, graph.pairs)
+    side = np.min(np.asarray(scan.tile_shape) - np.abs(expected), axis=1)
+    todo = np.flatnonzero(~placement.located | (side <= SMALL_OVERLAP_PX))
+    if not len(todo):
+        return None
     sigma = placement.stage_sigma_px
     radius = float(np.clip(RESEARCH_SIGMAS * sigma, MIN_RESEARCH_RADIUS_PX,
                            max(placement.gate_px, MIN_RESEARCH_RADIUS_PX)))
     null = plan.null_pairs[use_null]
     pairs = np.concatenate([graph.pairs[todo], null])
-    centre = np.concatenate([expected_shifts(scan, graph.pairs[todo]),
+    centre = np.concatenate([expected[todo],
                              plan.null_expected[use_null]]) @ placement.affine
     # From the tile with the smaller stage position, as correlate() does: the same
     # arithmetic whatever the file order.

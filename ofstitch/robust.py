@@ -348,7 +348,7 @@ def place_robust(pairs: np.ndarray, candidates: np.ndarray, stage_px: np.ndarray
     if local is not None:
         chance = null_threshold(np.asarray(local_chance if local_chance is not None else [],
                                            dtype=np.float64), fpr)
-        take = ~located & local.located & (np.nan_to_num(local.score) > chance) & \
+        take = local.located & (np.nan_to_num(local.score) > chance) & \
             (np.linalg.norm(np.nan_to_num(local.shift_px - predicted, nan=np.inf), axis=1)
              <= gate)
         log.info("local search: %d of %d pairs searched located above the chance level "
