@@ -45,7 +45,7 @@ HIGH_PASS_SIGMA_PX = 4.0
 MIN_OVERLAP_FRACTION = 0.2
 # Nothing further than this from the optimum may score about as well (a ridge, a repeat).
 CLEAR_RADIUS_PX = 3.0
-MAX_RADIUS_PX = 48  # the window is never wider than this (a stage sigma of 16 px)
+MAX_RADIUS_PX = 96  # the window is never wider than this (a stage sigma of 32 px)
 BATCH_BYTES = 64 * 2**20  # device memory for a batch's padded spectra
 
 

@@ -51,7 +51,7 @@ FLUSH_INTERVAL_S = 0.5  # the correlation cache's journal is appended at most th
 ISLAND_MIN_OVERLAP = 0.02
 # The local search also measures again located pairs whose predicted overlap is at most this
 # many pixels across: binned 2x2, their candidates' scores cannot place them to a pixel.
-SMALL_OVERLAP_PX = 64  # extra pairs for tiles in islands: overlap above this fraction
+SMALL_OVERLAP_PX = 96  # extra pairs for tiles in islands: overlap above this fraction
 
 Progress = Callable[[str, int, int], None]
 Thresholds = tuple[float, float]  # (min peak quality, max stage discrepancy px)
