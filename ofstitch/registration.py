@@ -9,6 +9,9 @@ and live stitching (:class:`ofstitch.live.LiveStitcher`) all call
 - the null pairs of robust placement (tiles that do not overlap, searched like
   real pairs to learn the chance level; :func:`plan_pairs`);
 - placement, and the extra pairs of tiles left in islands (:func:`island_pairs`);
+- the constrained local search (robust placement, :func:`local_search`): the pairs a
+  first placement did not locate, and those with small overlaps, searched again at full
+  resolution around the stage model's prediction, then placed again;
 - scans whose tiles form several groups (live stitching before the scan
   connects): each group is placed on its own, where its stage positions put it.
 """
@@ -472,7 +475,8 @@ def register_scan(scan: Scan, graph: OverlapGraph, settings: StitchSettings, bac
                   *, cache: CorrelationCache | None, progress: Progress = no_progress,
                   ask_thresholds: Callable[[], Thresholds] | None = None,
                   nulls: NullRequest = NullRequest(), thresholds: Thresholds | None = None,
-                  plot_dir: Path | None = None, warn: bool = True) -> Registration:
+                  plot_dir: Path | None = None, warn: bool = True,
+                  search_locally: bool = True) -> Registration:
     """Correlate the graph's pairs (and the null pairs) and place every tile.
 
     Parameters
@@ -495,6 +499,9 @@ def register_scan(scan: Scan, graph: OverlapGraph, settings: StitchSettings, bac
         Where the correlation plot goes before ``ask_thresholds`` is asked.
     warn : bool
         Warn (once, in one line) when the placement is doubtful (live previews do not).
+    search_locally : bool
+        Robust placement: run the constrained local search (:func:`local_search`, full
+        resolution; live updates leave it to their refinement, as a batch run does not).
     """
     t0 = time.perf_counter()
     plan = plan_pairs(scan, graph, settings)
@@ -536,8 +543,8 @@ def register_scan(scan: Scan, graph: OverlapGraph, settings: StitchSettings, bac
         placed = place_readings(scan, graph, readings, settings, null_readings=null_readings,
                                 null_expected=null_expected, ask_thresholds=ask)
     local = local_search(scan, graph, placed.placement, plan, use_null, backend) \
-        if settings.placement == "robust" and settings.correlation.corr_mask_radius is None \
-        else None
+        if search_locally and settings.placement == "robust" \
+        and settings.correlation.corr_mask_radius is None else None
     if local is not None:
         placed = place_readings(scan, graph, readings, settings, null_readings=null_readings,
                                 null_expected=null_expected, ask_thresholds=ask, local=local)

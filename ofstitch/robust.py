@@ -241,7 +241,9 @@ def place_robust(pairs: np.ndarray, candidates: np.ndarray, stage_px: np.ndarray
        of the model, if it beats the chance level of that window; else, the constrained
        search: its best within ``RESEARCH_SIGMAS`` sigma, against that window's chance
        level. Rivals (candidates scoring about as well elsewhere in the window) give the
-       reading's covariance; a reading with rivals all around is not used.
+       reading's covariance; a reading with rivals all around is not used. With
+       ``local``, a located full-resolution reading above its own chance level replaces
+       the pair's (:mod:`ofstitch.local_search`).
     4. **Loops.** Weighted least squares with stage links on every pair
        (:func:`solve_weighted`); a used pair that disagrees with its loops is dropped,
        worst first (a bridge has no loop and is kept).
