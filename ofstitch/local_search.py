@@ -113,7 +113,7 @@ def search_pairs(paths: list[Path], pairs: np.ndarray, centre: np.ndarray, radiu
                 bad.add(t)
                 continue
             live[t] = correlate.score_tiles(to_device(grey[None], backend),
-                                            high_pass_sigma=HIGH_PASS_SIGMA_PX, binning=1)[0]
+                                            high_pass_sigma=HIGH_PASS_SIGMA_PX, binning=1)[0, ...]
         ok = np.array([a not in bad and b not in bad for a, b in sel.tolist()], bool)
         rows = np.flatnonzero(ok)
         if len(rows):
@@ -154,19 +154,19 @@ def _surfaces(tiles_a: list, tiles_b: list, centre: np.ndarray, r: int,
         n = np.maximum(ra1 - ra0, 0)[:, None] * np.maximum(ca1 - ca0, 0)[None, :]
         cy, cx = int(centre[i, 0]), int(centre[i, 1])
         n_centre = max(h - abs(cy), 0) * max(w - abs(cx), 0)
-        ai, bi = a[i], b[i]
+        ai, bi = a[i, ...], b[i, ...]
         sa, saa = _box_sums(ai, ra0, ra1, ca0, ca1, xp), _box_sums(ai * ai, ra0, ra1, ca0, ca1, xp)
         sb, sbb = _box_sums(bi, rb0, rb1, cb0, cb1, xp), _box_sums(bi * bi, rb0, rb1, cb0, cb1, xp)
         rows = to_index(np.mod(sy, fft_shape[0]), xp, ai)
         cols = to_index(np.mod(sx, fft_shape[1]), xp, ai)
-        sab = xp.take(xp.take(cross[i], rows, axis=0), cols, axis=1)
+        sab = xp.take(xp.take(cross[i, ...], rows, axis=0), cols, axis=1)
         nn = xp.asarray(np.maximum(n, 1).astype(np.float64), device=_device(ai))
         num = xp.astype(sab, xp.float64) - sa * sb / nn
         var = (saa - sa * sa / nn) * (sbb - sb * sb / nn)
         good = xp.asarray(n >= max(MIN_OVERLAP_FRACTION * n_centre, 4), device=_device(ai))
         good = good & (var > 0)
-        ncc = num / xp.sqrt(xp.where(good, var, 1.0))
-        out.append(xp.where(good, ncc, xp.nan))
+        ncc = num / xp.sqrt(xp.where(good, var, xp.ones_like(var)))
+        out.append(xp.where(good, ncc, xp.full_like(ncc, float("nan"))))
     return xp.stack(out)
 
 

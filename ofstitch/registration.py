@@ -54,7 +54,10 @@ FLUSH_INTERVAL_S = 0.5  # the correlation cache's journal is appended at most th
 ISLAND_MIN_OVERLAP = 0.02
 # The local search also measures again located pairs whose predicted overlap is at most this
 # many pixels across: binned 2x2, their candidates' scores cannot place them to a pixel.
-SMALL_OVERLAP_PX = 96  # extra pairs for tiles in islands: overlap above this fraction
+SMALL_OVERLAP_PX = 96
+# The local search's chance level is learnt from at most this many chance-level pairs (each
+# costs a full-resolution correlation; the Gumbel fit needs only a median and quartiles).
+LOCAL_NULL_PAIRS = 30  # extra pairs for tiles in islands: overlap above this fraction
 
 Progress = Callable[[str, int, int], None]
 Thresholds = tuple[float, float]  # (min peak quality, max stage discrepancy px)
@@ -451,10 +454,12 @@ def local_search(scan: Scan, graph: OverlapGraph, placement: Placement | None, p
     sigma = placement.stage_sigma_px
     radius = float(np.clip(RESEARCH_SIGMAS * sigma, MIN_RESEARCH_RADIUS_PX,
                            max(placement.gate_px, MIN_RESEARCH_RADIUS_PX)))
-    null = plan.null_pairs[use_null]
+    null, null_expected = plan.null_pairs[use_null], plan.null_expected[use_null]
+    if len(null) > LOCAL_NULL_PAIRS:  # evenly spread over them (they are in stage order)
+        keep = np.unique(np.linspace(0, len(null) - 1, LOCAL_NULL_PAIRS).round().astype(int))
+        null, null_expected = null[keep], null_expected[keep]
     pairs = np.concatenate([graph.pairs[todo], null])
-    centre = np.concatenate([expected[todo],
-                             plan.null_expected[use_null]]) @ placement.affine
+    centre = np.concatenate([expected[todo], null_expected]) @ placement.affine
     # From the tile with the smaller stage position, as correlate() does: the same
     # arithmetic whatever the file order.
     flip = canonical_flip(scan.stage_px, pairs)
