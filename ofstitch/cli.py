@@ -29,6 +29,7 @@ from .console import (
     print_summary,
     user_errors,
 )
+from .console import show_cached_settings as print_cached_settings
 from .errors import OfstitchError
 from .layout import grid_from_options
 from .metadata import parse_csm
@@ -177,7 +178,7 @@ def stitch_command(
     """Stitch the tiles in FOLDER into one mosaic (ofstitch FOLDER does the same)."""
     with user_errors(debug):
         if show_cached_settings:
-            show_cached_settings(folder, cache_dir)
+            print_cached_settings(folder, cache_dir)
             return
         base = cached_correlation(folder, cache_dir) if use_cached_settings else \
             CorrelationSettings()
