@@ -445,6 +445,7 @@ def place(pairs: np.ndarray, shift: np.ndarray, quality: np.ndarray, stage_px: n
           null_candidates: np.ndarray | None = None,
           null_stage_shift: np.ndarray | None = None, search_radius: float | None = None,
           tile_shape: tuple[int, int] | None = None, warn: bool = True,
+          local: Any = None, local_chance: np.ndarray | None = None,
           **reference_options: Any) -> Placement:
     """Place every tile from pair correlations and stage positions.
 
@@ -472,7 +473,7 @@ def place(pairs: np.ndarray, shift: np.ndarray, quality: np.ndarray, stage_px: n
 
     result = place_robust(pairs, candidates, stage_px, csm, null_candidates=null_candidates,
                           null_stage_shift=null_stage_shift, search_radius=search_radius,
-                          tile_shape=tile_shape)
+                          tile_shape=tile_shape, local=local, local_chance=local_chance)
     if warn and result.report is not None and result.report.doubtful:
         warnings.warn(result.report.warning(), OfstitchWarning, stacklevel=2)
     return result

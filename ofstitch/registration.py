@@ -9,6 +9,9 @@ and live stitching (:class:`ofstitch.live.LiveStitcher`) all call
 - the null pairs of robust placement (tiles that do not overlap, searched like
   real pairs to learn the chance level; :func:`plan_pairs`);
 - placement, and the extra pairs of tiles left in islands (:func:`island_pairs`);
+- the constrained local search (robust placement, :func:`local_search`): the pairs a
+  first placement did not locate, and those with small overlaps, searched again at full
+  resolution around the stage model's prediction, then placed again;
 - scans whose tiles form several groups (live stitching before the scan
   connects): each group is placed on its own, where its stage positions put it.
 """
@@ -38,7 +41,9 @@ from .graph import (
     null_pairs,
     predicted_overlap,
 )
+from .local_search import LocalReadings, search_pairs
 from .place import Placement, place
+from .robust import MIN_RESEARCH_RADIUS_PX, RESEARCH_SIGMAS
 from .scan import Scan
 from .settings import StitchSettings
 from .stream import CANDIDATES, CorrelationPlan, correlate_pairs, memory_budget
@@ -46,7 +51,13 @@ from .stream import CANDIDATES, CorrelationPlan, correlate_pairs, memory_budget
 log = logging.getLogger(__name__)
 
 FLUSH_INTERVAL_S = 0.5  # the correlation cache's journal is appended at most this often
-ISLAND_MIN_OVERLAP = 0.02  # extra pairs for tiles in islands: overlap above this fraction
+ISLAND_MIN_OVERLAP = 0.02
+# The local search also measures again located pairs whose predicted overlap is at most this
+# many pixels across: binned 2x2, their candidates' scores cannot place them to a pixel.
+SMALL_OVERLAP_PX = 96
+# The local search's chance level is learnt from at most this many chance-level pairs (each
+# costs a full-resolution correlation; the Gumbel fit needs only a median and quartiles).
+LOCAL_NULL_PAIRS = 30  # extra pairs for tiles in islands: overlap above this fraction
 
 Progress = Callable[[str, int, int], None]
 Thresholds = tuple[float, float]  # (min peak quality, max stage discrepancy px)
@@ -370,12 +381,14 @@ class Placed(NamedTuple):
 def place_readings(scan: Scan, graph: OverlapGraph, readings: Readings,
                    settings: StitchSettings, *, null_readings: Readings | None = None,
                    null_expected: np.ndarray | None = None,
-                   ask_thresholds: Callable[[], Thresholds] | None = None) -> Placed:
+                   ask_thresholds: Callable[[], Thresholds] | None = None,
+                   local: LocalSearch | None = None) -> Placed:
     """Place every tile from the readings of the graph's pairs (no correlation).
 
     A graph of several groups has each group placed on its own, where its stage
     positions put it. ``ask_thresholds`` gives the reference placement's
-    thresholds instead of its search.
+    thresholds instead of its search. ``local``: the constrained local search of a
+    connected scan's pairs (robust placement).
     """
     null_candidates = None if null_readings is None else null_readings.candidates
 
@@ -385,7 +398,9 @@ def place_readings(scan: Scan, graph: OverlapGraph, readings: Readings,
                          candidates=r.candidates, null_candidates=null_candidates,
                          null_stage_shift=null_expected,
                          search_radius=settings.correlation.corr_mask_radius,
-                         tile_shape=scan.tile_shape, warn=False)
+                         tile_shape=scan.tile_shape, warn=False,
+                         local=None if local is None else local.pairs,
+                         local_chance=None if local is None else local.chance)
         return place(pairs, r.shift_px, r.quality, stage_px, scan.csm, method="reference",
                      thresholding="manual" if ask_thresholds else "automatic",
                      ask_thresholds=ask_thresholds, min_peak_quality=settings.min_peak_quality,
@@ -416,11 +431,57 @@ def place_readings(scan: Scan, graph: OverlapGraph, readings: Readings,
     return Placed(positions - positions.min(axis=0), None, n_groups, used if reference else None)
 
 
+class LocalSearch(NamedTuple):
+    """The constrained local search of the pairs a first placement did not locate."""
+
+    pairs: LocalReadings  # of the graph's pairs (NaN: not searched)
+    chance: np.ndarray  # the chance-level pairs' best scores, searched the same way
+
+
+def local_search(scan: Scan, graph: OverlapGraph, placement: Placement | None, plan: PairPlan,
+                 use_null: np.ndarray, backend: Backend) -> LocalSearch | None:
+    """Search, at full resolution, every pair of ``graph`` that ``placement`` did not locate
+    (and the chance-level pairs, for their chance level) around the stage model's
+    prediction, within its repeatability window (:func:`ofstitch.local_search.search_pairs`).
+    ``None`` when there is nothing to search (every pair located, several groups)."""
+    if placement is None or placement.located is None:
+        return None
+    expected = expected_shifts(scan, graph.pairs)
+    side = np.min(np.asarray(scan.tile_shape) - np.abs(expected), axis=1)
+    todo = np.flatnonzero(~placement.located | (side <= SMALL_OVERLAP_PX))
+    if not len(todo):
+        return None
+    sigma = placement.stage_sigma_px
+    radius = float(np.clip(RESEARCH_SIGMAS * sigma, MIN_RESEARCH_RADIUS_PX,
+                           max(placement.gate_px, MIN_RESEARCH_RADIUS_PX)))
+    null, null_expected = plan.null_pairs[use_null], plan.null_expected[use_null]
+    if len(null) > LOCAL_NULL_PAIRS:  # evenly spread over them (they are in stage order)
+        keep = np.unique(np.linspace(0, len(null) - 1, LOCAL_NULL_PAIRS).round().astype(int))
+        null, null_expected = null[keep], null_expected[keep]
+    pairs = np.concatenate([graph.pairs[todo], null])
+    centre = np.concatenate([expected[todo], null_expected]) @ placement.affine
+    # From the tile with the smaller stage position, as correlate() does: the same
+    # arithmetic whatever the file order.
+    flip = canonical_flip(scan.stage_px, pairs)
+    pairs = np.where(flip[:, None], pairs[:, ::-1], pairs)
+    centre = np.where(flip[:, None], -centre, centre)
+    found = search_pairs(scan.paths, pairs, centre, radius, scan.tile_shape, backend)
+    found.shift_px[flip] *= -1
+    out = LocalReadings.empty(len(graph.pairs))
+    rows = np.arange(len(todo))
+    out.put(todo, LocalReadings(found.shift_px[rows], found.score[rows], found.located[rows],
+                                found.area[rows]))
+    log.info("local search: %d pairs and %d chance-level pairs within %.1f px",
+             len(todo), len(null), radius)
+    return LocalSearch(out, found.score[len(todo):])
+
+
 def register_scan(scan: Scan, graph: OverlapGraph, settings: StitchSettings, backend: Backend,
                   *, cache: CorrelationCache | None, progress: Progress = no_progress,
                   ask_thresholds: Callable[[], Thresholds] | None = None,
                   nulls: NullRequest = NullRequest(), thresholds: Thresholds | None = None,
-                  plot_dir: Path | None = None, warn: bool = True) -> Registration:
+                  plot_dir: Path | None = None, warn: bool = True,
+                  search_locally: bool = True) -> Registration:
     """Correlate the graph's pairs (and the null pairs) and place every tile.
 
     Parameters
@@ -443,6 +504,9 @@ def register_scan(scan: Scan, graph: OverlapGraph, settings: StitchSettings, bac
         Where the correlation plot goes before ``ask_thresholds`` is asked.
     warn : bool
         Warn (once, in one line) when the placement is doubtful (live previews do not).
+    search_locally : bool
+        Robust placement: run the constrained local search (:func:`local_search`, full
+        resolution; live updates leave it to their refinement, as a batch run does not).
     """
     t0 = time.perf_counter()
     plan = plan_pairs(scan, graph, settings)
@@ -483,6 +547,12 @@ def register_scan(scan: Scan, graph: OverlapGraph, settings: StitchSettings, bac
                                                       pairs[:, 0], pairs[:, 1]), len(scan))
         placed = place_readings(scan, graph, readings, settings, null_readings=null_readings,
                                 null_expected=null_expected, ask_thresholds=ask)
+    local = local_search(scan, graph, placed.placement, plan, use_null, backend) \
+        if search_locally and settings.placement == "robust" \
+        and settings.correlation.corr_mask_radius is None else None
+    if local is not None:
+        placed = place_readings(scan, graph, readings, settings, null_readings=null_readings,
+                                null_expected=null_expected, ask_thresholds=ask, local=local)
     report = placed.placement.report if placed.placement is not None else None
     if warn and report is not None and report.doubtful:
         warnings.warn(report.warning(), OfstitchWarning, stacklevel=2)

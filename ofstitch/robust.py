@@ -33,6 +33,7 @@ import logging
 
 import numpy as np
 
+from .local_search import LocalReadings
 from .place import (
     RESEARCHED,
     STAGE_ONLY,
@@ -223,7 +224,9 @@ def place_robust(pairs: np.ndarray, candidates: np.ndarray, stage_px: np.ndarray
                  csm: np.ndarray, *, null_candidates: np.ndarray | None = None,
                  null_stage_shift: np.ndarray | None = None, fpr: float = NULL_FPR,
                  search_radius: float | None = None,
-                 tile_shape: tuple[int, int] | None = None) -> Placement:
+                 tile_shape: tuple[int, int] | None = None,
+                 local: LocalReadings | None = None,
+                 local_chance: np.ndarray | None = None) -> Placement:
     """Place every tile from significant, located readings, never worse than the stage.
 
     1. **Significance.** Each pair's best candidate overall, and its best within a first
@@ -238,7 +241,9 @@ def place_robust(pairs: np.ndarray, candidates: np.ndarray, stage_px: np.ndarray
        of the model, if it beats the chance level of that window; else, the constrained
        search: its best within ``RESEARCH_SIGMAS`` sigma, against that window's chance
        level. Rivals (candidates scoring about as well elsewhere in the window) give the
-       reading's covariance; a reading with rivals all around is not used.
+       reading's covariance; a reading with rivals all around is not used. With
+       ``local``, a located full-resolution reading above its own chance level replaces
+       the pair's (:mod:`ofstitch.local_search`).
     4. **Loops.** Weighted least squares with stage links on every pair
        (:func:`solve_weighted`); a used pair that disagrees with its loops is dropped,
        worst first (a bridge has no loop and is kept).
@@ -265,6 +270,11 @@ def place_robust(pairs: np.ndarray, candidates: np.ndarray, stage_px: np.ndarray
     tile_shape : (int, int), optional
         Bounds the stage error believed (see above); without it, the pairs' stage shifts
         stand in for the tile size.
+    local : LocalReadings, optional
+        The constrained full-resolution search (:mod:`ofstitch.local_search`) of pairs
+        a first placement did not locate: a located reading there that beats the chance
+        level of the same search (``local_chance``, the chance-level pairs' best scores)
+        replaces the pair's own.
     """
     n, m = len(stage_px), len(pairs)
     if n == 1 or m == 0:
@@ -337,6 +347,22 @@ def place_robust(pairs: np.ndarray, candidates: np.ndarray, stage_px: np.ndarray
     used = (trusted | researched) & (located | one_way)
     located &= used
     one_way &= used
+    if local is not None:
+        chance = null_threshold(np.asarray(local_chance if local_chance is not None else [],
+                                           dtype=np.float64), fpr)
+        take = local.located & (np.nan_to_num(local.score) > chance) & \
+            (np.linalg.norm(np.nan_to_num(local.shift_px - predicted, nan=np.inf), axis=1)
+             <= gate)
+        log.info("local search: %d of %d pairs searched located above the chance level "
+                 "%.3f", int(take.sum()), int(np.isfinite(local.score).sum()), chance)
+        shift = np.where(take[:, None], local.shift_px, shift)
+        score = np.where(take, local.score, score)
+        weight = np.where(take[:, None, None], np.eye(2), weight)
+        trusted &= ~take
+        researched |= take
+        located |= take
+        one_way &= ~take
+        used |= take
 
     # The final stage model, from the located pairs.
     affine2, sigma2, fitted2, doubts2 = _stage_model(stage_shift, shift, located, max_sigma)

@@ -182,7 +182,9 @@ def test_register_with_strips_and_robust_placement(tmp_path, source_image):
     textured = textured_pairs(scan, np.asarray(order)[reg.graph.pairs])
     assert textured.sum() >= 8
     assert errors[textured].max() < 0.5
-    assert reg.placement.counts().trusted >= textured.sum() - 1
+    # Placed by a reading: trusted, or measured again by the local search (small overlaps).
+    counts = reg.placement.counts()
+    assert counts.trusted + counts.researched >= textured.sum() - 1
     assert np.isfinite(reg.placement.null_score).sum() >= 5  # the null pairs were scored
     again = ofstitch.register(scan.folder, StitchSettings(correlation=STRIPS))
     assert again.n_correlated == 0

@@ -194,9 +194,34 @@ def test_small_tiles_are_never_worse_than_the_stage_and_say_so(hard_scan_of, sha
     worse = err > stage + 1.0
     assert worse.sum() <= max(2, 0.1 * len(err)), np.c_[err, stage][worse].round(1)
     assert np.sqrt(np.mean(err**2)) < 0.7 * np.sqrt(np.mean(stage**2))
+    if shape == (120, 160):
+        # The constrained full-resolution search (ofstitch.local_search) locates what the
+        # binned candidates could not, and reads the small overlaps to a fraction of a pixel.
+        assert err.max() <= 2.0 and np.sqrt(np.mean(err**2)) <= 0.5, err.round(2)
+        assert reg.placement.counts().researched > 0
     assert len(doubts) == 1, doubts  # one line, not one per solve
     assert "placed by stage only" in doubts[0]
     assert reg.placement.report.n_tiles_stage_only > 0
+
+
+def test_a_strip_whose_elongated_peak_the_binned_candidates_miss_is_located(tmp_path):
+    """The benchmarks' 1x17 strip (issue 14): one pair's binned peak is elongated and was
+    taken for an edge (6.5 px off); the local search at full resolution locates it."""
+    from conftest import SHARED_DATA
+
+    from ofstitch.synthetic import HARD_SCAN, load_source, make_scan
+
+    shared = SHARED_DATA / "cmu1-he" / "CMU-1-Small-Region.jpg"
+    if not shared.is_file():
+        pytest.skip("cut from the full-size CMU-1 image in ../shared/data/cmu1-he")
+    scan = make_scan(tmp_path / "strip", source=load_source(shared), seed=0,
+                     **{**HARD_SCAN, "grid": (1, 17), "tile_shape": (120, 160),
+                        "stage_error_px": 10.0})
+    reg, _ = _register(scan.folder)
+    err, stage = _errors(scan, reg)
+    assert len(err) >= 3
+    assert err.max() <= 2.0 and np.sqrt(np.mean(err**2)) <= 0.5, err.round(2)
+    assert np.all(err <= stage + 0.5)
 
 
 def test_a_straight_edge_locates_across_only_and_says_so(hard_scan_of):

@@ -235,7 +235,10 @@ class LiveStitcher:
         reg = register_scan(scan, graph, self.settings, self.backend, cache=self._cache,
                             progress=self.progress,
                             nulls=NullRequest(null_budget, self._null_tried), thresholds=reuse,
-                            warn=False)  # the report is on each placement; finish() warns
+                            warn=False,  # the report is on each placement; finish() warns
+                            # the full-resolution local search re-reads tiles: not on every
+                            # new tile, only when refined (what a batch run gives)
+                            search_locally=force_search)
         self._null_tried |= reg.null_tried
         self._n_correlated += reg.n_correlated
         if self.settings.placement == "reference":
@@ -243,7 +246,8 @@ class LiveStitcher:
                 self._search.searched(reg.thresholds, len(graph.pairs), reg.timings_s["place"])
             else:
                 self._search.start_if_grown(scan, reg.graph, reg.readings)
-        return reg, reg.exact and reuse is None
+        return reg, reg.exact and reuse is None and (force_search or
+                                                     self.settings.placement != "robust")
 
     def _update(self) -> LiveUpdate:
         t0 = time.perf_counter()
