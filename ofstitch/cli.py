@@ -33,7 +33,6 @@ from .console import (
     raise_terminated,
     user_errors,
 )
-from .console import show_cached_settings as print_cached_settings
 from .errors import OfstitchError
 from .layout import grid_from_options
 from .metadata import parse_csm
