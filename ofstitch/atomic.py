@@ -15,6 +15,7 @@ import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NoReturn
 
 from .errors import OfstitchError
 
@@ -102,6 +103,14 @@ def write_problem(exc: BaseException, path: Path, tmp: str | Path) -> OutputWrit
     return None
 
 
+def _reraise(exc: Exception, path: Path, tmp: str | Path) -> NoReturn:
+    """Raise ``exc``, as :class:`OutputWriteError` when it is about the disk."""
+    problem = write_problem(exc, path, tmp)
+    if problem is not None and problem is not exc:
+        raise problem from None
+    raise exc
+
+
 @contextlib.contextmanager
 def atomic_path(path: Path | str) -> Iterator[str]:
     """Yield a temporary path beside ``path`` (same suffix); rename it into place on success.
@@ -118,10 +127,7 @@ def atomic_path(path: Path | str) -> Iterator[str]:
         os.chmod(tmp, 0o666 & ~umask())
         os.replace(tmp, path)
     except Exception as exc:
-        problem = write_problem(exc, path, tmp)
-        if problem is not None and problem is not exc:
-            raise problem from None
-        raise
+        _reraise(exc, path, tmp)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -138,10 +144,7 @@ def atomic_dir(path: Path | str) -> Iterator[Path]:
         yield tmp
         _swap_in(tmp, path)
     except Exception as exc:
-        problem = write_problem(exc, path, tmp)
-        if problem is not None and problem is not exc:
-            raise problem from None
-        raise
+        _reraise(exc, path, tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -204,10 +207,7 @@ def output_set(folder: Path | str) -> Iterator[Path]:
             else:
                 os.replace(entry, folder / entry.name)
     except Exception as exc:
-        problem = write_problem(exc, folder, stage)
-        if problem is not None and problem is not exc:
-            raise problem from None
-        raise
+        _reraise(exc, folder, stage)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
 
