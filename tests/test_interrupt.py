@@ -41,16 +41,23 @@ def _cli(folder, *args):
             "--device-memory", "1MB", *args]
 
 
+def _wait_until(proc: subprocess.Popen, ready, step: float = 0.005) -> None:
+    """Poll until ``ready()`` or until ``proc`` ends (2 minutes at most)."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None and not ready():
+        time.sleep(step)
+
+
+def _journal_lines(journal) -> int:
+    return journal.read_bytes().count(b"\n") if journal.exists() else 0
+
+
 def test_kill_9_mid_correlation_then_resume(big_scan, tmp_path):
     folder = _copy(big_scan, tmp_path / "killed")
     proc = subprocess.Popen(_cli(folder, "--stitching-mode", "only-correlate"),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     journal = folder / JOURNAL
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
-        if journal.exists() and journal.read_bytes().count(b"\n") >= 2:
-            break
-        time.sleep(0.005)
+    _wait_until(proc, lambda: _journal_lines(journal) >= 2)
     assert proc.poll() is None, "the run finished before it could be killed"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
@@ -115,11 +122,7 @@ def test_sigterm_mid_correlation_exits_143_and_keeps_the_work(big_scan, tmp_path
     proc = subprocess.Popen(_cli(folder), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             text=True)
     journal = folder / JOURNAL
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
-        if journal.exists() and journal.read_bytes().count(b"\n") >= 1:
-            break
-        time.sleep(0.005)
+    _wait_until(proc, lambda: _journal_lines(journal) >= 1)
     assert proc.poll() is None, "the run finished before it could be stopped"
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=60)
@@ -144,13 +147,9 @@ def test_a_signal_while_the_mosaic_renders_stops_the_run(big_scan, tmp_path, sig
         _cli(folder, "-o", str(out), "--format", "jpeg", "--format", "ome-tiff",
              "--format", "dzi", "--format", "ome-zarr"),
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
-        # The run's outputs are written into a hidden folder until all are done; the
-        # full-resolution ones come after the preview.
-        if any(out.glob(".ofstitch-outputs.*/preview.jpg")):
-            break
-        time.sleep(0.002)
+    # The run's outputs are written into a hidden folder until all are done; the
+    # full-resolution ones come after the preview.
+    _wait_until(proc, lambda: any(out.glob(".ofstitch-outputs.*/preview.jpg")), step=0.002)
     time.sleep(0.3)
     assert proc.poll() is None, "the run finished before the signal"
     proc.send_signal(sig)
