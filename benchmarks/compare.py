@@ -14,6 +14,10 @@ of the tiles (no correlation cache, no outputs):
   0.1`` (only the predicted overlaps plus a 10% margin are correlated).
 - ``reference``: ``openflexure_stitching.load_tile_and_stitch`` in mode ``all``, default
   settings, from its own virtual environment.
+- ``ofstitch-correlate`` and ``reference-correlate``: correlation only, ofstitch's
+  ``--stitching-mode only-correlate`` against the reference's ``--stitching_mode
+  only_correlate`` (each writes its correlation cache and nothing else); a table of their own,
+  with the reference's time over ofstitch's.
 
 Each run reports wall time and peak RSS of the subprocess (``os.wait4``), CPU time, the
 time of each stage (functions wrapped inside the subprocess) and the placement error of every
@@ -21,11 +25,16 @@ textured overlapping pair against the truth. Each result is written as it finish
 ``benchmarks/results/<size>__<program>.json``; ``--write`` turns all saved results into the
 table in ``benchmarks/RESULTS.md`` (between the ``compare.py`` markers).
 
+The scans are named ``TILESxWIDTHxHEIGHT``; the default is the speed issue's matrix:
+100, 400 and 1,000 tiles of 820x616, 100 tiles of 1640x1232 and 20 tiles of 4056x3040 (a
+grid as square as the tile count allows: 1,000 tiles are 25 rows of 40, 20 tiles 4 of 5).
+
 Usage::
 
-    python benchmarks/compare.py --sizes 25 --tiles 832x624          # a quick one
+    python benchmarks/compare.py --scans 25x820x616                   # a quick one
     python benchmarks/compare.py --write                              # the whole matrix
     python benchmarks/compare.py --table                              # table from saved JSON
+    python benchmarks/compare.py --sizes 25,100 --tiles 832x624       # counts x tile sizes
 
 The reference is installed into its own virtual environment (``--ref-venv``, default
 ``/opt/refvenv`` when it holds openflexure-stitching 0.3.1, else ``benchmarks/.refvenv``,
@@ -62,11 +71,19 @@ REF_REQUIREMENT = f"openflexure-stitching[libvips]=={REF_VERSION}"
 REF_CANDIDATES = (Path("/opt/refvenv"), HERE / ".refvenv")
 MARK = "@@RESULT@@"
 BEGIN, END = "<!-- compare.py: begin -->", "<!-- compare.py: end -->"
-PROGRAMS = ("floor", "ofstitch", "ofstitch-strips", "reference")
+PROGRAMS = ("floor", "ofstitch", "ofstitch-strips", "reference", "ofstitch-correlate",
+            "reference-correlate")
+DEFAULT_PROGRAMS = ("floor", "ofstitch", "reference", "ofstitch-correlate",
+                    "reference-correlate")
+CORRELATE_ONLY = {"ofstitch-correlate": "reference-correlate"}  # ofstitch's -> reference's
 # Settings and correlation settings of the ofstitch variants (defaults, overlap strips).
-VARIANTS = {"ofstitch": ({}, {}), "ofstitch-strips": ({}, {"search_margin": 0.1})}
-DEFAULT_SIZES = (25, 100, 400)
-DEFAULT_TILES = ((624, 832), (1232, 1640))  # (h, w): 832x624 and 1640x1232 px
+VARIANTS = {"ofstitch": ({}, {}), "ofstitch-strips": ({}, {"search_margin": 0.1}),
+            "ofstitch-correlate": ({}, {})}
+# The stitching mode each program runs in (its own spelling).
+MODES = {"ofstitch-correlate": "only-correlate", "reference-correlate": "only_correlate"}
+# The speed issue's scans: tiles x width x height.
+DEFAULT_SCANS = ("100x820x616", "400x820x616", "1000x820x616", "100x1640x1232",
+                 "20x4056x3040")
 
 # ----------------------------------------------------------------------------- runners
 # Each runs in its own subprocess: argv[1] is a JSON config; the last stdout line starting
@@ -101,6 +118,8 @@ import json, sys
 t0 = time.perf_counter()
 import ofstitch
 from ofstitch import StitchSettings
+from ofstitch.render import limit_malloc_arenas
+limit_malloc_arenas()  # as the command line does (ofstitch FOLDER)
 cfg = json.loads(sys.argv[1])
 for module, attr, phase in [
         ("ofstitch.pipeline", "load_connected_scan", "load"),
@@ -115,11 +134,12 @@ for attr in dir(importlib.import_module("ofstitch.diagnostics")):
         wrap("ofstitch.diagnostics", attr, "plots")
 PHASES["import"] = time.perf_counter() - t0
 t1 = time.perf_counter()
-settings = StitchSettings(stitching_mode="all", **cfg["settings"]).with_correlation(
+settings = StitchSettings(stitching_mode=cfg["mode"], **cfg["settings"]).with_correlation(
     **cfg["correlation"])
 result = ofstitch.stitch(cfg["folder"], settings, output_dir=cfg["out"])
 PHASES["total"] = time.perf_counter() - t1
-pos = {n: [float(r), float(c)] for n, (r, c) in zip(result.names, result.positions_px.tolist())}
+pos = {n: [float(r), float(c)] for n, (r, c) in zip(result.names, result.positions_px.tolist())
+       } if result.registration is not None else {}  # only-correlate places nothing
 print("@@RESULT@@", json.dumps({"positions": pos, "phases": PHASES,
                                 "version": ofstitch.__version__}))
 """
@@ -144,9 +164,9 @@ wrap(P, "save_full_stitch", "render")
 PHASES["import"] = time.perf_counter() - t0
 t1 = time.perf_counter()
 load_tile_and_stitch(cfg["folder"], output_settings=OutputSettings(
-    output_dir=cfg["out"], stitching_mode="all"))
+    output_dir=cfg["out"], stitching_mode=cfg["mode"]))
 PHASES["total"] = time.perf_counter() - t1
-pos = {n: [float(p[0]), float(p[1])] for n, p in kept[-1].items()}
+pos = {n: [float(p[0]), float(p[1])] for n, p in kept[-1].items()} if kept else {}
 print("@@RESULT@@", json.dumps({"positions": pos, "phases": PHASES,
                                 "version": importlib.metadata.version("openflexure-stitching")}))
 """
@@ -181,7 +201,8 @@ print("@@RESULT@@", json.dumps({"phases": {"import": t1 - t0, "decode": t2 - t1,
 """
 
 RUNNERS = {"floor": FLOOR_RUNNER, "ofstitch": OFSTITCH_RUNNER,
-           "ofstitch-strips": OFSTITCH_RUNNER, "reference": REFERENCE_RUNNER}
+           "ofstitch-strips": OFSTITCH_RUNNER, "reference": REFERENCE_RUNNER,
+           "ofstitch-correlate": OFSTITCH_RUNNER, "reference-correlate": REFERENCE_RUNNER}
 
 
 # ----------------------------------------------------------------------------- scans
@@ -194,15 +215,27 @@ class Size:
 
     @property
     def grid(self) -> tuple[int, int]:
-        side = math.isqrt(self.n_tiles)
-        if side * side != self.n_tiles:
-            raise ValueError(f"tile counts must be squares (a square grid), got {self.n_tiles}")
-        return side, side
+        """``(rows, columns)``: the most nearly square grid of ``n_tiles`` (rows <= columns)."""
+        rows = max(d for d in range(1, math.isqrt(self.n_tiles) + 1) if self.n_tiles % d == 0)
+        if self.n_tiles > 3 and rows == 1:
+            raise ValueError(f"{self.n_tiles} tiles make only a 1-row grid: choose a tile count "
+                             "with a divisor near its square root")
+        return rows, self.n_tiles // rows
 
     @property
     def label(self) -> str:
         h, w = self.tile_shape
         return f"{self.n_tiles}x{w}x{h}"
+
+
+def parse_scan(text: str) -> Size:
+    """'100x820x616' (tiles x width x height) -> Size(100, (616, 820))."""
+    try:
+        n, w, h = (int(v) for v in text.strip().lower().split("x"))
+    except ValueError:
+        raise ValueError(f"a scan is TILESxWIDTHxHEIGHT, e.g. 100x820x616, got {text!r}"
+                         ) from None
+    return Size(n, (h, w))
 
 
 def parse_tiles(text: str) -> tuple[int, int]:
@@ -338,6 +371,7 @@ def run_one(program: str, python: str, scan: Path, run_dir: Path, timeout: float
     out.mkdir()
     cfg = {"folder": str(folder), "out": str(out),
            "truth": str(scan.parent / f"{scan.name}_truth.json"),
+           "mode": MODES.get(program, "all"),
            "settings": VARIANTS.get(program, ({}, {}))[0],
            "correlation": VARIANTS.get(program, ({}, {}))[1]}
     env = {**os.environ, "MPLBACKEND": "Agg", "PYTHONUNBUFFERED": "1"}
@@ -416,9 +450,9 @@ def run_matrix(sizes: list[Size], programs: list[str], *, work: Path = WORK_DIR,
     work.mkdir(parents=True, exist_ok=True)
     results.mkdir(parents=True, exist_ok=True)
     pythonpath, commit = snapshot_ofstitch(work)
-    pythons = {"floor": sys.executable, "ofstitch": sys.executable,
-               "ofstitch-strips": sys.executable,
-               "reference": str(ref_python) if ref_python else None}
+    pythons = {p: sys.executable for p in PROGRAMS if p.startswith(("floor", "ofstitch"))}
+    pythons.update({p: str(ref_python) if ref_python else None
+                    for p in PROGRAMS if p.startswith("reference")})
     done = []
     for size in sizes:
         log(f"[{datetime.now():%H:%M:%S}] scan {size.label}: building / reusing")
@@ -434,8 +468,9 @@ def run_matrix(sizes: list[Size], programs: list[str], *, work: Path = WORK_DIR,
                 run_dir = work / "runs" / f"{size.label}-{program}"
                 res = run_one(program, pythons[program], scan, run_dir, timeout,
                               pythonpath if program.startswith("ofstitch") else None)
-                if "positions" in res:
+                if res.get("positions"):
                     res.update(accuracy(res.pop("positions"), scan))
+                res.pop("positions", None)
                 if not keep:
                     shutil.rmtree(run_dir, ignore_errors=True)
                 runs[program].append(res)
@@ -486,7 +521,7 @@ def markdown(records: list[dict]) -> str:
         floor, ref = by.get((label, "floor")), by.get((label, "reference"))
         for program in PROGRAMS:
             r = by.get((label, program))
-            if r is None:
+            if r is None or program in MODES:  # the only-correlate runs: correlate_table
                 continue
             tile = f"{r['tile_w']}×{r['tile_h']}"
             if "error" in r:
@@ -508,6 +543,37 @@ def markdown(records: list[dict]) -> str:
                 f"| {fmt(r['peak_rss_mb'] / ref['peak_rss_mb'], 2) if ok(ref) else '–'} "
                 f"| {fmt(r.get('max_err_px'), 2)} | {fmt(r.get('rms_err_px'), 2)} "
                 f"| {fmt(r.get('max_err_all_px'), 2)} |")
+    return "\n".join(lines)
+
+
+def correlate_table(records: list[dict]) -> str:
+    """Correlation only: ofstitch's ``only-correlate`` against the reference's
+    ``only_correlate``, one row per size (empty when neither ran)."""
+    by = {(r["size"], r["program"]): r for r in records}
+    sizes = sorted({(r["tile_h"] * r["tile_w"], r["n_tiles"], r["size"]) for r in records
+                    if r["program"] in MODES})
+    if not sizes:
+        return ""
+    head = ("| tiles | tile px | program | wall s | ref ÷ this | peak RSS MB | RSS ÷ ref |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for _, n, label in sizes:
+        for ours, theirs in CORRELATE_ONLY.items():
+            ref = by.get((label, theirs))
+            ref_ok = ref is not None and "error" not in ref
+            for program in (ours, theirs):
+                r = by.get((label, program))
+                if r is None:
+                    continue
+                name = f"{program} (`{MODES[program]}`)"
+                tile = f"{r['tile_w']}×{r['tile_h']}"
+                if "error" in r:
+                    lines.append(f"| {n} | {tile} | {name} | failed: {r['error'][:80]} | | | |")
+                    continue
+                lines.append(
+                    f"| {n} | {tile} | {name} | {fmt(r['wall_s'])} "
+                    f"| {fmt(ref['wall_s'] / r['wall_s']) if ref_ok else '–'} "
+                    f"| {r['peak_rss_mb']:.0f}{'*' if r.get('rss_bounded_by_parent') else ''} "
+                    f"| {fmt(r['peak_rss_mb'] / ref['peak_rss_mb'], 2) if ref_ok else '–'} |")
     return "\n".join(lines)
 
 
@@ -558,8 +624,12 @@ def write_results_md(records: list[dict], path: Path = RESULTS_MD) -> None:
         "",
         markdown(records),
         "",
+        *(["Correlation only (ofstitch `--stitching-mode only-correlate`, the reference's "
+           "`--stitching_mode only_correlate`: each writes its correlation cache and nothing "
+           "else):", "", correlate_table(records), ""] if correlate_table(records) else []),
         "Seconds per stage (wrapped functions inside each run; 'other' is interpreter start "
-        "and everything not wrapped):",
+        "and everything not wrapped; ofstitch draws its plots on a thread while the mosaic "
+        "renders, so its stages overlap and 'other' can be negative):",
         "",
         stage_table(records),
         END])
@@ -574,13 +644,16 @@ def write_results_md(records: list[dict], path: Path = RESULTS_MD) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sizes", default=",".join(map(str, DEFAULT_SIZES)),
-                        help="tile counts, squares (default 25,100,400)")
-    parser.add_argument("--tiles", default="832x624,1640x1232",
-                        help="tile sizes, width x height (default 832x624,1640x1232)")
-    parser.add_argument("--programs", default=",".join(PROGRAMS),
-                        help="which of floor,ofstitch,ofstitch-strips,reference to run "
-                             "(default all)")
+    parser.add_argument("--scans", default=None,
+                        help="scans as TILESxWIDTHxHEIGHT, comma-separated (default the speed "
+                             f"issue's: {','.join(DEFAULT_SCANS)})")
+    parser.add_argument("--sizes", default=None,
+                        help="instead of --scans: tile counts (with --tiles, every pair)")
+    parser.add_argument("--tiles", default=None,
+                        help="instead of --scans: tile sizes, width x height (with --sizes)")
+    parser.add_argument("--programs", default=",".join(DEFAULT_PROGRAMS),
+                        help=f"which of {','.join(PROGRAMS)} to run (default "
+                             f"{','.join(DEFAULT_PROGRAMS)})")
     parser.add_argument("--ref-venv", type=Path, default=None,
                         help="virtual environment with openflexure-stitching 0.3.1 (created "
                              "if missing; default /opt/refvenv if it has it, else "
@@ -609,11 +682,26 @@ def main(argv: list[str] | None = None) -> int:
         unknown = set(programs) - set(PROGRAMS)
         if unknown:
             parser.error(f"unknown programs {sorted(unknown)}; choose from {PROGRAMS}")
-        tiles = [parse_tiles(t) for t in args.tiles.split(",")]
-        counts = [int(n) for n in args.sizes.split(",")]
-        sizes = [Size(n, t) for t in tiles for n in counts]
+        if args.sizes or args.tiles:
+            if args.scans:
+                parser.error("give --scans, or --sizes with --tiles, not both")
+            tiles = [parse_tiles(t) for t in (args.tiles or "820x616").split(",")]
+            counts = [int(n) for n in (args.sizes or "100").split(",")]
+            sizes = [Size(n, t) for t in tiles for n in counts]
+        else:
+            try:
+                sizes = [parse_scan(t) for t in (args.scans or ",".join(DEFAULT_SCANS)).split(",")
+                         if t.strip()]
+            except ValueError as exc:
+                parser.error(str(exc))
+        for size in sizes:
+            try:
+                _ = size.grid
+            except ValueError as exc:
+                parser.error(str(exc))
         sizes.sort(key=lambda s: s.n_tiles * s.tile_shape[0] * s.tile_shape[1])
-        ref = reference_python(args.ref_venv) if "reference" in programs else None
+        needs_ref = any(p.startswith("reference") for p in programs)
+        ref = reference_python(args.ref_venv) if needs_ref else None
         sys.path.insert(0, str(ROOT))  # build scans with this checkout's ofstitch
         run_matrix(sizes, programs, work=args.work, results=args.results, data=args.data,
                    ref_python=ref, timeout=args.timeout, repeats=max(1, args.repeats),
@@ -622,6 +710,9 @@ def main(argv: list[str] | None = None) -> int:
     records = load_results(args.results, args.tag)
     print(markdown(records))
     print()
+    if correlate_table(records):
+        print(correlate_table(records))
+        print()
     print(stage_table(records))
     if args.write and records:
         write_results_md(records)

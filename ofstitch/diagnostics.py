@@ -8,6 +8,10 @@ import numpy as np
 
 from .atomic import atomic_path
 
+# Fixed margins: measuring the text to fit them (``bbox_inches="tight"``,
+# ``tight_layout``) lays out and draws every label twice, most of a plot's time.
+MARGINS = {"left": 0.09, "right": 0.97, "bottom": 0.1, "top": 0.93, "wspace": 0.25}
+
 
 def _figure(figsize: tuple[float, float], **subplots):
     """A figure on the Agg canvas, without pyplot (no global state, faster import), and
@@ -17,12 +21,14 @@ def _figure(figsize: tuple[float, float], **subplots):
 
     fig = Figure(figsize=figsize)
     FigureCanvasAgg(fig)
+    fig.subplots_adjust(**MARGINS)
     return fig, fig.subplots(**subplots)
 
 
 def _save(fig, path: Path, **kwargs) -> None:
+    # zlib level 1: the plots are small, and level 6 takes a third of their time.
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, **kwargs)
+        fig.savefig(tmp, pil_kwargs={"compress_level": 1}, **kwargs)
 
 
 def plot_inputs(path: Path, stage_px: np.ndarray, tile_shape: tuple[int, int],
@@ -50,7 +56,7 @@ def plot_inputs(path: Path, stage_px: np.ndarray, tile_shape: tuple[int, int],
     ax.set_ylabel("row / px (stage prediction)")
     ax.set_title(f"{len(stage_px)} tiles, {0 if pairs is None else len(pairs)} overlapping pairs")
     ax.legend(loc="best", fontsize=8)
-    _save(fig, path, dpi=100, bbox_inches="tight")
+    _save(fig, path, dpi=100)
 
 
 def plot_correlations(path: Path, quality: np.ndarray, discrepancy: np.ndarray,
@@ -85,7 +91,7 @@ def plot_correlations(path: Path, quality: np.ndarray, discrepancy: np.ndarray,
     ax.set_ylabel("|correlation shift - stage shift| / px (lower agrees with the stage)")
     ax.set_title("Pair correlations")
     ax.legend(loc="best", fontsize=8)
-    _save(fig, path, dpi=100, bbox_inches="tight")
+    _save(fig, path, dpi=100)
 
 
 def plot_placement(path: Path, placement, quality: np.ndarray, discrepancy: np.ndarray) -> None:
@@ -136,11 +142,10 @@ def plot_placement(path: Path, placement, quality: np.ndarray, discrepancy: np.n
     ax_scatter.legend(loc="best", fontsize=8)
     report = getattr(placement, "report", None)
     if report is not None:
-        fig.text(0.01, 0.005, "\n".join(report.lines()), fontsize=7, va="bottom", wrap=True,
+        lines = report.lines()
+        fig.text(0.01, 0.005, "\n".join(lines), fontsize=7, va="bottom", wrap=True,
                  color="tab:red" if report.doubtful else "0.2")
-        fig.tight_layout(rect=(0, 0.03 * (len(report.lines()) + 1), 1, 1))
-    else:
-        fig.tight_layout()
+        fig.subplots_adjust(bottom=0.1 + 0.03 * (len(lines) + 1))
     _save(fig, path, dpi=100)
 
 
@@ -179,4 +184,4 @@ def plot_residuals(path: Path, placement, pairs: np.ndarray, tile_shape: tuple[i
     ax.set_xlabel("column / px")
     ax.set_ylabel("row / px")
     ax.set_title(f"Pair residuals at the final positions (RMS {placement.rms_error_px:.2f} px)")
-    _save(fig, path, dpi=100, bbox_inches="tight")
+    _save(fig, path, dpi=100)

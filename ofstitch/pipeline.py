@@ -13,6 +13,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -98,20 +99,33 @@ def register(folder: Path | str, settings: StitchSettings | None = None, *,
     scan, graph = load_connected_scan(folder, settings)
     loaded = time.perf_counter() - t0
     out_dir = Path(output_dir) if output_dir is not None else folder
-    if plots:
-        diagnostics.plot_inputs(out_dir / "stitching_inputs.png", scan.stage_px,
-                                scan.tile_shape, graph.pairs)
     cache = CorrelationCache.load(cache_path(folder, cache_dir)) if use_cache else None
     reg = register_scan(scan, graph, settings, backend, cache=cache, progress=progress,
                         ask_thresholds=ask_thresholds, plot_dir=out_dir)
     reg.timings_s["load"] = loaded
-    if plots and len(reg.graph.pairs):
-        stage_shift = expected_shifts(scan, reg.graph.pairs)
-        diagnostics.plot_placement(out_dir / "stitching_correlations.png", reg.placement,
-                                   reg.quality, np.linalg.norm(reg.shift_px - stage_shift, axis=1))
-        diagnostics.plot_residuals(out_dir / "stitching_residuals.png", reg.placement,
-                                   reg.graph.pairs, scan.tile_shape)
+    if plots:
+        write_plots(reg, out_dir)
     return reg
+
+
+def write_plots(reg: Registration, out_dir: Path) -> dict[str, Path]:
+    """Draw the diagnostic plots of ``reg`` into ``out_dir``; returns the files.
+
+    ``stitching_inputs.png`` (the scan as the stage sees it) always; with pairs,
+    ``stitching_correlations.png`` and ``stitching_residuals.png`` too.
+    """
+    scan = reg.scan
+    out = {"inputs_plot": out_dir / "stitching_inputs.png"}
+    diagnostics.plot_inputs(out["inputs_plot"], scan.stage_px, scan.tile_shape, reg.graph.pairs)
+    if len(reg.graph.pairs):
+        out["correlations_plot"] = out_dir / "stitching_correlations.png"
+        out["residuals_plot"] = out_dir / "stitching_residuals.png"
+        stage_shift = expected_shifts(scan, reg.graph.pairs)
+        diagnostics.plot_placement(out["correlations_plot"], reg.placement, reg.quality,
+                                   np.linalg.norm(reg.shift_px - stage_shift, axis=1))
+        diagnostics.plot_residuals(out["residuals_plot"], reg.placement, reg.graph.pairs,
+                                   scan.tile_shape)
+    return out
 
 
 MAX_PREFIX_BYTES = 200  # room for "_stitched.ome.zarr" and a temporary name within 255
@@ -325,13 +339,11 @@ def stitch(folder: Path | str, settings: StitchSettings | None = None, *,
     # thresholds are asked after the correlation plot is drawn: it goes straight to out.)
     staging = atomic.output_set(out) if settings.thresholding != "manual" \
         else contextlib.nullcontext(out)
-    with staging as stage:
+    with staging as stage, ThreadPoolExecutor(1, thread_name_prefix="ofstitch-plots") as plotter:
         reg = register(folder, settings, output_dir=stage, cache_dir=cache_dir, progress=progress,
-                       ask_thresholds=ask_thresholds, plots=True, backend=backend)
-        outputs["inputs_plot"] = stage / "stitching_inputs.png"
-        if len(reg.graph.pairs):
-            outputs["correlations_plot"] = stage / "stitching_correlations.png"
-            outputs["residuals_plot"] = stage / "stitching_residuals.png"
+                       ask_thresholds=ask_thresholds, backend=backend)
+        # The plots (Python, matplotlib) are drawn while libvips' threads draw the mosaic.
+        plotted = plotter.submit(write_plots, reg, stage)
         scan, positions = reg.scan, reg.positions_px
         names = reg.names
         config = stage / "OFMTileConfiguration.txt"
@@ -358,5 +370,6 @@ def stitch(folder: Path | str, settings: StitchSettings | None = None, *,
             outputs.update(write_full_resolution(scan, positions, stage, output_prefix(folder),
                                                  settings, wanted, extra=extra, skip=skip,
                                                  progress=progress, shown=shown, flat=flat))
+        outputs.update(plotted.result())
     outputs = {k: out / p.relative_to(stage) for k, p in outputs.items()}
     return StitchResult(reg, outputs, positions, names, describe_pixels(scan, shown, flat))

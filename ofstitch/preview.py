@@ -11,9 +11,11 @@ nearest-centre rule of :mod:`ofstitch.render`, ties going to the same tile.
 from __future__ import annotations
 
 import math
+import os
 import threading
 import warnings
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +28,7 @@ from .levels import Levels
 from .scan import Scan
 
 MAX_SHRINK = 8  # libjpeg's DCT scaling goes down to 1/8
+DECODE_THREADS = max(1, min(4, os.cpu_count() or 1))
 
 
 def shrink_for(scale: float) -> int:
@@ -162,7 +165,10 @@ def preview_image(paths: Sequence[Path], keys: Sequence[str], positions_px: np.n
     scale = render.scale_for_width(positions_px, tile_shape, width)
     shrink = shrink_for(scale)
     layout = render.make_layout(positions_px, tile_shape, 1.0 / shrink)
-    small = [cache.get(p, k, shrink, tile_shape) for p, k in zip(paths, keys, strict=True)]
+    with ThreadPoolExecutor(DECODE_THREADS, thread_name_prefix="ofstitch-preview") as pool:
+        # libvips decodes outside the GIL: the tiles decode on every core
+        small = list(pool.map(lambda pk: cache.get(pk[0], pk[1], shrink, tile_shape),
+                              zip(paths, keys, strict=True)))
     canvas = compose(small, layout)
     image = pyvips.Image.new_from_array(canvas).copy(interpretation="srgb")
     out_w = max(1, round(scan_width(positions_px, tile_shape) * scale))

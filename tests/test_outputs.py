@@ -127,6 +127,23 @@ def test_streamed_bands_equal_the_whole_mosaic(exact_scan):
         assert done == [(k, n_bands) for k in range(1, n_bands + 1)]
 
 
+@pytest.mark.parametrize("pixels", [render.Pixels(), render.Pixels.data(np.uint16, 1),
+                                    render.Pixels.data(np.float32, 3)],
+                         ids=["rgb8", "grey16", "float-rgb"])
+def test_streamed_mosaic_equals_the_whole_one_in_every_pixel_format(exact_scan, pixels):
+    """The streamed bands (through the PNG stream) give the whole composition exactly:
+    every pixel format, a scale, a tile left out."""
+    _, paths, truth, _ = exact_scan
+    layout = render.make_layout(truth, TILE_SHAPE, 0.7)
+    whole = render.compose(paths, layout, pixels=pixels, skip={5}).numpy()
+    image, stream = render.stream_mosaic(paths, layout, pixels=pixels, skip={5}, band_height=23)
+    streamed = image.numpy()
+    assert stream.error is None
+    assert streamed.dtype == whole.dtype == pixels.dtype
+    np.testing.assert_array_equal(streamed, whole)
+    assert (streamed == 0).any() and (streamed != 0).mean() > 0.5  # a hole where tile 5 was
+
+
 def test_feather_ramps_linearly_across_an_overlap(tmp_path):
     """Two flat tiles side by side, overlapping by 40 px: a linear ramp between them."""
     a, b = 40, 200
