@@ -182,7 +182,10 @@ def require_connected(graph: OverlapGraph, names: list[str],
         f"(minimum overlap {threshold:g}{measured}): {shown}. {advice}")
 
 
-MAX_NULL_PAIRS = 200
+# The chance level is fitted from a median and quartiles (significance.chance_threshold),
+# which a few dozen samples pin down: a fixed sample, not a fraction of the scan (each
+# null pair costs as much as a real one).
+MAX_NULL_PAIRS = 48
 
 
 def null_pairs(stage_px: np.ndarray, tile_shape: tuple[int, int], pairs: np.ndarray,

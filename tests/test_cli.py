@@ -274,8 +274,9 @@ def test_only_correlate_mode(make_synthetic, tmp_path):
 
 
 def test_search_margin_selects_strips_for_any_placement(make_synthetic):
-    """Whole tiles by default; --search-margin correlates overlap strips, with robust
-    placement (the default) as with the reference method."""
+    """Overlap strips with a 10% margin by default; --search-margin sets the margin, with
+    robust placement (the default) as with the reference method, and 0 correlates whole
+    tiles."""
     scan = make_synthetic(grid=(2, 3), tile_shape=TILE_SHAPE)
 
     def margins(*options):
@@ -285,8 +286,8 @@ def test_search_margin_selects_strips_for_any_placement(make_synthetic):
         keys = json.loads((scan.folder / CACHE_NAME).read_text())["sets"]
         return [json.loads(k)["search_margin"] for k in keys]
 
-    assert margins() == [0.0]
-    assert margins("--search-margin", "0.1") == [0.1]
+    assert margins() == [0.1]
+    assert margins("--search-margin", "0") == [0.0]
     assert margins("--placement", "reference", "--search-margin", "0.2") == [0.2]
 
 

@@ -198,7 +198,9 @@ def test_search_margin_must_be_a_fraction():
         CorrelationSettings(search_margin=1.5)
     with pytest.raises(ofstitch.OfstitchError, match="^search_margin"):
         CorrelationSettings(search_margin=-0.1)
-    assert CorrelationPlan.make(TILE, CorrelationSettings()).margin_px is None  # default
+    # Strips by default; 0 correlates whole tiles.
+    assert CorrelationPlan.make(TILE, CorrelationSettings()).margin_px == MIN_MARGIN_PX
+    assert CorrelationPlan.make(TILE, CorrelationSettings(search_margin=0)).margin_px is None
     no_pad = CorrelationSettings(pad=False, search_margin=0.1)
     assert CorrelationPlan.make(TILE, no_pad).margin_px is None
     assert CorrelationPlan.make(TILE, STRIPS).margin_px == MIN_MARGIN_PX
