@@ -172,11 +172,11 @@ def _env() -> dict:
 # ----------------------------------------------------------------------------- OME-Zarr
 
 
-def _mosaic(reg, **kwargs):
+def _mosaic(reg, flat=None, **kwargs):
     from ofstitch import render
 
     return render.Mosaic(reg.scan.paths, reg.positions_px, reg.scan.tile_shape,
-                         pixels=render.Pixels.data(np.uint8, 3), **kwargs)
+                         pixels=render.Pixels.data(np.uint8, 3, flat), **kwargs)
 
 
 def _zarr_files(path: Path) -> dict[str, bytes]:
@@ -184,27 +184,33 @@ def _zarr_files(path: Path) -> dict[str, bytes]:
             for p in sorted(path.rglob("*")) if p.is_file()}
 
 
-def _local_zarr(reg, path: Path, **kwargs) -> None:
+def _local_zarr(reg, path: Path, flat=None, **kwargs) -> None:
     from ofstitch import formats
 
-    _mosaic(reg).write(lambda im: formats.write_ome_zarr(im, path, pixel_size_um=0.5,
-                                                         chunk=32, **kwargs))
+    _mosaic(reg, flat).write(lambda im: formats.write_ome_zarr(im, path, pixel_size_um=0.5,
+                                                               chunk=32, **kwargs))
 
 
-@pytest.mark.parametrize("ngff_version", ["0.4", "0.5"])
+@pytest.mark.parametrize(("ngff_version", "flat_field"),
+                         [("0.4", False), ("0.5", False), ("0.4", True)])
 def test_ome_zarr_written_by_the_workers_equals_a_local_run(cluster, scan_3x4, tmp_path,
-                                                            ngff_version):
+                                                            ngff_version, flat_field):
     """Every level (the mosaic is 287 x 500: odd sizes on the way down) and every file,
     metadata included, are those of the streamed local writer; the chunks were written by
-    the workers, one task per region."""
+    the workers, one task per region. A flat field travels to the workers too."""
     from dask.distributed import get_task_stream
+
+    from ofstitch import flatfield
 
     address, client = cluster
     reg = ofstitch.register(scan_3x4.folder, use_cache=False)
+    flat = flatfield.resolve("auto", reg.scan.paths, reg.scan.tile_shape) if flat_field \
+        else None
     local, remote = tmp_path / "local.zarr", tmp_path / "remote.zarr"
-    _local_zarr(reg, local, ngff_version=ngff_version)
+    _local_zarr(reg, local, flat, ngff_version=ngff_version)
     with get_task_stream(client) as stream:
-        distributed.write_ome_zarr_on_cluster(address, _mosaic(reg), remote, pixel_size_um=0.5,
+        distributed.write_ome_zarr_on_cluster(address, _mosaic(reg, flat), remote,
+                                              pixel_size_um=0.5,
                                               chunk=32, ngff_version=ngff_version,
                                               levels_per_task=1)
     files = _zarr_files(local)
