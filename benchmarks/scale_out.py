@@ -139,7 +139,7 @@ def _zarr_task_bytes(work: Path) -> None:
     args = pickle.dumps(("/shared/scans/slide_0001/out/.m.zarr.x1y2z3", spec, 2, box,
                          [os.fspath(paths[i]) for i in idx], mosaic.layout.top_left[idx],
                          mosaic.layout.centre[idx], mosaic.size, mosaic.layout.tile_shape,
-                         1.0, None, "none", [], 128))
+                         1.0, None, "none", 128))
     n_tasks = sum(len(omezarr.regions(spec, b, 2)) for b, _ in omezarr.region_passes(spec, 2))
     print(f"mosaic {mosaic.size[1]} x {mosaic.size[0]} px, {n_tasks} OME-Zarr tasks; one "
           f"(a 2048 px region, {len(idx)} tiles): arguments {len(args)} bytes, result "

@@ -149,8 +149,7 @@ def _require_visible(paths: Sequence[str], what: str) -> None:
 def _zarr_tiles_task(store: str, spec: ZarrLayout, last: int, box: tuple[int, int, int, int],
                      paths: list[str], top_left: np.ndarray, centre: np.ndarray,
                      size: tuple[int, int], tile_shape: tuple[int, int], scale: float,
-                     pixels: Pixels, blend: str, skip: list[int], band_height: int
-                     ) -> list[int]:
+                     pixels: Pixels, blend: str, band_height: int) -> list[int]:
     """On a worker: compose ``box`` of level 0 from the tiles ``paths`` (placed at
     ``top_left``, in the mosaic's priority order) with the local renderer's code, and
     write it and its halvings down to level ``last``. Returns the positions in ``paths``
@@ -167,14 +166,14 @@ def _zarr_tiles_task(store: str, spec: ZarrLayout, last: int, box: tuple[int, in
     try:
         for r in range(r0, r1, band_height):  # top to bottom: the tiles are read sequentially
             rows = (r, min(r1, r + band_height))
-            band = compose_band(source, layout, rows, blend=blend, skip=frozenset(skip),
-                                weight=weight, cols=(c0, c1))
+            band = compose_band(source, layout, rows, blend=blend, weight=weight,
+                                cols=(c0, c1))
             data = pyvips.Region.new(band).fetch(0, 0, band.width, band.height)
             out[rows[0] - r0:rows[1] - r0] = np.frombuffer(data, dtype=pixels.dtype).reshape(
                 band.height, band.width, pixels.bands)
             source.forget_above(rows[1])
     except pyvips.Error:
-        bad = find_undecodable([Path(p) for p in paths], workers=1) - set(skip)
+        bad = find_undecodable([Path(p) for p in paths], workers=1)
         if not bad:
             raise
         return sorted(bad)
@@ -220,7 +219,6 @@ def write_ome_zarr_on_cluster(address: str, mosaic: Mosaic, path: Path, *,
     failed run leaves nothing half-written; the output folder must be shared with the
     workers. A tile that cannot be decoded is left out with a warning, as locally.
     """
-
     omezarr.require()
     client = connect(address)
     layout, pixels = mosaic.layout, mosaic.pixels
@@ -260,7 +258,7 @@ def write_ome_zarr_on_cluster(address: str, mosaic: Mosaic, path: Path, *,
                 results = run([client.submit(
                     _zarr_tiles_task, store, spec, last, box, [paths[i] for i in idx],
                     layout.top_left[idx], layout.centre[idx], layout.size, layout.tile_shape,
-                    layout.scale, shared, mosaic.blend, [], mosaic.band_height,
+                    layout.scale, shared, mosaic.blend, mosaic.band_height,
                     pure=False, retries=RETRIES) for box, idx in zip(boxes, members, strict=True)])
                 bad = {int(idx[k]) for idx, found in zip(members, results, strict=True)
                        for k in found}
