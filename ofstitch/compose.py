@@ -242,19 +242,20 @@ class TileSource:
 
 def compose_band(source: TileSource, layout: Layout, rows: tuple[int, int], *,
                  blend: Blend = "none", skip: frozenset[int] | set[int] = frozenset(),
-                 weight: pyvips.Image | None = None, max_members: int = 200
-                 ) -> pyvips.Image:
-    """Rows ``[r0, r1)`` of the mosaic, as a lazy pyvips image."""
+                 weight: pyvips.Image | None = None, max_members: int = 200,
+                 cols: tuple[int, int] | None = None) -> pyvips.Image:
+    """Rows ``[r0, r1)`` of the mosaic (only its columns ``cols`` = ``[c0, c1)`` if
+    given; each pixel is the same whatever the band), as a lazy pyvips image."""
     r0, r1 = rows
     th, tw = layout.tile_shape
-    width = layout.size[1]
+    c0, width = cols if cols is not None else (0, layout.size[1])
     top = layout.top_left
     order = priority_order(layout)
     members = [int(i) for i in order if top[i, 0] < r1 and top[i, 0] + th > r0
-               and int(i) not in skip]
+               and top[i, 1] < width and top[i, 1] + tw > c0 and int(i) not in skip]
     # Few enough tiles per piece for an 8-bit label (and a cheap feathered sum).
     limit = max_members if blend == "none" else 8
-    pieces, c0 = [], 0
+    pieces = []
     while c0 < width:
         c1 = width
         while True:

@@ -24,17 +24,29 @@ import multiprocessing
 import os
 import socket
 import traceback
-from collections.abc import Iterator, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+import pyvips
 
+from . import omezarr
+from .atomic import atomic_dir
 from .backends import NUMPY
-from .errors import OfstitchError
+from .compose import Layout, Pixels, TileSource, compose_band, feather_weight
+from .errors import OfstitchError, OfstitchWarning
+from .formats import ZARR_CHUNK
+from .levels import Levels
+from .omezarr import ZarrLayout
 from .settings import CorrelationSettings, StitchSettings
 from .stream import BatchResult, CorrelationPlan, correlate_pairs
+
+if TYPE_CHECKING:
+    from .render import Mosaic
 
 CHUNK_PAIRS = 64  # pairs per task: big enough to reuse each tile's spectrum, small to balance
 CONNECT_TIMEOUT_S = 5
@@ -119,6 +131,155 @@ def correlate_on_cluster(address: str, paths: Sequence[Path], pairs: np.ndarray,
             yield BatchResult(ids + start_of[future.key], shift, quality, candidates)
     finally:
         client.cancel(futures)  # an interrupted run leaves no work behind on the cluster
+
+
+# ----------------------------------------------------------------------------- OME-Zarr
+
+REGION_MAX_PX = 2048  # side of a zarr task's region of level 0 (at least two blocks)
+
+
+def _require_visible(paths: Sequence[str], what: str) -> None:
+    for p in paths:
+        if not os.path.exists(p):
+            raise FileNotFoundError(
+                f"worker {socket.gethostname()} cannot see {what} {p}: it must be on a file "
+                "system that every worker sees at the same path")
+
+
+def _zarr_tiles_task(store: str, spec: ZarrLayout, last: int, box: tuple[int, int, int, int],
+                     paths: list[str], top_left: np.ndarray, centre: np.ndarray,
+                     size: tuple[int, int], tile_shape: tuple[int, int], scale: float,
+                     pixels: Pixels, blend: str, band_height: int) -> list[int]:
+    """On a worker: compose ``box`` of level 0 from the tiles ``paths`` (placed at
+    ``top_left``, in the mosaic's priority order) with the local renderer's code, and
+    write it and its halvings down to level ``last``. Returns the positions in ``paths``
+    of tiles that cannot be decoded, and then writes nothing."""
+    from .render import find_undecodable
+
+    _require_visible([store], "the output folder")
+    _require_visible(paths, "the tile")
+    layout = Layout(top_left, centre, tuple(tile_shape), tuple(size), scale)
+    source = TileSource([Path(p) for p in paths], layout, pixels)
+    weight = feather_weight(layout) if blend == "feather" else None
+    r0, c0, r1, c1 = box
+    out = np.empty((r1 - r0, c1 - c0, pixels.bands), dtype=pixels.dtype)
+    try:
+        for r in range(r0, r1, band_height):  # top to bottom: the tiles are read sequentially
+            rows = (r, min(r1, r + band_height))
+            band = compose_band(source, layout, rows, blend=blend, weight=weight,
+                                cols=(c0, c1))
+            data = pyvips.Region.new(band).fetch(0, 0, band.width, band.height)
+            out[rows[0] - r0:rows[1] - r0] = np.frombuffer(data, dtype=pixels.dtype).reshape(
+                band.height, band.width, pixels.bands)
+            source.forget_above(rows[1])
+    except pyvips.Error:
+        bad = find_undecodable([Path(p) for p in paths], workers=1)
+        if not bad:
+            raise
+        return sorted(bad)
+    omezarr.write_region(Path(store), spec, 0, last, box, out)
+    return []
+
+
+def _zarr_level_task(store: str, spec: ZarrLayout, base: int, last: int,
+                     box: tuple[int, int, int, int]) -> list[int]:
+    """On a worker: halve ``box`` of level ``base`` into the levels below, to ``last``."""
+    _require_visible([store], "the output folder")
+    pixels = omezarr.read_region(Path(store), base, box)
+    omezarr.write_region(Path(store), spec, base, last, box, pixels, write_first=False)
+    return []
+
+
+def tiles_touching(layout: Layout, box: tuple[int, int, int, int], skip: set[int]
+                   ) -> np.ndarray:
+    """Indices (ascending) of the tiles that touch ``box`` = ``(r0, c0, r1, c1)``."""
+    r0, c0, r1, c1 = box
+    th, tw = layout.tile_shape
+    top = layout.top_left
+    hit = ((top[:, 0] < r1) & (top[:, 0] + th > r0) & (top[:, 1] < c1) & (top[:, 1] + tw > c0))
+    if skip:
+        hit[sorted(skip)] = False
+    return np.flatnonzero(hit)
+
+
+def write_ome_zarr_on_cluster(address: str, mosaic: Mosaic, path: Path, *,
+                              pixel_size_um: float | None, name: str = "mosaic",
+                              ngff_version: str = "0.4", window: Levels | None = None,
+                              chunk: int | None = None, levels_per_task: int | None = None,
+                              progress: Callable[[int, int], None] | None = None) -> None:
+    """Write ``mosaic`` as the OME-Zarr ``path``, its chunks written by the workers of the
+    cluster at ``address``; the pixels and files are those of
+    :func:`ofstitch.formats.write_ome_zarr` on the same mosaic.
+
+    The client writes the metadata, then sends one task per region of
+    ``block * 2**levels_per_task`` pixels (:mod:`ofstitch.omezarr`): each worker composes
+    its region from the tiles that touch it and writes its whole chunks of level 0 and of
+    the levels below. Further passes halve the last level written into smaller levels.
+    The folder is renamed into place when every task is done (:func:`atomic_dir`), so a
+    failed run leaves nothing half-written; the output folder must be shared with the
+    workers. A tile that cannot be decoded is left out with a warning, as locally.
+    """
+    omezarr.require()
+    client = connect(address)
+    layout, pixels = mosaic.layout, mosaic.pixels
+    path = Path(path).resolve()
+    paths = [os.fspath(Path(p).resolve()) for p in mosaic.paths]
+    with atomic_dir(path) as store_path:
+        store = os.fspath(store_path)
+        spec = omezarr.create(store_path, layout.size, pixels.bands, pixels.dtype,
+                              pixel_size_um=pixel_size_um, chunk=chunk or ZARR_CHUNK,
+                              name=name, ngff_version=ngff_version, window=window)
+        m = levels_per_task or max(1, int(np.log2(max(1, REGION_MAX_PX // spec.block))))
+        passes = omezarr.region_passes(spec, m)
+        total = sum(len(omezarr.regions(spec, base, m)) for base, _ in passes)
+        shared = client.scatter(pixels, broadcast=True)  # a flat field travels once
+        futures: list = []
+        finished = 0
+
+        def run(submitted: list) -> list[list[int]]:
+            """Wait for ``submitted``; their results, in order."""
+            nonlocal finished
+            futures[:] = submitted
+            for future in _completed(submitted, client):
+                try:
+                    future.result()  # a task's error stops the run at once
+                except FileNotFoundError as exc:
+                    raise SharedFileSystemError(str(exc)) from None
+                finished += 1
+                if progress is not None:
+                    progress(min(finished, total), total)
+            return client.gather(submitted)
+
+        try:
+            base, last = passes[0]
+            while True:
+                boxes = omezarr.regions(spec, base, m)
+                members = [tiles_touching(layout, box, mosaic.skip) for box in boxes]
+                results = run([client.submit(
+                    _zarr_tiles_task, store, spec, last, box, [paths[i] for i in idx],
+                    layout.top_left[idx], layout.centre[idx], layout.size, layout.tile_shape,
+                    layout.scale, shared, mosaic.blend, mosaic.band_height,
+                    pure=False, retries=RETRIES) for box, idx in zip(boxes, members, strict=True)])
+                bad = {int(idx[k]) for idx, found in zip(members, results, strict=True)
+                       for k in found}
+                if not bad:
+                    break
+                for i in sorted(bad):  # its neighbours fill its place where they overlap it
+                    warnings.warn(f"leaving out {Path(paths[i]).name} from the mosaic: cannot "
+                                  "decode it", OfstitchWarning, stacklevel=2)
+                mosaic.skip |= bad  # and every region is written again without it
+            for base, last in passes[1:]:
+                boxes = omezarr.regions(spec, base, m)
+                run([client.submit(_zarr_level_task, store, spec, base, last, box, pure=False,
+                                   retries=RETRIES) for box in boxes])
+        finally:
+            client.cancel(futures)  # an interrupted run leaves no work behind on the cluster
+
+
+def _completed(futures: list, client) -> Iterator:
+    from dask.distributed import as_completed as dask_completed
+
+    return dask_completed(futures, loop=client.loop)
 
 
 # ----------------------------------------------------------------------------- many scans

@@ -47,6 +47,13 @@ class FlatField:
         self._images: dict[tuple[int, int], pyvips.Image] = {}
         self._lock = threading.Lock()
 
+    def __getstate__(self) -> dict:  # for the workers of a cluster: the profile only
+        return {"gain": self.gain, "source": self.source}
+
+    def __setstate__(self, state: dict) -> None:
+        self.gain, self.source = state["gain"], state["source"]
+        self._images, self._lock = {}, threading.Lock()
+
     @property
     def shape(self) -> tuple[int, int]:
         return self.gain.shape

@@ -317,14 +317,9 @@ def write_ome_zarr(image: pyvips.Image, path: Path, *, pixel_size_um: float | No
 
     ``window`` is the display range written in the ``omero`` metadata.
     """
-    try:
-        import ome_zarr  # noqa: F401
-        import zarr  # noqa: F401
-    except ImportError as exc:
-        raise OfstitchError(f"--format ome-zarr needs zarr 3 and ome-zarr (Python 3.11 or "
-                            f"later): {exc}; pip install 'zarr>=3' ome-zarr") from None
     from . import omezarr
 
+    omezarr.require()
     omezarr.write(_watch(image, progress), path, pixel_size_um=pixel_size_um, chunk=chunk,
                   name=name, ngff_version=ngff_version, window=window)
 

@@ -271,6 +271,13 @@ def write_full_resolution(scan: Scan, positions: np.ndarray, out: Path, prefix: 
                 im, p, tile_size=tile_size, pixel_size_um=um), progress=report)
             outputs["dzi"] = path
             outputs["viewer"] = path.parent / formats.VIEWER_NAME
+        elif fmt == "ome-zarr" and settings.scheduler:  # chunks written by the workers
+            from .distributed import write_ome_zarr_on_cluster
+
+            write_ome_zarr_on_cluster(settings.scheduler, mosaic, path, pixel_size_um=um,
+                                      name=prefix, window=shown,
+                                      ngff_version=settings.ngff_version, progress=report)
+            outputs["ome_zarr"] = path
         elif fmt == "ome-zarr":
             mosaic.write(lambda im, p=path: formats.write_ome_zarr(
                 im, p, pixel_size_um=um, name=prefix, window=shown,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -23,6 +24,18 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def cluster():
+    from dask.distributed import Client, LocalCluster
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+                      dashboard_address=None) as local:
+        with Client(local) as client:
+            yield local.scheduler_address, client
+
+
+@pytest.fixture
+def own_cluster():
+    """A cluster of its own for a test that kills a worker: whether and when the nanny
+    brings the worker back (slow on a loaded machine) matters to no other test."""
     from dask.distributed import Client, LocalCluster
 
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
@@ -54,33 +67,30 @@ def test_positions_equal_a_local_run_and_the_work_is_the_clusters(cluster, scan_
     assert {t["worker"] for t in chunks} <= set(client.scheduler_info()["workers"])
 
 
-def test_a_worker_killed_mid_run_changes_nothing(cluster, scan_3x4, monkeypatch):
-    """Kill a worker process while its chunks run: Dask runs them again elsewhere (its
-    nanny starts a new worker), and the positions are those of a local run."""
+def test_a_worker_killed_mid_run_changes_nothing(own_cluster, scan_3x4, monkeypatch):
+    """Kill a worker process when the first of many chunks is back: Dask runs its chunks
+    again elsewhere (its nanny starts a new worker), and the positions are those of a
+    local run."""
     import os
-    import threading
 
-    address, client = cluster
+    address, client = own_cluster
     monkeypatch.setattr(distributed, "CHUNK_PAIRS", 2)  # many small tasks
     local = ofstitch.register(scan_3x4.folder, StitchSettings(), use_cache=False)
     victim = sorted(client.scheduler_info()["workers"])[0]
-    killed = threading.Event()
+    pid = client.run(os.getpid, workers=[victim])[victim]
+    left: list[int] = []
 
-    def kill_soon() -> None:
-        time.sleep(0.3)
-        try:
-            client.run(os._exit, 1, workers=[victim], wait=False)
-        except Exception:  # the worker dies while it answers: its connection closes
-            pass
-        finally:
-            killed.set()
+    def progress(stage: str, done: int, total: int) -> None:
+        if stage == "correlate" and done:
+            left.append(total - done)
+            if len(left) == 1:
+                os.kill(pid, signal.SIGKILL)  # the worker process, as the OOM killer would
 
-    threading.Thread(target=kill_soon, daemon=True).start()
     remote = ofstitch.register(scan_3x4.folder, StitchSettings(scheduler=address),
-                               use_cache=False)
-    assert killed.wait(30)
+                               use_cache=False, progress=progress)
+    assert left[0] > 10 and left[-1] == 0  # many chunks were still to run, and all ran
+    assert victim not in client.scheduler_info()["workers"]
     np.testing.assert_allclose(remote.positions_px, local.positions_px, atol=1e-6, rtol=0)
-    client.wait_for_workers(2, timeout=60)  # the nanny brought it back for the next tests
 
 
 def test_cache_filled_by_the_cluster_serves_a_local_run(cluster, scan_3x4):
@@ -157,3 +167,136 @@ def _env() -> dict:
 
     return dict(os.environ, PYTHONPATH=os.pathsep.join(
         [str(REPO)] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
+
+
+# ----------------------------------------------------------------------------- OME-Zarr
+
+
+def _mosaic(reg, flat=None, **kwargs):
+    from ofstitch import render
+
+    return render.Mosaic(reg.scan.paths, reg.positions_px, reg.scan.tile_shape,
+                         pixels=render.Pixels.data(np.uint8, 3, flat), **kwargs)
+
+
+def _zarr_files(path: Path) -> dict[str, bytes]:
+    return {p.relative_to(path).as_posix(): p.read_bytes()
+            for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def _local_zarr(reg, path: Path, flat=None, **kwargs) -> None:
+    from ofstitch import formats
+
+    _mosaic(reg, flat).write(lambda im: formats.write_ome_zarr(im, path, pixel_size_um=0.5,
+                                                               chunk=32, **kwargs))
+
+
+@pytest.mark.parametrize(("ngff_version", "flat_field"),
+                         [("0.4", False), ("0.5", False), ("0.4", True)])
+def test_ome_zarr_written_by_the_workers_equals_a_local_run(cluster, scan_3x4, tmp_path,
+                                                            ngff_version, flat_field):
+    """Every level (the mosaic is 287 x 500: odd sizes on the way down) and every file,
+    metadata included, are those of the streamed local writer; the chunks were written by
+    the workers, one task per region. A flat field travels to the workers too."""
+    from dask.distributed import get_task_stream
+
+    from ofstitch import flatfield
+
+    address, client = cluster
+    reg = ofstitch.register(scan_3x4.folder, use_cache=False)
+    flat = flatfield.resolve("auto", reg.scan.paths, reg.scan.tile_shape) if flat_field \
+        else None
+    local, remote = tmp_path / "local.zarr", tmp_path / "remote.zarr"
+    _local_zarr(reg, local, flat, ngff_version=ngff_version)
+    with get_task_stream(client) as stream:
+        distributed.write_ome_zarr_on_cluster(address, _mosaic(reg, flat), remote,
+                                              pixel_size_um=0.5,
+                                              chunk=32, ngff_version=ngff_version,
+                                              levels_per_task=1)
+    files = _zarr_files(local)
+    assert len(files) > 10 and _zarr_files(remote) == files
+    tasks = [t for t in stream.data if "zarr_tiles_task" in str(t["key"])]
+    assert len(tasks) > 1
+    assert {t["worker"] for t in tasks} <= set(client.scheduler_info()["workers"])
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_stitch_with_a_scheduler_writes_the_same_ome_zarr(cluster, scan_3x4, tmp_path):
+    import zarr
+
+    address, _ = cluster
+    settings = StitchSettings(formats=("ome-zarr",))
+    local = ofstitch.stitch(scan_3x4.folder, settings, output_dir=tmp_path / "local",
+                            cache_dir=tmp_path / "cache")
+    remote = ofstitch.stitch(scan_3x4.folder, StitchSettings(formats=("ome-zarr",),
+                                                             scheduler=address),
+                             output_dir=tmp_path / "remote", cache_dir=tmp_path / "cache")
+    a = zarr.open_group(local.outputs["ome_zarr"], mode="r")
+    b = zarr.open_group(remote.outputs["ome_zarr"], mode="r")
+    assert sorted(a.array_keys()) == sorted(b.array_keys())
+    for key in a.array_keys():
+        np.testing.assert_array_equal(b[key][:], a[key][:])
+    assert dict(b.attrs) == dict(a.attrs)
+
+
+def test_a_worker_killed_mid_write_gives_the_same_ome_zarr(own_cluster, scan_3x4, tmp_path):
+    """Each task writes whole chunks, so a task run again on another worker after its
+    worker died (perhaps half-way through a chunk) leaves the same files. The worker is
+    killed when the third of many tasks is done, so the others are still to run."""
+    import os
+
+    address, client = own_cluster
+    reg = ofstitch.register(scan_3x4.folder, use_cache=False)
+    local, remote = tmp_path / "local.zarr", tmp_path / "remote.zarr"
+    _local_zarr(reg, local)
+    victim = sorted(client.scheduler_info()["workers"])[0]
+    pid = client.run(os.getpid, workers=[victim])[victim]
+    left: list[int] = []
+
+    def progress(done: int, total: int) -> None:
+        left.append(total - done)
+        if done == 3:
+            os.kill(pid, signal.SIGKILL)  # the worker process, as the OOM killer would
+
+    distributed.write_ome_zarr_on_cluster(address, _mosaic(reg), remote, pixel_size_um=0.5,
+                                          chunk=32, levels_per_task=1, progress=progress)
+    assert left[2] > 20 and left[-1] == 0  # many tasks were still to run, and all ran
+    assert victim not in client.scheduler_info()["workers"]
+    assert _zarr_files(remote) == _zarr_files(local)
+
+
+def test_an_undecodable_tile_is_left_out_as_locally(cluster, scan_3x4, tmp_path):
+    import warnings
+
+    address, _ = cluster
+    reg = ofstitch.register(scan_3x4.folder, use_cache=False)
+    broken = reg.scan.paths[5]
+    broken.write_bytes(broken.read_bytes()[:2000])  # a truncated JPEG
+    local, remote = tmp_path / "local.zarr", tmp_path / "remote.zarr"
+    with pytest.warns(ofstitch.OfstitchWarning, match=broken.name):
+        _local_zarr(reg, local)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        distributed.write_ome_zarr_on_cluster(address, _mosaic(reg), remote, pixel_size_um=0.5,
+                                              chunk=32, levels_per_task=1)
+    assert [str(w.message) for w in caught if broken.name in str(w.message)]
+    assert _zarr_files(remote) == _zarr_files(local)
+
+
+def test_a_failed_cluster_write_leaves_nothing(cluster, scan_3x4, tmp_path):
+    """A tile the workers cannot see stops the run with the shared-file-system message,
+    and no OME-Zarr, whole or partial, is left behind."""
+    from ofstitch import render
+
+    address, _ = cluster
+    reg = ofstitch.register(scan_3x4.folder, use_cache=False)
+    paths = list(reg.scan.paths)
+    paths[3] = tmp_path / "elsewhere" / paths[3].name
+    mosaic = render.Mosaic(paths, reg.positions_px, reg.scan.tile_shape,
+                           pixels=render.Pixels.data(np.uint8, 3))
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(distributed.SharedFileSystemError, match="every worker"):
+        distributed.write_ome_zarr_on_cluster(address, mosaic, out / "m.zarr",
+                                              pixel_size_um=0.5, chunk=32, levels_per_task=1)
+    assert list(out.iterdir()) == []
