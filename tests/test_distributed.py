@@ -300,3 +300,36 @@ def test_a_failed_cluster_write_leaves_nothing(cluster, scan_3x4, tmp_path):
         distributed.write_ome_zarr_on_cluster(address, mosaic, out / "m.zarr",
                                               pixel_size_um=0.5, chunk=32, levels_per_task=1)
     assert list(out.iterdir()) == []
+
+
+def test_live_stitching_sends_each_new_tiles_pairs_to_the_cluster(cluster, scan_3x4, tmp_path):
+    """`ofstitch watch --scheduler`: as each tile arrives its new pairs are correlated on
+    the workers, and the live positions are those of a local live run."""
+    from dask.distributed import get_task_stream
+
+    from ofstitch.live import AddStatus, LiveStitcher
+
+    address, client = cluster
+    runs = {}
+    for where, settings in (("local", StitchSettings()),
+                            ("cluster", StitchSettings(scheduler=address))):
+        folder = tmp_path / where
+        folder.mkdir()
+        live = LiveStitcher(folder, settings, settle_time=0, use_cache=False)
+        tasks = []
+        for name in scan_3x4.names:
+            shutil.copy2(scan_3x4.folder / name, folder / name)
+            with get_task_stream(client) as stream:  # (collected when the block ends)
+                assert live.add(folder / name) == AddStatus.ADDED
+            chunks = [t for t in stream.data if "correlate_chunk" in str(t["key"])]
+            tasks.append((live.last_update.n_correlated, len(chunks)))
+        runs[where] = (live.positions(), tasks)
+        live.close()
+    local, local_tasks = runs["local"]
+    remote, remote_tasks = runs["cluster"]
+    assert local.keys() == remote.keys()
+    assert max(abs(local[n][i] - remote[n][i]) for n in local for i in (0, 1)) < 1e-6
+    assert not any(chunks for _, chunks in local_tasks)  # a local run uses no cluster
+    # On the cluster, every tile that brought new pairs sent them to the workers.
+    assert sum(pairs for pairs, _ in remote_tasks) >= 17
+    assert all(chunks >= 1 for pairs, chunks in remote_tasks if pairs)
