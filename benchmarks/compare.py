@@ -9,9 +9,11 @@ of the tiles (no correlation cache, no outputs):
 - ``floor``: decode every tile once (pyvips, all cores) and JPEG-encode a mosaic of the
   scan's size once. Any stitcher has to do at least this.
 - ``ofstitch``: ``ofstitch.stitch`` in mode ``all`` (correlate, place, plots, preview,
-  thumbnail, full mosaic), default settings (whole zero-padded tiles, coarse to fine for
-  large tiles, robust placement); ``ofstitch-strips`` the same with ``--search-margin
-  0.1`` (only the predicted overlaps plus a 10% margin are correlated).
+  thumbnail, full mosaic), default settings (the predicted overlaps plus a 10% margin,
+  robust placement with its constrained local search); ``ofstitch-strips`` is the same
+  with ``--search-margin 0.1`` given explicitly (the default since the speed work);
+  ``ofstitch-before`` the default of an earlier commit (``--before COMMIT``), for
+  before/after figures from one invocation.
 - ``reference``: ``openflexure_stitching.load_tile_and_stitch`` in mode ``all``, default
   settings, from its own virtual environment.
 - ``ofstitch-correlate`` and ``reference-correlate``: correlation only, ofstitch's
@@ -71,13 +73,15 @@ REF_REQUIREMENT = f"openflexure-stitching[libvips]=={REF_VERSION}"
 REF_CANDIDATES = (Path("/opt/refvenv"), HERE / ".refvenv")
 MARK = "@@RESULT@@"
 BEGIN, END = "<!-- compare.py: begin -->", "<!-- compare.py: end -->"
-PROGRAMS = ("floor", "ofstitch", "ofstitch-strips", "reference", "ofstitch-correlate",
+PROGRAMS = ("floor", "ofstitch", "ofstitch-before", "ofstitch-strips", "reference",
+            "ofstitch-correlate",
             "reference-correlate")
 DEFAULT_PROGRAMS = ("floor", "ofstitch", "reference", "ofstitch-correlate",
                     "reference-correlate")
 CORRELATE_ONLY = {"ofstitch-correlate": "reference-correlate"}  # ofstitch's -> reference's
 # Settings and correlation settings of the ofstitch variants (defaults, overlap strips).
-VARIANTS = {"ofstitch": ({}, {}), "ofstitch-strips": ({}, {"search_margin": 0.1}),
+VARIANTS = {"ofstitch": ({}, {}), "ofstitch-before": ({}, {}),
+            "ofstitch-strips": ({}, {"search_margin": 0.1}),
             "ofstitch-correlate": ({}, {})}
 # The stitching mode each program runs in (its own spelling).
 MODES = {"ofstitch-correlate": "only-correlate", "reference-correlate": "only_correlate"}
@@ -125,6 +129,7 @@ for module, attr, phase in [
         ("ofstitch.pipeline", "load_connected_scan", "load"),
         ("ofstitch.registration", "correlate", "correlate"),
         ("ofstitch.registration", "place", "place"),
+        ("ofstitch.registration", "local_search", "local search"),
         ("ofstitch.pipeline", "write_preview", "render"),
         ("ofstitch.pipeline", "write_full_resolution", "render"),
         ("ofstitch.formats", "write_thumbnail", "render")]:
@@ -201,6 +206,7 @@ print("@@RESULT@@", json.dumps({"phases": {"import": t1 - t0, "decode": t2 - t1,
 """
 
 RUNNERS = {"floor": FLOOR_RUNNER, "ofstitch": OFSTITCH_RUNNER,
+           "ofstitch-before": OFSTITCH_RUNNER,
            "ofstitch-strips": OFSTITCH_RUNNER, "reference": REFERENCE_RUNNER,
            "ofstitch-correlate": OFSTITCH_RUNNER, "reference-correlate": REFERENCE_RUNNER}
 
@@ -360,6 +366,21 @@ def snapshot_ofstitch(work: Path) -> tuple[Path, str]:
     return target, commit
 
 
+def snapshot_commit(work: Path, commit: str) -> tuple[Path, str]:
+    """Export ``commit``'s ``ofstitch`` package into ``work`` (for ``ofstitch-before``: the
+    same scans, the same runner, an earlier version of the code)."""
+    proc = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", commit],
+                          capture_output=True, text=True, check=True)
+    short = proc.stdout.strip()
+    target = work / "snapshots" / f"before-{short}"
+    if not (target / "ofstitch").exists():
+        target.mkdir(parents=True, exist_ok=True)
+        archive = subprocess.run(["git", "-C", str(ROOT), "archive", short, "ofstitch"],
+                                 capture_output=True, check=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(target)], input=archive, check=True)
+    return target, short
+
+
 def run_one(program: str, python: str, scan: Path, run_dir: Path, timeout: float,
             pythonpath: Path | None = None) -> dict:
     """One cold run on a fresh copy of the scan: wall, peak RSS, CPU, stages, positions."""
@@ -444,12 +465,19 @@ def result_path(results: Path, size: Size, program: str, tag: str = "") -> Path:
 def run_matrix(sizes: list[Size], programs: list[str], *, work: Path = WORK_DIR,
                results: Path = RESULTS_DIR, data: Path = DEFAULT_DATA,
                ref_python: Path | None = None, timeout: float = 3600, repeats: int = 1,
-               tag: str = "", keep: bool = False, log=print) -> list[dict]:
+               tag: str = "", keep: bool = False, before: str | None = None,
+               log=print) -> list[dict]:
     """Run ``programs`` on each size in turn (in alternation, ``repeats`` times), writing
     each result to ``results`` as soon as it is known. Returns the results."""
     work.mkdir(parents=True, exist_ok=True)
     results.mkdir(parents=True, exist_ok=True)
     pythonpath, commit = snapshot_ofstitch(work)
+    paths = {p: pythonpath for p in PROGRAMS if p.startswith("ofstitch")}
+    commits = {p: commit for p in paths}
+    if "ofstitch-before" in programs:
+        if before is None:
+            raise ValueError("ofstitch-before needs --before COMMIT")
+        paths["ofstitch-before"], commits["ofstitch-before"] = snapshot_commit(work, before)
     pythons = {p: sys.executable for p in PROGRAMS if p.startswith(("floor", "ofstitch"))}
     pythons.update({p: str(ref_python) if ref_python else None
                     for p in PROGRAMS if p.startswith("reference")})
@@ -467,7 +495,7 @@ def run_matrix(sizes: list[Size], programs: list[str], *, work: Path = WORK_DIR,
                 log(f"[{datetime.now():%H:%M:%S}] {size.label} {program} (run {rep + 1})")
                 run_dir = work / "runs" / f"{size.label}-{program}"
                 res = run_one(program, pythons[program], scan, run_dir, timeout,
-                              pythonpath if program.startswith("ofstitch") else None)
+                              paths.get(program))
                 if res.get("positions"):
                     res.update(accuracy(res.pop("positions"), scan))
                 res.pop("positions", None)
@@ -483,7 +511,7 @@ def run_matrix(sizes: list[Size], programs: list[str], *, work: Path = WORK_DIR,
                       "n_tiles": size.n_tiles, "tile_h": size.tile_shape[0],
                       "tile_w": size.tile_shape[1], "runs": len(rs),
                       "walls_s": [r["wall_s"] for r in rs],
-                      "commit": commit if program.startswith("ofstitch") else None,
+                      "commit": commits.get(program),
                       "when": datetime.now().isoformat(timespec="seconds"),
                       "host": f"{platform.machine()}, {os.cpu_count()} CPUs"}
             result_path(results, size, program, tag).write_text(json.dumps(record, indent=1))
@@ -579,7 +607,8 @@ def correlate_table(records: list[dict]) -> str:
 
 def stage_table(records: list[dict]) -> str:
     """Where each program's time goes (seconds per stage)."""
-    stages = ["import", "load", "correlate", "place", "plots", "render", "decode", "encode"]
+    stages = ["import", "load", "correlate", "local search", "place", "plots", "render",
+              "decode", "encode"]
     head = "| tiles | tile px | program | " + " | ".join(stages) + " | other |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in sorted(records, key=lambda r: (r["tile_h"] * r["tile_w"], r["n_tiles"],
@@ -612,10 +641,11 @@ def write_results_md(records: list[dict], path: Path = RESULTS_MD) -> None:
         "'× floor' is wall time over the floor's (decode every tile once, encode the mosaic "
         "once); 'ref ÷ this' is the reference's time over this program's; 'correlate' is "
         "metadata + decode + correlation (the reference's `load_and_cache_correlated_image_set`, "
-        "ofstitch's `load_connected_scan` + `registration.correlate`). 'ofstitch' runs with "
-        "default settings (whole zero-padded tiles, robust placement; tiles with a short side of "
-        "800 px or more searched binned 2x2, then refined), 'ofstitch-strips' with "
-        "`--search-margin 0.1` (only the predicted overlaps plus a 10% margin). Errors are of each "
+        "ofstitch's `load_connected_scan` + `registration.correlate`; 'local search' is robust "
+        "placement's full-resolution search of the pairs correlation did not locate). "
+        "'ofstitch' runs with default settings (the predicted overlaps plus a 10% margin, "
+        "robust placement); 'ofstitch-before' is the default of the commit given by "
+        "`--before`. Errors are of each "
         "overlapping pair's relative placement against the truth: over the pairs whose overlap "
         "has texture, and over all pairs (blank overlaps can only be placed from the stage unless"
         " a correlation finds them). Peak RSS is the subprocess's (`os.wait4`); the floor holds "
@@ -668,6 +698,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA,
                         help="shared data folder with cmu1-he (default ../shared/data; the "
                              "bundled sample is used without it)")
+    parser.add_argument("--before", default=None,
+                        help="a git commit: the program 'ofstitch-before' runs its ofstitch "
+                             "(the same scans and runner), for before/after in one invocation")
     parser.add_argument("--tag", default="", help="suffix for the result files")
     parser.add_argument("--keep", action="store_true", help="keep each run's folder")
     parser.add_argument("--write", action="store_true",
@@ -705,7 +738,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.path.insert(0, str(ROOT))  # build scans with this checkout's ofstitch
         run_matrix(sizes, programs, work=args.work, results=args.results, data=args.data,
                    ref_python=ref, timeout=args.timeout, repeats=max(1, args.repeats),
-                   tag=args.tag, keep=args.keep,
+                   tag=args.tag, keep=args.keep, before=args.before,
                    log=lambda m: print(m, file=sys.stderr, flush=True))
     records = load_results(args.results, args.tag)
     print(markdown(records))
