@@ -63,21 +63,31 @@ class LocalReadings:
         A clear optimum in both directions, inside the window.
     area : ndarray, shape (m,)
         Pixels of the overlap at that shift.
+    ncc : ndarray, shape (m,)
+        The overlap NCC at the reading's integer shift, unscaled (``score`` is scaled to
+        the predicted overlap's area, see :func:`_read`).
     """
 
     shift_px: np.ndarray
     score: np.ndarray
     located: np.ndarray
     area: np.ndarray
+    ncc: np.ndarray
 
     @classmethod
     def empty(cls, m: int) -> LocalReadings:
         return cls(np.full((m, 2), np.nan), np.full(m, np.nan), np.zeros(m, bool),
-                   np.zeros(m))
+                   np.zeros(m), np.full(m, np.nan))
+
+    def take(self, index: np.ndarray) -> LocalReadings:
+        return LocalReadings(*(getattr(self, name)[index] for name in FIELDS))
 
     def put(self, index: np.ndarray, other: LocalReadings) -> None:
-        for name in ("shift_px", "score", "located", "area"):
+        for name in FIELDS:
             getattr(self, name)[index] = getattr(other, name)
+
+
+FIELDS = ("shift_px", "score", "located", "area", "ncc")
 
 
 def search_pairs(paths: list[Path], pairs: np.ndarray, centre: np.ndarray, radius: float,
@@ -232,6 +242,7 @@ def _read(surfaces: np.ndarray, centre: np.ndarray, r: int, radius: float,
         j = np.unravel_index(int(np.argmax(np.where(near, s, -np.inf))), s.shape)
         y, x = j
         out.score[i] = float(np.tanh(best_z))
+        out.ncc[i] = float(s[j])
         out.shift_px[i] = (sy[j], sx[j])
         out.area[i] = area[j]
         # Inside the window: every neighbour scored (not on the border, not cut off).
