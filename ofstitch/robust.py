@@ -48,8 +48,8 @@ from .significance import (
     area_scaled,
     chance_threshold,
     overlap_area,
-    reading_uncertainty,
     scale_candidates,
+    uncertainty_of,
 )
 
 log = logging.getLogger(__name__)
@@ -117,23 +117,6 @@ def _near(candidates: np.ndarray, around: np.ndarray, radius: float) -> np.ndarr
     return d <= radius
 
 
-def _score_at(candidates: np.ndarray, shift: np.ndarray) -> np.ndarray:
-    """``(m,)``: the score of each pair's candidate at ``shift`` ``(m, 2)`` (NaN: none)."""
-    d = np.linalg.norm(np.nan_to_num(candidates[..., :2] - shift[:, None, :], nan=np.inf),
-                       axis=2)
-    k = np.argmin(d, axis=1)
-    rows = np.arange(len(candidates))
-    return np.where(d[rows, k] < 1e-9, candidates[rows, k, 2], np.nan)
-
-
-def _uncertainty(raw: np.ndarray, shift: np.ndarray, threshold: np.ndarray | float,
-                 allowed: np.ndarray) -> tuple[np.ndarray, ...]:
-    """:func:`ofstitch.significance.reading_uncertainty` of readings chosen by their
-    area-scaled scores, judged on the unscaled NCCs ``raw``: the shape of the NCC around
-    the overlap (a ridge along an edge) is about the pixels, not about significance."""
-    return reading_uncertainty(raw, shift, _score_at(raw, shift), threshold, allowed)
-
-
 def _chance_scores(null_candidates: np.ndarray, allowed: np.ndarray | None = None,
                    raw: np.ndarray | None = None) -> np.ndarray:
     """The best score of each chance-level pair within ``allowed`` (NaN: none), leaving out
@@ -143,7 +126,7 @@ def _chance_scores(null_candidates: np.ndarray, allowed: np.ndarray | None = Non
     shift, best = _best_candidate(null_candidates, allowed)
     if allowed is None:
         allowed = np.ones(null_candidates.shape[:2], bool)
-    _, _, _, line = _uncertainty(null_candidates if raw is None else raw, shift, MIN_SCORE,
+    _, _, _, line = uncertainty_of(null_candidates if raw is None else raw, shift, MIN_SCORE,
                                  allowed)
     return np.where(line, np.nan, best)
 
@@ -323,9 +306,7 @@ def place_robust(pairs: np.ndarray, candidates: np.ndarray, stage_px: np.ndarray
     ref_area = None
     raw, raw_null = candidates, null_candidates
     if tile_shape is not None:
-        # 0. Scores of overlaps of every size on one scale: that of the scan's typical
-        # overlap (significance.area_scaled), so that a few pixels of a diagonal
-        # neighbour's corner need a far better match than a whole side's strip.
+        # 0. Scores of overlaps of every size on one scale (the typical overlap's).
         areas = overlap_area(stage_shift, tile_shape)
         ref_area = float(np.median(areas[areas > 0])) if np.any(areas > 0) else 1.0
         candidates = scale_candidates(candidates, tile_shape, ref_area)
@@ -378,7 +359,7 @@ def place_robust(pairs: np.ndarray, candidates: np.ndarray, stage_px: np.ndarray
     # Rivals: anywhere in the window the reading came from, and near the reading itself
     # (a ridge along an edge runs on past the gate; a repeat a period away does not count).
     allowed = allowed | _near(candidates, np.nan_to_num(shift), gate)
-    weight, located, one_way, _ = _uncertainty(raw, shift, pair_threshold,
+    weight, located, one_way, _ = uncertainty_of(raw, shift, pair_threshold,
                                                       allowed)
     if search_radius is not None:  # ... and its repeats within the radius are not rivals
         readable = np.isfinite(shift).all(axis=1)
@@ -388,13 +369,11 @@ def place_robust(pairs: np.ndarray, candidates: np.ndarray, stage_px: np.ndarray
     located &= used
     one_way &= used
     if local is not None:
-        local_score, chance_scores = local.score, np.zeros(0)
-        if local_chance is not None:
-            chance_scores = local_chance.score
-        if ref_area is not None:  # on the same scale as the candidates' (step 0)
-            local_score = area_scaled(local.ncc, local.area, ref_area)
-            if local_chance is not None:
-                chance_scores = area_scaled(local_chance.ncc, local_chance.area, ref_area)
+        def on_scale(r: LocalReadings) -> np.ndarray:  # the candidates' scale (step 0)
+            return r.score if ref_area is None else area_scaled(r.ncc, r.area, ref_area)
+
+        local_score = on_scale(local)
+        chance_scores = np.zeros(0) if local_chance is None else on_scale(local_chance)
         chance = null_threshold(np.asarray(chance_scores, dtype=np.float64), fpr)
         take = local.located & (np.nan_to_num(local_score) > chance) & \
             (np.linalg.norm(np.nan_to_num(local.shift_px - predicted, nan=np.inf), axis=1)

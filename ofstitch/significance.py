@@ -202,3 +202,20 @@ def reading_uncertainty(candidates: np.ndarray, chosen: np.ndarray, best: np.nda
         weight[k] = np.outer(across, across) + ratio * np.outer(along, along)
         one_way[k] = True
     return weight, located, one_way, line
+
+
+def score_at(candidates: np.ndarray, shift: np.ndarray) -> np.ndarray:
+    """``(m,)``: the score of each pair's candidate at ``shift`` ``(m, 2)`` (NaN: none)."""
+    d = np.linalg.norm(np.nan_to_num(candidates[..., :2] - shift[:, None, :], nan=np.inf),
+                       axis=2)
+    k = np.argmin(d, axis=1)
+    rows = np.arange(len(candidates))
+    return np.where(d[rows, k] < 1e-9, candidates[rows, k, 2], np.nan)
+
+
+def uncertainty_of(raw: np.ndarray, shift: np.ndarray, threshold: np.ndarray | float,
+                   allowed: np.ndarray) -> tuple[np.ndarray, ...]:
+    """:func:`reading_uncertainty` of readings chosen by their area-scaled scores
+    (:func:`scale_candidates`), judged on the unscaled candidates ``raw``: the shape of the
+    NCC around the overlap (a ridge along an edge) is about the pixels, not significance."""
+    return reading_uncertainty(raw, shift, score_at(raw, shift), threshold, allowed)
