@@ -53,7 +53,7 @@ t = np.array(truth["truth_px_row_col"], float)
 pairs = np.array(json.loads(open(textured_file).read()), np.int64).reshape(-1, 2)
 err = pair_errors(p, t, pairs)
 print(json.dumps({"wall_s": wall, "search_s": spent[0], "searched": spent[1],
-                  "max_px": float(err.max()), "code": ofstitch.__file__,
+                  "max_px": float(err.max()),
                   "rms_px": float(np.sqrt(np.mean(err ** 2))), "code": ofstitch.__file__}))
 """
 
