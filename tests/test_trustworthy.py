@@ -217,10 +217,11 @@ def test_small_tiles_are_never_worse_than_the_stage_and_say_so(hard_scan_of, sha
     reg, doubts = _register(scan.folder)
     err, stage = _errors(scan, reg)
     assert len(err) >= 5
-    # Issue 14 asks for no textured pair worse than the stage. Not met yet on these scans:
-    # a reading or two of a tiny or blank-bordered overlap is wrong yet looks located (48x64:
-    # overlaps of 14 x 64 px read a few px short). On the whole the result is much better
-    # than the stage, and it says it is doubtful.
+    # Issue 14 asks for no textured pair worse than the stage. Not met yet on every scan: a
+    # tile whose overlaps are all blank is placed by its stage links, and where the stage
+    # is off by its backlash a textured corner of it can end worse than the stage alone
+    # (benchmarks/RESULTS.md, third round). On the whole the result is much better than
+    # the stage, and it says it is doubtful.
     worse = err > stage + 1.0
     assert worse.sum() <= max(2, 0.1 * len(err)), np.c_[err, stage][worse].round(1)
     assert np.sqrt(np.mean(err**2)) < 0.7 * np.sqrt(np.mean(stage**2))
