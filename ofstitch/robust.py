@@ -45,6 +45,7 @@ from .place import (
 )
 from .significance import (
     LOCATED_SIGMA_PX,
+    RIVAL_MIN_DISTANCE_PX,
     area_scaled,
     chance_threshold,
     overlap_area,
@@ -97,9 +98,10 @@ def null_threshold(null_score: np.ndarray, fpr: float = NULL_FPR) -> float:
     return chance_threshold(np.asarray(null_score, dtype=np.float64), fpr, MIN_SCORE)
 
 
-def _best_candidate(candidates: np.ndarray, allowed: np.ndarray | None = None
-                    ) -> tuple[np.ndarray, np.ndarray]:
-    """Shift ``(m, 2)`` and score ``(m,)`` of each pair's best-scoring candidate."""
+def _best_candidate(candidates: np.ndarray, allowed: np.ndarray | None = None,
+                    raw: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Shift ``(m, 2)`` and score ``(m,)`` of each pair's best-scoring candidate; with ``raw``
+    (unscaled), the shift of the best NCC of the same peak (scaling favours larger overlaps)."""
     score = np.where(np.isfinite(candidates[..., 2]), candidates[..., 2], -np.inf)
     if allowed is not None:
         score = np.where(allowed, score, -np.inf)
@@ -107,6 +109,10 @@ def _best_candidate(candidates: np.ndarray, allowed: np.ndarray | None = None
     rows = np.arange(len(candidates))
     best = score[rows, k]
     shift = np.where(np.isfinite(best)[:, None], candidates[rows, k, :2], np.nan)
+    if raw is not None:
+        same = _near(candidates, np.nan_to_num(shift), RIVAL_MIN_DISTANCE_PX) & (score > -np.inf)
+        k = np.argmax(np.where(same, np.nan_to_num(raw[..., 2], nan=-np.inf), -np.inf), axis=1)
+        shift = np.where(np.isfinite(best)[:, None], candidates[rows, k, :2], np.nan)
     return shift, np.where(np.isfinite(best), best, np.nan)
 
 
@@ -123,7 +129,7 @@ def _chance_scores(null_candidates: np.ndarray, allowed: np.ndarray | None = Non
     readings whose rivals lie along a line: an edge that both tiles share matches all
     along it, and the camera's fixed pattern matches itself along a row or column. Such
     readings are judged by their rivals (never located), not against chance."""
-    shift, best = _best_candidate(null_candidates, allowed)
+    shift, best = _best_candidate(null_candidates, allowed, raw)
     if allowed is None:
         allowed = np.ones(null_candidates.shape[:2], bool)
     _, _, _, line = uncertainty_of(null_candidates if raw is None else raw, shift, MIN_SCORE,
@@ -237,10 +243,9 @@ def place_robust(pairs: np.ndarray, candidates: np.ndarray, stage_px: np.ndarray
                  local_chance: LocalReadings | None = None) -> Placement:
     """Place every tile from significant, located readings, never worse than the stage.
 
-    0. **One scale.** Candidate scores of overlaps smaller than the scan's typical one
-       (the median predicted overlap) are marked down to what their evidence is worth at
-       that size (:func:`ofstitch.significance.area_scaled`), for the real and the
-       chance-level pairs and the local search alike; rivals are judged on the NCCs.
+    0. **One scale.** Scores of overlaps smaller than the scan's median predicted one are
+       marked down to their evidence at that size (:func:`~ofstitch.significance.area_scaled`),
+       for real and chance-level pairs and the local search; rivals are judged on the NCCs.
     1. **Significance.** Each pair's best candidate overall, and its best within a first
        window around the stage prediction (:data:`PRIOR_RADIUS_FRACTION` of the tile, or
        ``search_radius``), must beat the chance level of the same search on the
@@ -303,10 +308,8 @@ def place_robust(pairs: np.ndarray, candidates: np.ndarray, stage_px: np.ndarray
             null_candidates, np.nan)
     size = float(min(tile_shape)) if tile_shape is not None else \
         float(np.median(np.max(np.abs(stage_shift), axis=1))) / 0.7
-    ref_area = None
-    raw, raw_null = candidates, null_candidates
-    if tile_shape is not None:
-        # 0. Scores of overlaps of every size on one scale (the typical overlap's).
+    ref_area, raw, raw_null = None, candidates, null_candidates
+    if tile_shape is not None:  # 0. Scores of every overlap size on one scale.
         areas = overlap_area(stage_shift, tile_shape)
         ref_area = float(np.median(areas[areas > 0])) if np.any(areas > 0) else 1.0
         candidates = scale_candidates(candidates, tile_shape, ref_area)
@@ -316,10 +319,11 @@ def place_robust(pairs: np.ndarray, candidates: np.ndarray, stage_px: np.ndarray
     max_gate = MAX_GATE_FRACTION * size if search_radius is None else search_radius
 
     # 1. Significance, overall and in the first window.
-    best_shift, best_score = _best_candidate(candidates)
+    best_shift, best_score = _best_candidate(candidates, raw=raw)
     _, null_best = _best_candidate(null_candidates)
     threshold = null_threshold(_chance_scores(null_candidates, raw=raw_null), fpr)
-    win_shift, win_score = _best_candidate(candidates, _near(candidates, stage_shift, window))
+    win_shift, win_score = _best_candidate(candidates, _near(candidates, stage_shift, window),
+                                           raw)
     win_threshold = _window_threshold(null_candidates, null_stage_shift, window, fpr,
                                       threshold, raw_null)
     first = np.where((win_score > win_threshold)[:, None], win_shift, best_shift)
@@ -335,11 +339,11 @@ def place_robust(pairs: np.ndarray, candidates: np.ndarray, stage_px: np.ndarray
     radius = float(np.clip(RESEARCH_SIGMAS * sigma, MIN_RESEARCH_RADIUS_PX, gate))
     null_predicted = null_stage_shift @ affine
     in_gate = _near(candidates, predicted, gate)
-    gate_shift, gate_score = _best_candidate(candidates, in_gate)
+    gate_shift, gate_score = _best_candidate(candidates, in_gate, raw)
     gate_threshold = _window_threshold(null_candidates, null_predicted, gate, fpr, threshold,
                                        raw_null)
     in_radius = _near(candidates, predicted, radius)
-    near_shift, near_score = _best_candidate(candidates, in_radius)
+    near_shift, near_score = _best_candidate(candidates, in_radius, raw)
     near_threshold = _window_threshold(null_candidates, null_predicted, radius, fpr,
                                        gate_threshold, raw_null)
     if search_radius is not None:
@@ -371,10 +375,9 @@ def place_robust(pairs: np.ndarray, candidates: np.ndarray, stage_px: np.ndarray
     if local is not None:
         def on_scale(r: LocalReadings) -> np.ndarray:  # the candidates' scale (step 0)
             return r.score if ref_area is None else area_scaled(r.ncc, r.area, ref_area)
-
         local_score = on_scale(local)
-        chance_scores = np.zeros(0) if local_chance is None else on_scale(local_chance)
-        chance = null_threshold(np.asarray(chance_scores, dtype=np.float64), fpr)
+        chance = null_threshold(np.zeros(0) if local_chance is None else on_scale(local_chance),
+                                fpr)
         take = local.located & (np.nan_to_num(local_score) > chance) & \
             (np.linalg.norm(np.nan_to_num(local.shift_px - predicted, nan=np.inf), axis=1)
              <= gate)
