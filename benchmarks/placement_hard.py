@@ -241,24 +241,29 @@ def fmt_short(res: dict | None) -> str:
     return f"{res['max_px']:.2f} / {res['rms_px']:.2f} / {res['over_2px']}"
 
 
-def markdown14(before: dict, after: dict | None) -> str:
-    """The issue-14 table: robust before and after, the threshold search, the program,
-    the stage alone; and the warning each robust run gave."""
+def markdown14(before: dict, after: dict | None, start: dict | None = None) -> str:
+    """The issue-14 table: robust at the start of the issue, at the start of the last
+    session (``start``, optional) and after it, the threshold search, the program, the stage
+    alone; and the warning each robust run gave. The threshold search and the program come
+    from the latest run that has them (their code did not change)."""
     when = (after or before)["when"]
     lines = [BEGIN14, "", "### Issue 14 scans: before and after", "",
              f"`python benchmarks/placement_hard.py --issue14` ({when}, "
              f"{(after or before)['machine']}). Each cell is max px / RMS px / pairs over 2 px "
              "over the pairs whose true overlap has texture (`textured_pairs`). \"before\" is "
-             "the robust placement at the start of issue 14; the threshold search and the "
-             "program are on the same scans.", "",
-             "| scan | textured pairs | robust, before | robust, after | --placement reference "
-             "| openflexure-stitching 0.3.1 | stage alone | pairs worse than the stage (after, "
-             "by > 0.5 px) | warning (after) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "the robust placement at the start of issue 14"
+             + (", \"session start\" at the start of the last session" if start else "")
+             + "; the threshold search and the program are on the same scans.", "",
+             "| scan | textured pairs | robust, before | "
+             + ("robust, session start | " if start else "")
+             + "robust, after | --placement reference | openflexure-stitching 0.3.1 | stage "
+             "alone | pairs worse than the stage (after, by > 0.5 px) | warning (after) |",
+             "|---|---|---|" + ("---|" if start else "") + "---|---|---|---|---|---|"]
     for name, row in before["scans"].items():
         arow = (after or {}).get("scans", {}).get(name, {})
-        ref = arow.get("reference", row.get("reference"))
-        program = arow.get("program", row.get("program"))
+        srow = (start or {}).get("scans", {}).get(name, {})
+        ref = arow.get("reference", srow.get("reference", row.get("reference")))
+        program = arow.get("program", srow.get("program", row.get("program")))
         warn = (arow.get("robust") or {}).get("warning", "")
         if warn:  # the reasons, without the advice
             warn = warn.split("doubtful: ", 1)[-1].split(". Try")[0]
@@ -268,12 +273,18 @@ def markdown14(before: dict, after: dict | None) -> str:
         if "errors_px" in robust_after and "errors_px" in stage:
             worse = str(int(np.sum(np.asarray(robust_after["errors_px"])
                                    > np.asarray(stage["errors_px"]) + 0.5)))
+        middle = f"{fmt_short(srow.get('robust'))} | " if start else ""
         lines.append(f"| {name} | {row['stage'].get('textured_pairs', '—')} | "
-                     f"{fmt_short(row['robust'])} | {fmt_short(arow.get('robust'))} | "
+                     f"{fmt_short(row['robust'])} | {middle}{fmt_short(arow.get('robust'))} | "
                      f"{fmt_short(ref)} | {fmt_short(program)} | {fmt_short(row['stage'])} | "
                      f"{worse} | {warn} |")
     lines += ["", END14]
     return "\n".join(lines)
+
+
+def _saved14(label: str) -> dict | None:
+    path = HERE / "results" / f"placement14_{label}.json"
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def write_section(section: str, begin: str, end: str) -> None:
@@ -318,7 +329,8 @@ def main14(args: argparse.Namespace) -> int:
     saved.write_text(json.dumps(results, indent=1))
     before_path = out / "placement14_before.json"
     if before_path.is_file() and args.label == "after":
-        write_section(markdown14(json.loads(before_path.read_text()), results), BEGIN14, END14)
+        write_section(markdown14(json.loads(before_path.read_text()), results,
+                                 _saved14("start")), BEGIN14, END14)
     elif args.label == "before":
         write_section(markdown14(results, None), BEGIN14, END14)
     return 0
@@ -339,7 +351,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--issue14", action="store_true",
                         help="Run the issue-14 scans (small tiles, strip, edge, corner, small "
                         "grids) instead")
-    parser.add_argument("--label", default="after", help="--issue14: before or after")
+    parser.add_argument("--label", default="after",
+                        help="--issue14: before, start (of a session) or after")
     parser.add_argument("--only", nargs="*", help="--issue14: scans whose name holds one of these")
     parser.add_argument("--robust-only", action="store_true",
                         help="--issue14: robust placement and the stage only")
@@ -348,8 +361,8 @@ def main(argv: list[str] | None = None) -> int:
         saved = HERE / "results"
         after = saved / "placement14_after.json"
         write_section(markdown14(json.loads((saved / "placement14_before.json").read_text()),
-                                 json.loads(after.read_text()) if after.is_file() else None),
-                      BEGIN14, END14)
+                                 json.loads(after.read_text()) if after.is_file() else None,
+                                 _saved14("start")), BEGIN14, END14)
         return 0
     if args.issue14:
         if args.ref_python and (problem := check_reference(args.ref_python)):

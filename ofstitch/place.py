@@ -188,8 +188,11 @@ class Placement:
     method: str = "reference"
     status: np.ndarray | None = None  # per pair: STAGE_ONLY, TRUSTED or RESEARCHED
     shift_px: np.ndarray | None = None  # the shift each pair was placed by
-    score: np.ndarray | None = None  # per pair: overlap NCC of the chosen peak (robust)
-    null_score: np.ndarray | None = None  # best NCC of each chance-level pair (no overlap)
+    # Robust: per pair, the overlap NCC of the chosen peak, and the best of each chance-level
+    # pair; an overlap smaller than the scan's typical one is marked down to the NCC its
+    # evidence is worth at the typical size (significance.area_scaled).
+    score: np.ndarray | None = None
+    null_score: np.ndarray | None = None
     score_threshold: float = float("nan")  # chance level: what a reading had to beat
     stage_sigma_px: float = float("nan")  # the stage's repeatability (robust)
     residual_px: np.ndarray | None = None  # per pair: |x_b - x_a - shift| at the result
@@ -445,7 +448,7 @@ def place(pairs: np.ndarray, shift: np.ndarray, quality: np.ndarray, stage_px: n
           null_candidates: np.ndarray | None = None,
           null_stage_shift: np.ndarray | None = None, search_radius: float | None = None,
           tile_shape: tuple[int, int] | None = None, warn: bool = True,
-          local: Any = None, local_chance: np.ndarray | None = None,
+          local: Any = None, local_chance: Any = None,
           **reference_options: Any) -> Placement:
     """Place every tile from pair correlations and stage positions.
 

@@ -435,7 +435,7 @@ class LocalSearch(NamedTuple):
     """The constrained local search of the pairs a first placement did not locate."""
 
     pairs: LocalReadings  # of the graph's pairs (NaN: not searched)
-    chance: np.ndarray  # the chance-level pairs' best scores, searched the same way
+    chance: LocalReadings  # the chance-level pairs, searched the same way
 
 
 def local_search(scan: Scan, graph: OverlapGraph, placement: Placement | None, plan: PairPlan,
@@ -468,12 +468,10 @@ def local_search(scan: Scan, graph: OverlapGraph, placement: Placement | None, p
     found = search_pairs(scan.paths, pairs, centre, radius, scan.tile_shape, backend)
     found.shift_px[flip] *= -1
     out = LocalReadings.empty(len(graph.pairs))
-    rows = np.arange(len(todo))
-    out.put(todo, LocalReadings(found.shift_px[rows], found.score[rows], found.located[rows],
-                                found.area[rows]))
+    out.put(todo, found.take(np.arange(len(todo))))
     log.info("local search: %d pairs and %d chance-level pairs within %.1f px",
              len(todo), len(null), radius)
-    return LocalSearch(out, found.score[len(todo):])
+    return LocalSearch(out, found.take(np.arange(len(todo), len(pairs))))
 
 
 def register_scan(scan: Scan, graph: OverlapGraph, settings: StitchSettings, backend: Backend,

@@ -43,7 +43,15 @@ from .place import (
     fit_affine,
     stage_placement,
 )
-from .significance import LOCATED_SIGMA_PX, chance_threshold, reading_uncertainty
+from .significance import (
+    LOCATED_SIGMA_PX,
+    RIVAL_MIN_DISTANCE_PX,
+    area_scaled,
+    chance_threshold,
+    overlap_area,
+    scale_candidates,
+    uncertainty_of,
+)
 
 log = logging.getLogger(__name__)
 
@@ -90,9 +98,10 @@ def null_threshold(null_score: np.ndarray, fpr: float = NULL_FPR) -> float:
     return chance_threshold(np.asarray(null_score, dtype=np.float64), fpr, MIN_SCORE)
 
 
-def _best_candidate(candidates: np.ndarray, allowed: np.ndarray | None = None
-                    ) -> tuple[np.ndarray, np.ndarray]:
-    """Shift ``(m, 2)`` and score ``(m,)`` of each pair's best-scoring candidate."""
+def _best_candidate(candidates: np.ndarray, allowed: np.ndarray | None = None,
+                    raw: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Shift ``(m, 2)`` and score ``(m,)`` of each pair's best-scoring candidate; with ``raw``
+    (unscaled), the shift of the best NCC of the same peak (scaling favours larger overlaps)."""
     score = np.where(np.isfinite(candidates[..., 2]), candidates[..., 2], -np.inf)
     if allowed is not None:
         score = np.where(allowed, score, -np.inf)
@@ -100,6 +109,10 @@ def _best_candidate(candidates: np.ndarray, allowed: np.ndarray | None = None
     rows = np.arange(len(candidates))
     best = score[rows, k]
     shift = np.where(np.isfinite(best)[:, None], candidates[rows, k, :2], np.nan)
+    if raw is not None:
+        same = _near(candidates, np.nan_to_num(shift), RIVAL_MIN_DISTANCE_PX) & (score > -np.inf)
+        k = np.argmax(np.where(same, np.nan_to_num(raw[..., 2], nan=-np.inf), -np.inf), axis=1)
+        shift = np.where(np.isfinite(best)[:, None], candidates[rows, k, :2], np.nan)
     return shift, np.where(np.isfinite(best), best, np.nan)
 
 
@@ -110,27 +123,28 @@ def _near(candidates: np.ndarray, around: np.ndarray, radius: float) -> np.ndarr
     return d <= radius
 
 
-def _chance_scores(null_candidates: np.ndarray, allowed: np.ndarray | None = None
-                   ) -> np.ndarray:
+def _chance_scores(null_candidates: np.ndarray, allowed: np.ndarray | None = None,
+                   raw: np.ndarray | None = None) -> np.ndarray:
     """The best score of each chance-level pair within ``allowed`` (NaN: none), leaving out
     readings whose rivals lie along a line: an edge that both tiles share matches all
     along it, and the camera's fixed pattern matches itself along a row or column. Such
     readings are judged by their rivals (never located), not against chance."""
-    shift, best = _best_candidate(null_candidates, allowed)
+    shift, best = _best_candidate(null_candidates, allowed, raw)
     if allowed is None:
         allowed = np.ones(null_candidates.shape[:2], bool)
-    _, _, _, line = reading_uncertainty(null_candidates, shift, best, MIN_SCORE, allowed)
+    _, _, _, line = uncertainty_of(null_candidates if raw is None else raw, shift, MIN_SCORE,
+                                 allowed)
     return np.where(line, np.nan, best)
 
 
 def _window_threshold(null_candidates: np.ndarray, around: np.ndarray, radius: float,
-                      fpr: float, overall: float) -> float:
+                      fpr: float, overall: float, raw: np.ndarray | None = None) -> float:
     """The chance level of a search within ``radius`` of the prediction, from the
     chance-level pairs' best within the same window; never above ``overall`` (a search
     over fewer shifts cannot find more by chance)."""
     if len(null_candidates) == 0:
         return min(MIN_SCORE, overall)
-    best = _chance_scores(null_candidates, _near(null_candidates, around, radius))
+    best = _chance_scores(null_candidates, _near(null_candidates, around, radius), raw)
     return min(null_threshold(best, fpr), overall)
 
 
@@ -226,9 +240,12 @@ def place_robust(pairs: np.ndarray, candidates: np.ndarray, stage_px: np.ndarray
                  search_radius: float | None = None,
                  tile_shape: tuple[int, int] | None = None,
                  local: LocalReadings | None = None,
-                 local_chance: np.ndarray | None = None) -> Placement:
+                 local_chance: LocalReadings | None = None) -> Placement:
     """Place every tile from significant, located readings, never worse than the stage.
 
+    0. **One scale.** Scores of overlaps smaller than the scan's median predicted one are
+       marked down to their evidence at that size (:func:`~ofstitch.significance.area_scaled`),
+       for real and chance-level pairs and the local search; rivals are judged on the NCCs.
     1. **Significance.** Each pair's best candidate overall, and its best within a first
        window around the stage prediction (:data:`PRIOR_RADIUS_FRACTION` of the tile, or
        ``search_radius``), must beat the chance level of the same search on the
@@ -273,7 +290,7 @@ def place_robust(pairs: np.ndarray, candidates: np.ndarray, stage_px: np.ndarray
     local : LocalReadings, optional
         The constrained full-resolution search (:mod:`ofstitch.local_search`) of pairs
         a first placement did not locate: a located reading there that beats the chance
-        level of the same search (``local_chance``, the chance-level pairs' best scores)
+        level of the same search (``local_chance``, the chance-level pairs searched the same way)
         replaces the pair's own.
     """
     n, m = len(stage_px), len(pairs)
@@ -291,17 +308,24 @@ def place_robust(pairs: np.ndarray, candidates: np.ndarray, stage_px: np.ndarray
             null_candidates, np.nan)
     size = float(min(tile_shape)) if tile_shape is not None else \
         float(np.median(np.max(np.abs(stage_shift), axis=1))) / 0.7
+    ref_area, raw, raw_null = None, candidates, null_candidates
+    if tile_shape is not None:  # 0. Scores of every overlap size on one scale.
+        areas = overlap_area(stage_shift, tile_shape)
+        ref_area = float(np.median(areas[areas > 0])) if np.any(areas > 0) else 1.0
+        candidates = scale_candidates(candidates, tile_shape, ref_area)
+        null_candidates = scale_candidates(null_candidates, tile_shape, ref_area)
     window = search_radius if search_radius is not None else PRIOR_RADIUS_FRACTION * size
     max_sigma = MAX_SIGMA_FRACTION * size
     max_gate = MAX_GATE_FRACTION * size if search_radius is None else search_radius
 
     # 1. Significance, overall and in the first window.
-    best_shift, best_score = _best_candidate(candidates)
+    best_shift, best_score = _best_candidate(candidates, raw=raw)
     _, null_best = _best_candidate(null_candidates)
-    threshold = null_threshold(_chance_scores(null_candidates), fpr)
-    win_shift, win_score = _best_candidate(candidates, _near(candidates, stage_shift, window))
+    threshold = null_threshold(_chance_scores(null_candidates, raw=raw_null), fpr)
+    win_shift, win_score = _best_candidate(candidates, _near(candidates, stage_shift, window),
+                                           raw)
     win_threshold = _window_threshold(null_candidates, null_stage_shift, window, fpr,
-                                      threshold)
+                                      threshold, raw_null)
     first = np.where((win_score > win_threshold)[:, None], win_shift, best_shift)
     seed = (win_score > win_threshold) | (best_score > threshold)
 
@@ -315,12 +339,13 @@ def place_robust(pairs: np.ndarray, candidates: np.ndarray, stage_px: np.ndarray
     radius = float(np.clip(RESEARCH_SIGMAS * sigma, MIN_RESEARCH_RADIUS_PX, gate))
     null_predicted = null_stage_shift @ affine
     in_gate = _near(candidates, predicted, gate)
-    gate_shift, gate_score = _best_candidate(candidates, in_gate)
-    gate_threshold = _window_threshold(null_candidates, null_predicted, gate, fpr, threshold)
+    gate_shift, gate_score = _best_candidate(candidates, in_gate, raw)
+    gate_threshold = _window_threshold(null_candidates, null_predicted, gate, fpr, threshold,
+                                       raw_null)
     in_radius = _near(candidates, predicted, radius)
-    near_shift, near_score = _best_candidate(candidates, in_radius)
+    near_shift, near_score = _best_candidate(candidates, in_radius, raw)
     near_threshold = _window_threshold(null_candidates, null_predicted, radius, fpr,
-                                       gate_threshold)
+                                       gate_threshold, raw_null)
     if search_radius is not None:
         # The user bounds the stage error (periodic samples, where a repeat scores as well
         # as the overlap and chance cannot tell them apart): the best within it, as the
@@ -338,7 +363,7 @@ def place_robust(pairs: np.ndarray, candidates: np.ndarray, stage_px: np.ndarray
     # Rivals: anywhere in the window the reading came from, and near the reading itself
     # (a ridge along an edge runs on past the gate; a repeat a period away does not count).
     allowed = allowed | _near(candidates, np.nan_to_num(shift), gate)
-    weight, located, one_way, _ = reading_uncertainty(candidates, shift, score, pair_threshold,
+    weight, located, one_way, _ = uncertainty_of(raw, shift, pair_threshold,
                                                       allowed)
     if search_radius is not None:  # ... and its repeats within the radius are not rivals
         readable = np.isfinite(shift).all(axis=1)
@@ -348,15 +373,18 @@ def place_robust(pairs: np.ndarray, candidates: np.ndarray, stage_px: np.ndarray
     located &= used
     one_way &= used
     if local is not None:
-        chance = null_threshold(np.asarray(local_chance if local_chance is not None else [],
-                                           dtype=np.float64), fpr)
-        take = local.located & (np.nan_to_num(local.score) > chance) & \
+        def on_scale(r: LocalReadings) -> np.ndarray:  # the candidates' scale (step 0)
+            return r.score if ref_area is None else area_scaled(r.ncc, r.area, ref_area)
+        local_score = on_scale(local)
+        chance = null_threshold(np.zeros(0) if local_chance is None else on_scale(local_chance),
+                                fpr)
+        take = local.located & (np.nan_to_num(local_score) > chance) & \
             (np.linalg.norm(np.nan_to_num(local.shift_px - predicted, nan=np.inf), axis=1)
              <= gate)
         log.info("local search: %d of %d pairs searched located above the chance level "
                  "%.3f", int(take.sum()), int(np.isfinite(local.score).sum()), chance)
         shift = np.where(take[:, None], local.shift_px, shift)
-        score = np.where(take, local.score, score)
+        score = np.where(take, local_score, score)
         weight = np.where(take[:, None, None], np.eye(2), weight)
         trusted &= ~take
         researched |= take

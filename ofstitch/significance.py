@@ -67,6 +67,39 @@ def fisher_z(score: np.ndarray) -> np.ndarray:
     return np.arctanh(np.clip(score, -0.9999, 0.9999))
 
 
+def overlap_area(shift_px: np.ndarray, tile_shape: tuple[int, int]) -> np.ndarray:
+    """Pixels two tiles of ``tile_shape`` share at ``shift_px`` ``(..., 2)`` (NaN: 0)."""
+    h, w = tile_shape
+    d = np.abs(np.nan_to_num(shift_px, nan=np.inf))
+    return np.maximum(h - d[..., 0], 0.0) * np.maximum(w - d[..., 1], 0.0)
+
+
+def area_scaled(score: np.ndarray, area: np.ndarray, ref_area: float) -> np.ndarray:
+    r"""The NCC that the same evidence would give over ``ref_area`` pixels.
+
+    By chance, an overlap of :math:`N` pixels scores :math:`z = \operatorname{artanh}(r)`
+    with a spread of :math:`1/\sqrt{N}` (times the texture's correlation length, the same
+    for every overlap of a scan), so :math:`z \sqrt{N / N_0}` spreads as an overlap of
+    :math:`N_0` pixels does: scores of overlaps of every size are compared with one chance
+    level. A few pixels of a diagonal neighbour's corner match well by chance; this says
+    how little that is worth. Overlaps larger than ``ref_area`` keep their NCC (the factor
+    is capped at 1): larger overlaps are not credited beyond the typical one, so scans of
+    even overlaps score as before. NaN stays NaN.
+    """
+    score = np.asarray(score, dtype=np.float64)
+    factor = np.sqrt(np.clip(np.asarray(area, dtype=np.float64) / max(ref_area, 1.0), 0.0, 1.0))
+    finite = np.isfinite(score)
+    return np.where(finite, np.tanh(fisher_z(np.where(finite, score, 0.0)) * factor), np.nan)
+
+
+def scale_candidates(candidates: np.ndarray, tile_shape: tuple[int, int], ref_area: float
+                     ) -> np.ndarray:
+    """``(..., K, 3)`` candidates with each score :func:`area_scaled` by its overlap."""
+    out = np.array(candidates, dtype=np.float64, copy=True)
+    out[..., 2] = area_scaled(out[..., 2], overlap_area(out[..., :2], tile_shape), ref_area)
+    return out
+
+
 def chance_threshold(chance_scores: np.ndarray, fpr: float, floor: float) -> float:
     """The score chance exceeds with probability ``fpr``, from a Gumbel law in Fisher z.
 
@@ -169,3 +202,20 @@ def reading_uncertainty(candidates: np.ndarray, chosen: np.ndarray, best: np.nda
         weight[k] = np.outer(across, across) + ratio * np.outer(along, along)
         one_way[k] = True
     return weight, located, one_way, line
+
+
+def score_at(candidates: np.ndarray, shift: np.ndarray) -> np.ndarray:
+    """``(m,)``: the score of each pair's candidate at ``shift`` ``(m, 2)`` (NaN: none)."""
+    d = np.linalg.norm(np.nan_to_num(candidates[..., :2] - shift[:, None, :], nan=np.inf),
+                       axis=2)
+    k = np.argmin(d, axis=1)
+    rows = np.arange(len(candidates))
+    return np.where(d[rows, k] < 1e-9, candidates[rows, k, 2], np.nan)
+
+
+def uncertainty_of(raw: np.ndarray, shift: np.ndarray, threshold: np.ndarray | float,
+                   allowed: np.ndarray) -> tuple[np.ndarray, ...]:
+    """:func:`reading_uncertainty` of readings chosen by their area-scaled scores
+    (:func:`scale_candidates`), judged on the unscaled candidates ``raw``: the shape of the
+    NCC around the overlap (a ridge along an edge) is about the pixels, not significance."""
+    return reading_uncertainty(raw, shift, score_at(raw, shift), threshold, allowed)

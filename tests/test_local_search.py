@@ -9,7 +9,7 @@ import scipy.fft
 import scipy.ndimage
 
 from ofstitch import local_search, overlap
-from ofstitch.backends import select_backend
+from ofstitch.backends import select_backend, to_host
 
 
 def _texture(shape, seed=0, smooth=1.5):
@@ -17,19 +17,21 @@ def _texture(shape, seed=0, smooth=1.5):
     return scipy.ndimage.gaussian_filter(rng.normal(size=shape), smooth).astype(np.float32)
 
 
-@pytest.mark.parametrize("centre", [(3, 50), (-20, 7), (30, -41), (-5, -60)])
-def test_surface_is_the_overlap_ncc_at_every_shift(centre):
+@pytest.mark.parametrize(("centre", "r"), [((3, 50), 4), ((-20, 7), 4), ((30, -41), 4),
+                                           ((-5, -60), 4), ((40, 2), 9), ((0, -58), 7),
+                                           ((2, 30), 20), ((-25, 0), 24)])
+def test_surface_is_the_overlap_ncc_at_every_shift(centre, r):
+    # The surface is computed on crops of the tiles (what the window can overlap): every
+    # shift must still score exactly the overlap NCC of the whole tiles, also where the
+    # window runs past the tiles' borders.
     rng = np.random.default_rng(1)
     h, w = 48, 64
     a = rng.normal(size=(h, w)).astype(np.float32)
     b = rng.normal(size=(h, w)).astype(np.float32)
-    fft_shape = (scipy.fft.next_fast_len(2 * h, real=True),
-                 scipy.fft.next_fast_len(2 * w, real=True))
-    r = 4
-    s = np.asarray(local_search._surfaces([a], [b], np.array([centre]), r, fft_shape,
+    s = np.asarray(local_search._surfaces([a], [b], np.array([centre]), r,
                                           select_backend("cpu").xp))[0]
-    for dy in range(-r, r + 1, 2):
-        for dx in range(-r, r + 1, 3):
+    for dy in range(-r, r + 1):
+        for dx in range(-r, r + 1):
             shift = (centre[0] + dy, centre[1] + dx)
             if np.isnan(s[dy + r, dx + r]):  # too small an overlap: not scored
                 assert overlap.overlap_area((h, w), shift) < 0.2 * overlap.overlap_area(
@@ -95,3 +97,21 @@ def test_one_host_transfer_per_batch(tmp_path, monkeypatch):
     assert len(calls) == 4
     assert found.located.all()
     assert np.abs(found.shift_px - np.array([[34, 2 * k] for k in range(4)])).max() <= 0.5
+
+
+@pytest.mark.parametrize("shape", [(48, 64), (150, 97), (311, 410)])
+def test_high_pass_matches_the_mirrored_filter_of_score_tiles(backend, shape):
+    # The local search filters each tile mirrored only 6 sigma beyond its borders (a
+    # quarter of the transform): inside the tile it must equal score_tiles' filter of the
+    # whole mirrored image, on every backend, and stay where the tile is.
+    from array_helpers import assert_array
+
+    from ofstitch import correlate
+
+    tiles = np.stack([_texture(shape, seed=5), 10 + 3 * _texture(shape, seed=6, smooth=4)])
+    x = backend.asarray(tiles)
+    got = local_search.high_pass(x, local_search.HIGH_PASS_SIGMA_PX)
+    assert_array(backend, got, dtype=x.dtype, shape=tiles.shape)
+    want = correlate.score_tiles(x, high_pass_sigma=local_search.HIGH_PASS_SIGMA_PX, binning=1)
+    got, want = to_host(got), to_host(want)
+    assert np.abs(got - want).max() <= 1e-4 * want.std()
