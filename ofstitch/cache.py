@@ -50,7 +50,9 @@ CACHE_NAME = "ofstitch_tiling_cache.json"
 FORMAT = "ofstitch-correlation-cache"
 # 2: tiles are filtered without border steps (correlate.remove_background).
 # 3: file keys carry a fingerprint of the content (scan.content_digest).
-VERSION = 3
+# 4: tiles are mirrored whole before filtering (correlate.remove_background through the DCT),
+#    which changes filtered pixels near the edges, hence readings of whole-tile pairs.
+VERSION = 4
 
 
 def cache_path(folder: Path, cache_dir: Path | None = None) -> Path:
