@@ -331,8 +331,10 @@ def stitch(folder: Path | str, settings: StitchSettings | None = None, *,
         cache = CorrelationCache.load(cache_path(folder, cache_dir))
         if settings.placement == "robust":
             # Placing finds the extra pairs of tiles left in islands: correlate them too,
-            # so that a later run correlates nothing.
-            register_scan(scan, graph, settings, backend, cache=cache, progress=progress)
+            # so that a later run correlates nothing. The local search is not cached, so a
+            # run that only correlates skips it.
+            register_scan(scan, graph, settings, backend, cache=cache, progress=progress,
+                          search_locally=False)
         else:
             plan = plan_pairs(scan, graph, settings)
             correlate(scan, plan.stream_pairs, plan.stream_expected, settings, backend,

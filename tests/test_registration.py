@@ -101,3 +101,21 @@ def test_cache_lookup_is_typed(make_synthetic, tmp_path):
     assert hit.found.all()
     np.testing.assert_array_equal(hit.shift_px, first.shift_px)
     np.testing.assert_array_equal(hit.candidates[..., 2], first.candidates[..., 2])
+
+
+def test_only_correlate_fills_the_cache_and_skips_the_local_search(make_synthetic, monkeypatch):
+    """The local search is not cached, so a run that only correlates does not run it; a
+    later run correlates nothing."""
+    scan_files = make_synthetic(grid=(3, 3), tile_shape=(120, 160), seed=2)
+    searched = []
+    real_search = registration.local_search
+
+    def counting(*args, **kwargs):
+        searched.append(1)
+        return real_search(*args, **kwargs)
+
+    monkeypatch.setattr(registration, "local_search", counting)
+    ofstitch.stitch(scan_files.folder, StitchSettings(stitching_mode="only-correlate"))
+    assert not searched
+    reg = ofstitch.register(scan_files.folder)
+    assert searched and reg.n_correlated == 0 and reg.n_cached == len(reg.graph.pairs)
