@@ -30,6 +30,7 @@ import numpy as np
 
 from . import diagnostics
 from .backends import Backend
+from .backlash import travel_directions
 from .cache import CorrelationCache
 from .errors import OfstitchError, OfstitchWarning
 from .graph import (
@@ -391,8 +392,10 @@ def place_readings(scan: Scan, graph: OverlapGraph, readings: Readings,
     connected scan's pairs (robust placement).
     """
     null_candidates = None if null_readings is None else null_readings.candidates
+    travel = travel_directions(scan.stage_xy) if scan.capture_order_known else None
 
-    def place_pairs(pairs: np.ndarray, r: Readings, stage_px: np.ndarray) -> Placement:
+    def place_pairs(pairs: np.ndarray, r: Readings, stage_px: np.ndarray,
+                    members: np.ndarray | None = None) -> Placement:
         if settings.placement == "robust":
             return place(pairs, r.shift_px, r.quality, stage_px, scan.csm, method="robust",
                          candidates=r.candidates, null_candidates=null_candidates,
@@ -400,7 +403,9 @@ def place_readings(scan: Scan, graph: OverlapGraph, readings: Readings,
                          search_radius=settings.correlation.corr_mask_radius,
                          tile_shape=scan.tile_shape, warn=False,
                          local=None if local is None else local.pairs,
-                         local_chance=None if local is None else local.chance)
+                         local_chance=None if local is None else local.chance,
+                         travel=travel if travel is None or members is None else
+                         travel[members])
         return place(pairs, r.shift_px, r.quality, stage_px, scan.csm, method="reference",
                      thresholding="manual" if ask_thresholds else "automatic",
                      ask_thresholds=ask_thresholds, min_peak_quality=settings.min_peak_quality,
@@ -423,7 +428,7 @@ def place_readings(scan: Scan, graph: OverlapGraph, readings: Readings,
         index[members] = np.arange(len(members))
         sel = labels[graph.pairs[:, 0]] == label
         stage = scan.stage_px[members]
-        sub = place_pairs(index[graph.pairs[sel]], readings.take(sel), stage)
+        sub = place_pairs(index[graph.pairs[sel]], readings.take(sel), stage, members)
         if label == int(np.argmax(sizes)):
             used = (sub.min_peak_quality, sub.max_stage_discrepancy)
         positions[members] = sub.positions_px - sub.positions_px.mean(axis=0) + \
@@ -460,6 +465,9 @@ def local_search(scan: Scan, graph: OverlapGraph, placement: Placement | None, p
         null, null_expected = null[keep], null_expected[keep]
     pairs = np.concatenate([graph.pairs[todo], null])
     centre = np.concatenate([expected[todo], null_expected]) @ placement.affine
+    if placement.stage_offset_px is not None:  # the stage's backlash, where it was fitted
+        offset = placement.stage_offset_px
+        centre[:len(todo)] += offset[graph.pairs[todo, 1]] - offset[graph.pairs[todo, 0]]
     # From the tile with the smaller stage position, as correlate() does: the same
     # arithmetic whatever the file order.
     flip = canonical_flip(scan.stage_px, pairs)
