@@ -463,11 +463,16 @@ def local_search(scan: Scan, graph: OverlapGraph, placement: Placement | None, p
     if len(null) > LOCAL_NULL_PAIRS:  # evenly spread over them (they are in stage order)
         keep = np.unique(np.linspace(0, len(null) - 1, LOCAL_NULL_PAIRS).round().astype(int))
         null, null_expected = null[keep], null_expected[keep]
-    pairs = np.concatenate([graph.pairs[todo], null])
-    centre = np.concatenate([expected[todo], null_expected]) @ placement.affine
-    if placement.stage_offset_px is not None:  # the stage's backlash, where it was fitted
-        offset = placement.stage_offset_px
-        centre[:len(todo)] += offset[graph.pairs[todo, 1]] - offset[graph.pairs[todo, 0]]
+    # Around the stage model's prediction, backlash included where it was fitted; a pair
+    # it moves is also searched where the stage alone predicts it (the term comes from a
+    # first placement: a wrong or, for one tile, misleading term must cost no reading).
+    offset = np.zeros((len(todo), 2)) if placement.stage_offset_px is None else \
+        placement.stage_offset_px[graph.pairs[todo, 1]] - \
+        placement.stage_offset_px[graph.pairs[todo, 0]]
+    moved = np.flatnonzero(np.linalg.norm(offset, axis=1) > 0.5)
+    plain = expected[todo] @ placement.affine
+    pairs = np.concatenate([graph.pairs[todo], graph.pairs[todo[moved]], null])
+    centre = np.concatenate([plain + offset, plain[moved], null_expected @ placement.affine])
     # From the tile with the smaller stage position, as correlate() does: the same
     # arithmetic whatever the file order.
     flip = canonical_flip(scan.stage_px, pairs)
@@ -477,9 +482,15 @@ def local_search(scan: Scan, graph: OverlapGraph, placement: Placement | None, p
     found.shift_px[flip] *= -1
     out = LocalReadings.empty(len(graph.pairs))
     out.put(todo, found.take(np.arange(len(todo))))
-    log.info("local search: %d pairs and %d chance-level pairs within %.1f px",
-             len(todo), len(null), radius)
-    return LocalSearch(out, found.take(np.arange(len(todo), len(pairs))))
+    if len(moved):  # the better of the two: located first, then the higher score
+        first, second = found.take(moved), found.take(len(todo) + np.arange(len(moved)))
+        better = (second.located & ~first.located) | (
+            (second.located == first.located) &
+            (np.nan_to_num(second.score, nan=-np.inf) > np.nan_to_num(first.score, nan=-np.inf)))
+        out.put(todo[moved[better]], second.take(np.flatnonzero(better)))
+    log.info("local search: %d pairs (%d also without the backlash term) and %d chance-level "
+             "pairs within %.1f px", len(todo), len(moved), len(null), radius)
+    return LocalSearch(out, found.take(np.arange(len(todo) + len(moved), len(pairs))))
 
 
 def register_scan(scan: Scan, graph: OverlapGraph, settings: StitchSettings, backend: Backend,
