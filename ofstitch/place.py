@@ -200,6 +200,9 @@ class Placement:
     weight: np.ndarray | None = None  # per pair (2, 2): inverse covariance of the reading
     report: PlacementReport | None = None  # robust placement: how far it can be trusted
     gate_px: float = float("nan")  # robust: a reading this far from the stage model is a repeat
+    # Robust: (n, 2) each tile's offset from the stage model's position (stage backlash,
+    # :mod:`ofstitch.backlash`; zeros when none was fitted).
+    stage_offset_px: np.ndarray | None = None
 
     @property
     def n_accepted(self) -> int:
@@ -448,7 +451,7 @@ def place(pairs: np.ndarray, shift: np.ndarray, quality: np.ndarray, stage_px: n
           null_candidates: np.ndarray | None = None,
           null_stage_shift: np.ndarray | None = None, search_radius: float | None = None,
           tile_shape: tuple[int, int] | None = None, warn: bool = True,
-          local: Any = None, local_chance: Any = None,
+          local: Any = None, local_chance: Any = None, travel: np.ndarray | None = None,
           **reference_options: Any) -> Placement:
     """Place every tile from pair correlations and stage positions.
 
@@ -476,7 +479,8 @@ def place(pairs: np.ndarray, shift: np.ndarray, quality: np.ndarray, stage_px: n
 
     result = place_robust(pairs, candidates, stage_px, csm, null_candidates=null_candidates,
                           null_stage_shift=null_stage_shift, search_radius=search_radius,
-                          tile_shape=tile_shape, local=local, local_chance=local_chance)
+                          tile_shape=tile_shape, local=local, local_chance=local_chance,
+                          travel=travel)
     if warn and result.report is not None and result.report.doubtful:
         warnings.warn(result.report.warning(), OfstitchWarning, stacklevel=2)
     return result

@@ -30,6 +30,7 @@ import numpy as np
 
 from . import diagnostics
 from .backends import Backend
+from .backlash import travel_directions
 from .cache import CorrelationCache
 from .errors import OfstitchError, OfstitchWarning
 from .graph import (
@@ -391,8 +392,10 @@ def place_readings(scan: Scan, graph: OverlapGraph, readings: Readings,
     connected scan's pairs (robust placement).
     """
     null_candidates = None if null_readings is None else null_readings.candidates
+    travel = travel_directions(scan.stage_xy) if scan.capture_order_known else None
 
-    def place_pairs(pairs: np.ndarray, r: Readings, stage_px: np.ndarray) -> Placement:
+    def place_pairs(pairs: np.ndarray, r: Readings, stage_px: np.ndarray,
+                    members: np.ndarray | None = None) -> Placement:
         if settings.placement == "robust":
             return place(pairs, r.shift_px, r.quality, stage_px, scan.csm, method="robust",
                          candidates=r.candidates, null_candidates=null_candidates,
@@ -400,7 +403,9 @@ def place_readings(scan: Scan, graph: OverlapGraph, readings: Readings,
                          search_radius=settings.correlation.corr_mask_radius,
                          tile_shape=scan.tile_shape, warn=False,
                          local=None if local is None else local.pairs,
-                         local_chance=None if local is None else local.chance)
+                         local_chance=None if local is None else local.chance,
+                         travel=travel if travel is None or members is None else
+                         travel[members])
         return place(pairs, r.shift_px, r.quality, stage_px, scan.csm, method="reference",
                      thresholding="manual" if ask_thresholds else "automatic",
                      ask_thresholds=ask_thresholds, min_peak_quality=settings.min_peak_quality,
@@ -423,7 +428,7 @@ def place_readings(scan: Scan, graph: OverlapGraph, readings: Readings,
         index[members] = np.arange(len(members))
         sel = labels[graph.pairs[:, 0]] == label
         stage = scan.stage_px[members]
-        sub = place_pairs(index[graph.pairs[sel]], readings.take(sel), stage)
+        sub = place_pairs(index[graph.pairs[sel]], readings.take(sel), stage, members)
         if label == int(np.argmax(sizes)):
             used = (sub.min_peak_quality, sub.max_stage_discrepancy)
         positions[members] = sub.positions_px - sub.positions_px.mean(axis=0) + \
@@ -458,8 +463,16 @@ def local_search(scan: Scan, graph: OverlapGraph, placement: Placement | None, p
     if len(null) > LOCAL_NULL_PAIRS:  # evenly spread over them (they are in stage order)
         keep = np.unique(np.linspace(0, len(null) - 1, LOCAL_NULL_PAIRS).round().astype(int))
         null, null_expected = null[keep], null_expected[keep]
-    pairs = np.concatenate([graph.pairs[todo], null])
-    centre = np.concatenate([expected[todo], null_expected]) @ placement.affine
+    # Around the stage model's prediction, backlash included where it was fitted; a pair
+    # it moves is also searched where the stage alone predicts it (the term comes from a
+    # first placement: a wrong or, for one tile, misleading term must cost no reading).
+    offset = np.zeros((len(todo), 2)) if placement.stage_offset_px is None else \
+        placement.stage_offset_px[graph.pairs[todo, 1]] - \
+        placement.stage_offset_px[graph.pairs[todo, 0]]
+    moved = np.flatnonzero(np.linalg.norm(offset, axis=1) > 0.5)
+    plain = expected[todo] @ placement.affine
+    pairs = np.concatenate([graph.pairs[todo], graph.pairs[todo[moved]], null])
+    centre = np.concatenate([plain + offset, plain[moved], null_expected @ placement.affine])
     # From the tile with the smaller stage position, as correlate() does: the same
     # arithmetic whatever the file order.
     flip = canonical_flip(scan.stage_px, pairs)
@@ -469,9 +482,15 @@ def local_search(scan: Scan, graph: OverlapGraph, placement: Placement | None, p
     found.shift_px[flip] *= -1
     out = LocalReadings.empty(len(graph.pairs))
     out.put(todo, found.take(np.arange(len(todo))))
-    log.info("local search: %d pairs and %d chance-level pairs within %.1f px",
-             len(todo), len(null), radius)
-    return LocalSearch(out, found.take(np.arange(len(todo), len(pairs))))
+    if len(moved):  # the better of the two: located first, then the higher score
+        first, second = found.take(moved), found.take(len(todo) + np.arange(len(moved)))
+        better = (second.located & ~first.located) | (
+            (second.located == first.located) &
+            (np.nan_to_num(second.score, nan=-np.inf) > np.nan_to_num(first.score, nan=-np.inf)))
+        out.put(todo[moved[better]], second.take(np.flatnonzero(better)))
+    log.info("local search: %d pairs (%d also without the backlash term) and %d chance-level "
+             "pairs within %.1f px", len(todo), len(moved), len(null), radius)
+    return LocalSearch(out, found.take(np.arange(len(todo) + len(moved), len(pairs))))
 
 
 def register_scan(scan: Scan, graph: OverlapGraph, settings: StitchSettings, backend: Backend,

@@ -33,6 +33,7 @@ import logging
 
 import numpy as np
 
+from .backlash import fit_backlash, pair_offset
 from .local_search import LocalReadings
 from .place import (
     RESEARCHED,
@@ -240,7 +241,8 @@ def place_robust(pairs: np.ndarray, candidates: np.ndarray, stage_px: np.ndarray
                  search_radius: float | None = None,
                  tile_shape: tuple[int, int] | None = None,
                  local: LocalReadings | None = None,
-                 local_chance: LocalReadings | None = None) -> Placement:
+                 local_chance: LocalReadings | None = None,
+                 travel: np.ndarray | None = None) -> Placement:
     """Place every tile from significant, located readings, never worse than the stage.
 
     0. **One scale.** Scores of overlaps smaller than the scan's median predicted one are
@@ -292,6 +294,10 @@ def place_robust(pairs: np.ndarray, candidates: np.ndarray, stage_px: np.ndarray
         a first placement did not locate: a located reading there that beats the chance
         level of the same search (``local_chance``, the chance-level pairs searched the same way)
         replaces the pair's own.
+    travel : ndarray, shape (n, 2), int, optional
+        Each tile's direction of travel along stage x and y, from the capture order
+        (:func:`ofstitch.backlash.travel_directions`): the stage model gets a backlash
+        term when the located pairs show one clearly. ``None``: capture order unknown.
     """
     n, m = len(stage_px), len(pairs)
     if n == 1 or m == 0:
@@ -330,8 +336,10 @@ def place_robust(pairs: np.ndarray, candidates: np.ndarray, stage_px: np.ndarray
     seed = (win_score > win_threshold) | (best_score > threshold)
 
     # 2. The stage model, guarded.
-    affine, sigma, affine_fitted, doubts = _stage_model(stage_shift, first, seed, max_sigma)
-    predicted = stage_shift @ affine
+    backlash = fit_backlash(travel, pairs, stage_shift, first, seed, max_gate)
+    affine, sigma, affine_fitted, doubts = _stage_model(
+        stage_shift, first - pair_offset(backlash, pairs), seed, max_sigma)
+    predicted = stage_shift @ affine + pair_offset(backlash, pairs)
 
     # 3. Readings within the gate; the constrained search within a smaller window.
     gate = float(np.clip(GATE_SIGMAS * sigma, MIN_GATE_RADIUS_PX, max(max_gate,
@@ -393,11 +401,17 @@ def place_robust(pairs: np.ndarray, candidates: np.ndarray, stage_px: np.ndarray
         used |= take
 
     # The final stage model, from the located pairs.
-    affine2, sigma2, fitted2, doubts2 = _stage_model(stage_shift, shift, located, max_sigma)
+    backlash2 = fit_backlash(travel, pairs, stage_shift, shift, located, max_gate)
+    affine2, sigma2, fitted2, doubts2 = _stage_model(
+        stage_shift, shift - pair_offset(backlash2, pairs), located, max_sigma)
     if np.isfinite(sigma2) and located.sum() >= 3:
         affine, sigma, affine_fitted, doubts = affine2, sigma2, fitted2, doubts2
-    predicted = stage_shift @ affine
-    anchor = stage_px @ affine
+        backlash = backlash2
+    if backlash is not None:
+        log.info("stage backlash (row, col px, + vs -): %s", backlash.offset_px.round(2))
+    predicted = stage_shift @ affine + pair_offset(backlash, pairs)
+    tile_offset = np.zeros((n, 2)) if backlash is None else backlash.tile_px
+    anchor = stage_px @ affine + tile_offset
 
     # 4. Loops, with stage links everywhere; 5. the guard.
     fell_back = False
@@ -436,7 +450,8 @@ def place_robust(pairs: np.ndarray, candidates: np.ndarray, stage_px: np.ndarray
                      status=status, shift_px=target, score=score, null_score=null_best,
                      score_threshold=float(threshold), stage_sigma_px=float(sigma),
                      residual_px=residual, located=located,
-                     weight=np.where(used[:, None, None], weight, 0.0), report=report)
+                     weight=np.where(used[:, None, None], weight, 0.0), report=report,
+                     stage_offset_px=tile_offset)
 
 
 def _stage_model(stage_shift: np.ndarray, shift: np.ndarray, use: np.ndarray,

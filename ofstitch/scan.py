@@ -126,6 +126,10 @@ class Scan:
         8 or 16.
     pixel_formats : tuple of str
         The libvips pixel formats of the tiles (``"uchar"``, ``"ushort"``, ``"float"``...).
+    capture_order_known : bool
+        Whether the tiles' own metadata gives their capture order (every tile has an EXIF
+        capture time, no two the same). Modification times and file names never do: the
+        stage's direction of travel (backlash, :mod:`ofstitch.backlash`) is used only then.
     """
 
     folder: Path
@@ -141,6 +145,7 @@ class Scan:
     bit_depth: int = 8
     position_source: str = "exif"
     pixel_formats: tuple[str, ...] = ()
+    capture_order_known: bool = False
 
     def __len__(self) -> int:
         return len(self.files)
@@ -436,7 +441,15 @@ def scan_from_tiles(folder: Path, records: list[TileRecord],
                 csm_calibration_width=calibration, pixel_size_um=um,
                 metadata=first_meta.usercomment, bit_depth=bit_depth,
                 position_source=sources.most_common(1)[0][0],
-                pixel_formats=tuple(sorted({r[4] for r in records})))
+                pixel_formats=tuple(sorted({r[4] for r in records})),
+                capture_order_known=_capture_order_known(records))
+
+
+def _capture_order_known(records: list) -> bool:
+    """Every tile has its own capture time and no two share one (EXIF times are in
+    whole seconds: ties would be broken by modification time, which does not count)."""
+    times = [r[5].capture_time for r in records]
+    return None not in times and len(set(times)) == len(times)
 
 
 def _is_8bit(vips_format: str) -> bool:
