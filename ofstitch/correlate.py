@@ -147,21 +147,30 @@ def remove_background(tiles: Any, high_pass_sigma: float) -> Any:
     array, shape (n, H, W), same dtype
     """
     xp = array_namespace(tiles)
-    n, h, w = tiles.shape
-    ext = tiles - xp.mean(tiles, axis=(-2, -1), keepdims=True)
+    return _mirrored_high_pass(tiles - xp.mean(tiles, axis=(-2, -1), keepdims=True),
+                               high_pass_sigma, root=True)
+
+
+def _mirrored_high_pass(x: Any, sigma: float, *, root: bool) -> Any:
+    """``x`` (n, H, W) mirrored into a ``(2H, 2W)`` periodic image, filtered by
+    :func:`high_pass_filter` (its square root with ``root``) and cropped back. On NumPy
+    that is the DCT-II (the native fast path: its coefficient k is frequency k / 2N, in a
+    quarter of the points); elsewhere the FFT of the mirrored image."""
+    xp = array_namespace(x)
+    h, w = x.shape[1:]
     if is_numpy_namespace(xp):
         import scipy.fft
 
-        weight = _dct_high_pass((h, w), float(high_pass_sigma), str(ext.dtype), root=True)
-        spectrum = scipy.fft.dctn(ext, type=2, axes=(-2, -1), workers=-1)
+        weight = _dct_high_pass((h, w), float(sigma), str(x.dtype), root=root)
+        spectrum = scipy.fft.dctn(x, type=2, axes=(-2, -1), workers=-1)
         spectrum *= weight
         return scipy.fft.idctn(spectrum, type=2, axes=(-2, -1), workers=-1)
-    # The same, through the FFT of the mirrored (2H, 2W) periodic image.
-    ext = xp.concat([ext, xp.flip(ext, axis=2)], axis=2)
+    ext = xp.concat([x, xp.flip(x, axis=2)], axis=2)
     ext = xp.concat([ext, xp.flip(ext, axis=1)], axis=1)
     shape = (2 * h, 2 * w)
-    weight = xp.sqrt(high_pass_filter(shape, high_pass_sigma, xp=xp, device=device_of(tiles),
-                                      dtype=tiles.dtype))
+    weight = high_pass_filter(shape, sigma, xp=xp, device=device_of(x), dtype=x.dtype)
+    if root:
+        weight = xp.sqrt(weight)
     spectrum = _rfftn(ext, shape, xp)
     spectrum *= weight
     return _irfftn(spectrum, shape, xp)[:, :h, :w]
@@ -184,24 +193,7 @@ def score_tiles(tiles: Any, *, high_pass_sigma: float, binning: int = 2) -> Any:
     -------
     array, shape (n, H // binning, W // binning), float32
     """
-    xp = array_namespace(tiles)
-    binned = bin_tiles(tiles, binning)
-    hb, wb = binned.shape[1:]
-    if is_numpy_namespace(xp):
-        # Native fast path: the DCT-II is the FFT of exactly this mirrored image (its
-        # coefficient k is frequency k / 2N), in a quarter of the points.
-        import scipy.fft
-
-        weight = _dct_high_pass((hb, wb), float(high_pass_sigma), str(binned.dtype))
-        spectrum = scipy.fft.dctn(binned, type=2, axes=(-2, -1), workers=-1)
-        spectrum *= weight
-        return scipy.fft.idctn(spectrum, type=2, axes=(-2, -1), workers=-1)
-    mirrored = xp.concat([binned, xp.flip(binned, axis=2)], axis=2)
-    mirrored = xp.concat([mirrored, xp.flip(mirrored, axis=1)], axis=1)
-    shape = (2 * hb, 2 * wb)
-    weight = high_pass_filter(shape, high_pass_sigma, xp=xp, device=device_of(tiles),
-                              dtype=tiles.dtype)
-    return _irfftn(_rfftn(mirrored, shape, xp) * weight, shape, xp)[:, :hb, :wb]
+    return _mirrored_high_pass(bin_tiles(tiles, binning), high_pass_sigma, root=False)
 
 
 @functools.lru_cache(maxsize=8)
