@@ -313,7 +313,7 @@ def build_scan(size: Size, work: Path, data: Path, seed: int = 1) -> Path:
         shutil.rmtree(folder.parent)
     rows, cols = size.grid
     th, tw = size.tile_shape
-    need = (int(rows * th * 0.7 + 0.3 * th + 200), int(cols * tw * 0.7 + 0.3 * tw + 200))
+    need = (int(rows * th * 0.7 + 0.3 * th + 400), int(cols * tw * 0.7 + 0.3 * tw + 400))
     source = big_source(need, data)
     scan = make_scan(folder, source=source, grid=(rows, cols), tile_shape=size.tile_shape,
                      overlap=0.3, seed=seed)
