@@ -19,6 +19,7 @@ from ofstitch import formats, levels, render, tiles
 from ofstitch.errors import OfstitchWarning
 
 tifffile = pytest.importorskip("tifffile")
+from tile_helpers import cut_tiles  # noqa: E402
 
 TILE = (48, 64)  # (height, width)
 STEP = (36, 48)
@@ -40,17 +41,7 @@ def _field(source_image: np.ndarray, dtype, bands: int = 1) -> np.ndarray:
 
 def _cut(folder, field: np.ndarray, grid=(3, 3), suffix=".tif"):
     """Tiles of ``field`` at exact positions, named ``t_X_Y`` (their positions)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    paths, positions = [], []
-    for r in range(grid[0]):
-        for c in range(grid[1]):
-            y, x = r * STEP[0], c * STEP[1]
-            path = folder / f"t_{x}_{y}{suffix}"
-            tifffile.imwrite(path, field[y:y + TILE[0], x:x + TILE[1]],
-                             photometric="rgb" if field.ndim == 3 else "minisblack")
-            paths.append(path)
-            positions.append((y, x))
-    return paths, np.array(positions, dtype=float)
+    return cut_tiles(folder, field, tile=TILE, step=STEP, grid=grid, suffix=suffix)
 
 
 def _covered(layout: render.Layout) -> np.ndarray:

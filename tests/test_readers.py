@@ -24,6 +24,7 @@ import pytest
 from ofstitch import formats, levels, render
 
 tifffile = pytest.importorskip("tifffile")
+from tile_helpers import cut_tiles  # noqa: E402
 
 UM = 0.5
 TILE = (64, 96)
@@ -41,27 +42,18 @@ class Written:
     """The outputs of one mosaic, and where its tiles cover it."""
 
     def __init__(self, folder: Path, field: np.ndarray) -> None:
-        folder.mkdir(parents=True)
-        paths, positions = [], []
-        for r in range(2):
-            for c in range(3):
-                y, x = r * STEP[0], c * STEP[1]
-                path = folder / f"t_{x}_{y}.tif"
-                tifffile.imwrite(path, field[y:y + TILE[0], x:x + TILE[1]],
-                                 photometric="rgb" if field.ndim == 3 else "minisblack")
-                paths.append(path)
-                positions.append((y, x))
+        paths, positions = cut_tiles(folder, field, tile=TILE, step=STEP, grid=(2, 3))
         bands = 3 if field.ndim == 3 else 1
         dtype = field.dtype
         self.shown = levels.scan_levels(paths, dtype)
-        data = render.Mosaic(paths, np.array(positions, float), TILE,
+        data = render.Mosaic(paths, positions, TILE,
                              pixels=render.Pixels.data(dtype, bands))
-        rendering = render.Mosaic(paths, np.array(positions, float), TILE,
+        rendering = render.Mosaic(paths, positions, TILE,
                                   pixels=render.Pixels(self.shown))
         self.size, self.bands, self.dtype = data.size, bands, dtype
         self.expected = field[:self.size[0], :self.size[1]]
         self.covered = np.zeros(self.size, bool)
-        for y, x in positions:
+        for y, x in positions.astype(int).tolist():
             self.covered[y:y + TILE[0], x:x + TILE[1]] = True
         self.rendered = render.compose(paths, rendering.layout, pixels=rendering.pixels).numpy()
         self.ome_tiff = folder / "m.ome.tiff"
