@@ -52,7 +52,9 @@ FORMAT = "ofstitch-correlation-cache"
 # 3: file keys carry a fingerprint of the content (scan.content_digest).
 # 4: tiles are mirrored whole before filtering (correlate.remove_background through the DCT),
 #    which changes filtered pixels near the edges, hence readings of whole-tile pairs.
-VERSION = 4
+# 5: overlap strips of large tiles are searched binned and refined at full resolution
+#    (ofstitch.refine), which changes their readings by up to a tenth of a pixel.
+VERSION = 5
 
 
 def cache_path(folder: Path, cache_dir: Path | None = None) -> Path:

@@ -156,24 +156,47 @@ def _mirrored_high_pass(x: Any, sigma: float, *, root: bool) -> Any:
     :func:`high_pass_filter` (its square root with ``root``) and cropped back. On NumPy
     that is the DCT-II (the native fast path: its coefficient k is frequency k / 2N, in a
     quarter of the points); elsewhere the FFT of the mirrored image."""
+    return _mirrored_high_passes(x, ((sigma, root),))[0]
+
+
+def _mirrored_high_passes(x: Any, filters: tuple[tuple[float, bool], ...]) -> list[Any]:
+    """:func:`_mirrored_high_pass` of ``x`` by each ``(sigma, root)`` of ``filters``, from
+    one forward transform."""
     xp = array_namespace(x)
     h, w = x.shape[1:]
     if is_numpy_namespace(xp):
         import scipy.fft
 
-        weight = _dct_high_pass((h, w), float(sigma), str(x.dtype), root=root)
         spectrum = scipy.fft.dctn(x, type=2, axes=(-2, -1), workers=-1)
-        spectrum *= weight
-        return scipy.fft.idctn(spectrum, type=2, axes=(-2, -1), workers=-1)
+        return [scipy.fft.idctn(spectrum * _dct_high_pass((h, w), float(sigma), str(x.dtype),
+                                                          root=root),
+                                type=2, axes=(-2, -1), workers=-1)
+                for sigma, root in filters]
     ext = xp.concat([x, xp.flip(x, axis=2)], axis=2)
     ext = xp.concat([ext, xp.flip(ext, axis=1)], axis=1)
     shape = (2 * h, 2 * w)
-    weight = high_pass_filter(shape, sigma, xp=xp, device=device_of(x), dtype=x.dtype)
-    if root:
-        weight = xp.sqrt(weight)
     spectrum = _rfftn(ext, shape, xp)
-    spectrum *= weight
-    return _irfftn(spectrum, shape, xp)[:, :h, :w]
+    out = []
+    for sigma, root in filters:
+        weight = high_pass_filter(shape, sigma, xp=xp, device=device_of(x), dtype=x.dtype)
+        if root:
+            weight = xp.sqrt(weight)
+        out.append(_irfftn(spectrum * weight, shape, xp)[:, :h, :w])
+    return out
+
+
+def search_and_score_tiles(tiles: Any, *, high_pass_sigma: float, score_sigma: float
+                           ) -> tuple[Any, Any]:
+    """:func:`remove_background` (by ``high_pass_sigma``; 0 for none) and
+    :func:`score_tiles` (by ``score_sigma``, unbinned) of the same tiles, from one
+    forward transform."""
+    xp = array_namespace(tiles)
+    if high_pass_sigma <= 0:
+        return tiles, score_tiles(tiles, high_pass_sigma=score_sigma, binning=1)
+    search, score = _mirrored_high_passes(
+        tiles - xp.mean(tiles, axis=(-2, -1), keepdims=True),
+        ((high_pass_sigma, True), (score_sigma, False)))
+    return search, score
 
 
 def score_tiles(tiles: Any, *, high_pass_sigma: float, binning: int = 2) -> Any:

@@ -3,11 +3,12 @@
 Tiles are decoded on a thread pool (grey float32 at the requested resize) a fixed
 number of tiles ahead of need, uploaded to the device once and filtered once. With
 ``search_margin > 0`` (the default) each pair correlates the overlap strips the stage
-predicts; with whole tiles (``search_margin=0``) each tile is transformed once, and
-large tiles are searched binned 2x2 and refined at full resolution. Binned strips
-refined at full resolution were measured and dropped: at 100 tiles of 832x624 they
-took longer than full-resolution strips (the refinement costs as much as the search it
-saves) and were less accurate (largest pair error 0.25 px against 0.13 px). A tile
+predicts; with whole tiles (``search_margin=0``) each tile is transformed once. Large
+tiles are searched binned (strips: 2x2 from a 480 px short side, 4x4 from 2400 px;
+whole tiles: 2x2 from 800 px), and the readings that could be used are refined at full
+resolution by direct correlation at neighbouring integer shifts (:mod:`ofstitch.refine`).
+An earlier refinement by a second, full-resolution strip FFT was measured and dropped: at
+100 tiles of 832x624 it cost as much as the search it saved. A tile
 stays on the device only
 while it still has unprocessed pairs. Pairs are taken
 in the graph's order (by first tile, in capture order), so for a raster or
@@ -21,7 +22,6 @@ Only the per-pair results come back to the host: the highest peak's shift and qu
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import os
@@ -36,7 +36,7 @@ import numpy as np
 import scipy.fft
 from array_api_compat import array_namespace
 
-from . import correlate, overlap, tiles
+from . import correlate, overlap, refine, tiles
 from .backends import Backend, free_memory_bytes, to_device, to_host
 from .errors import OfstitchWarning, SettingError
 from .settings import CorrelationSettings, parse_memory
@@ -67,13 +67,13 @@ SCORE_HIGH_PASS_SIGMA = 8.0
 # Smallest stage-error margin around the predicted overlap, in correlation pixels.
 MIN_MARGIN_PX = 16
 MIN_SCALED_SIDE = 16  # tiles smaller than this after --resize cannot be correlated
-# Coarse to fine: whole tiles whose shorter side is at least this many pixels are
-# correlated binned 2x2 (a quarter of the work), and the candidates that could be used
-# are refined on the full-resolution overlaps, within REFINE_MARGIN_PX.
+# Coarse to fine (ofstitch.refine): tiles are searched binned, and the readings that
+# could be used are refined at full resolution. Whole tiles are binned 2x2 from a shorter
+# side of COARSE_MIN_SIDE; overlap strips 2x2 from COARSE_STRIP_MIN_SIDE and 4x4 from
+# COARSE_STRIP_4X_SIDE (so the binned strips keep 240-760 px across).
 COARSE_MIN_SIDE = 800
-REFINE_MARGIN_PX = 4
-REFINE_MIN_SCORE = 0.2  # candidates scoring below this are never used (place.MIN_SCORE)
-REFINE_PER_PAIR = 3  # at most this many candidates per pair, the best scored
+COARSE_STRIP_MIN_SIDE = 480
+COARSE_STRIP_4X_SIDE = 2400
 
 
 @dataclass(frozen=True)
@@ -85,11 +85,25 @@ class CorrelationPlan:
     fft_shape: tuple[int, int]  # whole tiles; with strips, the largest a strip pair can need
     resize: float
     margin_px: int | None = None  # strips: stage-error margin (scaled px); None: whole tiles
-    refine: bool = False  # coarse to fine: binned 2x2 tiles, refined at full resolution
+    refine: bool = False  # coarse to fine: binned tiles, refined at full resolution
+    binning: int = 1  # with refine: the tiles are binned this many times each way
+
+    @property
+    def score_binning(self) -> int:
+        """Binning of the score tiles relative to the correlated (scaled) tiles."""
+        if self.margin_px is None:
+            return SCORE_BINNING
+        return max(1, SCORE_BINNING // self.binning)
 
     @classmethod
     def make(cls, tile_shape: tuple[int, int], settings: CorrelationSettings) -> CorrelationPlan:
         scaled = tiles.scaled_shape(tile_shape, settings.resize)
+        binning = 1
+        if settings.pad and settings.resize == 1.0 and settings.search_margin > 0:
+            short = min(tile_shape)
+            binning = 4 if short >= COARSE_STRIP_4X_SIDE else 2 if short >= COARSE_STRIP_MIN_SIDE \
+                else 1
+            scaled = (tile_shape[0] // binning, tile_shape[1] // binning)
         if min(scaled) < MIN_SCALED_SIDE:
             raise SettingError(
                 "resize", f"of {settings.resize:g} leaves tiles of {scaled[1]}x{scaled[0]} px, "
@@ -102,7 +116,8 @@ class CorrelationPlan:
             # Never more than whole padded tiles.
             fft = (min(fft[0], scipy.fft.next_fast_len(2 * scaled[0], real=True)),
                    min(fft[1], scipy.fft.next_fast_len(2 * scaled[1], real=True)))
-            return cls(tile_shape, scaled, fft, settings.resize, margin)
+            return cls(tile_shape, scaled, fft, settings.resize / binning, margin,
+                       refine=binning > 1, binning=binning)
         refine = settings.pad and settings.resize == 1.0 and min(tile_shape) >= COARSE_MIN_SIDE
         if refine:
             scaled = (tile_shape[0] // 2, tile_shape[1] // 2)
@@ -111,7 +126,8 @@ class CorrelationPlan:
                    scipy.fft.next_fast_len(2 * scaled[1], real=True))
         else:
             fft = scaled
-        return cls(tile_shape, scaled, fft, 0.5 if refine else settings.resize, refine=refine)
+        return cls(tile_shape, scaled, fft, 0.5 if refine else settings.resize, refine=refine,
+                   binning=2 if refine else 1)
 
     def batch_pairs(self, budget_bytes: int) -> int:
         per_pair = ARRAYS_PER_PAIR * 4 * self.fft_shape[0] * self.fft_shape[1]
@@ -214,16 +230,13 @@ def correlate_pairs(
     stats.setdefault("max_prefetched", 0)  # tiles decoded (or decoding) ahead of use
 
     def decode(t: int) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
-        if plan.refine:  # the full tile, and its 2x2 bins for the coarse search
+        if plan.refine:  # the full tile, and its bins for the coarse search
             full = tiles.read_grey(paths[t], 1.0, shape=plan.tile_shape)
-            h, w = plan.scaled_shape
-            return full, full[:2 * h, :2 * w].reshape(h, 2, w, 2).mean(axis=(1, 3))
+            (h, w), b = plan.scaled_shape, plan.binning
+            return full, full[:b * h, :b * w].reshape(h, b, w, b).mean(axis=(1, 3))
         return tiles.read_grey(paths[t], resize, shape=plan.tile_shape)
 
-    live_full: dict[int, object] = {}  # coarse to fine: filtered full-resolution tiles
-    fine_plan = CorrelationPlan(plan.tile_shape, plan.tile_shape, plan.tile_shape, 1.0,
-                                REFINE_MARGIN_PX)
-    fine_settings = dataclasses.replace(settings, corr_mask_radius=float(REFINE_MARGIN_PX))
+    live_full: dict[int, object] = {}  # coarse to fine: full-resolution detail (refine.detail)
 
     strips = plan.margin_px is not None
     prefetch_depth = max(2 * workers, 8)
@@ -258,27 +271,34 @@ def correlate_pairs(
                                   OfstitchWarning, stacklevel=2)
                     bad_tiles.add(t)
             if ok:
+                fulls = None
                 if plan.refine:
-                    full = to_device(np.stack([f for f, _ in arrays]), backend)
-                    if settings.high_pass_sigma > 0:
-                        full = correlate.remove_background(full,
-                                                           settings.high_pass_sigma / resize)
-                    _keep(live_full, ok, full, xp)
-                    del full
+                    fulls = [f for f, _ in arrays]
                     arrays = [coarse for _, coarse in arrays]
                 stack = to_device(np.stack(arrays), backend)
-                _keep(live_tiles, ok, correlate.score_tiles(
-                    stack, high_pass_sigma=SCORE_HIGH_PASS_SIGMA, binning=SCORE_BINNING), xp)
+                # Filtered once here: strips are cut per pair from the filtered tiles (a
+                # quarter of a padded spectrum each); whole tiles are transformed once.
+                if plan.score_binning == 1:  # both filters from one transform
+                    filtered, scored = correlate.search_and_score_tiles(
+                        stack, high_pass_sigma=settings.high_pass_sigma,
+                        score_sigma=SCORE_HIGH_PASS_SIGMA)
+                else:
+                    scored = correlate.score_tiles(stack, high_pass_sigma=SCORE_HIGH_PASS_SIGMA,
+                                                   binning=plan.score_binning)
+                    filtered = (correlate.remove_background(stack, settings.high_pass_sigma)
+                                if settings.high_pass_sigma > 0 else stack)
+                _keep(live_tiles, ok, scored, xp)
+                del scored
+                if fulls is not None:
+                    full = to_device(np.stack(fulls), backend)
+                    _keep(live_full, ok, refine.detail(full, stack, filtered, plan.binning), xp)
+                    del full, fulls
                 if strips:
-                    # Strips are cut per pair: keep the tiles themselves (a quarter of a
-                    # padded spectrum each), filtered once here.
-                    if settings.high_pass_sigma > 0:
-                        stack = correlate.remove_background(stack, settings.high_pass_sigma)
-                    _keep(live_spectra, ok, stack, xp)
+                    _keep(live_spectra, ok, filtered, xp)
                 else:
                     _keep(live_spectra, ok, correlate.tile_spectra(
-                        stack, fft_shape=plan.fft_shape,
-                        high_pass_sigma=settings.high_pass_sigma), xp)
+                        filtered, fft_shape=plan.fft_shape, high_pass_sigma=0), xp)
+                del filtered
                 del stack
                 stats["tiles_transformed"] += len(ok)
             stats["max_live_spectra"] = max(stats["max_live_spectra"], len(live_spectra))
@@ -298,6 +318,9 @@ def correlate_pairs(
                 candidates[good] = _score_candidates(
                     sel, cand_shift, None, sel_expected, live_tiles, plan,
                     True) / np.array([resize, resize, 1.0])
+                if plan.refine:
+                    shift[good], candidates[good] = refine.refine_readings(
+                        sel, shift[good], candidates[good], live_full, plan.binning)
             elif good.any():
                 sel = batch[good]
                 spec_a = _stack([live_spectra[int(a)] for a in sel[:, 0]], xp)
@@ -336,9 +359,8 @@ def correlate_pairs(
                 shift[good] = sel_shift / resize
                 quality[good] = to_host(peaks.quality)
                 if plan.refine:
-                    shift[good], candidates[good] = _refine(
-                        sel, shift[good], candidates[good], live_full, fine_plan,
-                        fine_settings, backend)
+                    shift[good], candidates[good] = refine.refine_readings(
+                        sel, shift[good], candidates[good], live_full, plan.binning)
             # Free spectra whose last pair is done.
             for t in list(live_spectra):
                 if last_use[t] < stop:
@@ -346,59 +368,6 @@ def correlate_pairs(
                     live_tiles.pop(t, None)
                     live_full.pop(t, None)
             yield BatchResult(np.arange(start, stop), shift, quality, candidates)
-
-
-def _refine(pairs: np.ndarray, shift: np.ndarray, candidates: np.ndarray, live_full: dict,
-            plan: CorrelationPlan, settings: CorrelationSettings, backend: Backend
-            ) -> tuple[np.ndarray, np.ndarray]:
-    """Coarse to fine: the shifts found on binned tiles, measured again on the
-    full-resolution overlaps within ``plan.margin_px`` (full-resolution pixels in and
-    out). Refined are each pair's :data:`REFINE_PER_PAIR` best-scored candidates that
-    could be used (score at least :data:`REFINE_MIN_SCORE`) and its highest peak
-    (``shift``, for the threshold search); the others keep their coarse values.
-    """
-    shift, candidates = shift.copy(), candidates.copy()
-    # (pair, candidate), candidate -1 being `shift`; one job per distinct reading.
-    jobs: list[tuple[int, int]] = []
-    same: list[tuple[int, int, int]] = []  # (pair, candidate, job it repeats)
-    for k in range(len(pairs)):
-        score = np.where(np.isfinite(candidates[k, :, 2]), candidates[k, :, 2], -np.inf)
-        wanted = [int(c) for c in np.argsort(-score, kind="stable")[:REFINE_PER_PAIR]
-                  if score[c] >= REFINE_MIN_SCORE]
-        if np.isfinite(shift[k]).all():
-            wanted.append(-1)
-        mine: list[int] = []
-        for c in wanted:
-            reading = shift[k] if c < 0 else candidates[k, c, :2]
-            twin = next((j for j in mine if np.abs(_reading(jobs[j], shift, candidates)
-                                                   - reading).max() < 1.0), None)
-            if twin is None:
-                mine.append(len(jobs))
-                jobs.append((k, c))
-            else:
-                same.append((k, c, twin))
-    if not jobs:
-        return shift, candidates
-    guess = np.array([_reading(job, shift, candidates) for job in jobs])
-    fine, _ = _correlate_strips(np.array([pairs[k] for k, _ in jobs]), guess, live_full,
-                                plan, settings, backend)
-    # A refinement that lands on the margin's edge found no peak inside: keep the coarse.
-    inside = np.isfinite(fine).all(axis=1) & (
-        np.abs(fine - guess).max(axis=1) < plan.margin_px - 0.5)
-    for (k, c), j in [(job, j) for j, job in enumerate(jobs)] + [((k, c), j)
-                                                                for k, c, j in same]:
-        if not inside[j]:
-            continue
-        if c < 0:
-            shift[k] = fine[j]
-        else:
-            candidates[k, c, :2] = fine[j]
-    return shift, candidates
-
-
-def _reading(job: tuple[int, int], shift: np.ndarray, candidates: np.ndarray) -> np.ndarray:
-    k, c = job
-    return shift[k] if c < 0 else candidates[k, c, :2]
 
 
 def _keep(store: dict, tiles_: list[int], batch: Any, xp: Any) -> None:
@@ -424,12 +393,13 @@ def _score_candidates(pairs: np.ndarray, shift: np.ndarray, index: np.ndarray | 
     overlap NCCs of the whole batch come back to the host in one transfer.
     """
     h, w = plan.scaled_shape
-    hb, wb = h // SCORE_BINNING, w // SCORE_BINNING
+    sb = plan.score_binning
+    hb, wb = h // sb, w // sb
     out = np.full(shift.shape[:2] + (3,), np.nan)
     jobs = []  # (k, c, reading, factor or None for too small) per overlap to score
     nccs = []  # their NCCs, on the device
     for k, (a, b) in enumerate(pairs.tolist()):
-        ey, ex = np.abs(expected[k]) / SCORE_BINNING
+        ey, ex = np.abs(expected[k]) / sb
         expected_area = max(hb - ey, 1) * max(wb - ex, 1)
         min_area = max(int(MIN_OVERLAP_FRACTION * expected_area), 2)
         for c in range(shift.shape[1]):
@@ -439,7 +409,7 @@ def _score_candidates(pairs: np.ndarray, shift: np.ndarray, index: np.ndarray | 
                         overlap.unwrap_candidates(tuple(int(v) for v in index[k, c]),
                                                     plan.fft_shape))
             for ry, rx in readings:
-                binned = (round(ry / SCORE_BINNING), round(rx / SCORE_BINNING))
+                binned = (round(ry / sb), round(rx / sb))
                 area = overlap.overlap_area((hb, wb), binned)
                 if area < min_area:
                     jobs.append((k, c, (ry, rx), None))

@@ -151,3 +151,22 @@ def test_large_tiles_coarse_to_fine(make_synthetic, source_image):
     assert textured.sum() >= 2
     # Binned 2x2 alone is off by up to ~0.5 px here; refined, it is full-resolution work.
     assert errors[textured].max() <= 0.15, errors
+
+
+def test_large_tiles_strips_coarse_to_fine(make_synthetic, source_image):
+    """Overlap strips (the default) of tiles with a short side of 480 px or more are
+    searched binned 2x2 and refined at full resolution (ofstitch.refine): as accurate as
+    full-resolution strips."""
+    from ofstitch.stream import CorrelationPlan
+    from ofstitch.synthetic import load_source
+
+    src = load_source(source_image) if not isinstance(source_image, np.ndarray) else source_image
+    src = np.concatenate([src, src[:, ::-1]], axis=1)
+    assert CorrelationPlan.make((624, 832), CorrelationSettings()).binning == 2
+    synth = make_synthetic(source=src, grid=(2, 3), tile_shape=(624, 832),
+                           stage_error_px=15.0, rotation_deg=0.7, seed=5)
+    reg = ofstitch.register(synth.folder, use_cache=False)
+    errors, textured = _errors(synth, reg)
+    assert textured.sum() >= 4
+    # Binned 2x2 alone is off by up to ~0.6 px; refined, it is full-resolution work.
+    assert errors[textured].max() <= 0.15, errors

@@ -204,7 +204,8 @@ def test_search_margin_must_be_a_fraction():
     no_pad = CorrelationSettings(pad=False, search_margin=0.1)
     assert CorrelationPlan.make(TILE, no_pad).margin_px is None
     assert CorrelationPlan.make(TILE, STRIPS).margin_px == MIN_MARGIN_PX
-    assert CorrelationPlan.make((1232, 1640), STRIPS).margin_px == 164
+    # Large tiles are searched binned 2x2 (ofstitch.refine): the margin is in binned px.
+    assert CorrelationPlan.make((1232, 1640), STRIPS).margin_px == 82
 
 
 # ----------------------------------------------------------------------------- streaming
