@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 import scipy.fft
-from array_api_compat import array_namespace
+from array_api_compat import array_namespace, is_numpy_namespace
 
 from . import correlate, tiles
 from .backends import Backend, to_device, to_host
@@ -165,6 +165,11 @@ def high_pass(tiles: Any, sigma: float) -> Any:
     array, shape (n, H, W), float32
     """
     xp = array_namespace(tiles)
+    if is_numpy_namespace(xp):
+        # The DCT of the whole mirrored tile is cheaper still on NumPy (616x820: 31 ms
+        # against 53 ms), and the same inside the tile.
+        return correlate._mirrored_high_pass(
+            tiles - xp.mean(tiles, axis=(-2, -1), keepdims=True), sigma, root=False)
     n, h, w = tiles.shape
     pad_y = min(math.ceil(REFLECT_SIGMAS * sigma), h)
     pad_x = min(math.ceil(REFLECT_SIGMAS * sigma), w)

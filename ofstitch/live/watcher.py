@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import queue
 import threading
@@ -90,6 +91,9 @@ def watch(folder: Path | str, settings: StitchSettings | None = None,
     from watchdog.observers import Observer
     from watchdog.observers.polling import PollingObserver
 
+    # On stopping, watchdog's inotify thread can log a benign race ("queue_events() called
+    # when the thread is inactive") as an error on stderr: not the user's business.
+    logging.getLogger("watchdog.observers.inotify").setLevel(logging.CRITICAL)
     options = options or WatchSettings()
     folder = Path(folder)
     require_folder(folder)
