@@ -289,10 +289,11 @@ def correlate_pairs(
                                 if settings.high_pass_sigma > 0 else stack)
                 _keep(live_tiles, ok, scored, xp)
                 del scored
-                if fulls is not None:
-                    full = to_device(np.stack(fulls), backend)
-                    _keep(live_full, ok, refine.detail(full, stack, filtered, plan.binning), xp)
-                    del full, fulls
+                if fulls is not None:  # one tile at a time: no stacked copy of full tiles
+                    for i, t in enumerate(ok):
+                        live_full[t] = refine.detail(to_device(fulls[i], backend), stack[i, ...],
+                                                     filtered[i, ...], plan.binning)
+                    del fulls
                 if strips:
                     _keep(live_spectra, ok, filtered, xp)
                 else:

@@ -40,6 +40,17 @@ def test_refined_reading_is_the_full_resolution_shift(backend, truth):
     assert np.abs(fine[0] - truth).max() < 0.1, fine
 
 
+def test_large_overlaps_are_summed_over_every_kth_row(backend, monkeypatch):
+    truth = (30.7, 60.2)
+    a, b = _pair(truth, seed=5)
+    monkeypatch.setattr(refine, "MAX_PIXELS", 4000)  # rows 1 in 7 or so
+    sums = refine.stencil_sums(to_device(a, backend), to_device(b, backend), (31, 60))
+    assert sums is not None
+    fine = refine.refine_shifts(np.array([[0, 1]]), np.array([[31.2, 60.6]]),
+                                _live(backend, a, b), 2)
+    assert np.abs(fine[0] - truth).max() < 0.15, fine
+
+
 def test_refinement_climbs_from_farther_for_larger_bins(backend):
     truth = (40.2, 130.7)
     a, b = _pair(truth, seed=1)
@@ -92,7 +103,8 @@ def test_detail_removes_what_the_coarse_filter_removed(backend):
     full = blocky + np.stack([np.zeros_like(fine), fine])
     dev = to_device(coarse, backend)
     filtered = correlate.remove_background(dev, 10.0)
-    out = to_host(refine.detail(to_device(full, backend), dev, filtered, 2))
+    out = np.stack([to_host(refine.detail(to_device(full[i], backend), dev[i, ...],
+                                          filtered[i, ...], 2)) for i in range(2)])
     expect = np.repeat(np.repeat(to_host(filtered), 2, axis=1), 2, axis=2)
     np.testing.assert_allclose(out[0], expect[0], atol=1e-3)
     np.testing.assert_allclose(out[1] - expect[1], fine, atol=1e-3)
