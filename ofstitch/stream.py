@@ -278,15 +278,16 @@ def correlate_pairs(
                 stack = to_device(np.stack(arrays), backend)
                 # Filtered once here: strips are cut per pair from the filtered tiles (a
                 # quarter of a padded spectrum each); whole tiles are transformed once.
+                # --high-pass-sigma is in the tiles' pixels, not in those of their bins.
+                sigma = settings.high_pass_sigma / plan.binning
                 if plan.score_binning == 1:  # both filters from one transform
                     filtered, scored = correlate.search_and_score_tiles(
-                        stack, high_pass_sigma=settings.high_pass_sigma,
-                        score_sigma=SCORE_HIGH_PASS_SIGMA)
+                        stack, high_pass_sigma=sigma, score_sigma=SCORE_HIGH_PASS_SIGMA)
                 else:
                     scored = correlate.score_tiles(stack, high_pass_sigma=SCORE_HIGH_PASS_SIGMA,
                                                    binning=plan.score_binning)
-                    filtered = (correlate.remove_background(stack, settings.high_pass_sigma)
-                                if settings.high_pass_sigma > 0 else stack)
+                    filtered = (correlate.remove_background(stack, sigma)
+                                if sigma > 0 else stack)
                 _keep(live_tiles, ok, scored, xp)
                 del scored
                 if fulls is not None:  # one tile at a time: no stacked copy of full tiles
