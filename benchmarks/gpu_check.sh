@@ -7,7 +7,8 @@
 #    into its own virtual environment (.venv-gpu);
 # 2. runs the array tests with CuPy required (OFSTITCH_REQUIRE_CUPY=1: a CuPy that does
 #    not work fails the run instead of skipping): every kernel, the streaming
-#    correlation, the backends and the registration core, on numpy, array-api-strict
+#    correlation, the full-resolution refinement, the local search, the backends and
+#    the registration core, on numpy, array-api-strict
 #    and CuPy;
 # 3. generates a MIST-sized scan (2,478 tiles of 1392x1040, 10% overlap) on this machine
 #    and registers it with --device cuda: time, peak GPU memory (CuPy's pool) and
@@ -27,6 +28,7 @@ pip install -q -e ".[test,$extra]"
 ofstitch devices | tee "$out/devices.txt"
 OFSTITCH_REQUIRE_CUPY=1 python -m pytest -q -p no:cacheprovider \
     tests/test_kernels.py tests/test_stream.py tests/test_backends.py tests/test_registration.py \
+    tests/test_refine.py tests/test_local_search.py \
     2>&1 | tee "$out/tests.txt" | tail -n 15
 python benchmarks/gpu_registration.py --device cuda --work "${WORK:-/tmp/ofstitch-mist-grid}" \
     --out "$out/gpu_registration.json"
