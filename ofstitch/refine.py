@@ -6,10 +6,10 @@ sub-pixel peak of a binned correlation is off by up to about half a binned pixel
 reading that could be used is therefore measured again on the two tiles' full-resolution
 *detail* (:func:`detail`: the full tile less the coarse tile's low-pass, repeated over
 each bin), by direct correlation: the sum of products over the overlap at the integer
-shift nearest the reading and at its four neighbours. The centre moves to the highest
+shift nearest the reading and at its eight neighbours. The centre moves to the highest
 neighbour until it is the highest itself (at most :data:`MAX_STEPS` times), then a
 parabola through each axis's three values gives the sub-pixel shift, as a full-resolution
-correlation would. That is five sums of products per step, where a full-resolution
+correlation would. That is nine sums of products per step, where a full-resolution
 strip costs two forward and one inverse FFT of the strip, and a full-resolution filter
 of each tile.
 
@@ -30,8 +30,10 @@ from .backends import to_host
 # REFINE_MIN_SCORE, place.MIN_SCORE), and the highest peak (the threshold search's reading).
 REFINE_PER_PAIR = 3
 REFINE_MIN_SCORE = 0.2
-# Integer shifts compared at each step: the centre, then its neighbours along y and x.
-STENCIL = ((0, 0), (-1, 0), (1, 0), (0, -1), (0, 1))
+# Integer shifts compared at each step: the centre, its neighbours along y and x, then the
+# diagonal ones (a ridge of anisotropic texture can run diagonally: climbing along the
+# axes alone stops on it a pixel short of the peak).
+STENCIL = ((0, 0), (-1, 0), (1, 0), (0, -1), (0, 1), (-1, -1), (-1, 1), (1, -1), (1, 1))
 SUMS = len(STENCIL) + 4
 MIN_OVERLAP_SIDE = 4
 # Overlaps larger than this many pixels are summed over every k-th row (an overlap of
@@ -70,10 +72,10 @@ def detail(full: Any, coarse: Any, coarse_filtered: Any, binning: int) -> Any:
 
 
 def stencil_sums(tile_a: Any, tile_b: Any, shift_yx: tuple[int, int]) -> list[Any] | None:
-    """Sums of products of the two tiles' overlap at ``shift_yx`` and at its four
+    """Sums of products of the two tiles' overlap at ``shift_yx`` and at its eight
     neighbours (:data:`STENCIL`), as 0-d device arrays, over one region of ``tile_a``
-    shared by all five (the overlap at ``shift_yx`` less one pixel at each side), so
-    the five are compared over the same pixels; then the raw and central second moments
+    shared by all nine (the overlap at ``shift_yx`` less one pixel at each side), so
+    the nine are compared over the same pixels; then the raw and central second moments
     of tile_a's region and of tile_b's at ``shift_yx`` (:data:`SUMS` values in all).
     ``None`` when the region is too small.
 

@@ -60,6 +60,23 @@ def test_refinement_climbs_from_farther_for_larger_bins(backend):
     assert np.abs(fine4[0] - truth).max() < 0.1, fine4
 
 
+def test_refinement_leaves_a_diagonal_ridge_for_its_peak(backend):
+    """Texture striped along a diagonal correlates along a diagonal ridge: from a pixel
+    on the ridge beside the peak, every neighbour along the axes is lower, and only the
+    diagonal step reaches the peak."""
+    rng = np.random.default_rng(6)
+    n = SHAPE[0] * 2 + SHAPE[1] * 2
+    stripes = ndi.gaussian_filter1d(rng.normal(size=n), 1.0)
+    yy, xx = np.mgrid[0:SHAPE[0] * 2, 0:SHAPE[1] * 2]
+    field = 5 * stripes[yy + xx] + ndi.gaussian_filter(rng.normal(size=yy.shape), 3.0)
+    truth = (35.0, 120.0)
+    a = field[20:20 + SHAPE[0], 20:20 + SHAPE[1]].astype(np.float32)
+    b = field[55:55 + SHAPE[0], 140:140 + SHAPE[1]].astype(np.float32)
+    start = np.array([[truth[0] - 1.2, truth[1] + 0.9]])  # on the ridge, a step away
+    fine = refine.refine_shifts(np.array([[0, 1]]), start, _live(backend, a, b), 2)
+    assert np.abs(fine[0] - truth).max() < 0.15, fine
+
+
 def test_unusable_readings_keep_their_coarse_value(backend):
     a, b = _pair((30.0, 100.0))
     flat = np.full(SHAPE, 7.0, dtype=np.float32)
