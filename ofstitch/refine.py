@@ -19,6 +19,7 @@ Every step of a batch comes back to the host in one transfer.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -34,7 +35,6 @@ REFINE_MIN_SCORE = 0.2
 # diagonal ones (a ridge of anisotropic texture can run diagonally: climbing along the
 # axes alone stops on it a pixel short of the peak).
 STENCIL = ((0, 0), (-1, 0), (1, 0), (0, -1), (0, 1), (-1, -1), (-1, 1), (1, -1), (1, 1))
-SUMS = len(STENCIL) + 4
 MIN_OVERLAP_SIDE = 4
 # Overlaps larger than this many pixels are summed over every k-th row (an overlap of
 # 4056x3040 tiles has millions of pixels; a quarter of a million pins the peak to a few
@@ -71,86 +71,123 @@ def detail(full: Any, coarse: Any, coarse_filtered: Any, binning: int) -> Any:
     return full - xp.reshape(up, (h * binning, w * binning))
 
 
-def stencil_sums(tile_a: Any, tile_b: Any, shift_yx: tuple[int, int]) -> list[Any] | None:
-    """Sums of products of the two tiles' overlap at ``shift_yx`` and at its eight
-    neighbours (:data:`STENCIL`), as 0-d device arrays, over one region of ``tile_a``
-    shared by all nine (the overlap at ``shift_yx`` less one pixel at each side), so
-    the nine are compared over the same pixels; then the raw and central second moments
-    of tile_a's region and of tile_b's at ``shift_yx`` (:data:`SUMS` values in all).
-    ``None`` when the region is too small.
-
-    ``shift_yx`` is the position of ``tile_b`` relative to ``tile_a``; tile_b's pixel
-    ``p`` lies on tile_a's ``p + shift``.
-    """
-    xp = array_namespace(tile_a, tile_b)
-    h, w = tile_a.shape
+def climb_region(shape: tuple[int, int], shift_yx: tuple[int, int], reach: int
+                 ) -> tuple[int, int, int, int] | None:
+    """Rows ``[y0, y1)`` and columns ``[x0, x1)`` of tile a that tile b covers at every
+    shift within ``reach`` px (each way) of ``shift_yx``: the overlap there, less
+    ``reach`` px at each side. ``None`` when that is too small."""
+    h, w = shape
     sy, sx = shift_yx
-    y0, y1 = max(sy, 0) + 1, h + min(sy, 0) - 1
-    x0, x1 = max(sx, 0) + 1, w + min(sx, 0) - 1
+    y0, y1 = max(sy, 0) + reach, h + min(sy, 0) - reach
+    x0, x1 = max(sx, 0) + reach, w + min(sx, 0) - reach
     if y1 - y0 < MIN_OVERLAP_SIDE or x1 - x0 < MIN_OVERLAP_SIDE:
         return None
-    # Every k-th row of a large region: the rows still pair up exactly at every shift.
+    return y0, y1, x0, x1
+
+
+def shift_sums(tile_a: Any, tile_b: Any, region: tuple[int, int, int, int],
+               shifts: list[tuple[int, int]], moments: bool = False) -> list[Any]:
+    """For each of ``shifts`` (tile b relative to tile a: b's pixel ``p`` lies on a's
+    ``p + shift``), the sum of products of ``region`` of tile a, less its mean, with what
+    tile b puts there, as 0-d device arrays: all over the same pixels of tile a, so they
+    compare. With ``moments``, then the raw and central second moments of tile a's
+    region and of tile b's at ``shifts[0]`` (a flat one has no peak).
+
+    A region of over :data:`MAX_PIXELS` pixels is summed over every k-th row (the rows
+    still pair up exactly at every shift).
+    """
+    xp = array_namespace(tile_a, tile_b)
+    y0, y1, x0, x1 = region
     k = max(1, math.ceil((y1 - y0) * (x1 - x0) / MAX_PIXELS))
     a = tile_a[y0:y1:k, x0:x1]
     mean_a = xp.mean(a)
-    out = []
-    for dy, dx in STENCIL:
-        by0, bx0 = y0 - sy - dy, x0 - sx - dx
-        b = tile_b[by0:by0 + (y1 - y0):k, bx0:bx0 + (x1 - x0)]
+    out, first = [], None
+    for sy, sx in shifts:
+        b = tile_b[y0 - sy:y1 - sy:k, x0 - sx:x1 - sx]
         # sum((a - mean a) * b), without the temporaries (vecdot is a fused loop).
         out.append(xp.sum(xp.vecdot(a, b)) - mean_a * xp.sum(b))
-        if dy == dx == 0:
-            centre = b
-    # Second moments, raw and about the mean, of both regions: a flat one has no peak.
-    n = a.shape[0] * a.shape[1]
-    for region in (a, centre):
-        raw = xp.sum(xp.vecdot(region, region))
-        out += [raw, raw - xp.sum(region) ** 2 / n]
+        first = b if first is None else first
+    if moments:
+        n = a.shape[0] * a.shape[1]
+        for part in (a, first):
+            raw = xp.sum(xp.vecdot(part, part))
+            out += [raw, raw - xp.sum(part) ** 2 / n]
     return out
 
 
-def _parabola(left: np.ndarray, centre: np.ndarray, right: np.ndarray) -> np.ndarray:
+def _parabola(left: float, centre: float, right: float) -> float:
     den = left - 2 * centre + right
-    safe = np.where(den < 0, den, -1.0)
-    return np.where(den < 0, np.clip(0.5 * (left - right) / safe, -0.5, 0.5), 0.0)
+    return float(np.clip(0.5 * (left - right) / den, -0.5, 0.5)) if den < 0 else 0.0
+
+
+@dataclass
+class _Climb:
+    """One reading's climb: its current centre, the region its sums are taken over and
+    the sums so far, by shift."""
+
+    pair: tuple[int, int]
+    centre: tuple[int, int]
+    region: tuple[int, int, int, int]
+    sums: dict = field(default_factory=dict)
+
+    def wanted(self) -> list[tuple[int, int]]:
+        cy, cx = self.centre
+        return [(cy + dy, cx + dx) for dy, dx in STENCIL if (cy + dy, cx + dx) not in self.sums]
 
 
 def refine_shifts(pairs: np.ndarray, readings: np.ndarray, live_full: dict, binning: int
                   ) -> np.ndarray:
     """``readings`` (full-resolution shifts of ``tile b`` relative to ``tile a``, one per
-    row of ``pairs``) measured again on the tiles' detail in ``live_full``. A reading
-    whose overlap is too small, whose sums are flat, or that does not settle within
-    :func:`max_steps` steps keeps its coarse value (NaN stays NaN)."""
+    row of ``pairs``) measured again on the tiles' detail in ``live_full``.
+
+    Each climb sums over one region of tile a from start to end (:func:`climb_region`),
+    so each step only adds the shifts it has not summed yet. A reading whose overlap is
+    too small, whose sums are flat, or that does not settle within :func:`max_steps`
+    steps keeps its coarse value (NaN stays NaN). Each step of the batch comes back to
+    the host in one transfer.
+    """
     out = readings.copy()
-    centre = np.round(np.nan_to_num(readings)).astype(np.int64)
-    active = [j for j in range(len(pairs)) if np.isfinite(readings[j]).all()]
-    for _ in range(max_steps(binning)):
-        jobs, sums = [], []
-        for j in active:
-            a, b = (int(t) for t in pairs[j])
-            s = stencil_sums(live_full[a], live_full[b], (int(centre[j, 0]), int(centre[j, 1])))
-            if s is not None:
-                jobs.append(j)
-                sums.extend(s)
-        if not jobs:
+    steps = max_steps(binning)
+    climbs: dict[int, _Climb] = {}
+    for j in range(len(pairs)):
+        if not np.isfinite(readings[j]).all():
+            continue
+        a, b = (int(t) for t in pairs[j])
+        centre = (int(round(readings[j, 0])), int(round(readings[j, 1])))
+        region = climb_region(live_full[a].shape, centre, steps + 1)
+        if region is not None:
+            climbs[j] = _Climb((a, b), centre, region)
+    for step in range(steps):
+        if not climbs:
             break
+        asked, sums = [], []
+        for j, c in climbs.items():
+            shifts = c.wanted()
+            sums.extend(shift_sums(live_full[c.pair[0]], live_full[c.pair[1]], c.region,
+                                   shifts, moments=step == 0))
+            asked.append((j, shifts))
         xp = array_namespace(sums[0])
-        values = to_host(xp.stack(sums)).astype(np.float64).reshape(len(jobs), SUMS)
-        active = []
-        for j, row in zip(jobs, values, strict=True):
-            v, (raw_a, var_a, raw_b, var_b) = row[:len(STENCIL)], row[len(STENCIL):]
-            if var_a <= FLAT * raw_a or var_b <= FLAT * raw_b or v[0] <= 0:
-                continue  # flat, or no positive match here: keep the coarse reading
+        values = iter(to_host(xp.stack(sums)).astype(np.float64).tolist())
+        for j, shifts in asked:
+            c = climbs[j]
+            c.sums.update((s, next(values)) for s in shifts)
+            if step == 0:
+                raw_a, var_a, raw_b, var_b = (next(values) for _ in range(4))
+                if var_a <= FLAT * raw_a or var_b <= FLAT * raw_b or c.sums[c.centre] <= 0:
+                    del climbs[j]  # flat, or no positive match here: keep the coarse reading
+                    continue
+            cy, cx = c.centre
+            v = [c.sums[(cy + dy, cx + dx)] for dy, dx in STENCIL]
             best = int(np.argmax(v))
             if best == 0:
-                sub = np.array([_parabola(v[1], v[0], v[2]), _parabola(v[3], v[0], v[4])])
-                fine = centre[j] + sub
+                fine = np.array([cy + _parabola(v[1], v[0], v[2]),
+                                 cx + _parabola(v[3], v[0], v[4])])
                 # A refinement that wanders from the coarse reading found another peak.
                 if np.abs(fine - readings[j]).max() <= binning:
                     out[j] = fine
+                del climbs[j]
             else:  # climb towards the highest neighbour
-                centre[j] += STENCIL[best]
-                active.append(j)
+                c.centre = (cy + STENCIL[best][0], cx + STENCIL[best][1])
     return out
 
 

@@ -44,8 +44,9 @@ def test_large_overlaps_are_summed_over_every_kth_row(backend, monkeypatch):
     truth = (30.7, 60.2)
     a, b = _pair(truth, seed=5)
     monkeypatch.setattr(refine, "MAX_PIXELS", 4000)  # rows 1 in 7 or so
-    sums = refine.stencil_sums(to_device(a, backend), to_device(b, backend), (31, 60))
-    assert sums is not None
+    region = refine.climb_region(a.shape, (31, 60), 3)
+    sums = refine.shift_sums(to_device(a, backend), to_device(b, backend), region, [(31, 60)])
+    assert len(sums) == 1
     fine = refine.refine_shifts(np.array([[0, 1]]), np.array([[31.2, 60.6]]),
                                 _live(backend, a, b), 2)
     assert np.abs(fine[0] - truth).max() < 0.15, fine
@@ -68,11 +69,17 @@ def test_refinement_leaves_a_diagonal_ridge_for_its_peak(backend):
     n = SHAPE[0] * 2 + SHAPE[1] * 2
     stripes = ndi.gaussian_filter1d(rng.normal(size=n), 1.0)
     yy, xx = np.mgrid[0:SHAPE[0] * 2, 0:SHAPE[1] * 2]
-    field = 5 * stripes[yy + xx] + ndi.gaussian_filter(rng.normal(size=yy.shape), 3.0)
+    stripes = stripes[yy + xx] / stripes[yy + xx].std()
+    blobs = ndi.gaussian_filter(rng.normal(size=yy.shape), 2.0)
+    field = 5 * stripes + 0.8 * blobs / blobs.std()  # the blobs make one peak on the ridge
     truth = (35.0, 120.0)
     a = field[20:20 + SHAPE[0], 20:20 + SHAPE[1]].astype(np.float32)
     b = field[55:55 + SHAPE[0], 140:140 + SHAPE[1]].astype(np.float32)
     start = np.array([[truth[0] - 1.2, truth[1] + 0.9]])  # on the ridge, a step away
+    region = refine.climb_region(a.shape, (34, 121), 4)
+    v = [float(x) for x in refine.shift_sums(a, b, region, [(34 + dy, 121 + dx) for dy, dx
+                                                            in refine.STENCIL])]
+    assert v[0] == max(v[:5]) and max(v[5:]) > v[0]  # higher only along the diagonal
     fine = refine.refine_shifts(np.array([[0, 1]]), start, _live(backend, a, b), 2)
     assert np.abs(fine[0] - truth).max() < 0.15, fine
 
