@@ -569,6 +569,30 @@ def test_top_peaks_matches_repeated_argmax(backend, shape, windowed):
         assert_array(backend, shift, index)
 
 
+@pytest.mark.parametrize("exclude", [0, 3])
+def test_top_peaks_near_is_the_two_searches_in_one(backend, exclude):
+    """``near=`` returns the peaks anywhere, then those near the prediction: what two calls
+    return, concatenated (a flat correlation has none)."""
+    rng = np.random.default_rng(exclude)
+    corr = rng.standard_normal((3, 60, 90)).astype(np.float32)
+    corr = corr + np.roll(corr, 1, axis=1)
+    corr[2] = 0.25  # flat
+    expected = backend.asarray(rng.uniform(-25, 25, (3, 2)).astype(np.float32))
+    dev = backend.asarray(corr)
+    kw = dict(exclude_radius=exclude, separation=2)
+    both, index = correlate.top_peaks(dev, 4, near=2, expected_shift=expected, radius=9.0, **kw)
+    anywhere, index_a = correlate.top_peaks(dev, 4, **kw)
+    close, index_c = correlate.top_peaks(dev, 2, expected_shift=expected, radius=9.0, **kw)
+    assert_array(backend, both, index, shape=(3, 6, 2))
+    np.testing.assert_array_equal(to_host(both), np.concatenate([to_host(anywhere),
+                                                                 to_host(close)], axis=1))
+    np.testing.assert_array_equal(to_host(index)[:2], np.concatenate(
+        [to_host(index_a), to_host(index_c)], axis=1)[:2])
+    assert np.isnan(to_host(both)[2]).all() and np.isfinite(to_host(both)[:2]).all()
+    with pytest.raises(ValueError, match="near"):
+        correlate.top_peaks(dev, 4, near=2)
+
+
 @pytest.mark.parametrize("exclude_radius", [1, 3, correlate.ZERO_SHIFT_EXCLUSION_PX])
 def test_locate_peaks_unmasked_matches_the_masked_search(backend, exclude_radius):
     """Without a mask, peaks come from views around the zero-shift box: the same peak,
