@@ -1,17 +1,26 @@
-"""Overlap scores: how well two tiles match where they overlap at an integer shift.
+r"""Overlap scores: how well two tiles match where they overlap at an integer shift.
 
 :func:`overlap_ncc` is the kernel (a 0-d array on the tiles' device, no host
-transfer): the streaming correlation scores each candidate peak with it and brings
-a whole batch's scores back in one transfer. :func:`overlap_similarity` is the same
-as a Python float, for tests and one-off checks.
+transfer). :func:`overlap_similarity` is the same as a Python float, for tests and
+one-off checks. The streaming correlation scores many candidate shifts at once: for
+each it takes the five sums of :func:`overlap_sums` on the device (no temporaries but
+the sums), brings a whole batch's sums back in one transfer, and
+:func:`ncc_from_sums` turns them into the same NCCs on the host, in float64:
+
+.. math:: r = \frac{\sum ab - \sum a \sum b / n}
+                   {\sqrt{(\sum a^2 - (\sum a)^2 / n)(\sum b^2 - (\sum b)^2 / n)}}.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from array_api_compat import array_namespace
+from array_api_compat import array_namespace, is_numpy_namespace
 from array_api_compat import device as device_of
+
+# An overlap whose variance is below this fraction of its mean square is flat: its NCC
+# is 0 (the float32 sums cannot tell its variance from their own rounding).
+FLAT_VARIANCE_FRACTION = 1e-5
 
 
 def overlap_area(shape: tuple[int, int], shift_yx: tuple[int, int]) -> int:
@@ -39,6 +48,43 @@ def overlap_ncc(tile_a: Any, tile_b: Any, shift_yx: tuple[int, int]) -> Any:
     denom = xp.sqrt(xp.sum(a * a) * xp.sum(b * b))
     flat = denom == 0
     return xp.where(flat, xp.zeros_like(denom), xp.sum(a * b) / xp.where(flat, 1, denom))
+
+
+def overlap_sums(tile_a: Any, tile_b: Any, shift_yx: tuple[int, int]) -> Any:
+    """The sums ``(a, b, a^2, b^2, ab)`` over the region two tiles share at an integer
+    shift (``shift_yx`` of ``tile_b`` relative to ``tile_a``), as a ``(5,)`` array on the
+    tiles' device (no host transfer); zeros when the overlap is empty. See
+    :func:`ncc_from_sums`."""
+    xp = array_namespace(tile_a, tile_b)
+    h, w = tile_a.shape
+    sy, sx = int(shift_yx[0]), int(shift_yx[1])
+    if overlap_area((h, w), (sy, sx)) == 0:
+        return xp.zeros((5,), dtype=tile_a.dtype, device=device_of(tile_a))
+    a = tile_a[max(sy, 0):h + min(sy, 0), max(sx, 0):w + min(sx, 0)]
+    b = tile_b[max(-sy, 0):h + min(-sy, 0), max(-sx, 0):w + min(-sx, 0)]
+    if is_numpy_namespace(xp):  # native fast path: row dot products, no temporaries
+        import numpy as np
+
+        return np.asarray([a.sum(), b.sum(), np.vecdot(a, a).sum(), np.vecdot(b, b).sum(),
+                           np.vecdot(a, b).sum()])
+    return xp.stack([xp.sum(a), xp.sum(b), xp.sum(xp.vecdot(a, a)), xp.sum(xp.vecdot(b, b)),
+                     xp.sum(xp.vecdot(a, b))])
+
+
+def ncc_from_sums(sums: Any, area: Any) -> Any:
+    """Overlap NCCs ``(m,)`` (host NumPy, float64) from the :func:`overlap_sums` ``(m, 5)``
+    of overlaps of ``area`` ``(m,)`` pixels: in [-1, 1]; 0 when an overlap is flat or
+    empty (as :func:`overlap_ncc`)."""
+    import numpy as np
+
+    sums = np.asarray(sums, dtype=np.float64)
+    n = np.maximum(np.asarray(area, dtype=np.float64), 1.0)
+    sa, sb, saa, sbb, sab = sums.T
+    var_a, var_b = saa - sa * sa / n, sbb - sb * sb / n
+    flat = ((var_a <= FLAT_VARIANCE_FRACTION * saa) | (var_b <= FLAT_VARIANCE_FRACTION * sbb)
+            | (np.asarray(area) <= 0))
+    denom = np.sqrt(np.where(flat, 1.0, var_a * var_b))
+    return np.where(flat, 0.0, np.clip((sab - sa * sb / n) / denom, -1.0, 1.0))
 
 
 def overlap_similarity(tile_a: Any, tile_b: Any, shift_yx: tuple[int, int], *,
