@@ -620,22 +620,26 @@ def _highest(flat: Any, count: int) -> Any:
     n, size = flat.shape
     if count >= size:
         return xp.broadcast_to(xp.arange(size, device=device_of(flat))[None, :], (n, size))
-    if is_numpy_namespace(xp):
+    if is_numpy_namespace(xp) and size >= 4 * count:
         import numpy as np
 
+        # Split each row into `blocks` strided blocks: the count-th highest block maximum
+        # is at most the row's count-th highest value, so every value above it lies in a
+        # block whose maximum is above it too. One pass over the row (the block maxima),
+        # then only those blocks are read; sqrt(size * count) blocks balance the two.
+        blocks = max(count, math.isqrt(size * count))
+        length = size // blocks
+        maxima = np.max(np.reshape(flat[:, :length * blocks], (n, length, blocks)), axis=1)
+        floor = np.partition(maxima, blocks - count, axis=1)[:, blocks - count]
+        steps = np.arange(length)[:, None] * blocks
+        tail = np.arange(length * blocks, size)  # the partial last block: always read
         out = np.empty((n, count), dtype=np.intp)
-        step = size // (8 * count)
         for i in range(n):
-            row = np.asarray(flat[i])
-            if step >= 2:
-                # The count-th highest of a subsample is at most the row's: every value
-                # above it is a candidate, and there are few of them.
-                sample = row[::step]
-                floor = np.partition(sample, sample.size - count)[sample.size - count]
-                above = np.flatnonzero(row >= floor)
-                out[i] = above[np.argpartition(row[above], above.size - count)[above.size - count:]]
-            else:
-                out[i] = np.argpartition(row, size - count)[size - count:]
+            row = flat[i]
+            above = np.concatenate([(steps + np.flatnonzero(maxima[i] >= floor[i])).ravel(),
+                                    tail])
+            above = above[row[above] >= floor[i]]
+            out[i] = above[np.argpartition(row[above], above.size - count)[above.size - count:]]
         return xp.asarray(out)
     argpartition = getattr(xp, "argpartition", None)
     if argpartition is not None:
