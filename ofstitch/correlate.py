@@ -332,8 +332,7 @@ def locate_peaks(corr: Any, *, expected_shift: Any = None, mask_radius: float | 
             highest = xp.take_along_axis(flat, k[:, None], axis=1)[:, 0]
             lowest = xp.min(flat, axis=1)
             level = lowest + QUALITY_LEVEL * (highest - lowest)
-            below = xp.count_nonzero(flat < level[:, None], axis=1)
-            quality = xp.astype(below, corr.dtype) / (hp * wp)
+            quality = xp.astype(_count_below(flat, level), corr.dtype) / (hp * wp)
         if searched is corr:  # the raw correlation's own extremes
             raw_extent = xp.maximum(xp.abs(highest), xp.abs(lowest))
         else:
@@ -383,7 +382,7 @@ def _unmasked_peak(corr: Any, e: int) -> tuple[Any, Any, Any, Any, Any, Any]:
     highest = xp.maximum(xp.max(view_max, axis=1), fill)
     lowest = xp.minimum(xp.min(view_min, axis=1), fill)
     level = lowest + QUALITY_LEVEL * (highest - lowest)
-    below = sum(xp.count_nonzero(v < level[:, None, None], axis=(-2, -1)) for v, _, _ in views)
+    below = sum(_count_below(v, level) for v, _, _ in views)
     boxed = (2 * e - 1) ** 2
     below = xp.astype(below, corr.dtype) + boxed * xp.astype(fill < level, corr.dtype)
     quality = below / (hp * wp)
@@ -402,6 +401,18 @@ def _unmasked_peak(corr: Any, e: int) -> tuple[Any, Any, Any, Any, Any, Any]:
     for c in corners:
         raw_extent = xp.maximum(raw_extent, xp.max(xp.abs(c), axis=(-2, -1)))
     return highest[:, None, None], lowest[:, None, None], quality, py, px, raw_extent
+
+
+def _count_below(x: Any, level: Any) -> Any:
+    """Number of values of each ``x[i]`` (any shape) below ``level[i]``: ``(n,)`` ints."""
+    xp = array_namespace(x, level)
+    if is_numpy_namespace(xp):  # native fast path: per row, 5x faster than along an axis
+        import numpy as np
+
+        return np.asarray([np.count_nonzero(x[i] < level[i]) for i in range(x.shape[0])],
+                          dtype=np.int64)
+    return xp.count_nonzero(x < xp.reshape(level, (-1,) + (1,) * (x.ndim - 1)),
+                            axis=tuple(range(1, x.ndim)))
 
 
 def top_peaks(corr: Any, k: int, *, exclude_radius: int = ZERO_SHIFT_EXCLUSION_PX,
