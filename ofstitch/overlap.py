@@ -19,7 +19,7 @@ from array_api_compat import array_namespace, is_numpy_namespace
 from array_api_compat import device as device_of
 
 # An overlap whose variance is below this fraction of its mean square is flat: its NCC
-# is 0 (the float32 sums cannot tell its variance from their own rounding).
+# is 0 (the sums of float32 rows cannot tell its variance from their own rounding).
 FLAT_VARIANCE_FRACTION = 1e-5
 
 
@@ -52,23 +52,29 @@ def overlap_ncc(tile_a: Any, tile_b: Any, shift_yx: tuple[int, int]) -> Any:
 
 def overlap_sums(tile_a: Any, tile_b: Any, shift_yx: tuple[int, int]) -> Any:
     """The sums ``(a, b, a^2, b^2, ab)`` over the region two tiles share at an integer
-    shift (``shift_yx`` of ``tile_b`` relative to ``tile_a``), as a ``(5,)`` array on the
-    tiles' device (no host transfer); zeros when the overlap is empty. See
+    shift (``shift_yx`` of ``tile_b`` relative to ``tile_a``), as a ``(5,)`` float64 array
+    on the tiles' device (no host transfer); zeros when the overlap is empty. See
     :func:`ncc_from_sums`."""
     xp = array_namespace(tile_a, tile_b)
     h, w = tile_a.shape
     sy, sx = int(shift_yx[0]), int(shift_yx[1])
     if overlap_area((h, w), (sy, sx)) == 0:
-        return xp.zeros((5,), dtype=tile_a.dtype, device=device_of(tile_a))
+        return xp.zeros((5,), dtype=xp.float64, device=device_of(tile_a))
     a = tile_a[max(sy, 0):h + min(sy, 0), max(sx, 0):w + min(sx, 0)]
     b = tile_b[max(-sy, 0):h + min(-sy, 0), max(-sx, 0):w + min(-sx, 0)]
+    # The sums in float64, the products of each row in the tiles' dtype: the NCC keeps
+    # float32 precision on filtered (zero-mean) tiles; a mean m standard deviations from
+    # zero costs about m^2 float32 epsilons (1e-5 at m = 40).
+    f64 = xp.float64
     if is_numpy_namespace(xp):  # native fast path: row dot products, no temporaries
         import numpy as np
 
-        return np.asarray([a.sum(), b.sum(), np.vecdot(a, a).sum(), np.vecdot(b, b).sum(),
-                           np.vecdot(a, b).sum()])
-    return xp.stack([xp.sum(a), xp.sum(b), xp.sum(xp.vecdot(a, a)), xp.sum(xp.vecdot(b, b)),
-                     xp.sum(xp.vecdot(a, b))])
+        return np.asarray([a.sum(dtype=f64), b.sum(dtype=f64),
+                           np.vecdot(a, a).sum(dtype=f64), np.vecdot(b, b).sum(dtype=f64),
+                           np.vecdot(a, b).sum(dtype=f64)])
+    return xp.stack([xp.sum(a, dtype=f64), xp.sum(b, dtype=f64),
+                     xp.sum(xp.vecdot(a, a), dtype=f64), xp.sum(xp.vecdot(b, b), dtype=f64),
+                     xp.sum(xp.vecdot(a, b), dtype=f64)])
 
 
 def ncc_from_sums(sums: Any, area: Any) -> Any:

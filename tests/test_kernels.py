@@ -302,6 +302,30 @@ def test_overlap_similarity_edge_cases(backend):
     assert overlap.overlap_similarity(flat, b, (10, 30)) == 0.0
 
 
+@pytest.mark.parametrize("offset", [0.0, 40.0], ids=["zero-mean", "offset"])
+def test_overlap_sums_give_the_overlap_ncc(backend, offset):
+    """The NCC from the five overlap sums (host, float64) is overlap_ncc's, to float32
+    rounding for filtered (zero-mean) tiles, and within 5e-5 for tiles 40 standard
+    deviations from zero mean (rows of float32 products); flat and empty overlaps score 0."""
+    image = texture(seed=5) + offset
+    a = backend.asarray(_crop(image, (50, 60)))
+    b = backend.asarray(_crop(image, (62, 85)))
+    flat = backend.asarray(np.full(TILE, 3.0, np.float32))
+    cases = [(a, b, (12, 25)), (a, b, (-7, 40)), (a, b, (30, -50)), (b, a, (-12, -25)),
+             (a, b, (64, 0)), (flat, b, (12, 25)), (a, flat, (3, 3))]
+    sums = [overlap.overlap_sums(x, y, s) for x, y, s in cases]
+    assert_array(backend, *sums, shape=(5,))
+    areas = [overlap.overlap_area(TILE, s) for _, _, s in cases]
+    got = overlap.ncc_from_sums(np.stack([to_host(v) for v in sums]), np.asarray(areas))
+    kernel = [float(to_host(overlap.overlap_ncc(x, y, s))) for x, y, s in cases]
+    exact = [overlap.overlap_similarity(to_host(x).astype(np.float64),
+                                        to_host(y).astype(np.float64), s) for x, y, s in cases]
+    np.testing.assert_allclose(got, exact, atol=5e-5 if offset else 1e-6)
+    np.testing.assert_allclose(got, kernel, atol=1e-4 if offset else 2e-6)
+    assert got[0] == pytest.approx(1.0, abs=1e-4) and abs(got[2]) < 0.3
+    np.testing.assert_array_equal(got[4:], 0.0)
+
+
 # ----------------------------------------------------------------------------- placement kernels
 
 
