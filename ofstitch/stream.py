@@ -402,9 +402,9 @@ def _score_candidates(pairs: np.ndarray, shift: np.ndarray, index: np.ndarray | 
     expected_area = np.maximum(hb - ey, 1) * np.maximum(wb - ex, 1)
     min_area = np.maximum((MIN_OVERLAP_FRACTION * expected_area).astype(np.int64), 2)
     whole = np.round(shift)
-    # (k, c, reading, its overlap's index in `sums` or -1 for too small), per reading.
+    # (k, c, reading, its overlap's index in `overlaps` or -1 for too small), per reading.
     jobs: list[tuple[int, int, tuple[int, int], int]] = []
-    sums, areas, owner = [], [], []  # per distinct overlap: its sums (device), area, pair
+    overlaps, areas, owner = [], [], []  # per distinct overlap: (a, b, shift), area, pair
     seen: dict[tuple[int, int, int], int] = {}  # (pair, binned shift) -> its index
     for k, c in zip(*np.nonzero(np.isfinite(shift[:, :, 0])), strict=True):
         a, b = (int(t) for t in pairs[k])
@@ -415,16 +415,19 @@ def _score_candidates(pairs: np.ndarray, shift: np.ndarray, index: np.ndarray | 
             area = overlap.overlap_area((hb, wb), binned)
             j = -1
             if area >= min_area[k]:
-                j = seen.setdefault((int(k),) + binned, len(sums))
-                if j == len(sums):  # the same overlap is scored once
-                    sums.append(overlap.overlap_sums(live_tiles[a], live_tiles[b], binned))
+                j = seen.setdefault((int(k),) + binned, len(overlaps))
+                if j == len(overlaps):  # the same overlap is scored once
+                    overlaps.append((live_tiles[a], live_tiles[b], binned))
                     areas.append(area)
                     owner.append(k)
             jobs.append((int(k), int(c), (ry, rx), j))
     if not jobs:
         return out
-    ncc = overlap.ncc_from_sums(np.asarray(_to_host_list(sums, live_tiles)).reshape(-1, 5),
-                                np.asarray(areas))
+    ncc = np.zeros(0)
+    if overlaps:  # the batch's sums, in one transfer
+        tiles_a, tiles_b, shifts = (list(part) for part in zip(*overlaps, strict=True))
+        ncc = overlap.ncc_from_sums(to_host(overlap.overlap_sums_many(tiles_a, tiles_b, shifts)),
+                                    np.asarray(areas))
     # Chance NCCs spread as 1 / sqrt(area): a smaller overlap than the stage predicts must
     # match better to count as much (the null pairs, searched around the prediction, set
     # the scale). Too small an overlap scores -1.

@@ -324,6 +324,13 @@ def test_overlap_sums_give_the_overlap_ncc(backend, offset):
     np.testing.assert_allclose(got, kernel, atol=1e-4 if offset else 2e-6)
     assert got[0] == pytest.approx(1.0, abs=1e-4) and abs(got[2]) < 0.3
     np.testing.assert_array_equal(got[4:], 0.0)
+    # All at once (padded stacks off NumPy; a tiny chunk size makes several chunks).
+    for max_values in (2**22, 3000):
+        many = overlap.overlap_sums_many([x for x, _, _ in cases], [y for _, y, _ in cases],
+                                         [s for _, _, s in cases], max_values=max_values)
+        assert_array(backend, many, shape=(len(cases), 5))
+        np.testing.assert_allclose(to_host(many), np.stack([to_host(v) for v in sums]),
+                                   rtol=1e-6, atol=1e-6 * (1 + offset**2) * TILE[0] * TILE[1])
 
 
 # ----------------------------------------------------------------------------- placement kernels

@@ -502,8 +502,13 @@ def test_candidates_at_one_overlap_are_scored_once(monkeypatch):
     plan = CorrelationPlan((64, 80), (64, 80), (128, 160), 1.0, margin_px=16)
     assert plan.score_binning == 2
     calls = []
-    real = overlap.overlap_sums
-    monkeypatch.setattr(overlap, "overlap_sums", lambda a, b, s: calls.append(s) or real(a, b, s))
+    real = overlap.overlap_sums_many
+
+    def counting(tiles_a, tiles_b, shifts):
+        calls.extend(shifts)
+        return real(tiles_a, tiles_b, shifts)
+
+    monkeypatch.setattr(overlap, "overlap_sums_many", counting)
     shift = np.full((1, 5, 2), np.nan)
     shift[0, :4] = [(4.3, 50.2), (3.6, 49.8), (4.4, 54.1), (60.0, 75.0)]
     out = stream._score_candidates(np.array([[0, 1]]), shift, None, np.array([[4.0, 50.0]]),
