@@ -70,8 +70,8 @@ def make_batches(n_pairs: int, binning: int, seed: int = 0) -> list[dict]:
         tiles, pairs, exp = [], [], []
         for _ in range(BATCH):
             truth = expected + rng.normal(0, 6, 2)
-            y0 = int(rng.integers(0, grey.shape[0] - TILE[0] - 200))
-            x0 = int(rng.integers(0, grey.shape[1] - TILE[1] - 800))
+            y0, x0 = (int(rng.integers(50, size - tile - 800))
+                      for size, tile in zip(grey.shape, TILE, strict=True))
             y1, x1 = int(round(y0 + truth[0])), int(round(x0 + truth[1]))
             for y, x in ((y0, x0), (y1, x1)):
                 full = grey[y:y + TILE[0], x:x + TILE[1]]
