@@ -15,7 +15,7 @@ The "before" code is read from a git revision (``--before``) and runs in the sam
 process, alternating with the working tree's, so the ratios are fair on a shared
 machine; the outputs must agree (peaks exactly, scores to 1e-5) or it stops.
 
-    python benchmarks/peak_search.py [--before 5d897c2] [--pairs 32] [--rounds 5]
+    python benchmarks/peak_search.py [--before e58e4d1] [--pairs 32] [--rounds 5]
 """
 
 from __future__ import annotations
@@ -153,7 +153,7 @@ def measure(batches: list[dict], old_c, old_s, rounds: int) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--before", default="5d897c2", help="git revision of the 'before' code")
+    parser.add_argument("--before", default="e58e4d1", help="git revision of the 'before' code")
     parser.add_argument("--pairs", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
