@@ -297,71 +297,60 @@ def locate_peaks(corr: Any, *, expected_shift: Any = None, mask_radius: float | 
     xp = array_namespace(corr)
     dev = device_of(corr)
     n, hp, wp = corr.shape
-    dy = xp.astype(signed_indices(hp, xp=xp, device=dev), corr.dtype)[None, :, None]
-    dx = xp.astype(signed_indices(wp, xp=xp, device=dev), corr.dtype)[None, None, :]
-    raw = corr  # sub-pixel neighbours are read from the unmodified correlation
     e = exclude_radius
-    fast = (expected_shift is None or mask_radius is None) and 0 < e and 2 * e + 2 <= min(hp, wp)
-    if fast:
+    masked = expected_shift is not None and mask_radius is not None
+    if not masked and 0 < e and 2 * e + 2 <= min(hp, wp):
         # No full-size temporaries: the statistics of the correlation with its zero-shift
         # box set to the mean, from views around the box (the same numbers as below).
         highest, lowest, quality, py, px, raw_extent = _unmasked_peak(corr, e)
-    elif exclude_radius > 0:
-        near_zero = (xp.abs(dy) < exclude_radius) & (xp.abs(dx) < exclude_radius)
-        fill = xp.mean(corr, axis=(-2, -1), keepdims=True)
-        corr = xp.where(near_zero, fill, corr)
-
-    if fast:
-        pass
-    elif expected_shift is not None and mask_radius is not None:
-        highest = xp.max(corr, axis=(-2, -1), keepdims=True)
-        # The peak sits at d = -shift.
-        ey = xp.astype(expected_shift[:, 0], corr.dtype)[:, None, None]
-        ex = xp.astype(expected_shift[:, 1], corr.dtype)[:, None, None]
-        inside = (dy + ey) ** 2 + (dx + ex) ** 2 <= mask_radius**2
-        inside = inside | ~xp.any(inside, axis=(-2, -1), keepdims=True)  # empty: search all
-        lowest = xp.min(xp.where(inside, corr, highest), axis=(-2, -1), keepdims=True)
-        highest = xp.max(xp.where(inside, corr, lowest), axis=(-2, -1), keepdims=True)
-        searched = xp.where(inside, corr, lowest)
-        level = lowest + QUALITY_LEVEL * (highest - lowest)
-        below = xp.sum(xp.astype(inside & (corr < level), corr.dtype), axis=(-2, -1))
-        quality = below / xp.sum(xp.astype(inside, corr.dtype), axis=(-2, -1))
     else:
-        searched = corr
-        highest = xp.max(corr, axis=(-2, -1), keepdims=True)
-        lowest = xp.min(corr, axis=(-2, -1), keepdims=True)
-        level = lowest + QUALITY_LEVEL * (highest - lowest)
-        quality = xp.mean(xp.astype(corr < level, corr.dtype), axis=(-2, -1))
-    if not fast:
-        k = xp.argmax(xp.reshape(searched, (n, hp * wp)), axis=1)
-        py = k // wp
-        px = k % wp
-        raw_extent = xp.max(xp.abs(xp.reshape(raw, (n, hp * wp))), axis=1)
-    flat_raw = xp.reshape(raw, (n * hp * wp,))
-    base = xp.arange(n, device=dev) * (hp * wp)
-
-    def value_at(oy: int, ox: int) -> Any:
-        return xp.take(flat_raw, base + ((py + oy) % hp) * wp + (px + ox) % wp)
-
-    centre = value_at(0, 0)
-    sub_y = _parabolic_offset(value_at(-1, 0), centre, value_at(1, 0), xp)
-    sub_x = _parabolic_offset(value_at(0, -1), centre, value_at(0, 1), xp)
-    peak_dy = xp.astype(py - hp * xp.astype(py >= (hp + 1) // 2, py.dtype), corr.dtype) + sub_y
-    peak_dx = xp.astype(px - wp * xp.astype(px >= (wp + 1) // 2, px.dtype), corr.dtype) + sub_x
-    shift = -xp.stack([peak_dy, peak_dx], axis=1)
+        dy = xp.astype(signed_indices(hp, xp=xp, device=dev), corr.dtype)[None, :, None]
+        dx = xp.astype(signed_indices(wp, xp=xp, device=dev), corr.dtype)[None, None, :]
+        searched = corr  # sub-pixel neighbours are read from the unmodified correlation
+        if e > 0:
+            near_zero = (xp.abs(dy) < e) & (xp.abs(dx) < e)
+            searched = xp.where(near_zero, xp.mean(corr, axis=(-2, -1), keepdims=True), corr)
+        if masked:
+            highest = xp.max(searched, axis=(-2, -1), keepdims=True)
+            # The peak sits at d = -shift.
+            ey = xp.astype(expected_shift[:, 0], corr.dtype)[:, None, None]
+            ex = xp.astype(expected_shift[:, 1], corr.dtype)[:, None, None]
+            inside = (dy + ey) ** 2 + (dx + ex) ** 2 <= mask_radius**2
+            inside = inside | ~xp.any(inside, axis=(-2, -1), keepdims=True)  # empty: all
+            lowest = xp.min(xp.where(inside, searched, highest), axis=(-2, -1), keepdims=True)
+            highest = xp.max(xp.where(inside, searched, lowest), axis=(-2, -1), keepdims=True)
+            level = lowest + QUALITY_LEVEL * (highest - lowest)
+            below = xp.sum(xp.astype(inside & (searched < level), corr.dtype), axis=(-2, -1))
+            quality = below / xp.sum(xp.astype(inside, corr.dtype), axis=(-2, -1))
+            searched = xp.where(inside, searched, lowest)
+        flat = xp.reshape(searched, (n, hp * wp))
+        k = xp.argmax(flat, axis=1)
+        py, px = k // wp, k % wp
+        if not masked:
+            # Three passes: the argmax (its value is the highest), the lowest, and the
+            # count below the level (no full-size float temporary).
+            highest = xp.take_along_axis(flat, k[:, None], axis=1)[:, 0]
+            lowest = xp.min(flat, axis=1)
+            level = lowest + QUALITY_LEVEL * (highest - lowest)
+            quality = xp.astype(_count_below(flat, level), corr.dtype) / (hp * wp)
+        if searched is corr:  # the raw correlation's own extremes
+            raw_extent = xp.maximum(xp.abs(highest), xp.abs(lowest))
+        else:
+            raw_extent = xp.max(xp.abs(xp.reshape(corr, (n, hp * wp))), axis=1)
+    index = xp.stack([py, px], axis=1)
+    int_disp, disp = _subpixel(corr, index)
+    shift = -disp
     # A flat correlation (a blank tile) has no peak: NaN, so placement uses the stage.
     span = xp.reshape(highest - lowest, (n,))
-    flat = span <= 1e-6 * raw_extent
+    flat = span <= 1e-6 * xp.reshape(raw_extent, (n,))
     # A peak on the rim of the excluded zero-shift box is the tail of the fixed pattern
     # (vignetting, dust) that the box hides, not an alignment: no result either.
-    int_dy = py - hp * xp.astype(py >= (hp + 1) // 2, py.dtype)
-    int_dx = px - wp * xp.astype(px >= (wp + 1) // 2, px.dtype)
-    on_rim = (xp.abs(int_dy) <= exclude_radius) & (xp.abs(int_dx) <= exclude_radius)
-    no_peak = flat | on_rim if exclude_radius > 0 else flat
+    no_peak = flat
+    if e > 0:
+        no_peak = flat | xp.all(xp.abs(int_disp) <= e, axis=1)
     shift = xp.where(no_peak[:, None], xp.asarray(math.nan, dtype=shift.dtype, device=dev),
                      shift)
     quality = xp.where(flat, xp.zeros_like(quality), quality)
-    index = xp.stack([py, px], axis=1)
     return Peaks(shift=shift, index=index, quality=quality)
 
 
@@ -393,7 +382,7 @@ def _unmasked_peak(corr: Any, e: int) -> tuple[Any, Any, Any, Any, Any, Any]:
     highest = xp.maximum(xp.max(view_max, axis=1), fill)
     lowest = xp.minimum(xp.min(view_min, axis=1), fill)
     level = lowest + QUALITY_LEVEL * (highest - lowest)
-    below = sum(xp.count_nonzero(v < level[:, None, None], axis=(-2, -1)) for v, _, _ in views)
+    below = sum(_count_below(v, level) for v, _, _ in views)
     boxed = (2 * e - 1) ** 2
     below = xp.astype(below, corr.dtype) + boxed * xp.astype(fill < level, corr.dtype)
     quality = below / (hp * wp)
@@ -414,9 +403,21 @@ def _unmasked_peak(corr: Any, e: int) -> tuple[Any, Any, Any, Any, Any, Any]:
     return highest[:, None, None], lowest[:, None, None], quality, py, px, raw_extent
 
 
+def _count_below(x: Any, level: Any) -> Any:
+    """Number of values of each ``x[i]`` (any shape) below ``level[i]``: ``(n,)`` ints."""
+    xp = array_namespace(x, level)
+    if is_numpy_namespace(xp):  # native fast path: per row, 5x faster than along an axis
+        import numpy as np
+
+        return np.asarray([np.count_nonzero(x[i] < level[i]) for i in range(x.shape[0])],
+                          dtype=np.int64)
+    return xp.count_nonzero(x < xp.reshape(level, (-1,) + (1,) * (x.ndim - 1)),
+                            axis=tuple(range(1, x.ndim)))
+
+
 def top_peaks(corr: Any, k: int, *, exclude_radius: int = ZERO_SHIFT_EXCLUSION_PX,
-              separation: int = 4, expected_shift: Any = None, radius: float | None = None
-              ) -> tuple[Any, Any]:
+              separation: int = 4, expected_shift: Any = None, radius: float | None = None,
+              near: int = 0) -> tuple[Any, Any]:
     """The ``k`` highest separate peaks of each correlation, to sub-pixel precision.
 
     Peaks are taken greedily from the highest; after each, the values within
@@ -436,51 +437,55 @@ def top_peaks(corr: Any, k: int, *, exclude_radius: int = ZERO_SHIFT_EXCLUSION_P
     k : int
     expected_shift : array, shape (n, 2), optional
         With ``radius``: only look within ``radius`` (correlation pixels) of it.
+    near : int
+        With ``expected_shift`` and ``radius``: the ``k`` peaks are searched anywhere,
+        and ``near`` more within ``radius`` of the prediction (the same as two calls,
+        concatenated, in one: the correlation's extremes are found once).
 
     Returns
     -------
-    shift : array, shape (n, k, 2), float
+    shift : array, shape (n, k + near, 2), float
         Candidate shifts ``(y, x)`` of ``b`` relative to ``a`` (correlation pixels),
         highest peak first; NaN where the correlation has fewer than ``k`` distinct
         values above its minimum (a flat correlation has none).
-    index : array, shape (n, k, 2), int
+    index : array, shape (n, k + near, 2), int
         Integer ``(row, col)`` of each candidate in the correlation array.
     """
     xp = array_namespace(corr)
     dev = device_of(corr)
     n, hp, wp = corr.shape
-    flat_raw = xp.reshape(corr, (n * hp * wp,))
-    base = xp.arange(n, device=dev) * (hp * wp)
+    windowed = expected_shift is not None and radius is not None
+    if near and not windowed:
+        raise ValueError("top_peaks: near > 0 needs expected_shift and radius")
     lowest = xp.min(corr, axis=(-2, -1), keepdims=True)
-    highest = xp.max(corr, axis=(-2, -1), keepdims=True)
-    span = xp.reshape(highest - lowest, (n,))
-    tiny = 1e-6 * xp.maximum(xp.abs(xp.reshape(highest, (n,))), xp.abs(xp.reshape(lowest, (n,))))
-    # rows, cols: (n, H) and (n, W), the correlation index of each row/column of `work`.
-    work, rows, cols, circular, exclude = _peak_search_region(
-        corr, exclude_radius, separation, expected_shift, radius, lowest)
-    _, h, w = work.shape
-    pos, value = _greedy_peaks(work, k, separation, circular, exclude, lowest)
-    none = (value <= xp.reshape(lowest, (n, 1))) | (span <= tiny)[:, None]
-    row_idx = xp.arange(n, device=dev)[:, None]
-    py = xp.reshape(xp.take(xp.reshape(rows, (-1,)), xp.reshape(row_idx * h + pos // w, (-1,))),
-                    (n, k))
-    px = xp.reshape(xp.take(xp.reshape(cols, (-1,)), xp.reshape(row_idx * w + pos % w, (-1,))),
-                    (n, k))
-
-    def value_at(oy: int, ox: int) -> Any:
-        return xp.take(flat_raw, xp.reshape(base[:, None] + ((py + oy) % hp) * wp
-                                            + (px + ox) % wp, (-1,)))
-
-    centre = value_at(0, 0)
-    sub_y = _parabolic_offset(value_at(-1, 0), centre, value_at(1, 0), xp)
-    sub_x = _parabolic_offset(value_at(0, -1), centre, value_at(0, 1), xp)
-    int_dy = xp.reshape(py - hp * xp.astype(py >= (hp + 1) // 2, py.dtype), (-1,))
-    int_dx = xp.reshape(px - wp * xp.astype(px >= (wp + 1) // 2, px.dtype), (-1,))
-    shift = -xp.stack([xp.astype(int_dy, corr.dtype) + sub_y,
-                       xp.astype(int_dx, corr.dtype) + sub_x], axis=1)
-    shift = xp.where(xp.reshape(none, (-1,))[:, None],
-                     xp.asarray(math.nan, dtype=shift.dtype, device=dev), shift)
-    return xp.reshape(shift, (n, k, 2)), xp.stack([py, px], axis=2)
+    searches = [(k, None), (near, expected_shift)] if near else [(k, expected_shift)]
+    found, highest = [], None
+    for count, expected in searches:
+        # rows, cols: (n, H) and (n, W), the correlation index of each row/col of `work`.
+        work, rows, cols, circular, exclude = _peak_search_region(
+            corr, exclude_radius, separation, expected, radius, lowest)
+        _, h, w = work.shape
+        pos, value, top = _greedy_peaks(work, count, separation, circular, exclude, lowest)
+        if expected is None:
+            highest = top  # the pool holds the correlation's maximum
+        row_idx = xp.arange(n, device=dev)[:, None]
+        found.append((
+            xp.reshape(xp.take(xp.reshape(rows, (-1,)),
+                               xp.reshape(row_idx * h + pos // w, (-1,))), (n, count)),
+            xp.reshape(xp.take(xp.reshape(cols, (-1,)),
+                               xp.reshape(row_idx * w + pos % w, (-1,))), (n, count)),
+            value))
+    py, px, value = (xp.concat(list(part), axis=1) for part in zip(*found, strict=True))
+    if highest is None:
+        highest = xp.reshape(xp.max(corr, axis=(-2, -1)), (n,))
+    lowest = xp.reshape(lowest, (n,))
+    tiny = 1e-6 * xp.maximum(xp.abs(highest), xp.abs(lowest))
+    none = (value <= lowest[:, None]) | (highest - lowest <= tiny)[:, None]
+    index = xp.stack([py, px], axis=2)
+    _, disp = _subpixel(corr, index)
+    shift = xp.where(none[:, :, None], xp.asarray(math.nan, dtype=disp.dtype, device=dev),
+                     -disp)
+    return shift, index
 
 
 def _peak_search_region(corr: Any, exclude_radius: int, separation: int, expected_shift: Any,
@@ -539,8 +544,9 @@ def _peak_search_region(corr: Any, exclude_radius: int, separation: int, expecte
 
 
 def _greedy_peaks(work: Any, k: int, separation: int, circular: bool, exclude: int,
-                  fill: Any) -> tuple[Any, Any]:
-    """Flat positions and values ``(n, k)`` of the greedy picks of :func:`top_peaks`.
+                  fill: Any) -> tuple[Any, Any, Any]:
+    """Flat positions and values ``(n, k)`` of the greedy picks of :func:`top_peaks`, and
+    the highest value of ``work`` (n,).
 
     ``exclude > 0`` (circular ``work`` only): the zero-shift box of that half-width
     counts as ``fill`` (shape ``(n, 1, 1)``).
@@ -555,10 +561,13 @@ def _greedy_peaks(work: Any, k: int, separation: int, circular: bool, exclude: i
     pool = min((k - 1) * (2 * separation + 1) ** 2 + 1 + (2 * exclude + 1) ** 2, size)
     pos = _highest(flat, pool)
     value = xp.take_along_axis(flat, pos, axis=1)
+    top = xp.max(value, axis=1)
     if exclude > 0:
         sy = xp.abs(pos // w - h * xp.astype(pos // w >= (h + 1) // 2, pos.dtype))
         sx = xp.abs(pos % w - w * xp.astype(pos % w >= (w + 1) // 2, pos.dtype))
         value = xp.where((sy <= exclude) & (sx <= exclude), xp.reshape(fill, (n, 1)), value)
+    if is_numpy_namespace(xp):  # native fast path: the same picks in a third of the calls
+        return (*_greedy_numpy(pos, value, k, separation, (h, w), circular), top)
     # In ascending position, then stably by descending value: the order in which repeated
     # argmax over the whole array would visit them.
     order = xp.argsort(pos, axis=1, stable=True)
@@ -582,7 +591,38 @@ def _greedy_peaks(work: Any, k: int, separation: int, circular: bool, exclude: i
             ddy = xp.minimum(ddy, h - ddy)
             ddx = xp.minimum(ddx, w - ddx)
         alive = alive & ~((ddy <= separation) & (ddx <= separation))
-    return xp.stack(picks, axis=1), xp.stack(values, axis=1)
+    return xp.stack(picks, axis=1), xp.stack(values, axis=1), top
+
+
+def _greedy_numpy(pos: Any, value: Any, k: int, separation: int, shape: tuple[int, int],
+                  circular: bool) -> tuple[Any, Any]:
+    """:func:`_greedy_peaks`'s picks on NumPy: one ``lexsort`` and flat indexing
+    (``take_along_axis`` and the namespace wrappers cost more than the work here)."""
+    import numpy as np
+
+    n, pool = pos.shape
+    order = np.lexsort((pos, -value), axis=1)  # descending value, then ascending position
+    rows = np.arange(n)[:, None]
+    pos, value = pos[rows, order], value[rows, order]
+    h, w = shape
+    cy, cx = np.divmod(pos, w)
+    alive = np.ones((n, pool), dtype=bool)
+    lowest = value.min(axis=1)
+    picks = np.empty((n, k), dtype=pos.dtype)
+    values = np.empty((n, k), dtype=value.dtype)
+    rows = rows[:, 0]
+    for c in range(k):
+        j = alive.argmax(axis=1)  # the first one alive
+        picks[:, c] = pos[rows, j]
+        # Nothing left alive: report the pool's lowest value, so the pick is "none".
+        values[:, c] = np.where(alive[rows, j], value[rows, j], lowest)
+        ddy = np.abs(cy - cy[rows, j][:, None])
+        ddx = np.abs(cx - cx[rows, j][:, None])
+        if circular:
+            np.minimum(ddy, h - ddy, out=ddy)
+            np.minimum(ddx, w - ddx, out=ddx)
+        alive &= (ddy > separation) | (ddx > separation)
+    return picks, values
 
 
 def _highest(flat: Any, count: int) -> Any:
@@ -591,27 +631,52 @@ def _highest(flat: Any, count: int) -> Any:
     n, size = flat.shape
     if count >= size:
         return xp.broadcast_to(xp.arange(size, device=device_of(flat))[None, :], (n, size))
-    if is_numpy_namespace(xp):
+    if is_numpy_namespace(xp) and size >= 4 * count:
         import numpy as np
 
+        # Split each row into `blocks` strided blocks: the count-th highest block maximum
+        # is at most the row's count-th highest value, so every value above it lies in a
+        # block whose maximum is above it too. One pass over the row (the block maxima),
+        # then only those blocks are read; sqrt(size * count) blocks balance the two.
+        blocks = max(count, math.isqrt(size * count))
+        length = size // blocks
+        maxima = np.max(np.reshape(flat[:, :length * blocks], (n, length, blocks)), axis=1)
+        floor = np.partition(maxima, blocks - count, axis=1)[:, blocks - count]
+        steps = np.arange(length)[:, None] * blocks
+        tail = np.arange(length * blocks, size)  # the partial last block: always read
         out = np.empty((n, count), dtype=np.intp)
-        step = size // (8 * count)
         for i in range(n):
-            row = np.asarray(flat[i])
-            if step >= 2:
-                # The count-th highest of a subsample is at most the row's: every value
-                # above it is a candidate, and there are few of them.
-                sample = row[::step]
-                floor = np.partition(sample, sample.size - count)[sample.size - count]
-                above = np.flatnonzero(row >= floor)
-                out[i] = above[np.argpartition(row[above], above.size - count)[above.size - count:]]
-            else:
-                out[i] = np.argpartition(row, size - count)[size - count:]
+            row = flat[i]
+            above = np.concatenate([(steps + np.flatnonzero(maxima[i] >= floor[i])).ravel(),
+                                    tail])
+            above = above[row[above] >= floor[i]]
+            out[i] = above[np.argpartition(row[above], above.size - count)[above.size - count:]]
         return xp.asarray(out)
     argpartition = getattr(xp, "argpartition", None)
     if argpartition is not None:
         return argpartition(flat, size - count, axis=1)[:, size - count:]
     return xp.argsort(flat, axis=1, descending=True, stable=True)[:, :count]
+
+
+def _subpixel(corr: Any, index: Any) -> tuple[Any, Any]:
+    """Signed integer displacements ``(..., 2)`` of the peaks at ``index`` (``(n, ..., 2)``
+    rows and columns of ``corr``) and their sub-pixel refinements (float), from one
+    gather of each peak and its four neighbours."""
+    xp = array_namespace(corr, index)
+    dev = device_of(corr)
+    n, hp, wp = corr.shape
+    lead = (n,) + (1,) * (index.ndim - 2)
+    size = xp.asarray([hp, wp], dtype=index.dtype, device=dev)
+    # The peak, the neighbours before it (row, col), the neighbours after it (row, col).
+    step = xp.asarray([[0, 0], [-1, 0], [0, -1], [1, 0], [0, 1]], dtype=index.dtype, device=dev)
+    at = (index[..., None, :] + step) % size  # (n, ..., 5, 2)
+    base = xp.reshape(xp.arange(n, dtype=index.dtype, device=dev) * (hp * wp), lead + (1,))
+    values = xp.take(xp.reshape(corr, (-1,)),
+                     xp.reshape(base + at[..., 0] * wp + at[..., 1], (-1,)))
+    values = xp.reshape(values, tuple(index.shape[:-1]) + (5,))
+    sub = _parabolic_offset(values[..., 1:3], values[..., 0:1], values[..., 3:5], xp)
+    signed = index - size * xp.astype(index >= (size + 1) // 2, index.dtype)
+    return signed, xp.astype(signed, corr.dtype) + sub
 
 
 def _parabolic_offset(left: Any, centre: Any, right: Any, xp: Any) -> Any:

@@ -398,54 +398,60 @@ def _score_candidates(pairs: np.ndarray, shift: np.ndarray, index: np.ndarray | 
     sb = plan.score_binning
     hb, wb = h // sb, w // sb
     out = np.full(shift.shape[:2] + (3,), np.nan)
-    jobs = []  # (k, c, reading, factor or None for too small) per overlap to score
-    nccs = []  # their NCCs, on the device
-    for k, (a, b) in enumerate(pairs.tolist()):
-        ey, ex = np.abs(expected[k]) / sb
-        expected_area = max(hb - ey, 1) * max(wb - ex, 1)
-        min_area = max(int(MIN_OVERLAP_FRACTION * expected_area), 2)
-        for c in range(shift.shape[1]):
-            if not np.isfinite(shift[k, c, 0]):
-                continue
-            readings = ([tuple(int(v) for v in np.round(shift[k, c]))] if pad else
-                        overlap.unwrap_candidates(tuple(int(v) for v in index[k, c]),
-                                                    plan.fft_shape))
-            for ry, rx in readings:
-                binned = (round(ry / sb), round(rx / sb))
-                area = overlap.overlap_area((hb, wb), binned)
-                if area < min_area:
-                    jobs.append((k, c, (ry, rx), None))
-                    continue
-                # Chance NCCs spread as 1 / sqrt(area): a smaller overlap than the stage
-                # predicts must match better to count as much (the null pairs, searched
-                # around the prediction, set the scale).
-                jobs.append((k, c, (ry, rx), min(1.0, math.sqrt(area / expected_area))))
-                nccs.append(overlap.overlap_ncc(live_tiles[a], live_tiles[b], binned))
+    ey, ex = (np.abs(expected) / sb).T
+    expected_area = np.maximum(hb - ey, 1) * np.maximum(wb - ex, 1)
+    min_area = np.maximum((MIN_OVERLAP_FRACTION * expected_area).astype(np.int64), 2)
+    whole = np.round(shift)
+    # (k, c, reading, its overlap's index in `overlaps` or -1 for too small), per reading.
+    jobs: list[tuple[int, int, tuple[int, int], int]] = []
+    overlaps, areas, owner = [], [], []  # per distinct overlap: (a, b, shift), area, pair
+    seen: dict[tuple[int, int, int], int] = {}  # (pair, binned shift) -> its index
+    for k, c in zip(*np.nonzero(np.isfinite(shift[:, :, 0])), strict=True):
+        a, b = (int(t) for t in pairs[k])
+        readings = ([(int(whole[k, c, 0]), int(whole[k, c, 1]))] if pad else
+                    overlap.unwrap_candidates(tuple(int(v) for v in index[k, c]), plan.fft_shape))
+        for ry, rx in readings:
+            binned = (round(ry / sb), round(rx / sb))
+            area = overlap.overlap_area((hb, wb), binned)
+            j = -1
+            if area >= min_area[k]:
+                j = seen.setdefault((int(k),) + binned, len(overlaps))
+                if j == len(overlaps):  # the same overlap is scored once
+                    overlaps.append((live_tiles[a], live_tiles[b], binned))
+                    areas.append(area)
+                    owner.append(k)
+            jobs.append((int(k), int(c), (ry, rx), j))
     if not jobs:
         return out
-    values = iter(_to_host_list(nccs, live_tiles))
+    ncc = np.zeros(0)
+    if overlaps:  # the batch's sums, in one transfer
+        tiles_a, tiles_b, shifts = (list(part) for part in zip(*overlaps, strict=True))
+        ncc = overlap.ncc_from_sums(to_host(overlap.overlap_sums_many(tiles_a, tiles_b, shifts)),
+                                    np.asarray(areas))
+    # Chance NCCs spread as 1 / sqrt(area): a smaller overlap than the stage predicts must
+    # match better to count as much (the null pairs, searched around the prediction, set
+    # the scale). Too small an overlap scores -1.
+    factor = np.minimum(1.0, np.sqrt(np.asarray(areas, dtype=np.float64)
+                                     / expected_area[np.asarray(owner, dtype=np.int64)]))
+    scores = np.where(ncc > 0, ncc * factor, ncc)
     best: dict[tuple[int, int], tuple[float, tuple[int, int]]] = {}
-    for k, c, reading, factor in jobs:
-        if factor is None:
-            score = -1.0
-        else:
-            ncc = next(values)
-            score = ncc * factor if ncc > 0 else ncc
+    for k, c, reading, j in jobs:
+        score = float(scores[j]) if j >= 0 else -1.0
         if (k, c) not in best or score > best[(k, c)][0]:  # the first of equal scores wins
             best[(k, c)] = (score, reading)
     for (k, c), (score, reading) in best.items():
-        frac = shift[k, c] - np.round(shift[k, c])
-        out[k, c, :2] = np.asarray(reading, dtype=np.float64) + frac
+        out[k, c, :2] = np.asarray(reading, dtype=np.float64) + (shift[k, c] - whole[k, c])
         out[k, c, 2] = score
     return out
 
 
-def _to_host_list(values: list, live_tiles: dict) -> list[float]:
-    """0-d device arrays -> Python floats, in one transfer."""
+def _to_host_list(values: list, live_tiles: dict) -> list:
+    """Device arrays of one shape (0-d: scalars) -> Python floats (nested lists for
+    arrays), in one transfer."""
     if not values:
         return []
     xp = array_namespace(next(iter(live_tiles.values())))
-    return to_host(xp.stack([xp.reshape(xp.asarray(v), ()) for v in values])).tolist()
+    return to_host(xp.stack([xp.asarray(v) for v in values])).tolist()
 
 
 def _break_ambiguity(pairs: np.ndarray, index: np.ndarray, shift: np.ndarray,

@@ -302,6 +302,37 @@ def test_overlap_similarity_edge_cases(backend):
     assert overlap.overlap_similarity(flat, b, (10, 30)) == 0.0
 
 
+@pytest.mark.parametrize("offset", [0.0, 40.0], ids=["zero-mean", "offset"])
+def test_overlap_sums_give_the_overlap_ncc(backend, offset):
+    """The NCC from the five overlap sums (host, float64) is overlap_ncc's, to float32
+    rounding for filtered (zero-mean) tiles, and within 5e-5 for tiles 40 standard
+    deviations from zero mean (rows of float32 products); flat and empty overlaps score 0."""
+    image = texture(seed=5) + offset
+    a = backend.asarray(_crop(image, (50, 60)))
+    b = backend.asarray(_crop(image, (62, 85)))
+    flat = backend.asarray(np.full(TILE, 3.0, np.float32))
+    cases = [(a, b, (12, 25)), (a, b, (-7, 40)), (a, b, (30, -50)), (b, a, (-12, -25)),
+             (a, b, (64, 0)), (flat, b, (12, 25)), (a, flat, (3, 3))]
+    sums = [overlap.overlap_sums(x, y, s) for x, y, s in cases]
+    assert_array(backend, *sums, shape=(5,))
+    areas = [overlap.overlap_area(TILE, s) for _, _, s in cases]
+    got = overlap.ncc_from_sums(np.stack([to_host(v) for v in sums]), np.asarray(areas))
+    kernel = [float(to_host(overlap.overlap_ncc(x, y, s))) for x, y, s in cases]
+    exact = [overlap.overlap_similarity(to_host(x).astype(np.float64),
+                                        to_host(y).astype(np.float64), s) for x, y, s in cases]
+    np.testing.assert_allclose(got, exact, atol=5e-5 if offset else 1e-6)
+    np.testing.assert_allclose(got, kernel, atol=1e-4 if offset else 2e-6)
+    assert got[0] == pytest.approx(1.0, abs=1e-4) and abs(got[2]) < 0.3
+    np.testing.assert_array_equal(got[4:], 0.0)
+    # All at once (padded stacks off NumPy; a tiny chunk size makes several chunks).
+    for max_values in (2**22, 3000):
+        many = overlap.overlap_sums_many([x for x, _, _ in cases], [y for _, y, _ in cases],
+                                         [s for _, _, s in cases], max_values=max_values)
+        assert_array(backend, many, shape=(len(cases), 5))
+        np.testing.assert_allclose(to_host(many), np.stack([to_host(v) for v in sums]),
+                                   rtol=1e-6, atol=1e-6 * (1 + offset**2) * TILE[0] * TILE[1])
+
+
 # ----------------------------------------------------------------------------- placement kernels
 
 
@@ -567,6 +598,30 @@ def test_top_peaks_matches_repeated_argmax(backend, shape, windowed):
         # Sub-pixel offsets are within half a pixel of the integer peak.
         np.testing.assert_allclose(got[~np.isnan(got)], want[~np.isnan(want)], atol=0.5)
         assert_array(backend, shift, index)
+
+
+@pytest.mark.parametrize("exclude", [0, 3])
+def test_top_peaks_near_is_the_two_searches_in_one(backend, exclude):
+    """``near=`` returns the peaks anywhere, then those near the prediction: what two calls
+    return, concatenated (a flat correlation has none)."""
+    rng = np.random.default_rng(exclude)
+    corr = rng.standard_normal((3, 60, 90)).astype(np.float32)
+    corr = corr + np.roll(corr, 1, axis=1)
+    corr[2] = 0.25  # flat
+    expected = backend.asarray(rng.uniform(-25, 25, (3, 2)).astype(np.float32))
+    dev = backend.asarray(corr)
+    kw = dict(exclude_radius=exclude, separation=2)
+    both, index = correlate.top_peaks(dev, 4, near=2, expected_shift=expected, radius=9.0, **kw)
+    anywhere, index_a = correlate.top_peaks(dev, 4, **kw)
+    close, index_c = correlate.top_peaks(dev, 2, expected_shift=expected, radius=9.0, **kw)
+    assert_array(backend, both, index, shape=(3, 6, 2))
+    np.testing.assert_array_equal(to_host(both), np.concatenate([to_host(anywhere),
+                                                                 to_host(close)], axis=1))
+    np.testing.assert_array_equal(to_host(index)[:2], np.concatenate(
+        [to_host(index_a), to_host(index_c)], axis=1)[:2])
+    assert np.isnan(to_host(both)[2]).all() and np.isfinite(to_host(both)[:2]).all()
+    with pytest.raises(ValueError, match="near"):
+        correlate.top_peaks(dev, 4, near=2)
 
 
 @pytest.mark.parametrize("exclude_radius", [1, 3, correlate.ZERO_SHIFT_EXCLUSION_PX])

@@ -488,3 +488,39 @@ def test_one_host_transfer_per_batch(make_synthetic, monkeypatch, pad):
     # A few transfers per batch (peaks, candidates, the batch's scores), never one per
     # pair or per candidate.
     assert len(transfers) < len(graph.pairs), transfers
+
+
+def test_candidates_at_one_overlap_are_scored_once(monkeypatch):
+    """Candidates of a pair that round to the same binned shift share one overlap: its sums
+    are taken once, each candidate gets the NCC (scaled by the overlap's area) and keeps
+    its own sub-pixel shift; a shift leaving too small an overlap scores -1."""
+    from ofstitch import overlap
+
+    rng = np.random.default_rng(3)
+    field = ndi.gaussian_filter(rng.normal(size=(40, 80)), 1.0).astype(np.float32)
+    live = {0: field[:32, :40], 1: field[2:34, 25:65]}  # b at (2, 25) binned px from a
+    plan = CorrelationPlan((64, 80), (64, 80), (128, 160), 1.0, margin_px=16)
+    assert plan.score_binning == 2
+    calls = []
+    real = overlap.overlap_sums_many
+
+    def counting(tiles_a, tiles_b, shifts):
+        calls.extend(shifts)
+        return real(tiles_a, tiles_b, shifts)
+
+    monkeypatch.setattr(overlap, "overlap_sums_many", counting)
+    shift = np.full((1, 5, 2), np.nan)
+    shift[0, :4] = [(4.3, 50.2), (3.6, 49.8), (4.4, 54.1), (60.0, 75.0)]
+    out = stream._score_candidates(np.array([[0, 1]]), shift, None, np.array([[4.0, 50.0]]),
+                                   live, plan, True)
+    assert sorted(calls) == [(2, 25), (2, 27)]  # the first two share (2, 25)
+    np.testing.assert_allclose(out[0, :4, :2], shift[0, :4], atol=1e-12)
+    want = overlap.overlap_similarity(live[0], live[1], (2, 25))
+    assert want > 0.99 and out[0, 0, 2] == out[0, 1, 2] == pytest.approx(want, abs=1e-5)
+    area = overlap.overlap_area((32, 40), (2, 27))
+    expected_area = (32 - 2) * (40 - 25)
+    assert out[0, 2, 2] == pytest.approx(
+        overlap.overlap_similarity(live[0], live[1], (2, 27))
+        * min(1.0, np.sqrt(area / expected_area)), abs=1e-5)
+    assert out[0, 3, 2] == -1.0
+    assert np.isnan(out[0, 4]).all()
