@@ -278,8 +278,12 @@ def correlate_pairs(
                 stack = to_device(np.stack(arrays), backend)
                 # Filtered once here: strips are cut per pair from the filtered tiles (a
                 # quarter of a padded spectrum each); whole tiles are transformed once.
-                # --high-pass-sigma is in the tiles' pixels, not in those of their bins.
-                sigma = settings.high_pass_sigma / plan.binning
+                # Binned tiles are filtered at --high-pass-sigma / sqrt(binning) binned px,
+                # between the same width in bins (at 10 binned px a faint, nearly blank
+                # tile of the 1000-tile scan lost its vertical readings) and in the tiles'
+                # own pixels (at 5 binned px the coarse peak of a pair of the graph-paper
+                # strip fell on the grid lines' next repeat, 3.7 px from the full-resolution one).
+                sigma = settings.high_pass_sigma / math.sqrt(plan.binning)
                 if plan.score_binning == 1:  # both filters from one transform
                     filtered, scored = correlate.search_and_score_tiles(
                         stack, high_pass_sigma=sigma, score_sigma=SCORE_HIGH_PASS_SIGMA)
@@ -344,11 +348,9 @@ def correlate_pairs(
                 radius = (settings.corr_mask_radius * resize
                           if settings.corr_mask_radius is not None
                           else PRIOR_RADIUS_FRACTION * min(plan.scaled_shape))
-                global_shift, global_index = correlate.top_peaks(corr, CANDIDATES - PRIOR_PEAKS)
-                near_shift, near_index = correlate.top_peaks(corr, PRIOR_PEAKS,
-                                                             expected_shift=prior, radius=radius)
-                cand_shift = xp.concat([global_shift, near_shift], axis=1)
-                cand_index = xp.concat([global_index, near_index], axis=1)
+                cand_shift, cand_index = correlate.top_peaks(
+                    corr, CANDIDATES - PRIOR_PEAKS, near=PRIOR_PEAKS, expected_shift=prior,
+                    radius=radius)
                 del corr
                 candidates[good] = _score_candidates(
                     sel, to_host(cand_shift).astype(np.float64), to_host(cand_index),
@@ -566,11 +568,10 @@ def _correlate_strips(pairs: np.ndarray, expected: np.ndarray, live_tiles: dict,
         offsets = np.stack([m[4] for m in members])
         if candidates:
             prior = to_device(-centres, backend, dtype=xp.float32)
-            found, _ = correlate.top_peaks(corr, CANDIDATES - PRIOR_PEAKS, exclude_radius=0)
-            near, _ = correlate.top_peaks(corr, PRIOR_PEAKS, exclude_radius=0,
-                                          expected_shift=prior, radius=prior_radius)
-            cand_shift[ids] = to_host(xp.concat([found, near], axis=1)).astype(np.float64) \
-                + offsets[:, None, :]
+            found, _ = correlate.top_peaks(corr, CANDIDATES - PRIOR_PEAKS, exclude_radius=0,
+                                           near=PRIOR_PEAKS, expected_shift=prior,
+                                           radius=prior_radius)
+            cand_shift[ids] = to_host(found).astype(np.float64) + offsets[:, None, :]
         del corr
         shift[ids] = to_host(peaks.shift).astype(np.float64) + offsets
         quality[ids] = to_host(peaks.quality)
