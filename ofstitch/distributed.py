@@ -23,6 +23,7 @@ import functools
 import multiprocessing
 import os
 import socket
+import time
 import traceback
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -274,6 +275,29 @@ def write_ome_zarr_on_cluster(address: str, mosaic: Mosaic, path: Path, *,
                                    retries=RETRIES) for box in boxes])
         finally:
             client.cancel(futures)  # an interrupted run leaves no work behind on the cluster
+            # A cancelled task that is already running runs on: wait for it, or it would
+            # write its chunks into the folder after atomic_dir has removed it.
+            _wait_until_stopped(client, {str(f.key) for f in futures})
+
+
+def _wait_until_stopped(client, keys: set[str], timeout_s: float = 60.0) -> None:
+    """Return once no worker is still running any of ``keys`` (or after ``timeout_s``)."""
+    if not keys:
+        return
+
+    def running(dask_worker) -> list[str]:
+        return [str(k) for k, ts in dask_worker.state.tasks.items()
+                if ts.state in ("executing", "cancelled", "resumed", "long-running")]
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            busy = {k for ks in client.run(running).values() for k in ks}
+        except Exception:  # noqa: BLE001 - a worker gone is a worker not writing
+            return
+        if not busy & keys:
+            return
+        time.sleep(0.1)
 
 
 def _completed(futures: list, client) -> Iterator:

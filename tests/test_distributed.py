@@ -333,3 +333,23 @@ def test_live_stitching_sends_each_new_tiles_pairs_to_the_cluster(cluster, scan_
     # On the cluster, every tile that brought new pairs sent them to the workers.
     assert sum(pairs for pairs, _ in remote_tasks) >= 17
     assert all(chunks >= 1 for pairs, chunks in remote_tasks if pairs)
+
+
+def test_a_cancelled_task_that_is_running_is_waited_for():
+    """Cancelling does not stop a running task: the writer waits for it before removing
+    its folder, or the task would write into the folder after it was removed."""
+    import time
+
+    from dask.distributed import Client, LocalCluster
+
+    from ofstitch.distributed import _wait_until_stopped
+
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False,
+                      dashboard_address=None) as cluster, Client(cluster) as client:
+        future = client.submit(time.sleep, 1.5, pure=False)
+        while not client.processing()[next(iter(client.processing()))]:
+            time.sleep(0.02)  # until it runs
+        start = time.monotonic()
+        client.cancel([future])
+        _wait_until_stopped(client, {str(future.key)})
+        assert time.monotonic() - start > 0.5  # it waited for the sleep, not just the cancel
