@@ -13,11 +13,17 @@ edge (a linear ramp across each overlap).
 
 How it is built
 ---------------
-The mosaic is made in bands of output rows. For a band, each tile that touches
-it is cropped to the band and placed (``embed``); a label image (one byte per
-pixel, computed from the rule above) then picks, with ``case``, which tile
-each pixel comes from. The pixels themselves only ever pass through libvips.
-What the pixels are (an 8-bit rendering, or the tiles' own data) is a
+The mosaic is made in bands of output rows. Without blending,
+:class:`NearestPaster` pastes each tile's rows into a NumPy band in priority
+order, where the tile is nearer than every tile pasted before it: one float32
+distance per pixel and tile, and a masked copy of whole pixels as machine
+words (RGB pixels get a fourth, zero band: :func:`word_bands`). The tiles are
+decoded whole, once (:meth:`TileSource.decode`). With feathering, and on the
+Dask workers, libvips composes a band instead (:func:`compose_band`): each tile
+that touches it is cropped and placed (``embed``); a label image (one byte per
+pixel, from :func:`nearest_labels`, the same rule and arithmetic) picks, with
+``case``, which tile each pixel comes from, or the tiles are averaged. What
+the pixels are (an 8-bit rendering, or the tiles' own data) is a
 :class:`Pixels`. :mod:`ofstitch.render` streams the bands into the writers.
 """
 

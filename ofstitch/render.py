@@ -1,20 +1,26 @@
 """Rendering: the mosaic as one sequential pyvips image that the writers pull through.
 
-The bands of :mod:`ofstitch.compose` are chained into one sequential image
-(:func:`stream_mosaic`): an encoder reading it top to bottom makes libvips
-compose and evaluate one band at a time, and each band's operations are freed
-before the next band starts. A tile is decoded once (sequentially, top to
-bottom) while the bands still need it, then closed. Memory is bounded by one
-band of the mosaic plus the tiles that cross it, whatever the size of the
-mosaic. :class:`Mosaic` leaves out, with a warning, the tiles that turn out to
-be undecodable.
+The writers read the mosaic (:func:`stream_mosaic`) from an uncompressed
+BigTIFF that is made as libvips reads it, one strip per band of
+:mod:`ofstitch.compose`: its header says where every band's bytes lie, so
+libtiff asks for each band in one read. The bands are composed on a thread of
+their own, a little ahead of the reader. Without blending, each tile is
+decoded whole, once, on a small pool of threads (libvips releases the GIL) as
+the bands approach it, pasted into the bands that cross it with NumPy, and
+dropped when the bands have passed it. Memory is bounded by a few bands of the
+mosaic plus the decoded tiles that cross the current band (for a scan of 820 x
+616 px tiles, about two rows of tiles at 2 MB a tile), whatever the number of
+rows of tiles. :class:`Mosaic` leaves out, with a warning, the tiles that turn
+out to be undecodable.
 """
 
 from __future__ import annotations
 
 import bisect
+import collections
 import contextlib
 import functools
+import itertools
 import logging
 import math
 import os
@@ -148,11 +154,12 @@ class _TiffStream:
         # Signals that arrived while libvips renders (see _deferred_signals): the stream
         # then ends at once, and Mosaic.write delivers them when libvips has returned.
         self.signals: list[int] = []
-        self.queue: queue.Queue = queue.Queue(maxsize=2)
+        self.queue: queue.Queue = queue.Queue(maxsize=1)
         self.stopped = threading.Event()
         self.thread: threading.Thread | None = None
         self.threads = max(1, min(4, os.cpu_count() or 1))
         self.pool: ThreadPoolExecutor | None = None
+        self.band_height = band_height
         self.decode_ahead = band_height  # rows below a band whose tiles decode meanwhile
 
     def read(self, size: int) -> bytes | memoryview:
@@ -225,41 +232,46 @@ class _TiffStream:
         except BaseException as exc:
             self._put(exc)
 
+    def _decode_by_band(self, i: int) -> collections.deque[np.ndarray]:
+        """Tile ``i`` decoded, cut into the rows each band it crosses takes (copies, so that
+        each piece is freed as soon as its band is composed)."""
+        tile = self.source.decode(i)
+        ty, step = int(self.layout.top_left[i, 0]), self.band_height
+        cuts = [ty, *range((ty // step + 1) * step, ty + len(tile), step), ty + len(tile)]
+        return collections.deque(tile[a - ty:b - ty].copy() for a, b in itertools.pairwise(cuts))
+
     def _nearest_bands(self) -> Iterator[tuple[tuple[int, int], np.ndarray]]:
         """The bands of the nearest-centre mosaic, pasted with NumPy from tiles decoded
-        whole on the pool, a band ahead of the one being composed, and dropped once
-        the bands have passed them."""
+        on the pool a band ahead of the one being composed."""
         if self.pool is None:
             self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="ofstitch-decode")
-        layout, (th, _) = self.layout, self.layout.tile_shape
+        layout = self.layout
         top = layout.top_left[:, 0]
         order = [int(i) for i in priority_order(layout) if int(i) not in self.skip]  # by top
         paster = NearestPaster(layout)
         decoded: dict[int, Future] = {}
         started = 0
-        height = max((r1 - r0 for r0, r1 in self.bands), default=0)
-        shape = (height, layout.size[1])
+        shape = (max((r1 - r0 for r0, r1 in self.bands), default=0), layout.size[1])
         best_buffer = np.empty(shape, dtype=np.float32)
-        # Band buffers, reused in turn once the reader is done with them: one composing,
-        # the queued ones, the one being read, and one to spare.
+        # Band buffers, reused in turn once the reader is done with them: the one being
+        # composed, the queued ones, and the one being read.
         ring = [np.empty((*shape, word_bands(self.pixels)), dtype=self.pixels.dtype)
-                for _ in range(self.queue.maxsize + 3)]
+                for _ in range(self.queue.maxsize + 2)]
         for k, rows in enumerate(self.bands):
             r0, r1 = rows
             while started < len(order) and top[order[started]] < r1 + self.decode_ahead:
-                decoded[order[started]] = self.pool.submit(self.source.decode, order[started])
+                decoded[order[started]] = self.pool.submit(self._decode_by_band, order[started])
                 started += 1
             out, best = ring[k % len(ring)][:r1 - r0], best_buffer[:r1 - r0]
             out.fill(0)
             best.fill(np.inf)
             words = pixel_view(out)
             for i in band_members(layout, rows, self.skip):
-                ty = int(top[i])
-                tile = decoded[i].result()[max(r0, ty) - ty:min(r1, ty + th) - ty]
-                paster.paste(words, best, r0, i, pixel_view(tile))
-            for i in [i for i in decoded if top[i] + th <= r1]:  # the bands have passed it
-                del decoded[i]
-                paster.forget(i)
+                pieces = decoded[i].result()
+                paster.paste(words, best, r0, i, pixel_view(pieces.popleft()))
+                if not pieces:  # the tile's last band
+                    del decoded[i]
+                    paster.forget(i)
             yield rows, out
 
     def _blended_band(self, rows: tuple[int, int]) -> np.ndarray:
