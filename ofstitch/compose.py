@@ -305,8 +305,8 @@ def band_members(layout: Layout, rows: tuple[int, int],
 
 
 def word_bands(pixels: Pixels) -> int:
-    """The bands a tile is read with for :func:`paste_nearest`: RGB pixels of 1 or 2 bytes a
-    sample get a fourth (zero) band, so that each pixel is one machine word."""
+    """The bands a tile is decoded with for :class:`NearestPaster`: RGB pixels of 1 or 2 bytes
+    a sample get a fourth (zero) band, so that each pixel is one machine word."""
     return 4 if pixels.bands == 3 and pixels.dtype.itemsize in (1, 2) else pixels.bands
 
 
