@@ -294,16 +294,6 @@ def compose_band(source: TileSource, layout: Layout, rows: tuple[int, int], *,
 
 
 
-def band_members(layout: Layout, rows: tuple[int, int],
-                 skip: frozenset[int] | set[int] = frozenset()) -> list[int]:
-    """The tiles that cross rows ``[r0, r1)``, in priority order, less ``skip``."""
-    r0, r1 = rows
-    th = layout.tile_shape[0]
-    top = layout.top_left[:, 0]
-    return [int(i) for i in priority_order(layout)
-            if top[i] < r1 and top[i] + th > r0 and int(i) not in skip]
-
-
 def word_bands(pixels: Pixels) -> int:
     """The bands a tile is decoded with for :class:`NearestPaster`: RGB pixels of 1 or 2 bytes
     a sample get a fourth (zero) band, so that each pixel is one machine word."""

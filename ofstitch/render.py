@@ -44,7 +44,6 @@ from .compose import (  # noqa: F401  (the composition, re-exported for render's
     NearestPaster,
     Pixels,
     TileSource,
-    band_members,
     band_rows,
     compose,
     compose_band,
@@ -245,9 +244,10 @@ class _TiffStream:
         on the pool a band ahead of the one being composed."""
         if self.pool is None:
             self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="ofstitch-decode")
-        layout = self.layout
+        layout, th = self.layout, self.layout.tile_shape[0]
         top = layout.top_left[:, 0]
         order = [int(i) for i in priority_order(layout) if int(i) not in self.skip]  # by top
+        tops = top[order]  # sorted: the tiles crossing a band are a run of ``order``
         paster = NearestPaster(layout)
         decoded: dict[int, Future] = {}
         started = 0
@@ -266,7 +266,8 @@ class _TiffStream:
             out.fill(0)
             best.fill(np.inf)
             words = pixel_view(out)
-            for i in band_members(layout, rows, self.skip):
+            first, end = np.searchsorted(tops, r0 - th, "right"), np.searchsorted(tops, r1)
+            for i in order[first:end]:
                 pieces = decoded[i].result()
                 paster.paste(words, best, r0, i, pixel_view(pieces.popleft()))
                 if not pieces:  # the tile's last band
