@@ -13,11 +13,17 @@ edge (a linear ramp across each overlap).
 
 How it is built
 ---------------
-The mosaic is made in bands of output rows. For a band, each tile that touches
-it is cropped to the band and placed (``embed``); a label image (one byte per
-pixel, computed from the rule above) then picks, with ``case``, which tile
-each pixel comes from. The pixels themselves only ever pass through libvips.
-What the pixels are (an 8-bit rendering, or the tiles' own data) is a
+The mosaic is made in bands of output rows. Without blending,
+:class:`NearestPaster` pastes each tile's rows into a NumPy band in priority
+order, where the tile is nearer than every tile pasted before it: one float32
+distance per pixel and tile, and a masked copy of whole pixels as machine
+words (RGB pixels get a fourth, zero band: :func:`word_bands`). The tiles are
+decoded whole, once (:meth:`TileSource.decode`). With feathering, and on the
+Dask workers, libvips composes a band instead (:func:`compose_band`): each tile
+that touches it is cropped and placed (``embed``); a label image (one byte per
+pixel, from :func:`nearest_labels`, the same rule and arithmetic) picks, with
+``case``, which tile each pixel comes from, or the tiles are averaged. What
+the pixels are (an 8-bit rendering, or the tiles' own data) is a
 :class:`Pixels`. :mod:`ofstitch.render` streams the bands into the writers.
 """
 
@@ -224,14 +230,28 @@ class TileSource:
         self.paths, self.layout, self.pixels = paths, layout, pixels
         self.open: dict[int, pyvips.Image] = {}
 
+    def image(self, i: int) -> pyvips.Image:
+        """Tile ``i`` as a lazy, sequential pyvips image of ``pixels`` (opened anew)."""
+        flat = self.pixels.flat
+        return tiles.tile_image(
+            self.paths[i], self.layout.scale, self.layout.tile_shape,
+            levels=self.pixels.levels, fmt=self.pixels.fmt, bands=self.pixels.bands,
+            flat=flat.image(self.layout.tile_shape) if flat is not None else None)
+
     def __call__(self, i: int) -> pyvips.Image:
         if i not in self.open:
-            flat = self.pixels.flat
-            self.open[i] = tiles.tile_image(
-                self.paths[i], self.layout.scale, self.layout.tile_shape,
-                levels=self.pixels.levels, fmt=self.pixels.fmt, bands=self.pixels.bands,
-                flat=flat.image(self.layout.tile_shape) if flat is not None else None)
+            self.open[i] = self.image(i)
         return self.open[i]
+
+    def decode(self, i: int) -> np.ndarray:
+        """Tile ``i``'s pixels, ``(h, w, bands)`` of ``pixels``' data type with the bands of
+        :func:`word_bands` (decoded whole: libvips keeps no buffers for it afterwards)."""
+        image = self.image(i)
+        bands = word_bands(self.pixels)
+        if bands > image.bands:
+            image = image.bandjoin_const([0] * (bands - image.bands))
+        return np.frombuffer(image.write_to_memory(), dtype=self.pixels.dtype).reshape(
+            image.height, image.width, bands)
 
     def forget_above(self, row: int) -> None:
         """Close the tiles that end above ``row``."""
@@ -272,6 +292,72 @@ def compose_band(source: TileSource, layout: Layout, rows: tuple[int, int], *,
     return band
 
 
+
+
+def word_bands(pixels: Pixels) -> int:
+    """The bands a tile is decoded with for :class:`NearestPaster`: RGB pixels of 1 or 2 bytes
+    a sample get a fourth (zero) band, so that each pixel is one machine word."""
+    return 4 if pixels.bands == 3 and pixels.dtype.itemsize in (1, 2) else pixels.bands
+
+
+def pixel_view(array: np.ndarray) -> np.ndarray:
+    """``array`` ``(h, w, bands)`` (its last axis contiguous) as one machine word per pixel,
+    ``(h, w)``, when its pixels are 1, 2, 4 or 8 bytes (a masked copy of words is several
+    times faster than one of bytes); else ``array`` itself."""
+    size = array.shape[-1] * array.dtype.itemsize
+    if size not in (1, 2, 4, 8):
+        return array
+    return array.view(f"u{size}").reshape(array.shape[:-1])
+
+
+class NearestPaster:
+    """Pastes tiles' rows into bands of the mosaic by the nearest-centre rule (NumPy).
+
+    :meth:`paste`, called for a band's tiles in priority order, gives each pixel
+    the tile of :func:`nearest_labels` (the same float32 arithmetic, ties to the
+    earlier tile). Each tile's squared row and column offsets from its centre
+    are computed once, for all the bands it crosses (:meth:`forget` drops them).
+    """
+
+    def __init__(self, layout: Layout) -> None:
+        self.layout = layout
+        self._squares: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+    def _offsets(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        if i not in self._squares:
+            (ty, tx), (th, tw) = self.layout.top_left[i], self.layout.tile_shape
+            cy, cx = (np.float32(v) for v in self.layout.centre[i])
+            rows = np.arange(ty, ty + th, dtype=np.float32) + 0.5 - cy
+            cols = np.arange(tx, tx + tw, dtype=np.float32) + 0.5 - cx
+            self._squares[i] = rows ** 2, cols ** 2
+        return self._squares[i]
+
+    def forget(self, i: int) -> None:
+        self._squares.pop(i, None)
+
+    def paste(self, out: np.ndarray, best: np.ndarray, r0: int, i: int, part: np.ndarray
+              ) -> None:
+        """Paste tile ``i``'s rows ``part`` into the band ``out`` (whose first row is mosaic
+        row ``r0``) where it is the nearest tile so far; ``best`` holds each pixel's
+        squared distance to its nearest tile so far (``inf`` where none).
+
+        ``part`` is the tile's rows that the band holds, ``(rows, tile width[, bands])``
+        as ``out`` is ``(band rows, mosaic width[, bands])`` (see :func:`pixel_view`).
+        """
+        ty, tx = (int(v) for v in self.layout.top_left[i])
+        y0 = max(r0, ty)
+        y1 = y0 + part.shape[0]
+        x0, x1 = max(0, tx), min(out.shape[1], tx + part.shape[1])
+        if y0 >= y1 or x0 >= x1:
+            return
+        rows2, cols2 = self._offsets(i)
+        dist = np.add.outer(rows2[y0 - ty:y1 - ty], cols2[x0 - tx:x1 - tx])
+        region = best[y0 - r0:y1 - r0, x0:x1]
+        nearer = dist < region
+        np.minimum(region, dist, out=region)  # dist where nearer: the same as a masked copy
+        if out.ndim == 3:
+            nearer = nearer[..., None]
+        np.copyto(out[y0 - r0:y1 - r0, x0:x1], part[:, x0 - tx:x1 - tx], where=nearer)
 
 
 def compose(paths: Sequence[Path], layout: Layout, *, blend: Blend = "none",

@@ -1,18 +1,26 @@
 """Rendering: the mosaic as one sequential pyvips image that the writers pull through.
 
-The bands of :mod:`ofstitch.compose` are chained into one sequential image
-(:func:`stream_mosaic`): an encoder reading it top to bottom makes libvips
-compose and evaluate one band at a time, and each band's operations are freed
-before the next band starts. A tile is decoded once (sequentially, top to
-bottom) while the bands still need it, then closed. Memory is bounded by one
-band of the mosaic plus the tiles that cross it, whatever the size of the
-mosaic. :class:`Mosaic` leaves out, with a warning, the tiles that turn out to
-be undecodable.
+The writers read the mosaic (:func:`stream_mosaic`) from an uncompressed
+BigTIFF that is made as libvips reads it, one strip per band of
+:mod:`ofstitch.compose`: its header says where every band's bytes lie, so
+libtiff asks for each band in one read. The bands are composed on a thread of
+their own, a little ahead of the reader. Without blending, each tile is
+decoded whole, once, on a small pool of threads (libvips releases the GIL) as
+the bands approach it, pasted into the bands that cross it with NumPy, and
+dropped when the bands have passed it. Memory is bounded by a few bands of the
+mosaic plus the decoded tiles that cross the current band (for a scan of 820 x
+616 px tiles, about two rows of tiles at 2 MB a tile), whatever the number of
+rows of tiles. :class:`Mosaic` leaves out, with a warning, the tiles that turn
+out to be undecodable.
 """
 
 from __future__ import annotations
 
+import bisect
+import collections
 import contextlib
+import functools
+import itertools
 import logging
 import math
 import os
@@ -22,9 +30,8 @@ import struct
 import sys
 import threading
 import warnings
-import zlib
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +41,7 @@ from . import tiles
 from .compose import (  # noqa: F401  (the composition, re-exported for render's users)
     Blend,
     Layout,
+    NearestPaster,
     Pixels,
     TileSource,
     band_rows,
@@ -43,8 +51,10 @@ from .compose import (  # noqa: F401  (the composition, re-exported for render's
     feather_weight,
     make_layout,
     nearest_labels,
+    pixel_view,
     priority_order,
     scale_for_width,
+    word_bands,
 )
 from .errors import OfstitchWarning, SettingError
 from .settings import BLENDS
@@ -52,38 +62,76 @@ from .settings import BLENDS
 log = logging.getLogger(__name__)
 
 PREVIEW_WIDTH = 1000
-FETCH_WIDTH = 256  # columns of a band computed at a time
-_KEEP = 4 << 20  # bytes of the PNG stream kept behind the reader
+FETCH_WIDTH = 256  # columns of a blended band computed at a time
+
+_TIFF_SAMPLE_FORMAT = {"u": 1, "i": 2, "f": 3}  # TIFF's SampleFormat of a NumPy kind
 
 
-def _png_geometry(pixels: Pixels, width: int) -> tuple[int, int, int]:
-    """``(PNG width, bit depth, colour type)`` of the stream that carries a mosaic.
+def _tiff_header(size: tuple[int, int], bands: int, dtype: np.dtype,
+                 strip_rows: Sequence[tuple[int, int]]) -> tuple[bytes, list[int]]:
+    """The header of an uncompressed BigTIFF in the machine's byte order whose strips are
+    the bands ``strip_rows``, and the offset of each strip (they follow the header).
 
-    8-bit mosaics are plain grey or RGB PNGs. Any other pixel format travels as
-    the bytes of its rows, read as 16-bit grey samples (:func:`_unpack` turns
-    them back), so that every value arrives exactly.
+    ``bands`` samples a pixel of ``dtype``; a fourth band of an RGB image is an extra
+    sample (``_unpack`` drops it).
     """
-    if pixels.fmt == "uchar":
-        return width, 8, 2 if pixels.bands == 3 else 0
-    return width * pixels.bands * pixels.dtype.itemsize // 2, 16, 0
+    order = "<" if sys.byteorder == "little" else ">"
+    height, width = size
+    bpp = bands * dtype.itemsize
+    counts = [(r1 - r0) * width * bpp for r0, r1 in strip_rows]
+    short, long_, long8 = 3, 4, 16  # TIFF field types
+
+    def inline(fmt: str, values: Sequence[int]) -> bytes:  # a value held in the entry
+        return struct.pack(f"{order}{len(values)}{fmt}", *values).ljust(8, b"\0")
+
+    entries = [(256, long_, 1, inline("I", [width])), (257, long_, 1, inline("I", [height])),
+               (258, short, bands, inline("H", [8 * dtype.itemsize] * bands)),
+               (259, short, 1, inline("H", [1])),  # no compression
+               (262, short, 1, inline("H", [2 if bands >= 3 else 1])),  # RGB or grey
+               (273, long8, len(counts), None),  # strip offsets
+               (277, short, 1, inline("H", [bands])),
+               (278, long_, 1, inline("I", [strip_rows[0][1] - strip_rows[0][0]])),
+               (279, long8, len(counts), None)]  # strip byte counts
+    if bands == 4:
+        entries.append((338, short, 1, inline("H", [0])))  # an unspecified extra sample
+    entries.append((339, short, bands, inline("H", [_TIFF_SAMPLE_FORMAT[dtype.kind]] * bands)))
+    # The strips' offsets and byte counts: arrays after the IFD, or in their entries
+    # when there is one strip (BigTIFF keeps a value of 8 bytes or fewer in its entry).
+    n_arrays = 2 if len(counts) > 1 else 0
+    arrays = 16 + 8 + 20 * len(entries) + 8  # after the header and the IFD
+    data = arrays + n_arrays * 8 * len(counts)
+    offsets = [int(o) for o in np.cumsum([data] + counts[:-1])]
+    pack = functools.partial(struct.pack, f"{order}{len(counts)}Q")
+    if n_arrays:
+        where = {273: struct.pack(f"{order}Q", arrays),
+                 279: struct.pack(f"{order}Q", arrays + 8 * len(counts))}
+    else:
+        where = {273: pack(*offsets), 279: pack(*counts)}
+    ifd = struct.pack(f"{order}Q", len(entries)) + b"".join(
+        struct.pack(f"{order}HHQ", tag, kind, count) + (where[tag] if value is None else value)
+        for tag, kind, count, value in entries) + struct.pack(f"{order}Q", 0)
+    head = (b"II" if order == "<" else b"MM") + struct.pack(f"{order}HHHQ", 43, 8, 0, 16)
+    header = head + ifd + (pack(*offsets) + pack(*counts) if n_arrays else b"")
+    assert len(header) == data
+    return header, offsets
 
 
 def _unpack(image: pyvips.Image, pixels: Pixels) -> pyvips.Image:
-    """The mosaic from the image its stream decodes to (see :func:`_png_geometry`)."""
-    if pixels.fmt != "uchar":
-        per_pixel = pixels.bands * pixels.dtype.itemsize // 2  # 16-bit samples
-        if per_pixel > 1:
-            image = image.bandfold(factor=per_pixel)
-        image = image.copy(format=pixels.fmt, bands=pixels.bands)
+    """The mosaic from the image its stream decodes to (less the extra band of
+    :func:`~ofstitch.compose.word_bands`)."""
+    if image.bands > pixels.bands:
+        image = image.extract_band(0, n=pixels.bands)
     return image.copy(interpretation=pixels.interpretation)
 
 
-class _PngStream:
-    """An uncompressed PNG of the mosaic, made band by band as a reader asks for bytes.
+class _TiffStream:
+    """An uncompressed BigTIFF of the mosaic, one strip a band, made as a reader asks.
 
-    Each band is composed by pyvips from the tiles it touches and evaluated
-    into memory on its own, so that libvips frees everything a band used
-    before the next one starts: memory is bounded by one band.
+    The header, written first, says where each band's bytes lie, so the file is
+    known before its pixels exist. Bands are composed on a thread of their own
+    (:meth:`_produce`) a little ahead of the reader, and each is dropped once
+    read: memory is bounded by a few bands. libtiff reads a whole strip at a
+    time, so each band crosses into libvips in one piece.
     """
 
     def __init__(self, paths: Sequence[Path], layout: Layout, *, blend: Blend,
@@ -94,44 +142,45 @@ class _PngStream:
         self.source = TileSource(paths, layout, pixels)
         self.bands = band_rows(layout, band_height)
         self.weight = feather_weight(layout) if blend == "feather" else None
-        height, width = layout.size
-        png_width, depth, colour = _png_geometry(pixels, width)
-        ihdr = struct.pack(">IIBBBBB", png_width, height, depth, colour, 0, 0, 0)
-        self.base = self.pos = 0  # absolute offsets of buffer[0] and of the reader
-        self.buffer = bytearray(b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr))
-        self.deflate = zlib.compressobj(0)
+        self.header, self.starts = _tiff_header(layout.size, word_bands(pixels), pixels.dtype,
+                                                self.bands)
+        bpp = word_bands(pixels) * pixels.dtype.itemsize
+        self.length = len(self.header) + layout.size[0] * layout.size[1] * bpp
+        self.pos = 0  # the reader's offset
+        self.held: tuple[int, memoryview] | None = None  # (band, its bytes)
         self.done = False
         self.error: BaseException | None = None
         # Signals that arrived while libvips renders (see _deferred_signals): the stream
         # then ends at once, and Mosaic.write delivers them when libvips has returned.
         self.signals: list[int] = []
-        self.queue: queue.Queue = queue.Queue(maxsize=2)
+        self.queue: queue.Queue = queue.Queue(maxsize=1)
         self.stopped = threading.Event()
         self.thread: threading.Thread | None = None
         self.threads = max(1, min(4, os.cpu_count() or 1))
         self.pool: ThreadPoolExecutor | None = None
+        self.band_height = band_height
+        self.decode_ahead = band_height  # rows below a band whose tiles decode meanwhile
 
-    def read(self, size: int) -> bytes:
+    def read(self, size: int) -> bytes | memoryview:
         if self.signals:  # stopping: libvips sees the stream end and gives up
             return b""
-        while self.base + len(self.buffer) < self.pos + size and not self.done:
-            self._next()
-        start = self.pos - self.base
-        out = bytes(self.buffer[start:start + size])
+        if self.pos < len(self.header):
+            out = self.header[self.pos:self.pos + size]
+        else:
+            k = bisect.bisect_right(self.starts, self.pos) - 1
+            while not self.done and (self.held is None or self.held[0] < k):
+                self._next()
+            if self.held is None or self.held[0] != k:
+                return b""  # ended early (an error), or a band already dropped
+            offset = self.pos - self.starts[k]
+            out = self.held[1][offset:offset + size]
         self.pos += len(out)
-        if self.pos - self.base > 2 * _KEEP:  # keep a little behind, for a rewind
-            drop = self.pos - self.base - _KEEP
-            del self.buffer[:drop]
-            self.base += drop
         return out
 
     def seek(self, offset: int, whence: int) -> int:
-        """Seeks within the bytes still held (libvips rewinds after reading the header).
-
-        Being seekable keeps libvips from saving every byte read for a rewind.
-        """
-        target = {0: offset, 1: self.pos + offset}.get(whence, -1)
-        if not self.base <= target <= self.base + len(self.buffer):
+        """Seeks anywhere in the file (reading goes forward, one strip after the other)."""
+        target = {0: offset, 1: self.pos + offset, 2: self.length + offset}.get(whence, -1)
+        if not 0 <= target <= self.length:
             return -1
         self.pos = target
         return target
@@ -142,7 +191,7 @@ class _PngStream:
         if self.thread is not None:
             self.thread.join()
         if self.pool is not None:
-            self.pool.shutdown()
+            self.pool.shutdown(cancel_futures=True)
 
     def _next(self) -> None:
         if self.thread is None:
@@ -155,7 +204,7 @@ class _PngStream:
         elif isinstance(item, BaseException):  # reported by Mosaic.write
             self.error, self.done = item, True
         else:
-            self.buffer += item
+            self.held = item
 
     def _put(self, item) -> None:
         while not self.stopped.is_set():
@@ -169,28 +218,75 @@ class _PngStream:
         """Compose the bands in order (on this thread, outside libvips' own workers, so
         that libvips frees each band's memory) and queue their bytes."""
         try:
-            for k, rows in enumerate(self.bands):
+            bands = self._nearest_bands() if self.blend == "none" else (
+                (rows, self._blended_band(rows)) for rows in self.bands)
+            for k, (rows, band) in enumerate(bands):
                 if self.stopped.is_set():
                     return
-                data = self._band_bytes(rows)
+                self.source.forget_above(rows[1])
                 if self.progress is not None:  # before the reader can have the band
                     self.progress(k + 1, len(self.bands))
-                self._put(data)
-            self._put(self._idat(self.deflate.flush()) + _png_chunk(b"IEND", b""))
+                self._put((k, memoryview(band.reshape(-1).view(np.uint8))))
             self._put(None)
         except BaseException as exc:
             self._put(exc)
 
-    def _band_bytes(self, rows: tuple[int, int]) -> bytes:
+    def _decode_by_band(self, i: int) -> collections.deque[np.ndarray]:
+        """Tile ``i`` decoded, cut into the rows each band it crosses takes (copies, so that
+        each piece is freed as soon as its band is composed)."""
+        tile = self.source.decode(i)
+        ty, step = int(self.layout.top_left[i, 0]), self.band_height
+        cuts = [ty, *range((ty // step + 1) * step, ty + len(tile), step), ty + len(tile)]
+        return collections.deque(tile[a - ty:b - ty].copy() for a, b in itertools.pairwise(cuts))
+
+    def _nearest_bands(self) -> Iterator[tuple[tuple[int, int], np.ndarray]]:
+        """The bands of the nearest-centre mosaic, pasted with NumPy from tiles decoded
+        on the pool a band ahead of the one being composed."""
+        if self.pool is None:
+            self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="ofstitch-decode")
+        layout, th = self.layout, self.layout.tile_shape[0]
+        top = layout.top_left[:, 0]
+        order = [int(i) for i in priority_order(layout) if int(i) not in self.skip]  # by top
+        tops = top[order]  # sorted: the tiles crossing a band are a run of ``order``
+        paster = NearestPaster(layout)
+        decoded: dict[int, Future] = {}
+        started = 0
+        shape = (max((r1 - r0 for r0, r1 in self.bands), default=0), layout.size[1])
+        best_buffer = np.empty(shape, dtype=np.float32)
+        # Band buffers, reused in turn once the reader is done with them: the one being
+        # composed, the queued ones, and the one being read.
+        ring = [np.empty((*shape, word_bands(self.pixels)), dtype=self.pixels.dtype)
+                for _ in range(self.queue.maxsize + 2)]
+        for k, rows in enumerate(self.bands):
+            r0, r1 = rows
+            while started < len(order) and top[order[started]] < r1 + self.decode_ahead:
+                decoded[order[started]] = self.pool.submit(self._decode_by_band, order[started])
+                started += 1
+            out, best = ring[k % len(ring)][:r1 - r0], best_buffer[:r1 - r0]
+            out.fill(0)
+            best.fill(np.inf)
+            words = pixel_view(out)
+            first, end = np.searchsorted(tops, r0 - th, "right"), np.searchsorted(tops, r1)
+            for i in order[first:end]:
+                pieces = decoded[i].result()
+                paster.paste(words, best, r0, i, pixel_view(pieces.popleft()))
+                if not pieces:  # the tile's last band
+                    del decoded[i]
+                    paster.forget(i)
+            yield rows, out
+
+    def _blended_band(self, rows: tuple[int, int]) -> np.ndarray:
         band = compose_band(self.source, self.layout, rows, blend=self.blend, skip=self.skip,
                             weight=self.weight)
+        bands = word_bands(self.pixels)
+        if bands > band.bands:
+            band = band.bandjoin_const([0] * (bands - band.bands))
         # A region fetch, not a sink: a sink would end by "minimising" the tiles
         # (dropping their sequential read caches), and the next band could not
         # resume reading them. Fetched in pieces, so that each operation's
         # buffers stay small.
         h, w = band.height, band.width
-        bpp = self.pixels.bands * self.pixels.dtype.itemsize  # bytes per pixel
-        scanlines = np.zeros((h, bpp * w + 1), dtype=np.uint8)  # filter type 0 (none)
+        out = np.empty((h, w, bands), dtype=self.pixels.dtype)
         pieces = [(x, min(FETCH_WIDTH, w - x)) for x in range(0, w, FETCH_WIDTH)]
         n_threads = min(self.threads, len(pieces))
         per_thread = math.ceil(len(pieces) / n_threads)
@@ -198,8 +294,8 @@ class _PngStream:
         def fetch(share: list[tuple[int, int]]) -> None:  # one region per thread
             region = pyvips.Region.new(band)
             for x, n in share:
-                piece = np.frombuffer(region.fetch(x, 0, n, h), dtype=np.uint8)
-                scanlines[:, 1 + bpp * x:1 + bpp * (x + n)] = piece.reshape(h, bpp * n)
+                out[:, x:x + n] = np.frombuffer(region.fetch(x, 0, n, h), dtype=out.dtype
+                                                ).reshape(h, n, bands)
 
         shares = [pieces[k:k + per_thread] for k in range(0, len(pieces), per_thread)]
         if len(shares) == 1:
@@ -208,22 +304,7 @@ class _PngStream:
             if self.pool is None:  # the same few threads for every band
                 self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="ofstitch-fetch")
             list(self.pool.map(fetch, shares))
-        if self.pixels.fmt != "uchar" and sys.byteorder == "little":  # PNG is big-endian
-            samples = scanlines[:, 1:].reshape(h, -1, 2)
-            samples[:] = samples[:, :, ::-1].copy()
-        data = self._idat(self.deflate.compress(scanlines.data))
-        self.source.forget_above(rows[1])
-        return data
-
-    @staticmethod
-    def _idat(data: bytes) -> bytes:
-        return b"".join(_png_chunk(b"IDAT", data[k:k + (1 << 20)])
-                        for k in range(0, len(data), 1 << 20))
-
-
-def _png_chunk(kind: bytes, data: bytes) -> bytes:
-    return (struct.pack(">I", len(data)) + kind + data
-            + struct.pack(">I", zlib.crc32(data, zlib.crc32(kind))))
+        return out
 
 
 @contextlib.contextmanager
@@ -251,7 +332,7 @@ def _deferred_signals(record: list[int]) -> Iterator[None]:
 def stream_mosaic(paths: Sequence[Path], layout: Layout, *, blend: Blend = "none",
                   pixels: Pixels = Pixels(), skip: frozenset[int] | set[int] = frozenset(),
                   progress: Callable[[int, int], None] | None = None,
-                  band_height: int = 128) -> tuple[pyvips.Image, _PngStream]:
+                  band_height: int = 128) -> tuple[pyvips.Image, _TiffStream]:
     """The mosaic as a sequential pyvips image that composes itself band by band.
 
     Returns the image and its stream (whose ``error`` holds an exception raised
@@ -259,8 +340,8 @@ def stream_mosaic(paths: Sequence[Path], layout: Layout, *, blend: Blend = "none
     """
     if blend not in BLENDS:
         raise SettingError("blend", f"must be one of {', '.join(BLENDS)}, got {blend!r}")
-    stream = _PngStream(paths, layout, blend=blend, pixels=pixels, skip=skip,
-                        progress=progress, band_height=band_height)
+    stream = _TiffStream(paths, layout, blend=blend, pixels=pixels, skip=skip,
+                         progress=progress, band_height=band_height)
     source = pyvips.SourceCustom()
     source.on_read(stream.read)
     source.on_seek(stream.seek)

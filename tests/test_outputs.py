@@ -128,11 +128,14 @@ def test_streamed_bands_equal_the_whole_mosaic(exact_scan):
 
 
 @pytest.mark.parametrize("pixels", [render.Pixels(), render.Pixels.data(np.uint16, 1),
+                                    render.Pixels.data(np.uint16, 3),
+                                    render.Pixels.data(np.int16, 1),
                                     render.Pixels.data(np.float32, 3)],
-                         ids=["rgb8", "grey16", "float-rgb"])
+                         ids=["rgb8", "grey16", "rgb16", "grey-int16", "float-rgb"])
 def test_streamed_mosaic_equals_the_whole_one_in_every_pixel_format(exact_scan, pixels):
-    """The streamed bands (through the PNG stream) give the whole composition exactly:
-    every pixel format, a scale, a tile left out."""
+    """The streamed bands (pasted with NumPy, through the TIFF stream) give the whole
+    composition (libvips' ``case``) exactly: every pixel format (padded to a machine word
+    or not), a scale, a tile left out."""
     _, paths, truth, _ = exact_scan
     layout = render.make_layout(truth, TILE_SHAPE, 0.7)
     whole = render.compose(paths, layout, pixels=pixels, skip={5}).numpy()
