@@ -54,7 +54,11 @@ def _journal_lines(journal) -> int:
 
 def test_kill_9_mid_correlation_then_resume(big_scan, tmp_path):
     folder = _copy(big_scan, tmp_path / "killed")
-    proc = subprocess.Popen(_cli(folder, "--stitching-mode", "only-correlate"),
+    # Whole tiles: binned strips correlate these 20 tiles in about a second, which can end
+    # before the journal has two flushes to kill between.
+    whole = StitchSettings(correlation=CorrelationSettings(search_margin=0))
+    proc = subprocess.Popen(_cli(folder, "--stitching-mode", "only-correlate",
+                                 "--search-margin", "0"),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     journal = folder / JOURNAL
     _wait_until(proc, lambda: _journal_lines(journal) >= 2)
@@ -66,7 +70,7 @@ def test_kill_9_mid_correlation_then_resume(big_scan, tmp_path):
     lines = [json.loads(line) for line in journal.read_text().splitlines() if line.strip()]
     assert sum(len(v) for line in lines for v in line.values()) >= 2
 
-    resumed = ofstitch.register(folder)
+    resumed = ofstitch.register(folder, whole)
     files = resumed.scan.files
     real = {pair_key(files[a].key, files[b].key) for a, b in resumed.graph.pairs.tolist()}
     # The scan's own pairs in the journal (it also holds null pairs, which are not pairs).
@@ -77,7 +81,7 @@ def test_kill_9_mid_correlation_then_resume(big_scan, tmp_path):
     assert resumed.n_correlated > 0  # the kill really interrupted the work
     assert not journal.exists() and (folder / CACHE_NAME).is_file()
 
-    clean = ofstitch.register(_copy(big_scan, tmp_path / "clean"), use_cache=False)
+    clean = ofstitch.register(_copy(big_scan, tmp_path / "clean"), whole, use_cache=False)
     np.testing.assert_allclose(resumed.positions_px, clean.positions_px, atol=1e-6)
     np.testing.assert_allclose(resumed.quality, clean.quality, rtol=1e-6)
 
