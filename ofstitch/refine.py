@@ -26,6 +26,7 @@ import numpy as np
 from array_api_compat import array_namespace, is_numpy_namespace
 
 from .backends import to_host
+from .peaks import _parabolic_offset
 
 # Candidates refined per pair: the best-scored that could be used (score at least
 # REFINE_MIN_SCORE, place.MIN_SCORE), and the highest peak (the threshold search's reading).
@@ -115,11 +116,6 @@ def shift_sums(tile_a: Any, tile_b: Any, region: tuple[int, int, int, int],
     return out
 
 
-def _parabola(left: float, centre: float, right: float) -> float:
-    den = left - 2 * centre + right
-    return float(np.clip(0.5 * (left - right) / den, -0.5, 0.5)) if den < 0 else 0.0
-
-
 @dataclass
 class _Climb:
     """One reading's climb: its current centre, the region its sums are taken over and
@@ -180,8 +176,9 @@ def refine_shifts(pairs: np.ndarray, readings: np.ndarray, live_full: dict, binn
             v = [c.sums[(cy + dy, cx + dx)] for dy, dx in STENCIL]
             best = int(np.argmax(v))
             if best == 0:
-                fine = np.array([cy + _parabola(v[1], v[0], v[2]),
-                                 cx + _parabola(v[3], v[0], v[4])])
+                # The vertex along y (neighbours 1, 2) and x (3, 4), as the FFT peaks have.
+                fine = np.array([cy, cx]) + _parabolic_offset(
+                    np.array([v[1], v[3]]), np.array([v[0], v[0]]), np.array([v[2], v[4]]), np)
                 # A refinement that wanders from the coarse reading found another peak.
                 if np.abs(fine - readings[j]).max() <= binning:
                     out[j] = fine

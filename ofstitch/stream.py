@@ -232,8 +232,7 @@ def correlate_pairs(
     def decode(t: int) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
         if plan.refine:  # the full tile, and its bins for the coarse search
             full = tiles.read_grey(paths[t], 1.0, shape=plan.tile_shape)
-            (h, w), b = plan.scaled_shape, plan.binning
-            return full, full[:b * h, :b * w].reshape(h, b, w, b).mean(axis=(1, 3))
+            return full, correlate.bin_tiles(full[None], plan.binning)[0]
         return tiles.read_grey(paths[t], resize, shape=plan.tile_shape)
 
     live_full: dict[int, object] = {}  # coarse to fine: full-resolution detail (refine.detail)
