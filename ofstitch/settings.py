@@ -248,7 +248,8 @@ class StitchSettings:
     batch_pairs: int | None = field(default=None, metadata=_help(
         "Pairs correlated per batch. Default: sized from a memory budget."))
     workers: int | None = field(default=None, metadata=_help(
-        "Threads for decoding tiles and for CPU FFTs. Default: the number of CPUs."))
+        "Threads for decoding and filtering tiles, and batches of pairs correlated at once "
+        "on the CPU. Default: the number of CPUs."))
     scheduler: str | None = field(default=None, metadata=_help(
         "Address of a Dask scheduler (such as tcp://head:8786; also the environment "
         "variable OFSTITCH_SCHEDULER): the pairs are correlated by its workers, which read "

@@ -8,24 +8,30 @@ tiles are searched binned (strips: 2x2 from a 480 px short side, 4x4 from 2400 p
 whole tiles: 2x2 from 800 px), and the readings that could be used are refined at full
 resolution by direct correlation at neighbouring integer shifts (:mod:`ofstitch.refine`).
 An earlier refinement by a second, full-resolution strip FFT was measured and dropped: at
-100 tiles of 832x624 it cost as much as the search it saved. A tile
-stays on the device only
-while it still has unprocessed pairs. Pairs are taken
-in the graph's order (by first tile, in capture order), so for a raster or
-snake scan the live set stays about one scan row wide (one column for a
-column-first scan), and go through the kernels in batches sized from a memory
-budget.
-Only the per-pair results come back to the host: the highest peak's shift and quality, and
-:data:`CANDIDATES` candidate peaks, each scored by the normalised cross-correlation
-(NCC) of the two tiles' overlap at that shift.
+100 tiles of 832x624 it cost as much as the search it saved.
+
+A tile stays on the device only while it still has unprocessed pairs. Pairs are taken
+in the graph's order (by first tile, in capture order), so for a raster or snake scan the
+live set stays about one scan row wide (one column for a column-first scan), and go
+through the kernels (:func:`ofstitch.pairs.correlate_batch`) in batches sized from a
+memory budget. Only the per-pair results come back to the host: the highest peak's shift
+and quality, and :data:`CANDIDATES` candidate peaks, each scored by the normalised
+cross-correlation (NCC) of the two tiles' overlap at that shift.
+
+On the CPU every core works: each tile is filtered on the decode thread that decoded it,
+and the batches run on threads of their own, as many at once as there are workers (each
+with its share of the memory budget), their results yielded in order. On a device the
+tiles of a batch are filtered together after its one transfer, and batches run in turn.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import warnings
+from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -34,11 +40,23 @@ from typing import Any
 
 import numpy as np
 import scipy.fft
-from array_api_compat import array_namespace
 
-from . import correlate, overlap, refine, tiles
-from .backends import Backend, free_memory_bytes, to_device, to_host
+from . import correlate, refine, tiles
+from . import pairs as pairs_
+from .backends import Backend, free_memory_bytes, to_device
 from .errors import OfstitchWarning, SettingError
+from .pairs import (  # noqa: F401  (the pair kernels' names, as they were here)
+    CANDIDATES,
+    MIN_OVERLAP_FRACTION,
+    PRIOR_PEAKS,
+    PRIOR_RADIUS_FRACTION,
+    SCORE_BINNING,
+    SCORE_HIGH_PASS_SIGMA,
+    _correlate_strips,
+    _score_candidates,
+    strip_boxes,
+    strip_fft_length,
+)
 from .settings import CorrelationSettings, parse_memory
 
 log = logging.getLogger(__name__)
@@ -51,19 +69,6 @@ DEFAULT_GPU_FRACTION = {"time": 0.5, "memory": 0.25}
 # Device bytes per pair in a batch, in units of one real correlation array
 # (product spectrum, correlation, masks and temporaries of the peak search).
 ARRAYS_PER_PAIR = 10
-# Candidate peaks kept per pair, each scored by the normalised cross-correlation of the
-# tiles' overlap at that shift (robust placement chooses among them).
-CANDIDATES = 8
-# Of those, this many are the highest within PRIOR_RADIUS_FRACTION of the tile size (or
-# --corr-mask-radius) of the stage-predicted shift.
-PRIOR_PEAKS = 3
-PRIOR_RADIUS_FRACTION = 0.2
-# A candidate must leave at least this fraction of the stage-predicted overlap.
-MIN_OVERLAP_FRACTION = 0.2
-# Overlaps are scored on tiles binned SCORE_BINNING times and high-pass filtered at this
-# sigma (binned pixels; see correlate.score_tiles).
-SCORE_BINNING = 2
-SCORE_HIGH_PASS_SIGMA = 8.0
 # Smallest stage-error margin around the predicted overlap, in correlation pixels.
 MIN_MARGIN_PX = 16
 MIN_SCALED_SIDE = 16  # tiles smaller than this after --resize cannot be correlated
@@ -205,9 +210,11 @@ def correlate_pairs(
     m = len(pairs)
     if m == 0:
         return
-    if batch_pairs is None:
-        batch_pairs = plan.batch_pairs(budget_bytes or DEFAULT_BUDGET_BYTES["time"])
     workers = workers or os.cpu_count() or 1
+    on_host = backend.name == "numpy"
+    if batch_pairs is None:  # the budget is shared by the batches running at once
+        batch_pairs = plan.batch_pairs((budget_bytes or DEFAULT_BUDGET_BYTES["time"])
+                                       // (workers if on_host else 1))
     xp = backend.xp
     resize = plan.resize
 
@@ -235,20 +242,34 @@ def correlate_pairs(
             return full, correlate.bin_tiles(full[None], plan.binning)[0]
         return tiles.read_grey(paths[t], resize, shape=plan.tile_shape)
 
+    # On the CPU each tile is also filtered on the decode threads, so that the other cores
+    # filter tiles while pairs are correlated (pocketfft and NumPy's loops release the
+    # GIL); on a device the filters run batched, after the batch's one transfer.
+
+    def decode_and_prepare(t: int) -> _Prepared:
+        decoded = decode(t)
+        full, coarse = decoded if plan.refine else (None, decoded)
+        return _prepare(coarse[None], None if full is None else [full], plan, settings, backend)
+
     live_full: dict[int, object] = {}  # coarse to fine: full-resolution detail (refine.detail)
 
-    strips = plan.margin_px is not None
     prefetch_depth = max(2 * workers, 8)
     futures: dict[int, Future] = {}
     next_prefetch = 0
 
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ofstitch-decode") as pool:
+    # On the CPU the batches of pairs run on threads too, up to one per worker at once,
+    # each holding the tiles it reads; results are yielded in order.
+    in_flight = workers if on_host else 1
+    pending: deque[tuple[int, int, Future | tuple]] = deque()
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ofstitch-decode") as pool, \
+            ThreadPoolExecutor(max_workers=in_flight, thread_name_prefix="ofstitch-pairs") \
+            if in_flight > 1 else contextlib.nullcontext() as pair_pool:
 
         def prefetch(until: int) -> None:
             nonlocal next_prefetch
             while next_prefetch < min(until, len(first_use)):
                 t = first_use[next_prefetch]
-                futures[t] = pool.submit(decode, t)
+                futures[t] = pool.submit(decode_and_prepare if on_host else decode, t)
                 next_prefetch += 1
 
         for start in range(0, m, batch_pairs):
@@ -269,108 +290,98 @@ def correlate_pairs(
                     warnings.warn(f"{exc}; its pairs are placed from the stage only",
                                   OfstitchWarning, stacklevel=2)
                     bad_tiles.add(t)
-            if ok:
+            if ok and on_host:  # prepared on the decode threads
+                for t, prepared in zip(ok, arrays, strict=True):
+                    _keep_prepared(prepared, [t], live_spectra, live_tiles, live_full, xp)
+            elif ok:
                 fulls = None
                 if plan.refine:
                     fulls = [f for f, _ in arrays]
                     arrays = [coarse for _, coarse in arrays]
-                stack = to_device(np.stack(arrays), backend)
-                # Filtered once here: strips are cut per pair from the filtered tiles (a
-                # quarter of a padded spectrum each); whole tiles are transformed once.
-                # Binned tiles are filtered at --high-pass-sigma / sqrt(binning) binned px,
-                # between the same width in bins (at 10 binned px a faint, nearly blank
-                # tile of the 1000-tile scan lost its vertical readings) and in the tiles'
-                # own pixels (at 5 binned px the coarse peak of a pair of the graph-paper
-                # strip fell on the grid lines' next repeat, 3.7 px from the full-resolution one).
-                sigma = settings.high_pass_sigma / math.sqrt(plan.binning)
-                if plan.score_binning == 1:  # both filters from one transform
-                    filtered, scored = correlate.search_and_score_tiles(
-                        stack, high_pass_sigma=sigma, score_sigma=SCORE_HIGH_PASS_SIGMA)
-                else:
-                    scored = correlate.score_tiles(stack, high_pass_sigma=SCORE_HIGH_PASS_SIGMA,
-                                                   binning=plan.score_binning)
-                    filtered = (correlate.remove_background(stack, sigma)
-                                if sigma > 0 else stack)
-                _keep(live_tiles, ok, scored, xp)
-                del scored
-                if fulls is not None:  # one tile at a time: no stacked copy of full tiles
-                    for i, t in enumerate(ok):
-                        live_full[t] = refine.detail(to_device(fulls[i], backend), stack[i, ...],
-                                                     filtered[i, ...], plan.binning)
-                    del fulls
-                if strips:
-                    _keep(live_spectra, ok, filtered, xp)
-                else:
-                    _keep(live_spectra, ok, correlate.tile_spectra(
-                        filtered, fft_shape=plan.fft_shape, high_pass_sigma=0), xp)
-                del filtered
-                del stack
+                prepared = _prepare(to_device(np.stack(arrays), backend), fulls, plan, settings,
+                                    backend)
+                del arrays, fulls
+                _keep_prepared(prepared, ok, live_spectra, live_tiles, live_full, xp)
+                del prepared
+            if ok:
                 stats["tiles_transformed"] += len(ok)
             stats["max_live_spectra"] = max(stats["max_live_spectra"], len(live_spectra))
 
             good = np.array([a not in bad_tiles and b not in bad_tiles for a, b in batch.tolist()],
                             dtype=bool)
-            shift = np.full((len(batch), 2), np.nan)
-            quality = np.full(len(batch), np.nan)
-            candidates = np.full((len(batch), CANDIDATES, 3), np.nan)
-            if good.any() and strips:
-                sel = batch[good]
-                sel_expected = expected_shift_px[start:stop][good] * resize
-                sel_shift, sel_quality, cand_shift = _correlate_strips(
-                    sel, sel_expected, live_spectra, plan, settings, backend, candidates=True)
-                shift[good] = sel_shift / resize
-                quality[good] = sel_quality
-                candidates[good] = _score_candidates(
-                    sel, cand_shift, None, sel_expected, live_tiles, plan,
-                    True) / np.array([resize, resize, 1.0])
-                if plan.refine:
-                    shift[good], candidates[good] = refine.refine_readings(
-                        sel, shift[good], candidates[good], live_full, plan.binning)
-            elif good.any():
-                sel = batch[good]
-                spec_a = _stack([live_spectra[int(a)] for a in sel[:, 0]], xp)
-                spec_b = _stack([live_spectra[int(b)] for b in sel[:, 1]], xp)
-                corr = correlate.cross_correlate(spec_a, spec_b, fft_shape=plan.fft_shape)
-                del spec_a, spec_b
-                expected = None
-                if settings.corr_mask_radius is not None:
-                    expected = to_device(expected_shift_px[start:stop][good] * resize, backend,
-                                         dtype=xp.float32)
-                peaks = correlate.locate_peaks(
-                    corr, expected_shift=expected,
-                    mask_radius=(settings.corr_mask_radius * resize
-                                 if settings.corr_mask_radius is not None else None))
-                # The highest peaks anywhere, and the highest near the stage prediction
-                # (a weak true peak can rank below repeats or fixed patterns elsewhere).
-                prior = to_device(expected_shift_px[start:stop][good] * resize, backend,
-                                  dtype=xp.float32)
-                radius = (settings.corr_mask_radius * resize
-                          if settings.corr_mask_radius is not None
-                          else PRIOR_RADIUS_FRACTION * min(plan.scaled_shape))
-                cand_shift, cand_index = correlate.top_peaks(
-                    corr, CANDIDATES - PRIOR_PEAKS, near=PRIOR_PEAKS, expected_shift=prior,
-                    radius=radius)
-                del corr
-                candidates[good] = _score_candidates(
-                    sel, to_host(cand_shift).astype(np.float64), to_host(cand_index),
-                    expected_shift_px[start:stop][good] * resize, live_tiles, plan,
-                    settings.pad) / np.array([resize, resize, 1.0])
-                sel_shift = to_host(peaks.shift).astype(np.float64)
-                if not settings.pad:
-                    sel_shift = _break_ambiguity(sel, to_host(peaks.index), sel_shift,
-                                                 live_tiles, plan.fft_shape)
-                shift[good] = sel_shift / resize
-                quality[good] = to_host(peaks.quality)
-                if plan.refine:
-                    shift[good], candidates[good] = refine.refine_readings(
-                        sel, shift[good], candidates[good], live_full, plan.binning)
-            # Free spectra whose last pair is done.
+            used = list(dict.fromkeys(batch[good].ravel().tolist()))
+            live = pairs_.LiveTiles({t: live_spectra[t] for t in used},
+                                    {t: live_tiles[t] for t in used},
+                                    {t: live_full[t] for t in used} if plan.refine else {})
+            # Free the tiles whose last pair is in this batch (the batch holds its own).
             for t in list(live_spectra):
                 if last_use[t] < stop:
                     del live_spectra[t]
                     live_tiles.pop(t, None)
                     live_full.pop(t, None)
-            yield BatchResult(np.arange(start, stop), shift, quality, candidates)
+            job = (batch, expected_shift_px[start:stop], good, live, plan, settings, backend)
+            del live
+            pending.append((start, stop, pair_pool.submit(pairs_.correlate_batch, *job)
+                            if pair_pool is not None else pairs_.correlate_batch(*job)))
+            del job
+            while len(pending) >= in_flight:
+                yield _result(*pending.popleft())
+        while pending:
+            yield _result(*pending.popleft())
+
+
+def _result(start: int, stop: int, readings: Future | tuple) -> BatchResult:
+    if isinstance(readings, Future):
+        readings = readings.result()
+    return BatchResult(np.arange(start, stop), *readings)
+
+
+@dataclass
+class _Prepared:
+    """Tiles ready to correlate: ``search`` (filtered tiles for strips, spectra for whole
+    tiles), ``scored`` (for the candidates' overlap NCC) and, coarse to fine, the
+    full-resolution ``details`` (:func:`ofstitch.refine.detail`), one per tile."""
+
+    search: Any
+    scored: Any
+    details: list | None
+
+
+def _prepare(stack: Any, fulls: list[np.ndarray] | None, plan: CorrelationPlan,
+             settings: CorrelationSettings, backend: Backend) -> _Prepared:
+    """Filter a batch of decoded tiles (``stack``, ``(n, h, w)`` on the device; ``fulls``,
+    coarse to fine, their full-resolution host tiles, overwritten)."""
+    # Binned tiles are filtered at --high-pass-sigma / sqrt(binning) binned px, between the
+    # same width in bins (at 10 binned px a faint, nearly blank tile of the 1000-tile scan
+    # lost its vertical readings) and in the tiles' own pixels (at 5 binned px the coarse
+    # peak of a pair of the graph-paper strip fell on the grid lines' next repeat, 3.7 px
+    # from the full-resolution one).
+    sigma = settings.high_pass_sigma / math.sqrt(plan.binning)
+    if plan.score_binning == 1:  # both filters from one transform
+        filtered, scored = correlate.search_and_score_tiles(
+            stack, high_pass_sigma=sigma, score_sigma=SCORE_HIGH_PASS_SIGMA)
+    else:
+        scored = correlate.score_tiles(stack, high_pass_sigma=SCORE_HIGH_PASS_SIGMA,
+                                       binning=plan.score_binning)
+        filtered = correlate.remove_background(stack, sigma) if sigma > 0 else stack
+    details = None
+    if fulls is not None:  # one tile at a time: no stacked copy of full tiles
+        details = [refine.detail(to_device(full, backend), stack[i, ...], filtered[i, ...],
+                                 plan.binning) for i, full in enumerate(fulls)]
+    # Strips are cut per pair from the filtered tiles (a quarter of a padded spectrum each);
+    # whole tiles are transformed once.
+    search = filtered if plan.margin_px is not None else correlate.tile_spectra(
+        filtered, fft_shape=plan.fft_shape, high_pass_sigma=0)
+    return _Prepared(search, scored, details)
+
+
+def _keep_prepared(prepared: _Prepared, tiles_: list[int], live_spectra: dict,
+                   live_tiles: dict, live_full: dict, xp: Any) -> None:
+    """File ``prepared`` (tiles ``tiles_``) in the live sets."""
+    _keep(live_tiles, tiles_, prepared.scored, xp)
+    _keep(live_spectra, tiles_, prepared.search, xp)
+    if prepared.details is not None:
+        live_full.update(zip(tiles_, prepared.details, strict=True))
 
 
 def _keep(store: dict, tiles_: list[int], batch: Any, xp: Any) -> None:
@@ -378,200 +389,3 @@ def _keep(store: dict, tiles_: list[int], batch: Any, xp: Any) -> None:
     array is freed with its last tile (a batch of one is kept as it is)."""
     for i, t in enumerate(tiles_):
         store[t] = xp.asarray(batch[i, ...], copy=True) if len(tiles_) > 1 else batch[0, ...]
-
-
-def _stack(arrays: list, xp: Any) -> Any:
-    """``xp.stack``, without copying a single array."""
-    return arrays[0][None, ...] if len(arrays) == 1 else xp.stack(arrays)
-
-
-def _score_candidates(pairs: np.ndarray, shift: np.ndarray, index: np.ndarray | None,
-                      expected: np.ndarray, live_tiles: dict, plan: CorrelationPlan,
-                      pad: bool) -> np.ndarray:
-    """``(pairs, CANDIDATES, 3)``: each candidate's sub-pixel shift and its overlap NCC.
-
-    Without padding, a circular peak (at ``index``, unused with padding) stands for up
-    to four shifts: the one whose overlap matches best is kept. A shift that leaves less
-    than :data:`MIN_OVERLAP_FRACTION` of the stage-predicted overlap scores -1. The
-    overlap NCCs of the whole batch come back to the host in one transfer.
-    """
-    h, w = plan.scaled_shape
-    sb = plan.score_binning
-    hb, wb = h // sb, w // sb
-    out = np.full(shift.shape[:2] + (3,), np.nan)
-    ey, ex = (np.abs(expected) / sb).T
-    expected_area = np.maximum(hb - ey, 1) * np.maximum(wb - ex, 1)
-    min_area = np.maximum((MIN_OVERLAP_FRACTION * expected_area).astype(np.int64), 2)
-    whole = np.round(shift)
-    # (k, c, reading, its overlap's index in `overlaps` or -1 for too small), per reading.
-    jobs: list[tuple[int, int, tuple[int, int], int]] = []
-    overlaps, areas, owner = [], [], []  # per distinct overlap: (a, b, shift), area, pair
-    seen: dict[tuple[int, int, int], int] = {}  # (pair, binned shift) -> its index
-    for k, c in zip(*np.nonzero(np.isfinite(shift[:, :, 0])), strict=True):
-        a, b = (int(t) for t in pairs[k])
-        readings = ([(int(whole[k, c, 0]), int(whole[k, c, 1]))] if pad else
-                    overlap.unwrap_candidates(tuple(int(v) for v in index[k, c]), plan.fft_shape))
-        for ry, rx in readings:
-            binned = (round(ry / sb), round(rx / sb))
-            area = overlap.overlap_area((hb, wb), binned)
-            j = -1
-            if area >= min_area[k]:
-                j = seen.setdefault((int(k),) + binned, len(overlaps))
-                if j == len(overlaps):  # the same overlap is scored once
-                    overlaps.append((live_tiles[a], live_tiles[b], binned))
-                    areas.append(area)
-                    owner.append(k)
-            jobs.append((int(k), int(c), (ry, rx), j))
-    if not jobs:
-        return out
-    ncc = np.zeros(0)
-    if overlaps:  # the batch's sums, in one transfer
-        tiles_a, tiles_b, shifts = (list(part) for part in zip(*overlaps, strict=True))
-        ncc = overlap.ncc_from_sums(to_host(overlap.overlap_sums_many(tiles_a, tiles_b, shifts)),
-                                    np.asarray(areas))
-    # Chance NCCs spread as 1 / sqrt(area): a smaller overlap than the stage predicts must
-    # match better to count as much (the null pairs, searched around the prediction, set
-    # the scale). Too small an overlap scores -1.
-    factor = np.minimum(1.0, np.sqrt(np.asarray(areas, dtype=np.float64)
-                                     / expected_area[np.asarray(owner, dtype=np.int64)]))
-    scores = np.where(ncc > 0, ncc * factor, ncc)
-    best: dict[tuple[int, int], tuple[float, tuple[int, int]]] = {}
-    for k, c, reading, j in jobs:
-        score = float(scores[j]) if j >= 0 else -1.0
-        if (k, c) not in best or score > best[(k, c)][0]:  # the first of equal scores wins
-            best[(k, c)] = (score, reading)
-    for (k, c), (score, reading) in best.items():
-        out[k, c, :2] = np.asarray(reading, dtype=np.float64) + (shift[k, c] - whole[k, c])
-        out[k, c, 2] = score
-    return out
-
-
-def _to_host_list(values: list, live_tiles: dict) -> list:
-    """Device arrays of one shape (0-d: scalars) -> Python floats (nested lists for
-    arrays), in one transfer."""
-    if not values:
-        return []
-    xp = array_namespace(next(iter(live_tiles.values())))
-    return to_host(xp.stack([xp.asarray(v) for v in values])).tolist()
-
-
-def _break_ambiguity(pairs: np.ndarray, index: np.ndarray, shift: np.ndarray,
-                     live_tiles: dict, fft_shape: tuple[int, int]) -> np.ndarray:
-    """Without padding, pick the wrap-around reading whose overlap matches best (the NCCs
-    of the batch come back in one transfer)."""
-    out = shift.copy()
-    readings = [overlap.unwrap_candidates(tuple(int(v) for v in index[k]), fft_shape)
-                for k in range(len(pairs))]
-    # The live tiles are the binned score tiles (correlate.score_tiles).
-    nccs = [overlap.overlap_ncc(live_tiles[a], live_tiles[b],
-                                  (round(r[0] / SCORE_BINNING), round(r[1] / SCORE_BINNING)))
-            for (a, b), rs in zip(pairs.tolist(), readings, strict=True) for r in rs]
-    values = iter(_to_host_list(nccs, live_tiles))
-    for k, rs in enumerate(readings):
-        scores = [next(values) for _ in rs]
-        frac = shift[k] - np.round(shift[k])
-        out[k] = np.asarray(rs[int(np.argmax(scores))], dtype=np.float64) + frac
-    return out
-
-
-def strip_boxes(expected: np.ndarray, shape: tuple[int, int], margin: int
-                ) -> tuple[tuple[int, int, int, int], tuple[int, int, int, int]] | None:
-    """Crops ``(y0, y1, x0, x1)`` of tiles ``a`` and ``b`` for one pair.
-
-    Each is the overlap that ``expected`` (the shift of ``b`` relative to ``a``) predicts,
-    grown by ``margin`` on every side within its tile. ``None`` when no overlap is
-    predicted.
-    """
-    h, w = shape
-    sy, sx = int(round(float(expected[0]))), int(round(float(expected[1])))
-    ay0, ay1, ax0, ax1 = max(0, sy), min(h, h + sy), max(0, sx), min(w, w + sx)
-    if ay1 <= ay0 or ax1 <= ax0:
-        return None
-
-    def grow(y0: int, y1: int, x0: int, x1: int) -> tuple[int, int, int, int]:
-        return max(0, y0 - margin), min(h, y1 + margin), max(0, x0 - margin), min(w, x1 + margin)
-
-    return grow(ay0, ay1, ax0, ax1), grow(ay0 - sy, ay1 - sy, ax0 - sx, ax1 - sx)
-
-
-def strip_fft_length(len_a: int, len_b: int, centre: float, margin: int) -> int:
-    """FFT length along one axis for crops of ``len_a`` and ``len_b`` pixels whose
-    correlation is searched within ``margin`` of displacement ``centre``, free of
-    wrap-around there (and at the sub-pixel neighbours)."""
-    reach = margin + 2
-    need = max(len_b - centre + reach, len_a + centre + reach, len_a, len_b)
-    return scipy.fft.next_fast_len(int(math.ceil(need)), real=True)
-
-
-def _correlate_strips(pairs: np.ndarray, expected: np.ndarray, live_tiles: dict,
-                      plan: CorrelationPlan, settings: CorrelationSettings, backend: Backend,
-                      candidates: bool = False) -> tuple[np.ndarray, ...]:
-    """Correlate the predicted overlap strips of ``pairs`` (scaled px in and out).
-
-    For crops at ``o_a`` in ``a`` and ``o_b`` in ``b``, the correlation peaks at
-    ``d = o_a - o_b - s`` for a true shift ``s``, so ``s = (o_a - o_b) + shift`` where
-    ``shift = -d`` is what :func:`correlate.locate_peaks` returns. The FFT sizes keep
-    the correlation free of wrap-around within ``margin`` of the predicted ``d``. The
-    peak is searched over the whole strip correlation (so a wrong peak lands anywhere
-    and placement can reject it by its distance from the stage), or within
-    ``corr_mask_radius`` (at most the margin) when that is set.
-
-    With ``candidates``, also returns ``(pairs, CANDIDATES, 2)`` candidate shifts, as
-    for whole tiles: the highest peaks of the strip correlation, and the highest
-    within ``PRIOR_RADIUS_FRACTION`` of the tile (at most the margin) of the
-    prediction; NaN where there are fewer.
-    """
-    xp = backend.xp
-    margin = plan.margin_px
-    radius = None
-    if settings.corr_mask_radius is not None:
-        radius = min(float(margin), settings.corr_mask_radius * plan.resize)
-    shift = np.full((len(pairs), 2), np.nan)
-    quality = np.full(len(pairs), np.nan)
-    cand_shift = np.full((len(pairs), CANDIDATES, 2), np.nan)
-    prior_radius = min(float(margin), PRIOR_RADIUS_FRACTION * min(plan.scaled_shape))
-    if radius is not None:
-        prior_radius = radius
-    groups: dict[tuple, list] = {}
-    for k, ((a, b), e) in enumerate(zip(pairs.tolist(), expected, strict=True)):
-        boxes = strip_boxes(e, plan.scaled_shape, margin)
-        if boxes is None:
-            continue  # no predicted overlap: nothing to correlate, the stage places it
-        (ay0, ay1, ax0, ax1), (by0, by1, bx0, bx1) = boxes
-        offset = np.array([ay0 - by0, ax0 - bx0], dtype=np.float64)
-        centre = offset - e
-        fft = (strip_fft_length(ay1 - ay0, by1 - by0, centre[0], margin),
-               strip_fft_length(ax1 - ax0, bx1 - bx0, centre[1], margin))
-        key = (fft, (ay1 - ay0, ax1 - ax0), (by1 - by0, bx1 - bx0))
-        groups.setdefault(key, []).append((k, a, b, boxes, offset, centre))
-    for (fft, _, _), members in groups.items():
-        crops_a = xp.stack([live_tiles[a][y0:y1, x0:x1]
-                            for _, a, _, ((y0, y1, x0, x1), _), _, _ in members])
-        crops_b = xp.stack([live_tiles[b][y0:y1, x0:x1]
-                            for _, _, b, (_, (y0, y1, x0, x1)), _, _ in members])
-        # The live tiles are filtered already (see correlate_pairs).
-        spec_a = correlate.tile_spectra(crops_a, fft_shape=fft, high_pass_sigma=0)
-        del crops_a
-        spec_b = correlate.tile_spectra(crops_b, fft_shape=fft, high_pass_sigma=0)
-        del crops_b
-        corr = correlate.cross_correlate(spec_a, spec_b, fft_shape=fft)
-        del spec_a, spec_b
-        centres = np.stack([m[5] for m in members])
-        if radius is None:
-            peaks = correlate.locate_peaks(corr, exclude_radius=0)
-        else:
-            peaks = correlate.locate_peaks(
-                corr, expected_shift=to_device(-centres, backend, dtype=xp.float32),
-                mask_radius=radius, exclude_radius=0)
-        ids = [m[0] for m in members]
-        offsets = np.stack([m[4] for m in members])
-        if candidates:
-            prior = to_device(-centres, backend, dtype=xp.float32)
-            found, _ = correlate.top_peaks(corr, CANDIDATES - PRIOR_PEAKS, exclude_radius=0,
-                                           near=PRIOR_PEAKS, expected_shift=prior,
-                                           radius=prior_radius)
-            cand_shift[ids] = to_host(found).astype(np.float64) + offsets[:, None, :]
-        del corr
-        shift[ids] = to_host(peaks.shift).astype(np.float64) + offsets
-        quality[ids] = to_host(peaks.quality)
-    return (shift, quality, cand_shift) if candidates else (shift, quality)

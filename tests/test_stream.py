@@ -13,7 +13,7 @@ import scipy.ndimage as ndi
 from array_helpers import texture
 
 import ofstitch
-from ofstitch import CorrelationSettings, StitchSettings, backends, registration, stream
+from ofstitch import CorrelationSettings, StitchSettings, backends, pairs, registration, stream
 from ofstitch.backends import NUMPY, backend_of
 from ofstitch.errors import OfstitchWarning
 from ofstitch.graph import find_pairs
@@ -448,6 +448,29 @@ def test_results_identical_whatever_the_batch_size_numpy(strips):
     np.testing.assert_array_equal(qall, q1)
 
 
+def test_batches_on_threads_give_the_same_readings_in_order(strips):
+    """On the CPU, batches run on as many threads as there are workers: the readings are
+    the same as one batch at a time, and they come back in the pairs' order."""
+    paths, pairs, expected = strips[(24, 2)]
+    settings = CorrelationSettings()
+    plan = CorrelationPlan.make(STRIP_TILE, settings)
+    runs = {}
+    for workers in (1, 4):
+        ids, shifts, candidates = [], [], []
+        for batch in correlate_pairs(paths, pairs, expected, settings, plan, NUMPY,
+                                     batch_pairs=2, workers=workers):
+            ids.append(batch.pair_ids)
+            shifts.append(batch.shift_px)
+            candidates.append(batch.candidates)
+        runs[workers] = (np.concatenate(ids), np.concatenate(shifts),
+                         np.concatenate(candidates))
+    for ids, _, _ in runs.values():
+        np.testing.assert_array_equal(ids, np.arange(len(pairs)))
+    np.testing.assert_array_equal(runs[4][1], runs[1][1])
+    np.testing.assert_array_equal(runs[4][2], runs[1][2])
+    assert np.abs(runs[4][1] - expected).max() < 1.0
+
+
 # ------------------------------------------------------------------ host transfers
 
 
@@ -467,13 +490,13 @@ def test_one_host_transfer_per_batch(make_synthetic, monkeypatch, pad):
     for method in ("__float__", "__int__", "__bool__", "__index__"):
         monkeypatch.setattr(Array, method, refuse)
     transfers = []
-    real = stream.to_host
+    real = pairs.to_host
 
     def counting(x):
         transfers.append(x.shape)
         return real(x)
 
-    monkeypatch.setattr(stream, "to_host", counting)
+    monkeypatch.setattr(pairs, "to_host", counting)
     scan_files = make_synthetic(grid=(3, 3), tile_shape=(96, 128), seed=2)
     scan = load_scan(scan_files.folder)
     graph = find_pairs(scan.stage_px, scan.tile_shape, 0.2)
