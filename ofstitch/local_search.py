@@ -30,6 +30,8 @@ against the same search on the chance-level pairs (:func:`search_pairs` does bot
 from __future__ import annotations
 
 import math
+import os
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,6 +54,7 @@ MIN_OVERLAP_FRACTION = 0.2
 CLEAR_RADIUS_PX = 3.0
 MAX_RADIUS_PX = 96  # the window is never wider than this (a stage sigma of 32 px)
 BATCH_BYTES = 64 * 2**20  # device memory for a batch's padded spectra
+DECODE_AHEAD = 4  # tiles decoded ahead of the batch that needs them
 
 
 @dataclass(frozen=True)
@@ -100,8 +103,9 @@ def search_pairs(paths: list[Path], pairs: np.ndarray, centre: np.ndarray, radiu
     """The local search of ``pairs`` (tile ``b`` relative to tile ``a``) around
     ``centre`` ``(m, 2)`` px, within ``radius`` px, on full-resolution tiles.
 
-    Tiles are decoded as they are needed (in the order of ``pairs``) and dropped after
-    their last pair; a tile that cannot be read leaves its pairs unsearched.
+    Tiles are decoded (and on the CPU filtered) on a thread per core, in the order of
+    ``pairs``, :data:`DECODE_AHEAD` tiles ahead of need, and dropped after their last
+    pair; a tile that cannot be read leaves its pairs unsearched.
     """
     m = len(pairs)
     out = LocalReadings.empty(m)
@@ -115,32 +119,48 @@ def search_pairs(paths: list[Path], pairs: np.ndarray, centre: np.ndarray, radiu
     per_pair = 2 * 8 * fft_shape[0] * (fft_shape[1] // 2 + 1) + 16 * h * w
     batch = max(1, min(64, BATCH_BYTES // per_pair))
     last_use = {t: k for k, p in enumerate(pairs.tolist()) for t in p}
+    order = list(dict.fromkeys(pairs.ravel().tolist()))  # tiles in the order first needed
+    rank = {t: i for i, t in enumerate(order)}
+    on_host = is_numpy_namespace(xp)
+
+    def load(t: int) -> Any:  # on the CPU, filtered on the decoding thread too
+        grey = tiles.read_grey(paths[t], 1.0, shape=tile_shape)
+        return high_pass(grey[None], HIGH_PASS_SIGMA_PX)[0, ...] if on_host else grey
+
     live: dict[int, Any] = {}
     bad: set[int] = set()
-    for start in range(0, m, batch):
-        stop = min(m, start + batch)
-        sel = pairs[start:stop]
-        need = [t for t in dict.fromkeys(sel.ravel().tolist()) if t not in live and t not in bad]
-        for t in need:
-            try:
-                grey = tiles.read_grey(paths[t], 1.0, shape=tile_shape)
-            except tiles.TileReadError:
-                bad.add(t)
-                continue
-            live[t] = high_pass(to_device(grey[None], backend), HIGH_PASS_SIGMA_PX)[0, ...]
-        ok = np.array([a not in bad and b not in bad for a, b in sel.tolist()], bool)
-        rows = np.flatnonzero(ok)
-        if len(rows):
-            surfaces = _surfaces([live[int(a)] for a in sel[rows, 0]],
-                                 [live[int(b)] for b in sel[rows, 1]],
-                                 np.round(centre[start:stop][rows]).astype(np.int64), r, xp)
-            found = _read(to_host(surfaces).astype(np.float64),
-                          np.round(centre[start:stop][rows]).astype(np.int64), r, radius,
-                          tile_shape, centre[start:stop][rows])
-            out.put(start + rows, found)
-        for t in list(live):
-            if last_use[t] < stop:
-                del live[t]
+    loading: dict[int, Future] = {}
+    submitted = 0
+    with ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix="ofstitch-local") as pool:
+        for start in range(0, m, batch):
+            stop = min(m, start + batch)
+            sel = pairs[start:stop]
+            # This batch's tiles and the next DECODE_AHEAD, decoded on every core.
+            until = max(rank[t] for t in sel.ravel().tolist()) + 1 + DECODE_AHEAD
+            while submitted < min(until, len(order)):
+                loading[order[submitted]] = pool.submit(load, order[submitted])
+                submitted += 1
+            for t in dict.fromkeys(sel.ravel().tolist()):
+                if t not in loading:
+                    continue
+                try:
+                    loaded = loading.pop(t).result()
+                except tiles.TileReadError:
+                    bad.add(t)
+                    continue
+                live[t] = loaded if on_host else high_pass(
+                    to_device(loaded[None], backend), HIGH_PASS_SIGMA_PX)[0, ...]
+            ok = np.array([a not in bad and b not in bad for a, b in sel.tolist()], bool)
+            rows = np.flatnonzero(ok)
+            if len(rows):
+                at = np.round(centre[start:stop][rows]).astype(np.int64)
+                surfaces = _surfaces([live[int(a)] for a in sel[rows, 0]],
+                                     [live[int(b)] for b in sel[rows, 1]], at, r, xp)
+                out.put(start + rows, _read(to_host(surfaces).astype(np.float64), at, r, radius,
+                                            tile_shape, centre[start:stop][rows]))
+            for t in list(live):
+                if last_use[t] < stop:
+                    del live[t]
     return out
 
 
