@@ -230,13 +230,15 @@ class TileSource:
         self.paths, self.layout, self.pixels = paths, layout, pixels
         self.open: dict[int, pyvips.Image] = {}
 
-    def image(self, i: int) -> pyvips.Image:
-        """Tile ``i`` as a lazy, sequential pyvips image of ``pixels`` (opened anew)."""
+    def image(self, i: int, *, eager: bool = False) -> pyvips.Image:
+        """Tile ``i`` as a lazy, sequential pyvips image of ``pixels`` (opened anew;
+        ``eager``: decoded at once, see :func:`ofstitch.tiles.tile_image`)."""
         flat = self.pixels.flat
         return tiles.tile_image(
             self.paths[i], self.layout.scale, self.layout.tile_shape,
             levels=self.pixels.levels, fmt=self.pixels.fmt, bands=self.pixels.bands,
-            flat=flat.image(self.layout.tile_shape) if flat is not None else None)
+            flat=flat.image(self.layout.tile_shape) if flat is not None else None,
+            eager=eager)
 
     def __call__(self, i: int) -> pyvips.Image:
         if i not in self.open:
@@ -246,7 +248,7 @@ class TileSource:
     def decode(self, i: int) -> np.ndarray:
         """Tile ``i``'s pixels, ``(h, w, bands)`` of ``pixels``' data type with the bands of
         :func:`word_bands` (decoded whole: libvips keeps no buffers for it afterwards)."""
-        image = self.image(i)
+        image = self.image(i, eager=True)
         bands = word_bands(self.pixels)
         if bands > image.bands:
             image = image.bandjoin_const([0] * (bands - image.bands))

@@ -10,6 +10,7 @@ means it (page, orientation, CMYK, palette, alpha); everything else starts there
 from __future__ import annotations
 
 import functools
+import io
 import math
 import os
 import warnings
@@ -274,6 +275,64 @@ def read_grey(path: Path, resize: float = 1.0, *, shape: tuple[int, int] | None 
     return np.ascontiguousarray(arr, dtype=np.float32)
 
 
+def _jpeg_pixels(path: Path, shrink: int) -> np.ndarray | None:
+    """An 8-bit grey or RGB JPEG decoded by Pillow at ``1/shrink`` (libjpeg's DCT scaling),
+    cropped to the size libvips' shrink-on-load gives: the same pixels as
+    :func:`open_tile` (both are libjpeg's), decoded outside the GIL. From Python threads
+    it is about twice as fast as libvips' loader (300 tiles of 820x616 on two cores: 0.8
+    against 1.4 s).
+
+    ``None`` when Pillow's decode would not be the same (another format or mode, an EXIF
+    orientation, a decompression bomb), or might not be (an end-of-image marker before the
+    end of the data: libjpeg warns and fills the rest, which Pillow accepts and libvips
+    refuses), or fails: :func:`open_tile` then decodes the tile, and reports what is
+    wrong with it as usual.
+    """
+    if path.suffix.lower() not in (".jpg", ".jpeg"):
+        return None
+    from PIL import Image
+
+    try:
+        data = path.read_bytes()
+        if not _ends_at_its_end(data):
+            return None
+        with Image.open(io.BytesIO(data)) as pil:
+            if pil.format != "JPEG" or pil.mode not in ("L", "RGB") or \
+                    pil.getexif().get(_ORIENTATION, 1) != 1 or \
+                    pil.width * pil.height > MAX_TILE_PIXELS:
+                return None
+            full_w, full_h = pil.size
+            w, h = full_w // shrink, full_h // shrink  # libvips rounds down, libjpeg up
+            if shrink > 1:
+                pil.draft(pil.mode, (w, h))
+                if pil.size != (-(-full_w // shrink), -(-full_h // shrink)):
+                    return None  # libjpeg scaled by another factor
+            arr = np.asarray(pil)
+    except Exception:  # noqa: BLE001 - open_tile decodes it again and says what is wrong
+        return None
+    if min(w, h) < 1 or arr.shape[0] < h or arr.shape[1] < w:
+        return None
+    return arr[:h, :w]
+
+
+def _ends_at_its_end(data: bytes) -> bool:
+    """Whether a JPEG's first end-of-image marker after its image data is the file's
+    end (trailing zeros allowed). The segments before the first start-of-scan are
+    skipped by their lengths, so an EXIF thumbnail's own markers do not count."""
+    i = 2
+    while i + 4 <= len(data) and data[i] == 0xFF:
+        if data[i + 1] == 0xFF:  # a fill byte
+            i += 1
+            continue
+        if data[i + 1] == 0xDA:
+            break
+        i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
+    else:
+        return False
+    end = data.find(b"\xff\xd9", i)
+    return end >= 0 and not data[end + 2:].strip(b"\x00")
+
+
 def _jpeg_luma(path: Path, out_shape: tuple[int, int]) -> np.ndarray | None:
     """An 8-bit JPEG decoded by libjpeg straight to its luma channel (no chroma
     upsampling or colour conversion: about three times faster than RGB), at the smallest
@@ -334,7 +393,7 @@ def read_rgb8_scaled(path: Path, scale: float, out_shape: tuple[int, int], *,
 
     Uses libjpeg's DCT scaling for JPEG tiles when ``scale <= 1/2``.
     """
-    image = rgb8_image(path, scale, out_shape, levels=levels, flat=flat)
+    image = tile_image(path, scale, out_shape, levels=levels or Levels(), flat=flat, eager=True)
     return np.ascontiguousarray(_to_array(image, Path(path).name))
 
 
@@ -361,7 +420,7 @@ def rgb8_image(path: Path, scale: float, out_shape: tuple[int, int] | None, *,
 
 def tile_image(path: Path, scale: float, out_shape: tuple[int, int] | None, *,
                levels: Levels | None = None, fmt: str = "uchar", bands: int = 3,
-               flat: pyvips.Image | None = None) -> pyvips.Image:
+               flat: pyvips.Image | None = None, eager: bool = False) -> pyvips.Image:
     """A tile as a lazy pyvips image for a mosaic, resized to ``out_shape`` = ``(h, w)``.
 
     With ``levels``, an 8-bit RGB rendering (:meth:`Levels.to_uchar`); without,
@@ -369,9 +428,14 @@ def tile_image(path: Path, scale: float, out_shape: tuple[int, int] | None, *,
     keeps them, see :func:`ofstitch.levels.mosaic_dtype`), with ``bands`` bands
     (a grey tile repeated in three bands for a colour mosaic). ``flat``, an
     illumination profile at the tile's output size (:mod:`ofstitch.flatfield`),
-    divides every band first.
+    divides every band first. ``eager``: for a caller about to compute the whole tile,
+    an 8-bit JPEG is decoded at once by :func:`_jpeg_pixels` (the same pixels, faster on
+    threads).
     """
-    image = open_tile(path, shrink=_dct_shrink(scale))
+    shrink = _dct_shrink(scale)
+    decoded = _jpeg_pixels(Path(path), shrink) if eager else None
+    image = open_tile(path, shrink=shrink) if decoded is None else \
+        pyvips.Image.new_from_array(decoded)
     if image.bands == 1 and (levels is not None or bands == 3):
         image = image.bandjoin([image, image])
     if out_shape is not None and (image.height, image.width) != tuple(out_shape):

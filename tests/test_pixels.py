@@ -6,17 +6,21 @@ must equal the field wherever a tile covers it.
 
 from __future__ import annotations
 
+import io
 import os
 import stat
 
 import numpy as np
+import piexif
 import pytest
 import pyvips
+import scipy.ndimage as ndi
 from cli_helpers import run_main
 from PIL import Image
 
 from ofstitch import formats, levels, render, tiles
 from ofstitch.errors import OfstitchWarning
+from ofstitch.tiles import TileReadError
 
 tifffile = pytest.importorskip("tifffile")
 from tile_helpers import cut_tiles  # noqa: E402
@@ -90,6 +94,54 @@ def test_exif_orientation_is_applied(tmp_path, orientation, stored):
     assert np.abs(grey - rgb.mean(axis=2)).mean() < 2
     half = tiles.read_grey(path, 0.5)
     assert half.shape == (24, 32)
+
+
+@pytest.mark.parametrize("mode, size", [("RGB", (821, 615)), ("L", (830, 617)),
+                                         ("RGB", (17, 9))])
+def test_jpeg_fast_decode_gives_libvips_pixels(tmp_path, mode, size):
+    """The previews and the mosaic decode JPEG tiles through Pillow on their threads:
+    the same pixels, at the same size, as libvips' shrink-on-load, at every scale, with
+    an EXIF thumbnail in front of the image."""
+    rng = np.random.default_rng(1)
+    w, h = size
+    arr = (ndi.gaussian_filter(rng.random((h, w, 3)), (1.5, 1.5, 0)) * 255).astype(np.uint8)
+    image = Image.fromarray(arr).convert(mode)
+    thumb = io.BytesIO()
+    image.resize((max(1, w // 10), max(1, h // 10))).save(thumb, "JPEG")
+    exif = piexif.dump({"0th": {}, "thumbnail": thumb.getvalue(), "1st": {}})
+    path = tmp_path / "tile.jpg"
+    image.save(path, quality=90, exif=exif)
+    for shrink in (1, 2, 4, 8):
+        fast = tiles._jpeg_pixels(path, shrink)
+        assert fast is not None
+        want = tiles.open_tile(path, shrink=shrink).numpy()
+        np.testing.assert_array_equal(fast.reshape(want.shape), want)
+        assert fast.shape[:2] == want.shape[:2]
+
+
+def test_jpeg_fast_decode_leaves_doubtful_tiles_to_libvips(tmp_path):
+    """An end-of-image marker half-way (libjpeg fills the rest without an error), an
+    EXIF orientation, a PNG: None, so that libvips decodes them (and refuses the first)."""
+    arr = _gradient_rgb()
+    good = tmp_path / "good.jpg"
+    Image.fromarray(arr).save(good, quality=90)
+    assert tiles._jpeg_pixels(good, 1) is not None
+    data = bytearray(good.read_bytes())
+    middle = (data.index(b"\xff\xda") + len(data)) // 2
+    data[middle:middle + 2] = b"\xff\xd9"
+    cut = tmp_path / "cut.jpg"
+    cut.write_bytes(bytes(data))
+    assert tiles._jpeg_pixels(cut, 1) is None
+    with pytest.raises(TileReadError):
+        tiles.read_rgb8_scaled(cut, 1.0, arr.shape[:2])
+    turned = tmp_path / "turned.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(arr).save(turned, exif=exif, quality=90)
+    assert tiles._jpeg_pixels(turned, 1) is None
+    png = tmp_path / "tile.png"
+    Image.fromarray(arr).save(png)
+    assert tiles._jpeg_pixels(png, 1) is None
 
 
 def test_the_largest_page_of_a_multipage_tiff(tmp_path):
