@@ -229,6 +229,11 @@ class TileSource:
                  ) -> None:
         self.paths, self.layout, self.pixels = paths, layout, pixels
         self.open: dict[int, pyvips.Image] = {}
+        # 8-bit RGB at full scale, through no level mapping or flat field: an 8-bit RGB
+        # JPEG tile's pixels are the mosaic's as decoded.
+        self.plain_rgb = (layout.scale == 1 and pixels.flat is None and pixels.fmt == "uchar"
+                          and pixels.bands == 3
+                          and (pixels.levels is None or pixels.levels.identity))
 
     def image(self, i: int, *, eager: bool = False) -> pyvips.Image:
         """Tile ``i`` as a lazy, sequential pyvips image of ``pixels`` (opened anew;
@@ -248,8 +253,12 @@ class TileSource:
     def decode(self, i: int) -> np.ndarray:
         """Tile ``i``'s pixels, ``(h, w, bands)`` of ``pixels``' data type with the bands of
         :func:`word_bands` (decoded whole: libvips keeps no buffers for it afterwards)."""
-        image = self.image(i, eager=True)
         bands = word_bands(self.pixels)
+        if self.plain_rgb and bands == 4:  # the pixels as Pillow decodes them, no pipeline
+            words = tiles._jpeg_pixels(Path(self.paths[i]), 1, words=True)
+            if words is not None and words.shape[:2] == tuple(self.layout.tile_shape):
+                return words
+        image = self.image(i, eager=True)
         if bands > image.bands:
             image = image.bandjoin_const([0] * (bands - image.bands))
         return np.frombuffer(image.write_to_memory(), dtype=self.pixels.dtype).reshape(

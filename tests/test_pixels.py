@@ -117,6 +117,12 @@ def test_jpeg_fast_decode_gives_libvips_pixels(tmp_path, mode, size):
         want = tiles.open_tile(path, shrink=shrink).numpy()
         np.testing.assert_array_equal(fast.reshape(want.shape), want)
         assert fast.shape[:2] == want.shape[:2]
+    words = tiles._jpeg_pixels(path, 1, words=True)  # RGB as 32-bit words, for the mosaic
+    if mode == "RGB":
+        want = tiles.open_tile(path).bandjoin_const([0]).numpy()
+        np.testing.assert_array_equal(words, want)
+    else:
+        assert words is None
 
 
 def test_jpeg_fast_decode_leaves_doubtful_tiles_to_libvips(tmp_path):
