@@ -404,6 +404,10 @@ def read_rgb8_scaled(path: Path, scale: float, out_shape: tuple[int, int], *,
 
     Uses libjpeg's DCT scaling for JPEG tiles when ``scale <= 1/2``.
     """
+    if flat is None and (levels is None or levels.identity):  # no pipeline: as decoded
+        decoded = _jpeg_pixels(Path(path), _dct_shrink(scale))
+        if decoded is not None and decoded.shape == (*out_shape, 3):
+            return np.ascontiguousarray(decoded)
     image = tile_image(path, scale, out_shape, levels=levels or Levels(), flat=flat, eager=True)
     return np.ascontiguousarray(_to_array(image, Path(path).name))
 
