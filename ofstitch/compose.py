@@ -254,7 +254,7 @@ class TileSource:
         """Tile ``i``'s pixels, ``(h, w, bands)`` of ``pixels``' data type with the bands of
         :func:`word_bands` (decoded whole: libvips keeps no buffers for it afterwards)."""
         bands = word_bands(self.pixels)
-        if self.plain_rgb and bands == 4:  # the pixels as Pillow decodes them, no pipeline
+        if self.plain_rgb and bands == 4:  # as Pillow decodes them (the 4th band dropped)
             words = tiles._jpeg_pixels(Path(self.paths[i]), 1, words=True)
             if words is not None and words.shape[:2] == tuple(self.layout.tile_shape):
                 return words

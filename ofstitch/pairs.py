@@ -41,6 +41,7 @@ MIN_OVERLAP_FRACTION = 0.2
 SCORE_BINNING = 2
 SCORE_HIGH_PASS_SIGMA = 8.0
 
+
 @dataclass(frozen=True)
 class LiveTiles:
     """The prepared tiles a batch reads, by tile number: ``search`` (filtered tiles for
