@@ -25,7 +25,7 @@ from .levels import Levels
 # A tile claiming more pixels than this is refused (a decompression bomb).
 MAX_TILE_PIXELS = 200_000_000
 _ORIENTATION = 0x0112  # the EXIF tag
-PILLOW_MAX_PIXELS = 4_000_000  # see _jpeg_pixels
+PILLOW_MAX_PIXELS = 1_000_000  # see _jpeg_pixels
 
 
 class TileReadError(OfstitchError):
@@ -287,9 +287,10 @@ def _jpeg_pixels(path: Path, shrink: int, *, words: bool = False) -> np.ndarray 
     as 32-bit words, :func:`ofstitch.compose.word_bands`; the fourth byte is not
     defined, and the mosaic drops it).
 
-    Only for a result of up to :data:`PILLOW_MAX_PIXELS`: libvips decodes a larger tile
-    as fast on one thread, and faster on several (a 4056x3040 tile: libvips 176 ms on one
-    thread and 82 ms on two, Pillow 172 and 97 ms).
+    Only for a result of up to :data:`PILLOW_MAX_PIXELS`, where libvips' fixed cost a
+    call counts: it decodes larger tiles as fast on one thread and faster on several (a
+    4056x3040 tile: libvips 176 ms on one thread and 82 ms on two, Pillow 172 and 97 ms),
+    and mosaics of 1640x1232 tiles were no faster through Pillow.
 
     ``None`` when Pillow's decode would not be the same (another format or mode, an EXIF
     orientation, a decompression bomb), or might not be (an end-of-image marker before the
