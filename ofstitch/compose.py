@@ -235,15 +235,15 @@ class TileSource:
                           and pixels.bands == 3
                           and (pixels.levels is None or pixels.levels.identity))
 
-    def image(self, i: int, *, eager: bool = False) -> pyvips.Image:
-        """Tile ``i`` as a lazy, sequential pyvips image of ``pixels`` (opened anew;
-        ``eager``: decoded at once, see :func:`ofstitch.tiles.tile_image`)."""
+    def image(self, i: int, *, decoded: np.ndarray | None = None) -> pyvips.Image:
+        """Tile ``i`` as a lazy, sequential pyvips image of ``pixels`` (opened anew, or
+        from ``decoded``: see :func:`ofstitch.tiles.tile_image`)."""
         flat = self.pixels.flat
         return tiles.tile_image(
             self.paths[i], self.layout.scale, self.layout.tile_shape,
             levels=self.pixels.levels, fmt=self.pixels.fmt, bands=self.pixels.bands,
             flat=flat.image(self.layout.tile_shape) if flat is not None else None,
-            eager=eager)
+            decoded=decoded)
 
     def __call__(self, i: int) -> pyvips.Image:
         if i not in self.open:
@@ -254,11 +254,15 @@ class TileSource:
         """Tile ``i``'s pixels, ``(h, w, bands)`` of ``pixels``' data type with the bands of
         :func:`word_bands` (decoded whole: libvips keeps no buffers for it afterwards)."""
         bands = word_bands(self.pixels)
+        path = Path(self.paths[i])
         if self.plain_rgb and bands == 4:  # as Pillow decodes them (the 4th band dropped)
-            words = tiles._jpeg_pixels(Path(self.paths[i]), 1, words=True)
+            words = tiles._jpeg_pixels(path, 1, words=True)
             if words is not None and words.shape[:2] == tuple(self.layout.tile_shape):
                 return words
-        image = self.image(i, eager=True)
+            decoded = None  # libvips opens the others
+        else:
+            decoded = tiles._jpeg_pixels(path, tiles._dct_shrink(self.layout.scale))
+        image = self.image(i, decoded=decoded)
         if bands > image.bands:
             image = image.bandjoin_const([0] * (bands - image.bands))
         return np.frombuffer(image.write_to_memory(), dtype=self.pixels.dtype).reshape(

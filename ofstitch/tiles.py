@@ -10,7 +10,6 @@ means it (page, orientation, CMYK, palette, alpha); everything else starts there
 from __future__ import annotations
 
 import functools
-import io
 import math
 import os
 import warnings
@@ -303,17 +302,13 @@ def _jpeg_pixels(path: Path, shrink: int, *, words: bool = False) -> np.ndarray 
     from PIL import Image
 
     try:
-        data = path.read_bytes()
-        if not _ends_at_its_end(data):
-            return None
-        with Image.open(io.BytesIO(data)) as pil:
-            if pil.format != "JPEG" or pil.mode not in ("L", "RGB") or \
-                    pil.getexif().get(_ORIENTATION, 1) != 1 or \
-                    pil.width * pil.height > MAX_TILE_PIXELS:
-                return None
+        with Image.open(path) as pil:  # the header only, so far
             full_w, full_h = pil.size
             w, h = full_w // shrink, full_h // shrink  # libvips rounds down, libjpeg up
-            if w * h > PILLOW_MAX_PIXELS:  # libvips decodes a large one on its own threads
+            # (w * h bounds the tile's size too: MAX_TILE_PIXELS is not reached here)
+            if pil.format != "JPEG" or pil.mode not in ("L", "RGB") or \
+                    w * h > PILLOW_MAX_PIXELS or pil.getexif().get(_ORIENTATION, 1) != 1 or \
+                    not _ends_at_its_end(path.read_bytes()):
                 return None
             if shrink > 1:
                 pil.draft(pil.mode, (w, h))
@@ -406,16 +401,17 @@ def focus_measure(path: Path) -> float:
 def read_rgb8_scaled(path: Path, scale: float, out_shape: tuple[int, int], *,
                      levels: Levels | None = None, flat: pyvips.Image | None = None
                      ) -> np.ndarray:
-    """Decode a tile as 8-bit RGB resized to exactly ``out_shape`` = ``(h, w)``
-    (:func:`rgb8_image`, computed).
+    """Decode a tile as 8-bit RGB resized to exactly ``out_shape`` = ``(h, w)``, its
+    values mapped to 8 bits by ``levels`` (default: 0-255 unchanged).
 
     Uses libjpeg's DCT scaling for JPEG tiles when ``scale <= 1/2``.
     """
-    if flat is None and (levels is None or levels.identity):  # no pipeline: as decoded
-        decoded = _jpeg_pixels(Path(path), _dct_shrink(scale))
-        if decoded is not None and decoded.shape == (*out_shape, 3):
-            return np.ascontiguousarray(decoded)
-    image = tile_image(path, scale, out_shape, levels=levels or Levels(), flat=flat, eager=True)
+    decoded = _jpeg_pixels(Path(path), _dct_shrink(scale))
+    if decoded is not None and decoded.shape == (*out_shape, 3) and flat is None and \
+            (levels is None or levels.identity):  # no pipeline: as decoded
+        return np.ascontiguousarray(decoded)
+    image = tile_image(path, scale, out_shape, levels=levels or Levels(), flat=flat,
+                       decoded=decoded)
     return np.ascontiguousarray(_to_array(image, Path(path).name))
 
 
@@ -426,23 +422,10 @@ def _dct_shrink(scale: float) -> int:
     return min(8, 2 ** int(math.floor(math.log2(1 / scale))))
 
 
-def rgb8_image(path: Path, scale: float, out_shape: tuple[int, int] | None, *,
-               levels: Levels | None = None, flat: pyvips.Image | None = None
-               ) -> pyvips.Image:
-    """A tile as a lazy 8-bit RGB pyvips image, resized to ``out_shape`` = ``(h, w)``,
-    its values mapped to 8 bits by ``levels`` (default: 0-255 unchanged).
-
-    Opened for sequential access (top to bottom), so that a mosaic of thousands
-    of tiles streams; JPEG tiles are shrunk inside libjpeg when ``scale <= 1/2``.
-    Raises :class:`TileReadError` when the header cannot be read; corrupt pixel
-    data raises ``pyvips.Error`` only when the pixels are computed.
-    """
-    return tile_image(path, scale, out_shape, levels=levels or Levels(), flat=flat)
-
-
 def tile_image(path: Path, scale: float, out_shape: tuple[int, int] | None, *,
                levels: Levels | None = None, fmt: str = "uchar", bands: int = 3,
-               flat: pyvips.Image | None = None, eager: bool = False) -> pyvips.Image:
+               flat: pyvips.Image | None = None, decoded: np.ndarray | None = None
+               ) -> pyvips.Image:
     """A tile as a lazy pyvips image for a mosaic, resized to ``out_shape`` = ``(h, w)``.
 
     With ``levels``, an 8-bit RGB rendering (:meth:`Levels.to_uchar`); without,
@@ -450,13 +433,15 @@ def tile_image(path: Path, scale: float, out_shape: tuple[int, int] | None, *,
     keeps them, see :func:`ofstitch.levels.mosaic_dtype`), with ``bands`` bands
     (a grey tile repeated in three bands for a colour mosaic). ``flat``, an
     illumination profile at the tile's output size (:mod:`ofstitch.flatfield`),
-    divides every band first. ``eager``: for a caller about to compute the whole tile,
-    an 8-bit JPEG is decoded at once by :func:`_jpeg_pixels` (the same pixels, faster on
-    threads).
+    divides every band first. ``decoded``: the tile as :func:`_jpeg_pixels` decoded it at
+    ``scale``'s shrink (the same pixels, faster on threads), instead of opening it here.
+
+    Opened for sequential access (top to bottom), so that a mosaic of thousands of tiles
+    streams; JPEG tiles are shrunk inside libjpeg when ``scale <= 1/2``. Raises
+    :class:`TileReadError` when the header cannot be read; corrupt pixel data raises
+    ``pyvips.Error`` only when the pixels are computed.
     """
-    shrink = _dct_shrink(scale)
-    decoded = _jpeg_pixels(Path(path), shrink) if eager else None
-    image = open_tile(path, shrink=shrink) if decoded is None else \
+    image = open_tile(path, shrink=_dct_shrink(scale)) if decoded is None else \
         pyvips.Image.new_from_array(decoded)
     if image.bands == 1 and (levels is not None or bands == 3):
         image = image.bandjoin([image, image])
