@@ -122,8 +122,8 @@ import json, sys
 t0 = time.perf_counter()
 import ofstitch
 from ofstitch import StitchSettings
-from ofstitch.render import limit_malloc_arenas
-limit_malloc_arenas()  # as the command line does (ofstitch FOLDER)
+from ofstitch.allocator import tune_malloc
+tune_malloc()  # as the command line does (ofstitch FOLDER)
 cfg = json.loads(sys.argv[1])
 for module, attr, phase in [
         ("ofstitch.pipeline", "load_connected_scan", "load"),

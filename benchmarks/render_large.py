@@ -80,9 +80,10 @@ def make_tiles(folder: Path, grid: tuple[int, int], tile_shape: tuple[int, int],
 def child(folder: Path, fmt: str, out: Path) -> None:
     """Render and write one format; print a JSON line with the figures."""
     from ofstitch import formats, render
+    from ofstitch.allocator import tune_malloc
 
     pyvips.cache_set_max(0)  # as the command line does
-    render.limit_malloc_arenas()
+    tune_malloc()
     info = json.loads((folder / "positions.json").read_text())
     paths = [folder / n for n in info["names"]]
     positions = np.array(info["positions_px"], dtype=np.float64)

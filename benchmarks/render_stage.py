@@ -42,7 +42,8 @@ import numpy as np
 from ofstitch import formats, pipeline, render
 from ofstitch.scan import load_scan
 from ofstitch.settings import StitchSettings
-render.limit_malloc_arenas()  # as the command line does
+from ofstitch.allocator import tune_malloc
+tune_malloc()  # as the command line does
 cfg = json.loads(sys.argv[1])
 out = Path(cfg["out"])
 settings = StitchSettings()

@@ -461,12 +461,12 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point: ``ofstitch FOLDER`` means ``ofstitch stitch FOLDER``."""
     import pyvips
 
-    from .render import limit_malloc_arenas
+    from .allocator import tune_malloc
 
     # Bounded memory for the streamed mosaic: no operation cache (it would keep
-    # up to 100 tiles open), few malloc arenas.
+    # up to 100 tiles open); few malloc arenas, and freed tiles reused (allocator).
     pyvips.cache_set_max(0)
-    limit_malloc_arenas()
+    tune_malloc()
     args = list(sys.argv[1:] if argv is None else argv)
     if args and args[0] in ("-V", "--version"):
         args = ["version"]

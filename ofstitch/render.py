@@ -349,34 +349,6 @@ def stream_mosaic(paths: Sequence[Path], layout: Layout, *, blend: Blend = "none
     return _unpack(image, pixels), stream
 
 
-
-
-def limit_malloc_arenas(n: int = 2, mmap_threshold: int = 1 << 20) -> None:
-    """Ask glibc for at most ``n`` malloc arenas, and for blocks of ``mmap_threshold``
-    bytes or more straight from the system (a no-op elsewhere).
-
-    libvips computes on many threads; with glibc's default of up to eight arenas
-    per CPU, memory freed by one band stays fragmented across arenas and the
-    process grows (the usual advice for libvips servers is ``MALLOC_ARENA_MAX=2``).
-    A band's buffers are megabytes: glibc's adaptive threshold soon takes such
-    blocks from the heap, where freed ones stay in the process. The command line
-    calls this; a library user may prefer ``MALLOC_ARENA_MAX`` and
-    ``MALLOC_MMAP_THRESHOLD_``.
-    """
-    if sys.platform != "linux":
-        return
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        if "MALLOC_ARENA_MAX" not in os.environ:
-            libc.mallopt(-8, n)  # M_ARENA_MAX
-        if "MALLOC_MMAP_THRESHOLD_" not in os.environ:
-            libc.mallopt(-3, mmap_threshold)  # M_MMAP_THRESHOLD (fixed, not adaptive)
-    except (OSError, AttributeError):
-        pass
-
-
 def find_undecodable(paths: Sequence[Path], *, workers: int | None = None) -> set[int]:
     """Indices of the tiles whose pixels cannot be decoded (slow: decodes every tile)."""
 

@@ -549,3 +549,34 @@ def test_devices():
     if importlib.util.find_spec("cupy") is None:
         cuda = [line for line in result.stdout.splitlines() if line.startswith("cuda")]
         assert cuda and "ofstitch[cuda12]" in cuda[0], result.stdout
+
+
+def test_malloc_tuning_keeps_what_the_environment_sets(monkeypatch):
+    """The command line tunes glibc's allocator, except where the user's environment
+    says otherwise (and it is a no-op where there is no glibc)."""
+    import ctypes
+
+    from ofstitch import allocator
+
+    calls: list[tuple[int, int]] = []
+
+    class FakeLibc:
+        def mallopt(self, parameter: int, value: int) -> int:
+            calls.append((parameter, value))
+            return 1
+
+    monkeypatch.setattr(sys, "platform", "linux")
+    monkeypatch.setattr(ctypes, "CDLL", lambda name: FakeLibc())
+    monkeypatch.delenv("MALLOC_ARENA_MAX", raising=False)
+    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_", raising=False)
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
+    allocator.tune_malloc()
+    assert sorted(calls) == sorted([(-8, allocator.ARENAS), (-1, allocator.TRIM_THRESHOLD)])
+
+    def no_libc(name):
+        raise OSError(name)
+
+    calls.clear()
+    monkeypatch.setattr(ctypes, "CDLL", no_libc)
+    allocator.tune_malloc()  # musl, say: nothing to tune, no error
+    assert calls == []
