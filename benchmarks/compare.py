@@ -122,7 +122,10 @@ import json, sys
 t0 = time.perf_counter()
 import ofstitch
 from ofstitch import StitchSettings
-from ofstitch.allocator import tune_malloc
+try:
+    from ofstitch.allocator import tune_malloc
+except ImportError:  # ofstitch-before at a commit older than ofstitch.allocator
+    from ofstitch.render import limit_malloc_arenas as tune_malloc
 tune_malloc()  # as the command line does (ofstitch FOLDER)
 cfg = json.loads(sys.argv[1])
 for module, attr, phase in [
