@@ -225,13 +225,16 @@ def write_full_resolution(scan: Scan, positions: np.ndarray, out: Path, prefix: 
                           progress: Progress = no_progress,
                           paths: dict[str, Path] | None = None,
                           shown: levels.Levels | None = None,
-                          flat: flatfield.FlatField | None = None) -> dict[str, Path]:
+                          flat: flatfield.FlatField | None = None,
+                          on_band: Callable[[tuple[int, int], np.ndarray], None] | None = None
+                          ) -> dict[str, Path]:
     """Write the full-resolution mosaic in each format of ``wanted``; returns the files.
 
     Each goes to ``out/<prefix>_stitched<suffix>``, or to ``paths[format]`` if given.
     The data formats keep the tiles' values (:func:`data_pixels`); JPEG, DZI and
     the pyramid TIFF are 8-bit renderings through ``shown`` (default:
-    :func:`rendering_levels`).
+    :func:`rendering_levels`). ``on_band``: sees each band of the JPEG's rendering (see
+    :meth:`ofstitch.render.Mosaic.write`).
     """
     shown = shown if shown is not None else rendering_levels(scan)
     if flat is None:  # callers that did not resolve --flat-field (stitch_to_file)
@@ -259,7 +262,7 @@ def write_full_resolution(scan: Scan, positions: np.ndarray, out: Path, prefix: 
         if fmt == "jpeg":
             rendering.write(lambda im, p=path: formats.write_jpeg(
                 im, p, metadata=scan.metadata, pixel_size_um=um, n_tiles=len(scan),
-                extra=extra), progress=report)
+                extra=extra), progress=report, on_band=on_band)
             outputs["stitched"] = path
         elif fmt == "ome-tiff":
             mosaic.write(lambda im, p=path: formats.write_ome_tiff(
@@ -369,16 +372,27 @@ def stitch(folder: Path | str, settings: StitchSettings | None = None, *,
             wanted = full_resolution_formats(
                 settings, render.make_layout(positions, scan.tile_shape).size)
         preview_path = stage / settings.preview_name
-        skip = write_preview(scan, positions, preview_path, extra=extra, shown=shown, flat=flat)
+        if "jpeg" in wanted:
+            # The preview from the JPEG's bands: each tile decoded once for both.
+            bands = preview.BandPreview(render.make_layout(positions, scan.tile_shape).size,
+                                        render.PREVIEW_WIDTH)
+            outputs.update(write_full_resolution(scan, positions, stage, output_prefix(folder),
+                                                 settings, wanted, extra=extra,
+                                                 progress=progress, shown=shown, flat=flat,
+                                                 on_band=bands.add))
+            preview.write_jpeg(bands.image(), preview_path, scan,
+                               bands.shape[1] / bands.size[1], extra=extra)
+        else:
+            skip = write_preview(scan, positions, preview_path, extra=extra, shown=shown,
+                                 flat=flat)
+            if mode == "all":
+                outputs.update(write_full_resolution(
+                    scan, positions, stage, output_prefix(folder), settings, wanted,
+                    extra=extra, skip=skip, progress=progress, shown=shown, flat=flat))
         outputs["preview"] = preview_path
         thumb = stage / "stitched_thumbnail.jpg"
         formats.write_thumbnail(preview_path, thumb)
         outputs["thumbnail"] = thumb
-
-        if mode == "all":
-            outputs.update(write_full_resolution(scan, positions, stage, output_prefix(folder),
-                                                 settings, wanted, extra=extra, skip=skip,
-                                                 progress=progress, shown=shown, flat=flat))
         outputs.update(plotted.result())
     outputs = {k: out / p.relative_to(stage) for k, p in outputs.items()}
     return StitchResult(reg, outputs, positions, names, describe_pixels(scan, shown, flat))

@@ -1,11 +1,16 @@
-"""Previews: the mosaic at a small width, composed from tiles decoded shrunk on load.
+"""Previews: the mosaic at a small width, composed from tiles decoded shrunk on load,
+or from the full-resolution mosaic's bands.
 
-Batch runs (``preview.jpg``, ``stitched_from_stage.jpg``) and live stitching
-draw their previews with :func:`preview_image`, so the two agree pixel for
-pixel on the same tiles and positions. Each tile is decoded once at ``1/shrink``
-of its size (libjpeg's DCT scaling for JPEG), kept in a :class:`PreviewTiles`
-cache (live stitching keeps it across updates), and composed by the
-nearest-centre rule of :mod:`ofstitch.render`, ties going to the same tile.
+Live stitching and the batch runs that write no full-resolution JPEG (``--stitching-mode
+preview``, ``stitched_from_stage.jpg``) draw their previews with :func:`preview_image`,
+so the two agree pixel for pixel on the same tiles and positions. Each tile is decoded
+once at ``1/shrink`` of its size (libjpeg's DCT scaling for JPEG), kept in a
+:class:`PreviewTiles` cache (live stitching keeps it across updates), and composed by
+the nearest-centre rule of :mod:`ofstitch.render`, ties going to the same tile.
+
+A full stitch that writes the full-resolution JPEG draws ``preview.jpg`` from that
+JPEG's bands as they stream past (:class:`BandPreview`, the mean of the pixels each
+preview pixel covers), so that each tile is decoded once for both.
 """
 
 from __future__ import annotations
@@ -142,15 +147,23 @@ def draw(scan: Scan, positions_px: np.ndarray, width: int, cache: PreviewTiles, 
     image, canvas, left_out = preview_image(scan.paths, [f.key for f in scan.files],
                                             positions_px, scan.tile_shape, width, cache)
     if jpeg is not None:
-        scale = render.scale_for_width(positions_px, scan.tile_shape, width)
-        pixel = scan.pixel_size_um / scale if scan.pixel_size_um else None
-        formats.write_jpeg(pyvips.Image.new_from_array(image).copy(interpretation="srgb"),
-                           Path(jpeg), metadata=scan.metadata, pixel_size_um=pixel,
-                           n_tiles=len(scan), extra=extra)
+        write_jpeg(image, Path(jpeg), scan,
+                   render.scale_for_width(positions_px, scan.tile_shape, width), extra=extra)
     if dzi is not None:
         formats.write_dzi(pyvips.Image.new_from_array(canvas).copy(interpretation="srgb"),
                           Path(dzi), viewer=False)
     return image, left_out
+
+
+def write_jpeg(image: np.ndarray, path: Path, scan: Scan, scale: float, *,
+               extra: dict | None = None) -> None:
+    """Write a preview ``image`` (``(h, w, 3)`` uint8, the mosaic at ``scale``) as the
+    JPEG ``path``, atomically, with ofstitch EXIF (the pixel size, the first tile's
+    metadata, ``extra``)."""
+    pixel = scan.pixel_size_um / scale if scan.pixel_size_um else None
+    formats.write_jpeg(pyvips.Image.new_from_array(image).copy(interpretation="srgb"), path,
+                       metadata=scan.metadata, pixel_size_um=pixel, n_tiles=len(scan),
+                       extra=extra)
 
 
 def preview_image(paths: Sequence[Path], keys: Sequence[str], positions_px: np.ndarray,
@@ -176,3 +189,55 @@ def preview_image(paths: Sequence[Path], keys: Sequence[str], positions_px: np.n
         image = image.resize(out_w / image.width)
     left_out = {i for i, arr in enumerate(small) if arr is None}
     return image.numpy(), canvas, left_out
+
+
+class BandPreview:
+    """A preview composed from a full-resolution mosaic's bands as they stream past
+    (:meth:`add`, from the top): each preview pixel is the mean of the mosaic pixels it
+    covers. A full stitch draws its preview so, from the bands of its JPEG, and decodes
+    each tile once for both (:func:`draw` decodes them again, shrunk on load).
+
+    ``size``: the mosaic's ``(height, width)``; the preview is at most ``width`` pixels
+    wide, at the scale of :func:`ofstitch.render.scale_for_width`. The rows of each
+    preview row are summed first (whole rows, contiguous), then their columns once.
+    """
+
+    def __init__(self, size: tuple[int, int], width: int) -> None:
+        self.size = size
+        h, w = size
+        scale = min(1.0, width / w)
+        out_h, out_w = max(1, round(h * scale)), max(1, round(w * scale))
+        self.shape = (out_h, out_w)
+        # Preview column k (row j) covers mosaic columns (rows) from ceil(k * w / out_w).
+        self._col_start = -((-np.arange(out_w) * w) // out_w)
+        self._col_count = np.diff(np.append(self._col_start, w))
+        self._row_start = -((-np.arange(out_h + 1) * h) // out_h)
+        self._image = np.zeros((out_h, out_w, 3), dtype=np.uint8)
+        self._row_sum: np.ndarray | None = None  # the current preview row's rows, summed
+        self._row = 0  # the current preview row
+
+    def add(self, rows: tuple[int, int], band: np.ndarray) -> None:
+        """Add mosaic rows ``[r0, r1)``, ``band`` ``(r1 - r0, width, 3 or 4)`` uint8 (a
+        fourth band is ignored), in order. A band from row 0 starts the preview again."""
+        r0, r1 = rows
+        if r0 == 0:
+            self._image[...] = 0
+            self._row, self._row_sum = 0, None
+        while r0 < r1:
+            end = min(r1, int(self._row_start[self._row + 1]))
+            part = band[r0 - rows[0]:end - rows[0]].sum(axis=0, dtype=np.uint32)
+            self._row_sum = part if self._row_sum is None else self._row_sum + part
+            r0 = end
+            if end == self._row_start[self._row + 1]:  # the preview row is complete
+                self._finish_row()
+
+    def _finish_row(self) -> None:
+        j = self._row
+        n_rows = int(self._row_start[j + 1] - self._row_start[j])
+        sums = np.add.reduceat(self._row_sum, self._col_start, axis=0)[:, :3]
+        self._image[j] = np.round(sums / (n_rows * self._col_count[:, None])).astype(np.uint8)
+        self._row, self._row_sum = j + 1, None
+
+    def image(self) -> np.ndarray:
+        """The preview, ``(h, w, 3)`` uint8."""
+        return self._image

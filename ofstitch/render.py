@@ -136,8 +136,10 @@ class _TiffStream:
 
     def __init__(self, paths: Sequence[Path], layout: Layout, *, blend: Blend,
                  pixels: Pixels, skip: frozenset[int] | set[int],
-                 progress: Callable[[int, int], None] | None, band_height: int) -> None:
+                 progress: Callable[[int, int], None] | None, band_height: int,
+                 on_band: Callable[[tuple[int, int], np.ndarray], None] | None = None) -> None:
         self.layout, self.blend, self.skip, self.progress = layout, blend, skip, progress
+        self.on_band = on_band
         self.pixels = pixels
         self.source = TileSource(paths, layout, pixels)
         self.bands = band_rows(layout, band_height)
@@ -150,6 +152,9 @@ class _TiffStream:
         self.held: tuple[int, memoryview] | None = None  # (band, its bytes)
         self.done = False
         self.error: BaseException | None = None
+        # Tiles that could not be decoded (nearest-centre bands): left out as they are met,
+        # their neighbours filling their place; Mosaic.write warns about them.
+        self.failed: dict[int, BaseException] = {}
         # Signals that arrived while libvips renders (see _deferred_signals): the stream
         # then ends at once, and Mosaic.write delivers them when libvips has returned.
         self.signals: list[int] = []
@@ -224,6 +229,8 @@ class _TiffStream:
                 if self.stopped.is_set():
                     return
                 self.source.forget_above(rows[1])
+                if self.on_band is not None:  # before the buffer can be reused
+                    self.on_band(rows, band)
                 if self.progress is not None:  # before the reader can have the band
                     self.progress(k + 1, len(self.bands))
                 self._put((k, memoryview(band.reshape(-1).view(np.uint8))))
@@ -268,7 +275,14 @@ class _TiffStream:
             words = pixel_view(out)
             first, end = np.searchsorted(tops, r0 - th, "right"), np.searchsorted(tops, r1)
             for i in order[first:end]:
-                pieces = decoded[i].result()
+                if i in self.failed:  # never pasted: the nearer of the others take its pixels
+                    continue
+                try:
+                    pieces = decoded[i].result()
+                except (pyvips.Error, tiles.TileReadError) as exc:
+                    self.failed[i] = exc
+                    del decoded[i]
+                    continue
                 paster.paste(words, best, r0, i, pixel_view(pieces.popleft()))
                 if not pieces:  # the tile's last band
                     del decoded[i]
@@ -332,16 +346,20 @@ def _deferred_signals(record: list[int]) -> Iterator[None]:
 def stream_mosaic(paths: Sequence[Path], layout: Layout, *, blend: Blend = "none",
                   pixels: Pixels = Pixels(), skip: frozenset[int] | set[int] = frozenset(),
                   progress: Callable[[int, int], None] | None = None,
-                  band_height: int = 128) -> tuple[pyvips.Image, _TiffStream]:
+                  band_height: int = 128,
+                  on_band: Callable[[tuple[int, int], np.ndarray], None] | None = None
+                  ) -> tuple[pyvips.Image, _TiffStream]:
     """The mosaic as a sequential pyvips image that composes itself band by band.
 
     Returns the image and its stream (whose ``error`` holds an exception raised
     while composing, if any). The image can be read once, top to bottom.
+    ``on_band(rows, pixels)`` sees each band as it is composed (its buffer is reused
+    afterwards), from the top, on the composing thread.
     """
     if blend not in BLENDS:
         raise SettingError("blend", f"must be one of {', '.join(BLENDS)}, got {blend!r}")
     stream = _TiffStream(paths, layout, blend=blend, pixels=pixels, skip=skip,
-                         progress=progress, band_height=band_height)
+                         progress=progress, band_height=band_height, on_band=on_band)
     source = pyvips.SourceCustom()
     source.on_read(stream.read)
     source.on_seek(stream.seek)
@@ -390,11 +408,12 @@ class Mosaic:
         return self.layout.size
 
     def _write_once(self, writer: Callable[[pyvips.Image], None],
-                    progress: Callable[[int, int], None] | None) -> None:
+                    progress: Callable[[int, int], None] | None,
+                    on_band: Callable[[tuple[int, int], np.ndarray], None] | None) -> None:
         image, stream = stream_mosaic(self.paths, self.layout, blend=self.blend,
                                       pixels=self.pixels,
                                       skip=frozenset(self.skip), progress=progress,
-                                      band_height=self.band_height)
+                                      band_height=self.band_height, on_band=on_band)
         with _deferred_signals(stream.signals):
             try:
                 writer(image)
@@ -408,20 +427,30 @@ class Mosaic:
                 stream.close()
         if stream.error is not None:
             raise stream.error
+        self._leave_out({i: tiles._first_line(exc).strip() for i, exc in stream.failed.items()})
+
+    def _leave_out(self, failed: dict[int, str]) -> None:
+        """Warn about the tiles that could not be decoded (``failed``: why, by tile), and
+        skip them from now on (in the other formats of the same mosaic)."""
+        for i in sorted(set(failed) - self.skip):
+            # Its neighbours fill its place where they overlap it.
+            why = f" ({failed[i]})" if failed[i] else ""
+            warnings.warn(f"leaving out {Path(self.paths[i]).name} from the mosaic: cannot "
+                          f"decode it{why}", OfstitchWarning, stacklevel=3)
+            self.skip.add(i)
 
     def write(self, writer: Callable[[pyvips.Image], None], *,
-              progress: Callable[[int, int], None] | None = None) -> None:
-        """Call ``writer(image)``; ``progress(bands done, bands)`` as the mosaic is composed."""
+              progress: Callable[[int, int], None] | None = None,
+              on_band: Callable[[tuple[int, int], np.ndarray], None] | None = None) -> None:
+        """Call ``writer(image)``; ``progress(bands done, bands)`` as the mosaic is composed,
+        and ``on_band(rows, pixels)`` with each band (see :func:`stream_mosaic`; from the
+        top again if a tile turns out to be undecodable and the mosaic is written again)."""
         try:
-            self._write_once(writer, progress)
+            self._write_once(writer, progress, on_band)
             return
         except pyvips.Error:
             bad = find_undecodable(self.paths, workers=self.workers) - self.skip
             if not bad:
                 raise
-        for i in sorted(bad):
-            # Its neighbours fill its place where they overlap it.
-            warnings.warn(f"leaving out {Path(self.paths[i]).name} from the mosaic: cannot "
-                          "decode it", OfstitchWarning, stacklevel=2)
-        self.skip |= bad
-        self._write_once(writer, progress)
+        self._leave_out(dict.fromkeys(bad, ""))
+        self._write_once(writer, progress, on_band)

@@ -154,8 +154,8 @@ def test_a_signal_while_the_mosaic_renders_stops_the_run(big_scan, tmp_path, sig
              "--format", "dzi", "--format", "ome-zarr"),
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     # The run's outputs are written into a hidden folder until all are done; the
-    # full-resolution ones come after the preview.
-    _wait_until(proc, lambda: any(out.glob(".ofstitch-outputs.*/preview.jpg")), step=0.002)
+    # full-resolution JPEG (and the preview, from its bands) come first.
+    _wait_until(proc, lambda: any(out.glob(".ofstitch-outputs.*/*_stitched*")), step=0.002)
     time.sleep(0.3)
     assert proc.poll() is None, "the run finished before the signal"
     proc.send_signal(sig)

@@ -350,6 +350,68 @@ def test_cli_writes_every_format(exact_scan, tmp_path, capsys):
     assert tiff.get("n-subifds") >= 1
 
 
+def test_band_preview_is_the_mean_of_the_pixels_it_covers():
+    """The preview drawn from a mosaic's bands: each pixel the mean of the mosaic pixels
+    it covers, whatever the bands' height; a band from row 0 starts it again."""
+    from ofstitch.preview import BandPreview
+
+    rng = np.random.default_rng(4)
+    size = (310, 707)
+    for band_height in (1, 7, 128, 400):
+        preview = BandPreview(size, 100)
+        for mosaic in (rng.integers(0, 256, (*size, 4), dtype=np.uint8),
+                       rng.integers(0, 256, (*size, 3), dtype=np.uint8)):
+            for r0 in range(0, size[0], band_height):
+                preview.add((r0, min(size[0], r0 + band_height)), mosaic[r0:r0 + band_height])
+            out_h, out_w = preview.shape
+            assert out_w == 100 and out_h == round(size[0] * 100 / size[1])
+            rows = np.arange(size[0]) * out_h // size[0]
+            cols = np.arange(size[1]) * out_w // size[1]
+            sums = np.zeros((out_h, out_w, 3))
+            counts = np.zeros((out_h, out_w))
+            np.add.at(sums, (rows[:, None], cols[None, :]), mosaic[..., :3].astype(float))
+            np.add.at(counts, (rows[:, None], cols[None, :]), 1)
+            np.testing.assert_array_equal(preview.image(),
+                                          np.round(sums / counts[..., None]).astype(np.uint8))
+
+
+def test_full_stitch_preview_is_its_jpeg_shrunk(exact_scan, tmp_path, capsys, monkeypatch):
+    """A full stitch draws preview.jpg from the bands of its full-resolution JPEG, every
+    row of it once, from the top (no second decode of the tiles)."""
+    from ofstitch import preview
+
+    seen: list[tuple[int, int]] = []
+    drawn: list[preview.BandPreview] = []
+
+    class Recording(preview.BandPreview):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            drawn.append(self)
+
+        def add(self, rows, band):
+            seen.append(rows)
+            super().add(rows, band)
+
+    def no_shrunk_decode(*args, **kwargs):
+        raise AssertionError("the tiles were decoded again for the preview")
+
+    monkeypatch.setattr(preview, "BandPreview", Recording)
+    monkeypatch.setattr(preview.PreviewTiles, "decode", no_shrunk_decode)
+    monkeypatch.setattr(render, "PREVIEW_WIDTH", 150)  # a third of the mosaic's width
+    scan, *_ = exact_scan
+    out = tmp_path / "out"
+    result = run_main(scan.folder, "-o", out, "-q", capsys=capsys)
+    assert result.returncode == 0, result.stderr
+    mosaic = pyvips.Image.new_from_file(str(out / "exact_stitched.jpg"))
+    assert seen == [(r, min(mosaic.height, r + 128)) for r in range(0, mosaic.height, 128)]
+    got = pyvips.Image.new_from_file(str(out / "preview.jpg")).numpy()
+    assert got.shape[1] == 150
+    formats.write_jpeg(pyvips.Image.new_from_array(drawn[-1].image()).copy(
+        interpretation="srgb"), tmp_path / "want.jpg")
+    np.testing.assert_array_equal(got, pyvips.Image.new_from_file(
+        str(tmp_path / "want.jpg")).numpy())
+
+
 def test_cli_format_alone_skips_the_jpeg(exact_scan, tmp_path, capsys):
     scan, *_ = exact_scan
     out = tmp_path / "out"

@@ -395,12 +395,21 @@ def _corrupt_png_data(folder: Path, tissue) -> tuple[str, str]:
 @pytest.mark.parametrize("ext, build", [(".jpg", _corrupt_jpeg_data),
                                         (".png", _corrupt_png_data)], ids=["jpeg", "png"])
 def test_corrupt_image_data_behind_a_good_header_is_skipped(ext, build, tmp_path, tissue,
-                                                            capsys):
+                                                            capsys, monkeypatch):
+    from ofstitch import render
+
+    def second_pass(*args, **kwargs):
+        raise AssertionError("the mosaic was written twice to find the bad tile")
+
+    # The mosaic leaves the tile out as it meets it: one pass, one warning.
+    monkeypatch.setattr(render, "find_undecodable", second_pass)
     folder = tmp_path / "scan"
     names = write_grid(folder, tissue, ext)
     bad, reason = build(folder, tissue)
     result, out = stitch(folder, capsys)
     assert_skipped(result, bad, reason)
+    assert sum(line.startswith(f"warning: leaving out {bad}")
+               for line in result.stderr.splitlines()) == 1, _details(result)
     assert placed(out) >= set(names) - {bad}  # it may stay, placed from the stage
 
 
