@@ -308,7 +308,7 @@ def _jpeg_pixels(path: Path, shrink: int, *, words: bool = False) -> np.ndarray 
             # (w * h bounds the tile's size too: MAX_TILE_PIXELS is not reached here)
             if pil.format != "JPEG" or pil.mode not in ("L", "RGB") or \
                     w * h > PILLOW_MAX_PIXELS or pil.getexif().get(_ORIENTATION, 1) != 1 or \
-                    not _ends_at_its_end_cached(*_file_key(path)):
+                    not _ends_at_its_end(path.read_bytes()):
                 return None
             if shrink > 1:
                 pil.draft(pil.mode, (w, h))
@@ -326,19 +326,6 @@ def _jpeg_pixels(path: Path, shrink: int, *, words: bool = False) -> np.ndarray 
     if min(w, h) < 1 or arr.shape[0] < h or arr.shape[1] < w:
         return None
     return arr[:h, :w]
-
-
-def _file_key(path: Path) -> tuple[str, int, int]:
-    """``(path, size, mtime_ns)``: a file's key for caches of what its bytes say."""
-    st = os.stat(path)
-    return str(path), st.st_size, st.st_mtime_ns
-
-
-@functools.lru_cache(maxsize=8192)
-def _ends_at_its_end_cached(path: str, size: int, mtime_ns: int) -> bool:
-    """:func:`_ends_at_its_end` of a file, once per file (the preview and the mosaic both
-    ask, and the search through its data holds the GIL)."""
-    return _ends_at_its_end(Path(path).read_bytes())
 
 
 def _ends_at_its_end(data: bytes) -> bool:
