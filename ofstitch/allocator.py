@@ -10,8 +10,8 @@ glibc's defaults cost it twice:
 - an adaptive mmap threshold, and a heap trimmed as soon as 128 kB are free at its top:
   each block that was given back to the system is faulted in again, page by page, when
   the next tile needs it. The 1,000-tile scan of 820x616 tiles took a million page faults
-  and 4.8 s of system time with only the arenas and a fixed 1 MB threshold set, 96,000
-  and 1.7 s with the thresholds here.
+  and 4.8 s of system time with only the arenas and a fixed 1 MB threshold set, 94,000
+  and 1.9 s with the thresholds here.
 
 Blocks of :data:`MMAP_THRESHOLD` or more still come straight from the system and go
 back when freed (a band of the mosaic is tens of megabytes); smaller ones are reused

@@ -368,20 +368,18 @@ def stitch(folder: Path | str, settings: StitchSettings | None = None, *,
             extra["display_range"] = [shown.low, shown.high]  # what 0-255 of the JPEG show
 
         wanted = ()
-        if mode == "all":  # refuse an impossible JPEG before spending time on the preview
-            wanted = full_resolution_formats(
-                settings, render.make_layout(positions, scan.tile_shape).size)
+        size = render.make_layout(positions, scan.tile_shape).size
+        if mode == "all":  # refuse an impossible JPEG before spending time on the mosaic
+            wanted = full_resolution_formats(settings, size)
         preview_path = stage / settings.preview_name
         if "jpeg" in wanted:
             # The preview from the JPEG's bands: each tile decoded once for both.
-            bands = preview.BandPreview(render.make_layout(positions, scan.tile_shape).size,
-                                        render.PREVIEW_WIDTH)
+            bands = preview.BandPreview(size, render.PREVIEW_WIDTH)
             outputs.update(write_full_resolution(scan, positions, stage, output_prefix(folder),
                                                  settings, wanted, extra=extra,
                                                  progress=progress, shown=shown, flat=flat,
                                                  on_band=bands.add))
-            preview.write_jpeg(bands.image(), preview_path, scan,
-                               bands.shape[1] / bands.size[1], extra=extra)
+            preview.write_jpeg(bands.image(), preview_path, scan, bands.scale, extra=extra)
         else:
             skip = write_preview(scan, positions, preview_path, extra=extra, shown=shown,
                                  flat=flat)

@@ -198,8 +198,8 @@ class BandPreview:
     each tile once for both (:func:`draw` decodes them again, shrunk on load).
 
     ``size``: the mosaic's ``(height, width)``; the preview is at most ``width`` pixels
-    wide, at the scale of :func:`ofstitch.render.scale_for_width`. The rows of each
-    preview row are summed first (whole rows, contiguous), then their columns once.
+    wide (``shape``, at ``scale`` of the mosaic). The rows of each preview row are summed
+    first (whole rows, contiguous), then their columns once.
     """
 
     def __init__(self, size: tuple[int, int], width: int) -> None:
@@ -208,6 +208,7 @@ class BandPreview:
         scale = min(1.0, width / w)
         out_h, out_w = max(1, round(h * scale)), max(1, round(w * scale))
         self.shape = (out_h, out_w)
+        self.scale = out_w / w
         # Preview column k (row j) covers mosaic columns (rows) from ceil(k * w / out_w).
         self._col_start = -((-np.arange(out_w) * w) // out_w)
         self._col_count = np.diff(np.append(self._col_start, w))
