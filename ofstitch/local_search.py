@@ -123,9 +123,16 @@ def search_pairs(paths: list[Path], pairs: np.ndarray, centre: np.ndarray, radiu
     rank = {t: i for i, t in enumerate(order)}
     on_host = is_numpy_namespace(xp)
 
+    at_all = np.round(centre).astype(np.int64)
+    boxes = _needed_boxes(pairs, at_all, r, tile_shape)
+
     def load(t: int) -> Any:  # on the CPU, filtered on the decoding thread too
         grey = tiles.read_grey(paths[t], 1.0, shape=tile_shape)
-        return high_pass(grey[None], HIGH_PASS_SIGMA_PX)[0, ...] if on_host else grey
+        ext, box = _extended(boxes[t], tile_shape, HIGH_PASS_SIGMA_PX)
+        crop = grey[ext[0]:ext[1], ext[2]:ext[3]]
+        if not on_host:
+            return crop, ext, box
+        return _cut(high_pass(crop[None], HIGH_PASS_SIGMA_PX)[0, ...], ext, box, xp)
 
     live: dict[int, Any] = {}
     bad: set[int] = set()
@@ -148,20 +155,72 @@ def search_pairs(paths: list[Path], pairs: np.ndarray, centre: np.ndarray, radiu
                 except tiles.TileReadError:
                     bad.add(t)
                     continue
-                live[t] = loaded if on_host else high_pass(
-                    to_device(loaded[None], backend), HIGH_PASS_SIGMA_PX)[0, ...]
+                if not on_host:
+                    crop, ext, box = loaded
+                    loaded = _cut(high_pass(to_device(crop[None], backend),
+                                            HIGH_PASS_SIGMA_PX)[0, ...], ext, box, xp)
+                live[t] = loaded
             ok = np.array([a not in bad and b not in bad for a, b in sel.tolist()], bool)
             rows = np.flatnonzero(ok)
             if len(rows):
-                at = np.round(centre[start:stop][rows]).astype(np.int64)
+                at = at_all[start:stop][rows]
                 surfaces = _surfaces([live[int(a)] for a in sel[rows, 0]],
-                                     [live[int(b)] for b in sel[rows, 1]], at, r, xp)
+                                     [live[int(b)] for b in sel[rows, 1]], at, r, xp,
+                                     tile_shape)
                 out.put(start + rows, _read(to_host(surfaces).astype(np.float64), at, r, radius,
                                             tile_shape, centre[start:stop][rows]))
             for t in list(live):
                 if last_use[t] < stop:
                     del live[t]
     return out
+
+
+Box = tuple[int, int, int, int]  # rows [y0, y1), columns [x0, x1) of a tile
+
+
+def _needed_boxes(pairs: np.ndarray, centre: np.ndarray, r: int, tile_shape: tuple[int, int]
+                  ) -> dict[int, Box]:
+    """Per tile, the smallest box holding every crop its pairs' surfaces read
+    (:func:`_window_span` at each pair's integer ``centre``); ``(0, 0, 0, 0)`` when
+    they read nothing."""
+    h, w = tile_shape
+    boxes: dict[int, list[Box]] = {}
+    for (a, b), (cy, cx) in zip(pairs.tolist(), centre.tolist(), strict=True):
+        ya0, ya1, yb0, yb1 = _window_span(int(cy), r, h)
+        xa0, xa1, xb0, xb1 = _window_span(int(cx), r, w)
+        for t, box in ((a, (ya0, ya1, xa0, xa1)), (b, (yb0, yb1, xb0, xb1))):
+            boxes.setdefault(t, [])
+            if box[1] > box[0] and box[3] > box[2]:
+                boxes[t].append(box)
+    return {t: (min(b[0] for b in bs), max(b[1] for b in bs), min(b[2] for b in bs),
+                max(b[3] for b in bs)) if bs else (0, 0, 0, 0)
+            for t, bs in boxes.items()}
+
+
+def _extended(box: Box, tile_shape: tuple[int, int], sigma: float) -> tuple[Box, Box]:
+    """``(ext, box)``: the part of a tile to filter for ``box``, and ``box`` itself.
+
+    ``ext`` is ``box`` grown by :data:`REFLECT_SIGMAS` sigma on each side (as far as the
+    tile goes), then to a fast transform length: the high-pass of ``ext`` equals that of
+    the whole tile inside ``box`` (the filter's weight that far out is below 1e-7, and at
+    the tile's own borders both are mirrored), for the transform of a crop.
+    """
+    pad = math.ceil(REFLECT_SIGMAS * sigma)
+    ext = []
+    for lo, hi, n in ((box[0], box[1], tile_shape[0]), (box[2], box[3], tile_shape[1])):
+        lo, hi = max(lo - pad, 0), min(hi + pad, n)
+        more = min(n, scipy.fft.next_fast_len(max(hi - lo, 1), real=True)) - (hi - lo)
+        grow = min(more, n - hi)
+        hi, lo = hi + grow, max(lo - (more - grow), 0)
+        ext += [lo, hi]
+    return (ext[0], ext[1], ext[2], ext[3]), box
+
+
+def _cut(filtered: Any, ext: Box, box: Box, xp: Any) -> tuple[Any, tuple[int, int]]:
+    """The ``box`` of a filtered ``ext`` (see :func:`_extended`), and where it starts in
+    its tile: a live tile of :func:`search_pairs`."""
+    return (filtered[box[0] - ext[0]:box[1] - ext[0], box[2] - ext[2]:box[3] - ext[2]],
+            (box[0], box[2]))
 
 
 def high_pass(tiles: Any, sigma: float) -> Any:
@@ -207,15 +266,22 @@ def high_pass(tiles: Any, sigma: float) -> Any:
                              xp)[:, pad_y:pad_y + h, pad_x:pad_x + w]
 
 
-def _surfaces(tiles_a: list, tiles_b: list, centre: np.ndarray, r: int, xp: Any) -> Any:
+def _surfaces(tiles_a: list, tiles_b: list, centre: np.ndarray, r: int, xp: Any,
+              tile_shape: tuple[int, int] | None = None) -> Any:
     """``(k, 2r + 1, 2r + 1)`` overlap NCCs around each integer ``centre`` (NaN where the
     shift leaves less than :data:`MIN_OVERLAP_FRACTION` of the centre's overlap).
 
     Each pair is cropped first to what its window can overlap (the overlap at the centre,
     grown by ``r`` on each side): the same pixels enter every NCC as with whole tiles,
-    and a side of 10-30% of a large tile costs a few times less to correlate.
+    and a side of 10-30% of a large tile costs a few times less to correlate. Tiles are
+    whole (``tile_shape`` their shape), or ``(part, (y0, x0))``: the part of a
+    ``tile_shape`` tile from ``(y0, x0)`` that holds those crops (:func:`_needed_boxes`).
     """
-    return xp.stack([_surface(a, b, (int(cy), int(cx)), r, xp)
+    def part(tile: Any) -> tuple[Any, tuple[int, int]]:
+        return tile if isinstance(tile, tuple) else (tile, (0, 0))
+
+    shape = tile_shape if tile_shape is not None else part(tiles_a[0])[0].shape
+    return xp.stack([_surface(part(a), part(b), (int(cy), int(cx)), r, xp, shape)
                      for a, b, (cy, cx) in zip(tiles_a, tiles_b, centre.tolist(), strict=True)])
 
 
@@ -227,16 +293,20 @@ def _window_span(c: int, r: int, n: int) -> tuple[int, int, int, int]:
     return a0, max(a1, a0), b0, max(b1, b0)
 
 
-def _surface(a: Any, b: Any, centre: tuple[int, int], r: int, xp: Any) -> Any:
-    """One pair's ``(2r + 1, 2r + 1)`` overlap NCCs around ``centre`` (see :func:`_surfaces`)."""
-    h, w = a.shape
+def _surface(a: tuple[Any, tuple[int, int]], b: tuple[Any, tuple[int, int]],
+             centre: tuple[int, int], r: int, xp: Any, tile_shape: tuple[int, int]) -> Any:
+    """One pair's ``(2r + 1, 2r + 1)`` overlap NCCs around ``centre`` (see :func:`_surfaces`;
+    ``a`` and ``b`` are ``(part, origin)``)."""
+    h, w = tile_shape
+    (a, (ay, ax)), (b, (by, bx)) = a, b
     cy, cx = centre
     ya0, ya1, yb0, yb1 = _window_span(cy, r, h)
     xa0, xa1, xb0, xb1 = _window_span(cx, r, w)
     nan = xp.full((2 * r + 1, 2 * r + 1), float("nan"), dtype=xp.float64, device=_device(a))
     if min(ya1 - ya0, yb1 - yb0, xa1 - xa0, xb1 - xb0) < 2:
         return nan
-    ca, cb = a[ya0:ya1, xa0:xa1], b[yb0:yb1, xb0:xb1]
+    ca = a[ya0 - ay:ya1 - ay, xa0 - ax:xa1 - ax]
+    cb = b[yb0 - by:yb1 - by, xb0 - bx:xb1 - bx]
     (ha, wa), (hb, wb) = ca.shape, cb.shape
     offsets = np.arange(-r, r + 1)
     # Shifts between the crops: the tiles' shift less the crops' offset.

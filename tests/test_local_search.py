@@ -115,3 +115,40 @@ def test_high_pass_matches_the_mirrored_filter_of_score_tiles(backend, shape):
     want = correlate.score_tiles(x, high_pass_sigma=local_search.HIGH_PASS_SIGMA_PX, binning=1)
     got, want = to_host(got), to_host(want)
     assert np.abs(got - want).max() <= 1e-4 * want.std()
+
+
+@pytest.mark.parametrize("box", [(40, 110, 60, 140), (0, 30, 0, 197), (120, 150, 170, 197),
+                                 (0, 150, 0, 197), (70, 73, 10, 190)])
+def test_a_tile_filtered_in_part_equals_the_whole_tile_there(backend, box):
+    # The local search filters only the part of each tile its pairs read (grown by six
+    # sigma): inside that part it must equal the filter of the whole tile.
+    shape = (150, 197)
+    tile = 10 + 3 * _texture(shape, seed=7)
+    ext, kept = local_search._extended(box, shape, local_search.HIGH_PASS_SIGMA_PX)
+    pad = local_search.REFLECT_SIGMAS * local_search.HIGH_PASS_SIGMA_PX
+    assert kept == box
+    for lo, hi, b0, b1, n in ((ext[0], ext[1], box[0], box[1], shape[0]),
+                              (ext[2], ext[3], box[2], box[3], shape[1])):
+        assert 0 <= lo <= b0 and b1 <= hi <= n
+        assert (lo == 0 or b0 - lo >= pad) and (hi == n or hi - b1 >= pad)
+    xp = backend.xp
+    crop = backend.asarray(tile[None, ext[0]:ext[1], ext[2]:ext[3]])
+    part, origin = local_search._cut(
+        local_search.high_pass(crop, local_search.HIGH_PASS_SIGMA_PX)[0, ...], ext, box, xp)
+    whole = to_host(local_search.high_pass(backend.asarray(tile[None]),
+                                           local_search.HIGH_PASS_SIGMA_PX))[0]
+    assert origin == (box[0], box[2])
+    want = whole[box[0]:box[1], box[2]:box[3]]
+    assert np.abs(to_host(part) - want).max() <= 1e-4 * whole.std()
+
+
+def test_each_tile_is_filtered_only_where_its_pairs_read_it():
+    # Tile 1 is in two pairs (below tile 0, right of tile 2): its part holds both crops.
+    shape, r = (100, 120), 3
+    pairs = np.array([[0, 1], [2, 1], [3, 4]])
+    centre = np.array([[80, 2], [-1, -100], [500, 0]])  # the last overlaps nowhere
+    boxes = local_search._needed_boxes(pairs, centre, r, shape)
+    assert boxes[0] == (77, 100, 0, 120)
+    assert boxes[2] == (0, 100, 0, 23)
+    assert boxes[1] == (0, 100, 0, 120)  # rows 0-23 from tile 0, columns 97-120 from tile 2
+    assert boxes[3] == boxes[4] == (0, 0, 0, 0)
