@@ -17,8 +17,9 @@ needs :math:`\sum ab` for every shift (one cross-correlation, by FFT) and the su
 overlap NCC of :func:`ofstitch.overlap.overlap_ncc`, at every shift of the window at once.
 Only what the window can overlap is read (each pair's tiles are cropped to the overlap
 at the centre grown by the window), and the FFT is only as long as the window's shifts
-need; tiles are filtered once each (:func:`high_pass`). The surfaces of a whole batch
-come back to the host in one transfer.
+need; each tile is filtered once (:func:`high_pass`), only where its pairs read it
+(:func:`_needed_boxes`). The surfaces of a whole batch come back to the host in one
+transfer.
 
 A reading is *located* when its optimum is clear in every direction: it is inside the
 window (not on its border), and nothing further than :data:`CLEAR_RADIUS_PX` from it
