@@ -4,7 +4,9 @@ One JSON file, ``ofstitch_tiling_cache.json``, in the scan folder (or ``--cache-
 Results are grouped by the correlation settings that produced them
 (:meth:`CorrelationSettings.key`) and keyed by the identity of both files
 (name, size, modification time), so a changed or replaced tile is correlated
-again.
+again. The constrained local search's results (:mod:`ofstitch.local_search`) are kept
+the same way, beside the correlations of the same settings (:meth:`lookup_local`): a
+second run on the same tiles searches only the windows that moved.
 
 Crash safety and concurrency:
 
@@ -34,13 +36,16 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
 from . import atomic
 from .errors import OfstitchWarning
 from .settings import CorrelationSettings
+
+if TYPE_CHECKING:
+    from .local_search import LocalReadings
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +60,14 @@ FORMAT = "ofstitch-correlation-cache"
 # 5: overlap strips of large tiles are searched binned and refined at full resolution
 #    (ofstitch.refine), which changes their readings by up to a tenth of a pixel.
 VERSION = 5
+# The constrained local search's results (ofstitch.local_search) are kept beside the
+# correlations, under the correlation settings' key followed by this tag (not a settings
+# key of its own). Bump its number when the search's readings change.
+LOCAL_TAG = " local-search 1"
+# A local-search result is reused for a window centre and radius this close to its own
+# (the same integer window: the scores are the same; only the disc of shifts compared
+# moves, by at most this much).
+LOCAL_MATCH_PX = 0.05
 
 
 def cache_path(folder: Path, cache_dir: Path | None = None) -> Path:
@@ -233,6 +246,66 @@ class CorrelationCache:
             entries[pair_key(file_keys[a], file_keys[b])] = entry
             pending[pair_key(file_keys[a], file_keys[b])] = entry
 
+    def lookup_local(self, settings: CorrelationSettings, file_keys: list[str],
+                     pairs: np.ndarray, centre: np.ndarray, radius: float
+                     ) -> tuple[np.ndarray, LocalReadings]:
+        """Cached local-search results (:func:`ofstitch.local_search.search_pairs`) of
+        ``pairs`` searched around ``centre`` ``(m, 2)`` within ``radius`` px: ``(found,
+        readings)``. A result counts only for the same pair the same way round, the same
+        integer window, and a centre and radius within :data:`LOCAL_MATCH_PX`."""
+        from .local_search import LocalReadings, window
+
+        entries = self.sets.get(settings.key() + LOCAL_TAG, {})
+        m = len(pairs)
+        found = np.zeros(m, dtype=bool)
+        out = LocalReadings.empty(m)
+        invalid = 0
+        if not entries:
+            return found, out
+        for k, (a, b) in enumerate(pairs.tolist()):
+            entry = entries.get(pair_key(file_keys[a], file_keys[b]))
+            if entry is None:
+                continue
+            if not _valid_local(entry):
+                invalid += 1
+                continue
+            then = np.asarray(entry[0:2], dtype=float)
+            if window(then, entry[2]) != window(centre[k], radius) or \
+                    np.abs(then - centre[k]).max() > LOCAL_MATCH_PX or \
+                    abs(entry[2] - radius) > LOCAL_MATCH_PX:
+                continue  # searched elsewhere: search again
+            sy, sx, score, located, area, ncc = (np.nan if v is None else v
+                                                 for v in entry[3:9])
+            out.shift_px[k] = (sy, sx)
+            out.score[k], out.located[k], out.area[k], out.ncc[k] = score, located, area, ncc
+            found[k] = True
+        if invalid:
+            warnings.warn(f"ignoring {invalid} malformed local-search entries of the "
+                          f"correlation cache {self.path.name}; searching those pairs again",
+                          OfstitchWarning, stacklevel=2)
+        return found, out
+
+    def add_local(self, settings: CorrelationSettings, file_keys: list[str], pairs: np.ndarray,
+                  centre: np.ndarray, radius: float, readings: LocalReadings) -> None:
+        """Record local-search results (see :meth:`lookup_local`). A pair with no score
+        (a tile that could not be read, or no shift to score) is not recorded."""
+        key = settings.key() + LOCAL_TAG
+        entries = self.sets.setdefault(key, {})
+        pending = self.pending.setdefault(key, {})
+        for k, (a, b) in enumerate(pairs.tolist()):
+            if not np.isfinite(readings.score[k]):
+                continue
+
+            def number(v: float) -> float | None:
+                return float(v) if np.isfinite(v) else None
+
+            entry = [float(centre[k, 0]), float(centre[k, 1]), float(radius),
+                     number(readings.shift_px[k, 0]), number(readings.shift_px[k, 1]),
+                     float(readings.score[k]), bool(readings.located[k]),
+                     float(readings.area[k]), number(readings.ncc[k])]
+            entries[pair_key(file_keys[a], file_keys[b])] = entry
+            pending[pair_key(file_keys[a], file_keys[b])] = entry
+
     def flush(self) -> bool:
         """Append the results added since the last flush to the journal (fsynced)."""
         if not any(self.pending.values()) or not self.writable:
@@ -282,6 +355,8 @@ class CorrelationCache:
         """Each cached settings set and how many distinct tiles its pairs cover."""
         out = []
         for key, entries in self.sets.items():
+            if key.endswith(LOCAL_TAG):  # the local search's results, not a settings set
+                continue
             try:
                 settings = CorrelationSettings.from_key(key)
             except Exception:  # a key from another version
@@ -316,6 +391,15 @@ def _valid_entry(entry: object) -> bool:
     no_peak = entry[0] is None and entry[1] is None
     return (no_peak or (_number(entry[0]) and _number(entry[1]))) and all(
         _number(v) for v in entry[2:5])
+
+
+def _valid_local(entry: object) -> bool:
+    """``[cy, cx, radius, sy, sx, score, located, area, ncc]``: finite numbers, except the
+    shift and the NCC (``null`` for none) and ``located`` (a boolean)."""
+    if not isinstance(entry, list) or len(entry) != 9 or not isinstance(entry[6], bool):
+        return False
+    return all(_number(v) for v in (*entry[0:3], entry[5], entry[7])) and all(
+        v is None or _number(v) for v in (entry[3], entry[4], entry[8]))
 
 
 def _merge(into: dict, sets: dict) -> None:

@@ -114,7 +114,7 @@ def search_pairs(paths: list[Path], pairs: np.ndarray, centre: np.ndarray, radiu
         return out
     xp = backend.xp
     h, w = tile_shape
-    r = int(min(max(math.ceil(radius), 1), MAX_RADIUS_PX))
+    r = half_width(radius)
     fft_shape = (scipy.fft.next_fast_len(2 * h, real=True),
                  scipy.fft.next_fast_len(2 * w, real=True))
     per_pair = 2 * 8 * fft_shape[0] * (fft_shape[1] // 2 + 1) + 16 * h * w
@@ -175,6 +175,17 @@ def search_pairs(paths: list[Path], pairs: np.ndarray, centre: np.ndarray, radiu
                     del live[t]
     return out
 
+
+def half_width(radius: float) -> int:
+    """Half the side of the square window of shifts searched for ``radius`` px."""
+    return int(min(max(math.ceil(radius), 1), MAX_RADIUS_PX))
+
+
+def window(centre: np.ndarray, radius: float) -> tuple[int, int, int]:
+    """The integer window a pair is searched in around ``centre`` ``(2,)`` within
+    ``radius``: its centre (rounded, as :func:`search_pairs` rounds it) and half side."""
+    cy, cx = np.round(np.asarray(centre, dtype=np.float64)).astype(np.int64).tolist()
+    return cy, cx, half_width(radius)
 
 Box = tuple[int, int, int, int]  # rows [y0, y1), columns [x0, x1) of a tile
 

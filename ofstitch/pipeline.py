@@ -334,8 +334,9 @@ def stitch(folder: Path | str, settings: StitchSettings | None = None, *,
         cache = CorrelationCache.load(cache_path(folder, cache_dir))
         if settings.placement == "robust":
             # Placing finds the extra pairs of tiles left in islands: correlate them too,
-            # so that a later run correlates nothing. The local search is not cached, so a
-            # run that only correlates skips it.
+            # so that a later run correlates nothing. The local search (full resolution,
+            # around the final stage model) is left to the run that places the tiles; it
+            # caches its results too.
             register_scan(scan, graph, settings, backend, cache=cache, progress=progress,
                           search_locally=False)
         else:

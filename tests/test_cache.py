@@ -22,7 +22,7 @@ import pytest
 
 import ofstitch
 from ofstitch import cache as cache_module
-from ofstitch.cache import CACHE_NAME, FORMAT, VERSION, cache_path
+from ofstitch.cache import CACHE_NAME, FORMAT, LOCAL_TAG, VERSION, cache_path
 from ofstitch.errors import OfstitchWarning
 from ofstitch.settings import StitchSettings
 
@@ -46,11 +46,12 @@ def pairs_with(reg, name: str) -> int:
     return int((reg.graph.pairs == i).any(axis=1).sum())
 
 
-def read_cache(path: Path) -> dict:
+def read_cache(path: Path, *, local: bool = False) -> dict:
+    """The cache's correlation sets (with ``local``, its local-search results instead)."""
     data = json.loads(path.read_text())
     assert data["format"] == FORMAT and data["version"] == VERSION
     assert isinstance(data["sets"], dict)
-    return data["sets"]
+    return {k: v for k, v in data["sets"].items() if k.endswith(LOCAL_TAG) == local}
 
 
 def leftovers(folder: Path) -> list[str]:
@@ -228,7 +229,15 @@ def test_use_cached_settings_reuses_the_only_set(scan, tmp_path):
                      "-o", tmp_path / "out")
     assert result.returncode == 0, result.stderr
     assert "(0 correlated now, 12 from the cache" in result.stdout, result.stdout
-    assert (scan.folder / CACHE_NAME).read_bytes() == before
+    # The correlations are as they were; the local search's results were added (a run
+    # that only correlates does not search), and a second run finds them all.
+    assert read_cache(scan.folder / CACHE_NAME) == json.loads(before)["sets"]
+    assert read_cache(scan.folder / CACHE_NAME, local=True)
+    searched = (scan.folder / CACHE_NAME).read_bytes()
+    again = run_cli(scan.folder, "--use-cached-settings", "--stitching-mode", "preview",
+                    "-o", tmp_path / "out")
+    assert again.returncode == 0, again.stderr
+    assert (scan.folder / CACHE_NAME).read_bytes() == searched
 
 
 def test_equal_settings_share_the_cache(scan):
@@ -395,3 +404,78 @@ def test_missing_cache_dir_is_created(scan, tmp_path):
         ofstitch.register(scan.folder, cache_dir=cache_dir)
     assert [str(w.message) for w in caught if issubclass(w.category, OfstitchWarning)] == []
     assert register(scan.folder, cache_dir=cache_dir).n_correlated == 0
+
+
+# ----------------------------------------------------------------------------- local search
+
+
+def _local_readings():
+    from ofstitch.local_search import LocalReadings
+
+    found = LocalReadings.empty(3)
+    found.shift_px[:] = [[31.0, 101.5], [np.nan, np.nan], [np.nan, np.nan]]
+    found.score[:] = [0.9, 0.1, np.nan]  # the third: not searched (an unreadable tile)
+    found.located[:] = [True, False, False]
+    found.area[:] = [1000.0, 50.0, 0.0]
+    found.ncc[:] = [0.8, np.nan, np.nan]
+    return found
+
+
+def test_local_search_results_are_reused_only_for_the_same_windows(tmp_path):
+    from ofstitch.cache import LOCAL_MATCH_PX, CorrelationCache
+
+    keys, cs = ["a.jpg", "b.jpg", "c.jpg"], ofstitch.CorrelationSettings()
+    pairs = np.array([[0, 1], [1, 2], [0, 2]])
+    centre = np.array([[30.2, 100.4], [-5.0, 140.0], [60.0, 0.0]])
+    found = _local_readings()
+    cache = CorrelationCache(tmp_path / CACHE_NAME)
+    cache.add_local(cs, keys, pairs, centre, 12.0, found)
+    assert cache.save()
+    loaded = CorrelationCache.load(tmp_path / CACHE_NAME)
+    assert loaded.settings_summary() == []  # not a set of correlation settings
+
+    hit, got = loaded.lookup_local(cs, keys, pairs, centre, 12.0)
+    assert hit.tolist() == [True, True, False]
+    for name in ("shift_px", "score", "located", "area", "ncc"):
+        np.testing.assert_array_equal(getattr(got, name)[:2], getattr(found, name)[:2])
+    assert np.isnan(got.shift_px[2]).all() and not got.located[2]
+
+    nearby = centre + 0.8 * LOCAL_MATCH_PX
+    assert loaded.lookup_local(cs, keys, pairs, nearby, 12.0)[0].tolist() == [True, True, False]
+    # Searched again: a centre or radius moved farther, the pair the other way round,
+    # other settings.
+    assert not loaded.lookup_local(cs, keys, pairs, centre + 2 * LOCAL_MATCH_PX, 12.0)[0].any()
+    assert not loaded.lookup_local(cs, keys, pairs, centre, 12.0 + 2 * LOCAL_MATCH_PX)[0].any()
+    assert not loaded.lookup_local(cs, keys, pairs[:, ::-1], -centre, 12.0)[0].any()
+    sharper = ofstitch.CorrelationSettings(high_pass_sigma=5.0)
+    assert not loaded.lookup_local(sharper, keys, pairs, centre, 12.0)[0].any()
+
+
+def test_local_search_results_in_another_window_are_searched_again(tmp_path):
+    from ofstitch.cache import CorrelationCache
+
+    # Within the match distance, but rounded to another integer window centre (or half
+    # side): other shifts were scored.
+    keys, cs = ["a.jpg", "b.jpg"], ofstitch.CorrelationSettings()
+    pairs = np.array([[0, 1]])
+    cache = CorrelationCache(tmp_path / CACHE_NAME)
+    cache.add_local(cs, keys, pairs, np.array([[30.49, 100.0]]), 12.0, _local_readings())
+    assert cache.lookup_local(cs, keys, pairs, np.array([[30.47, 100.0]]), 12.0)[0].all()
+    assert not cache.lookup_local(cs, keys, pairs, np.array([[30.51, 100.0]]), 12.0)[0].any()
+    cache.add_local(cs, keys, pairs, np.array([[30.0, 100.0]]), 12.0, _local_readings())
+    assert not cache.lookup_local(cs, keys, pairs, np.array([[30.0, 100.0]]), 12.02)[0].any()
+
+
+def test_malformed_local_search_entries_warn_and_are_searched_again(tmp_path):
+    from ofstitch.cache import CorrelationCache, pair_key
+
+    keys, cs = ["a.jpg", "b.jpg"], ofstitch.CorrelationSettings()
+    pairs = np.array([[0, 1]])
+    cache = CorrelationCache(tmp_path / CACHE_NAME)
+    good = [30.0, 100.0, 12.0, 31.0, 101.5, 0.9, True, 1000.0, 0.8]
+    for bad in (good[:8], [*good[:6], 1, *good[7:]], [*good[:5], None, *good[6:]],
+                [*good[:3], "31", *good[4:]], {"dy": 1}):
+        cache.sets[cs.key() + LOCAL_TAG] = {pair_key(*keys): bad}
+        with pytest.warns(OfstitchWarning, match="malformed local-search entries"):
+            hit, _ = cache.lookup_local(cs, keys, pairs, np.array([[30.0, 100.0]]), 12.0)
+        assert not hit.any()

@@ -9,7 +9,7 @@ import pytest
 import pyvips
 
 import ofstitch
-from ofstitch import backends, registration
+from ofstitch import backends, local_pass, registration
 from ofstitch.cache import CorrelationCache
 from ofstitch.graph import find_pairs
 from ofstitch.live import AddStatus, LiveStitcher
@@ -104,8 +104,8 @@ def test_cache_lookup_is_typed(make_synthetic, tmp_path):
 
 
 def test_only_correlate_fills_the_cache_and_skips_the_local_search(make_synthetic, monkeypatch):
-    """The local search is not cached, so a run that only correlates does not run it; a
-    later run correlates nothing."""
+    """A run that only correlates does not run the local search (the run that places
+    the tiles does, and caches its results); a later run correlates nothing."""
     scan_files = make_synthetic(grid=(3, 3), tile_shape=(120, 160), seed=2)
     searched = []
     real_search = registration.local_search
@@ -119,3 +119,28 @@ def test_only_correlate_fills_the_cache_and_skips_the_local_search(make_syntheti
     assert not searched
     reg = ofstitch.register(scan_files.folder)
     assert searched and reg.n_correlated == 0 and reg.n_cached == len(reg.graph.pairs)
+
+
+def test_a_second_run_takes_the_local_search_from_the_cache(make_synthetic, monkeypatch):
+    """The local search's results are cached with the correlations: a second run on the
+    same tiles searches nothing and places every tile where the first did, as a run
+    without the cache does."""
+    scan_files = make_synthetic(grid=(3, 3), tile_shape=(120, 160), seed=2)
+    searched = []
+    real_search = local_pass.search_pairs
+
+    def counting(paths, pairs, *args, **kwargs):
+        searched.append(len(pairs))
+        return real_search(paths, pairs, *args, **kwargs)
+
+    monkeypatch.setattr(local_pass, "search_pairs", counting)
+    first = ofstitch.register(scan_files.folder)
+    assert sum(searched) > 0 and first.placement.counts().researched > 0
+    searched.clear()
+    second = ofstitch.register(scan_files.folder)
+    assert sum(searched) == 0
+    np.testing.assert_array_equal(second.positions_px, first.positions_px)
+    assert second.placement.counts() == first.placement.counts()
+    fresh = ofstitch.register(scan_files.folder, use_cache=False)
+    assert sum(searched) > 0
+    np.testing.assert_array_equal(fresh.positions_px, first.positions_px)
