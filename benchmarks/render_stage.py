@@ -2,7 +2,9 @@
 
 For each scan of :mod:`compare` (``TILESxWIDTHxHEIGHT``, generated if missing), the tiles
 are rendered at their true positions (no correlation), as ``ofstitch FOLDER`` renders
-them: ``preview.jpg``, ``stitched_thumbnail.jpg`` and the full-resolution JPEG. Each
+them: the full-resolution JPEG, ``preview.jpg`` from its bands and
+``stitched_thumbnail.jpg`` (versions before the band preview drew the preview first,
+from the tiles: its time is then the ``preview`` phase). Each
 program runs in a fresh subprocess, in alternation, ``--repeat`` times:
 
 - ``floor``: :data:`compare.FLOOR_RUNNER` (decode every tile once with pyvips on every
@@ -53,13 +55,25 @@ where = dict(zip(truth["names"], truth["truth_px_row_col"]))
 positions = np.array([where[f.name] for f in scan.files], dtype=float)
 t1 = time.perf_counter()
 shown = pipeline.rendering_levels(scan)
-skip = pipeline.write_preview(scan, positions, out / "preview.jpg", shown=shown)
-formats.write_thumbnail(out / "preview.jpg", out / "stitched_thumbnail.jpg")
-t2 = time.perf_counter()
-wanted = pipeline.full_resolution_formats(
-    settings, render.make_layout(positions, scan.tile_shape).size)
-pipeline.write_full_resolution(scan, positions, out, "scan", settings, wanted, skip=skip,
-                               shown=shown)
+size = render.make_layout(positions, scan.tile_shape).size
+wanted = pipeline.full_resolution_formats(settings, size)
+try:
+    from ofstitch import preview
+    bands = preview.BandPreview(size, render.PREVIEW_WIDTH)
+except (ImportError, AttributeError):
+    bands = None
+if bands is not None:  # as ofstitch FOLDER does: the preview from the JPEG's bands
+    t2 = t1
+    pipeline.write_full_resolution(scan, positions, out, "scan", settings, wanted,
+                                   shown=shown, on_band=bands.add)
+    preview.write_jpeg(bands.image(), out / "preview.jpg", scan, bands.scale)
+    formats.write_thumbnail(out / "preview.jpg", out / "stitched_thumbnail.jpg")
+else:  # versions that drew the preview from the tiles first
+    skip = pipeline.write_preview(scan, positions, out / "preview.jpg", shown=shown)
+    formats.write_thumbnail(out / "preview.jpg", out / "stitched_thumbnail.jpg")
+    t2 = time.perf_counter()
+    pipeline.write_full_resolution(scan, positions, out, "scan", settings, wanted, skip=skip,
+                                   shown=shown)
 t3 = time.perf_counter()
 print("@@RESULT@@", json.dumps({"phases": {"load": t1 - t0, "preview": t2 - t1,
                                            "full": t3 - t2, "total": t3 - t1}}))
