@@ -221,36 +221,21 @@ class _TiffStream:
 
     def _produce(self) -> None:
         """Compose the bands in order (on this thread, outside libvips' own workers, so
-        that libvips frees each band's memory) and queue their bytes.
-
-        ``on_band`` sees each band on a thread of its own while the next band is composed
-        (the composer bounds the render), one band at a time, in order; it is done with a
-        band before the band after next is composed (:meth:`_nearest_bands` reuses a
-        buffer three bands on), and with the last before the stream ends."""
+        that libvips frees each band's memory) and queue their bytes."""
         try:
             bands = self._nearest_bands() if self.blend == "none" else (
                 (rows, self._blended_band(rows)) for rows in self.bands)
-            with ThreadPoolExecutor(1, thread_name_prefix="ofstitch-on-band") \
-                    if self.on_band is not None else contextlib.nullcontext() as hook:
-                seen: Future | None = None  # on_band of the band before
-                for k, (rows, band) in enumerate(bands):
-                    if self.stopped.is_set():
-                        return
-                    self.source.forget_above(rows[1])
-                    if self.on_band is not None:
-                        if seen is not None:
-                            seen.result()
-                        seen = hook.submit(self.on_band, rows, band)
-                    if self.progress is not None:  # before the reader can have the band
-                        self.progress(k + 1, len(self.bands))
-                    self._put((k, memoryview(band.reshape(-1).view(np.uint8))))
-                if seen is not None:
-                    seen.result()
+            for k, (rows, band) in enumerate(bands):
+                if self.stopped.is_set():
+                    return
+                self.source.forget_above(rows[1])
+                if self.on_band is not None:  # before the buffer can be reused
+                    self.on_band(rows, band)
+                if self.progress is not None:  # before the reader can have the band
+                    self.progress(k + 1, len(self.bands))
+                self._put((k, memoryview(band.reshape(-1).view(np.uint8))))
             self._put(None)
         except BaseException as exc:
-            # Also kept here: the reader may have read the last band before on_band failed
-            # on it, and then never asks for more (Mosaic.write raises it after close()).
-            self.error = self.error or exc
             self._put(exc)
 
     def _decode_by_band(self, i: int) -> collections.deque[np.ndarray]:
@@ -367,11 +352,9 @@ def stream_mosaic(paths: Sequence[Path], layout: Layout, *, blend: Blend = "none
     """The mosaic as a sequential pyvips image that composes itself band by band.
 
     Returns the image and its stream (whose ``error`` holds an exception raised
-    while composing, if any, once the stream is closed). The image can be read once, top
-    to bottom. ``on_band(rows, pixels)`` sees each band as it is composed, from the top,
-    on a thread of its own while the next band is composed; the band's buffer is reused
-    only after it returns, and the last band has been seen when ``stream.close()``
-    returns.
+    while composing, if any). The image can be read once, top to bottom.
+    ``on_band(rows, pixels)`` sees each band as it is composed (its buffer is reused
+    afterwards), from the top, on the composing thread.
     """
     if blend not in BLENDS:
         raise SettingError("blend", f"must be one of {', '.join(BLENDS)}, got {blend!r}")
