@@ -152,3 +152,21 @@ def test_each_tile_is_filtered_only_where_its_pairs_read_it():
     assert boxes[2] == (0, 100, 0, 23)
     assert boxes[1] == (0, 100, 0, 120)  # rows 0-23 from tile 0, columns 97-120 from tile 2
     assert boxes[3] == boxes[4] == (0, 0, 0, 0)
+
+
+def test_every_backend_searches_alike(tmp_path, backend):
+    """The device path (tiles filtered after their one transfer, only where their pairs
+    read them) reads what the host path reads."""
+    shape = (48, 64)
+    image = _texture((200, 200), seed=8)
+    paths = []
+    for k, truth in enumerate([(34, 3), (30, -8), (2, 40)]):
+        paths += _tile_pair(tmp_path, image, truth, shape, f"b{k}")
+    pairs = np.array([[0, 1], [2, 3], [4, 5], [0, 3]])  # the last: no overlap there
+    centre = np.array([[31.6, 5.2], [27.5, -6.0], [4.4, 37.8], [31.6, 5.2]])
+    host = local_search.search_pairs(paths, pairs, centre, 9.0, shape, select_backend("cpu"))
+    found = local_search.search_pairs(paths, pairs, centre, 9.0, shape, backend)
+    assert host.located[:3].all()
+    np.testing.assert_array_equal(found.located, host.located)
+    np.testing.assert_allclose(found.shift_px, host.shift_px, atol=1e-3)
+    np.testing.assert_allclose(found.score, host.score, atol=1e-4)
