@@ -295,14 +295,10 @@ class CorrelationCache:
         for k, (a, b) in enumerate(pairs.tolist()):
             if not np.isfinite(readings.score[k]):
                 continue
-
-            def number(v: float) -> float | None:
-                return float(v) if np.isfinite(v) else None
-
             entry = [float(centre[k, 0]), float(centre[k, 1]), float(radius),
-                     number(readings.shift_px[k, 0]), number(readings.shift_px[k, 1]),
+                     _or_none(readings.shift_px[k, 0]), _or_none(readings.shift_px[k, 1]),
                      float(readings.score[k]), bool(readings.located[k]),
-                     float(readings.area[k]), number(readings.ncc[k])]
+                     float(readings.area[k]), _or_none(readings.ncc[k])]
             entries[pair_key(file_keys[a], file_keys[b])] = entry
             pending[pair_key(file_keys[a], file_keys[b])] = entry
 
@@ -392,6 +388,10 @@ def _valid_entry(entry: object) -> bool:
     return (no_peak or (_number(entry[0]) and _number(entry[1]))) and all(
         _number(v) for v in entry[2:5])
 
+
+def _or_none(value: float) -> float | None:
+    """A finite number as a float, anything else as ``None`` (JSON ``null``)."""
+    return float(value) if np.isfinite(value) else None
 
 def _valid_local(entry: object) -> bool:
     """``[cy, cx, radius, sy, sx, score, located, area, ncc]``: finite numbers, except the

@@ -21,8 +21,8 @@ from .graph import OverlapGraph, canonical_flip
 from .local_search import LocalReadings, search_pairs
 from .place import Placement
 from .robust import MIN_RESEARCH_RADIUS_PX, RESEARCH_SIGMAS
-from .scan import Scan
-from .settings import CorrelationSettings, StitchSettings
+from .scan import Scan, expected_shifts
+from .settings import CorrelationSettings
 
 if TYPE_CHECKING:
     from .registration import PairPlan
@@ -47,16 +47,16 @@ class LocalSearch(NamedTuple):
 def local_search(scan: Scan, graph: OverlapGraph, placement: Placement | None, plan: PairPlan,
                  use_null: np.ndarray, backend: Backend, *,
                  cache: CorrelationCache | None = None,
-                 settings: StitchSettings | None = None) -> LocalSearch | None:
+                 correlation: CorrelationSettings | None = None) -> LocalSearch | None:
     """Search, at full resolution, every pair of ``graph`` that ``placement`` did not locate
     (and the chance-level pairs, for their chance level) around the stage model's
     prediction, within its repeatability window (:func:`ofstitch.local_search.search_pairs`).
     ``None`` when there is nothing to search (every pair located, several groups).
-    With ``cache`` (and ``settings``), results it holds for the same windows are reused,
-    and the others are added to it."""
+    With ``cache`` (and ``correlation``, the settings its entries are kept under), results
+    it holds for the same windows are reused, and the others are added to it."""
     if placement is None or placement.located is None:
         return None
-    expected = scan.stage_px[graph.pairs[:, 1]] - scan.stage_px[graph.pairs[:, 0]]
+    expected = expected_shifts(scan, graph.pairs)
     side = np.min(np.asarray(scan.tile_shape) - np.abs(expected), axis=1)
     todo = np.flatnonzero(~placement.located | (side <= SMALL_OVERLAP_PX))
     if not len(todo):
@@ -83,8 +83,7 @@ def local_search(scan: Scan, graph: OverlapGraph, placement: Placement | None, p
     flip = canonical_flip(scan.stage_px, pairs)
     pairs = np.where(flip[:, None], pairs[:, ::-1], pairs)
     centre = np.where(flip[:, None], -centre, centre)
-    found = _search_cached(scan, pairs, centre, radius, backend, cache,
-                           settings.correlation if settings is not None else None)
+    found = _search_cached(scan, pairs, centre, radius, backend, cache, correlation)
     found.shift_px[flip] *= -1
     out = LocalReadings.empty(len(graph.pairs))
     out.put(todo, found.take(np.arange(len(todo))))

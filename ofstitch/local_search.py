@@ -133,7 +133,7 @@ def search_pairs(paths: list[Path], pairs: np.ndarray, centre: np.ndarray, radiu
         crop = grey[ext[0]:ext[1], ext[2]:ext[3]]
         if not on_host:
             return crop, ext, box
-        return _cut(high_pass(crop[None], HIGH_PASS_SIGMA_PX)[0, ...], ext, box, xp)
+        return _cut(high_pass(crop[None], HIGH_PASS_SIGMA_PX)[0, ...], ext, box)
 
     live: dict[int, Any] = {}
     bad: set[int] = set()
@@ -159,7 +159,7 @@ def search_pairs(paths: list[Path], pairs: np.ndarray, centre: np.ndarray, radiu
                 if not on_host:
                     crop, ext, box = loaded
                     loaded = _cut(high_pass(to_device(crop[None], backend),
-                                            HIGH_PASS_SIGMA_PX)[0, ...], ext, box, xp)
+                                            HIGH_PASS_SIGMA_PX)[0, ...], ext, box)
                 live[t] = loaded
             ok = np.array([a not in bad and b not in bad for a, b in sel.tolist()], bool)
             rows = np.flatnonzero(ok)
@@ -186,6 +186,7 @@ def window(centre: np.ndarray, radius: float) -> tuple[int, int, int]:
     ``radius``: its centre (rounded, as :func:`search_pairs` rounds it) and half side."""
     cy, cx = np.round(np.asarray(centre, dtype=np.float64)).astype(np.int64).tolist()
     return cy, cx, half_width(radius)
+
 
 Box = tuple[int, int, int, int]  # rows [y0, y1), columns [x0, x1) of a tile
 
@@ -228,7 +229,7 @@ def _extended(box: Box, tile_shape: tuple[int, int], sigma: float) -> tuple[Box,
     return (ext[0], ext[1], ext[2], ext[3]), box
 
 
-def _cut(filtered: Any, ext: Box, box: Box, xp: Any) -> tuple[Any, tuple[int, int]]:
+def _cut(filtered: Any, ext: Box, box: Box) -> tuple[Any, tuple[int, int]]:
     """The ``box`` of a filtered ``ext`` (see :func:`_extended`), and where it starts in
     its tile: a live tile of :func:`search_pairs`."""
     return (filtered[box[0] - ext[0]:box[1] - ext[0], box[2] - ext[2]:box[3] - ext[2]],
@@ -278,23 +279,19 @@ def high_pass(tiles: Any, sigma: float) -> Any:
                              xp)[:, pad_y:pad_y + h, pad_x:pad_x + w]
 
 
-def _surfaces(tiles_a: list, tiles_b: list, centre: np.ndarray, r: int, xp: Any,
-              tile_shape: tuple[int, int] | None = None) -> Any:
+def _surfaces(parts_a: list, parts_b: list, centre: np.ndarray, r: int, xp: Any,
+              tile_shape: tuple[int, int]) -> Any:
     """``(k, 2r + 1, 2r + 1)`` overlap NCCs around each integer ``centre`` (NaN where the
     shift leaves less than :data:`MIN_OVERLAP_FRACTION` of the centre's overlap).
 
     Each pair is cropped first to what its window can overlap (the overlap at the centre,
     grown by ``r`` on each side): the same pixels enter every NCC as with whole tiles,
-    and a side of 10-30% of a large tile costs a few times less to correlate. Tiles are
-    whole (``tile_shape`` their shape), or ``(part, (y0, x0))``: the part of a
-    ``tile_shape`` tile from ``(y0, x0)`` that holds those crops (:func:`_needed_boxes`).
+    and a side of 10-30% of a large tile costs a few times less to correlate. Each tile
+    comes as ``(part, (y0, x0))``: the part of a ``tile_shape`` tile from ``(y0, x0)``
+    that holds those crops (:func:`_needed_boxes`; a whole tile from ``(0, 0)``).
     """
-    def part(tile: Any) -> tuple[Any, tuple[int, int]]:
-        return tile if isinstance(tile, tuple) else (tile, (0, 0))
-
-    shape = tile_shape if tile_shape is not None else part(tiles_a[0])[0].shape
-    return xp.stack([_surface(part(a), part(b), (int(cy), int(cx)), r, xp, shape)
-                     for a, b, (cy, cx) in zip(tiles_a, tiles_b, centre.tolist(), strict=True)])
+    return xp.stack([_surface(a, b, (int(cy), int(cx)), r, xp, tile_shape)
+                     for a, b, (cy, cx) in zip(parts_a, parts_b, centre.tolist(), strict=True)])
 
 
 def _window_span(c: int, r: int, n: int) -> tuple[int, int, int, int]:

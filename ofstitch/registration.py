@@ -44,7 +44,7 @@ from .graph import (
 )
 from .local_pass import LocalSearch, local_search
 from .place import Placement, place
-from .scan import Scan
+from .scan import Scan, expected_shifts
 from .settings import StitchSettings
 from .stream import CANDIDATES, CorrelationPlan, correlate_pairs, memory_budget
 
@@ -104,11 +104,6 @@ class Readings(NamedTuple):
     @property
     def n_correlated(self) -> int:
         return len(self.cached) - self.n_cached
-
-
-def expected_shifts(scan: Scan, pairs: np.ndarray) -> np.ndarray:
-    """The stage-predicted shift of each pair, ``(m, 2)`` px."""
-    return scan.stage_px[pairs[:, 1]] - scan.stage_px[pairs[:, 0]]
 
 
 def correlate(scan: Scan, pairs: np.ndarray, expected: np.ndarray, settings: StitchSettings,
@@ -501,7 +496,7 @@ def register_scan(scan: Scan, graph: OverlapGraph, settings: StitchSettings, bac
         placed = place_readings(scan, graph, readings, settings, null_readings=null_readings,
                                 null_expected=null_expected, ask_thresholds=ask)
     local = local_search(scan, graph, placed.placement, plan, use_null, backend, cache=cache,
-                         settings=settings) \
+                         correlation=settings.correlation) \
         if search_locally and settings.placement == "robust" \
         and settings.correlation.corr_mask_radius is None else None
     if local is not None:

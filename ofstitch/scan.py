@@ -161,6 +161,11 @@ class Scan:
 # ----------------------------------------------------------------------------- discovery
 
 
+
+def expected_shifts(scan: Scan, pairs: np.ndarray) -> np.ndarray:
+    """The stage-predicted shift of each pair (tile b relative to tile a), ``(m, 2)`` px."""
+    return scan.stage_px[pairs[:, 1]] - scan.stage_px[pairs[:, 0]]
+
 def is_tile_name(name: str) -> bool:
     """Whether a file name looks like a tile: a supported extension, not an output name."""
     lower = name.lower()

@@ -28,8 +28,8 @@ def test_surface_is_the_overlap_ncc_at_every_shift(centre, r):
     h, w = 48, 64
     a = rng.normal(size=(h, w)).astype(np.float32)
     b = rng.normal(size=(h, w)).astype(np.float32)
-    s = np.asarray(local_search._surfaces([a], [b], np.array([centre]), r,
-                                          select_backend("cpu").xp))[0]
+    s = np.asarray(local_search._surfaces([(a, (0, 0))], [(b, (0, 0))], np.array([centre]), r,
+                                          select_backend("cpu").xp, (h, w)))[0]
     for dy in range(-r, r + 1):
         for dx in range(-r, r + 1):
             shift = (centre[0] + dy, centre[1] + dx)
@@ -131,10 +131,9 @@ def test_a_tile_filtered_in_part_equals_the_whole_tile_there(backend, box):
                               (ext[2], ext[3], box[2], box[3], shape[1])):
         assert 0 <= lo <= b0 and b1 <= hi <= n
         assert (lo == 0 or b0 - lo >= pad) and (hi == n or hi - b1 >= pad)
-    xp = backend.xp
     crop = backend.asarray(tile[None, ext[0]:ext[1], ext[2]:ext[3]])
     part, origin = local_search._cut(
-        local_search.high_pass(crop, local_search.HIGH_PASS_SIGMA_PX)[0, ...], ext, box, xp)
+        local_search.high_pass(crop, local_search.HIGH_PASS_SIGMA_PX)[0, ...], ext, box)
     whole = to_host(local_search.high_pass(backend.asarray(tile[None]),
                                            local_search.HIGH_PASS_SIGMA_PX))[0]
     assert origin == (box[0], box[2])
